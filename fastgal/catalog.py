@@ -1,0 +1,180 @@
+"""Catalogs: read a CSV with exact ids, check target columns, and the train/valid split.
+
+    python -c "from fastgal.catalog import read_catalog; print(read_catalog('data/synth/data/master.csv').head())"
+
+A leaf module (pandas, numpy; torch only for the split): `shards` uses it, and so may the
+SDSS downloader. SDSS objIDs are 64-bit integers beyond float64 precision (2**53), so every
+column is read as text and ids stay strings; nothing here ever turns an id into a float.
+
+Row checks return a reason per row (None = usable) instead of raising, so a caller can report
+every bad row at once; only problems with the file as a whole raise ValueError.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+# An id becomes a tar member name "{id}.jpg" and an image file name, so: no dots (webdataset
+# splits a member name at its first dot), no slashes, ASCII, and short enough for a plain
+# USTAR header (100 chars for the whole name), so tars need no PAX extensions.
+ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,80}$")
+_FLOATISH_RE = re.compile(r"^[+-]?(\d+\.\d*|\.\d+|\d+(\.\d*)?[eE][+-]?\d+)$")
+_INT_RE = re.compile(r"^[+-]?\d+$")
+_F32_MAX = float(np.finfo(np.float32).max)
+
+# Row reasons this module can give (shards adds the image ones). Short codes for rejects.csv.
+ID_REASONS = ("bad-id", "duplicate-id")
+TARGET_REASONS = ("missing-target", "non-numeric-target", "non-finite-target")
+
+
+def read_catalog(path, id_col: str = "objID", targets=("metallicity",)) -> pd.DataFrame:
+    """The catalog as a DataFrame of strings (exact text of every cell), ids stripped.
+
+    Raises ValueError (one line naming the file and the fix) for an unreadable or empty file,
+    a missing id/target column, or an id column that was saved as floats.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"catalog {path} not found; pass the path of a CSV file with an {id_col} column")
+    try:
+        # every column as text: ids keep all 19 digits, targets keep their exact spelling for json
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False, encoding="utf-8-sig")
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"catalog {path} is empty; it needs a header row with {id_col} and at least one data row") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as e:
+        msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise ValueError(f"catalog {path} is not a readable CSV ({msg}); export it as comma-separated UTF-8") from None
+    df.columns = [str(c).strip() for c in df.columns]
+    cols = list(df.columns)
+    if id_col not in cols:
+        raise ValueError(f"catalog {path} has no id column {id_col!r} (columns: {', '.join(cols[:12])}); pass --id-col")
+    targets = list(targets)
+    if not targets:
+        raise ValueError("no target columns given; pass --target NAME at least once")
+    for t in targets:
+        if t not in cols:
+            raise ValueError(f"catalog {path} has no target column {t!r} (columns: {', '.join(cols[:12])}); pass --target")
+        if t == id_col:
+            raise ValueError(f"target {t!r} is the id column of {path}; choose another --target")
+    if len(set(cols)) != len(cols):
+        dup = sorted({c for c in cols if cols.count(c) > 1})
+        raise ValueError(f"catalog {path} has repeated column names {dup}; rename them so each column is unique")
+    if len(df) == 0:
+        raise ValueError(f"catalog {path} has a header but no rows; nothing to shard")
+    df[id_col] = df[id_col].str.strip()
+    floatish = df[id_col].map(lambda s: bool(_FLOATISH_RE.match(s)))
+    if floatish.mean() > 0.5:
+        i = int(np.argmax(floatish.to_numpy()))
+        raise ValueError(
+            f"ids in column {id_col!r} of {path} are written as floats (row {i + 1}: {df[id_col].iat[i]!r}), so their "
+            "last digits are already lost; re-export the catalog with integer ids (e.g. CAST(objID AS VARCHAR))")
+    return df
+
+
+def id_reason(s: str) -> tuple[str, str] | None:
+    """(reason, detail) if s cannot be an id, else None."""
+    if s == "":
+        return "bad-id", "empty id"
+    if _FLOATISH_RE.match(s):
+        return "bad-id", f"id {s!r} is written as a float; ids must be exact integers or strings"
+    if not ID_RE.match(s):
+        return "bad-id", f"id {s!r} must be 1-80 characters of A-Z a-z 0-9 _ - (no dots, slashes or spaces)"
+    return None
+
+
+def parse_target(s: str) -> tuple[float, tuple[str, str] | None]:
+    """(value, None) for a usable target, else (nan, (reason, detail))."""
+    t = s.strip()
+    if t == "" or t.lower() in ("na", "n/a", "null", "none"):
+        return math.nan, ("missing-target", "empty")
+    try:
+        v = float(t)
+    except ValueError:
+        return math.nan, ("non-numeric-target", f"{t!r} is not a number")
+    # stored as float32: a value finite in float64 but beyond float32's range is just as useless
+    if not math.isfinite(v) or abs(v) > _F32_MAX:
+        return math.nan, ("non-finite-target", f"{t!r} is not finite (as float32)")
+    return v, None
+
+
+def check_rows(df: pd.DataFrame, id_col: str, targets) -> tuple[np.ndarray, dict[int, tuple[str, str]]]:
+    """Targets as float64 [rows, targets] and {row position: (reason, detail)} for unusable rows.
+
+    Order of checks per row: id, then duplicates, then targets; a row gets the first reason.
+    Duplicates: if every row with an id has the same target text, the first is kept and the
+    others are rejected; if they disagree, all are rejected (there is one image and no way to
+    know which target belongs to it).
+    """
+    targets = list(targets)
+    n = len(df)
+    rejects: dict[int, tuple[str, str]] = {}
+    ids = df[id_col].tolist()
+    for i, s in enumerate(ids):
+        r = id_reason(s)
+        if r:
+            rejects[i] = r
+    tvals = df[targets].to_numpy(dtype=object)
+    key_rows: dict[str, list[int]] = {}
+    for i, s in enumerate(ids):
+        if i not in rejects:
+            key_rows.setdefault(s, []).append(i)
+    for s, rows in key_rows.items():
+        if len(rows) < 2:
+            continue
+        first = rows[0]
+        same = all([str(x).strip() for x in tvals[r]] == [str(x).strip() for x in tvals[first]] for r in rows[1:])
+        lines = ", ".join(str(r + 1) for r in rows[:6]) + (" ..." if len(rows) > 6 else "")
+        for r in (rows[1:] if same else rows):
+            rejects[r] = ("duplicate-id", f"id {s} is on rows {lines}" + (
+                f"; same targets, row {first + 1} kept" if same else "; targets disagree, all rejected"))
+    y = np.full((n, len(targets)), np.nan)
+    for i in range(n):
+        if i in rejects:
+            continue
+        for j, t in enumerate(targets):
+            v, r = parse_target(str(tvals[i, j]))
+            if r:
+                rejects[i] = (r[0], f"{t}: {r[1]}")
+                break
+            y[i, j] = v
+    return y, rejects
+
+
+def random_split(n: int, valid_pct: float = 0.2, seed: int = 56) -> tuple[np.ndarray, np.ndarray]:
+    """(train positions, valid positions) exactly as fastai's RandomSplitter(valid_pct, seed) on n items.
+
+    fastai: torch.manual_seed(seed); idx = torch.randperm(n); valid = idx[:int(valid_pct*n)],
+    train = the rest. A private torch.Generator gives the same stream without touching the global
+    RNG. Both arrays are in that permuted order.
+    """
+    if not 0 <= valid_pct < 1:
+        raise ValueError(f"--valid-pct must be in [0, 1), got {valid_pct}")
+    import torch  # lazy: torch is heavy and only the split needs it
+
+    idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).numpy()
+    cut = int(valid_pct * n)
+    return idx[cut:].astype(np.int64), idx[:cut].astype(np.int64)
+
+
+SPLIT_METHOD = ("fastai RandomSplitter(valid_pct, seed) over the n rows that pass the id and target checks, "
+                "in catalog order: torch.manual_seed(seed); idx = torch.randperm(n); valid = idx[:int(valid_pct*n)], "
+                "train = the rest; a row whose image is rejected afterwards just leaves its split")
+
+
+def json_value(s: str):
+    """A CSV cell as a JSON value: exact ints as ints, finite floats as floats, empty as null, else the text."""
+    t = s.strip()
+    if t == "":
+        return None
+    if _INT_RE.match(t):
+        return int(t)  # Python ints are exact at any size, and json writes them digit for digit
+    try:
+        v = float(t)
+    except ValueError:
+        return s
+    return v if math.isfinite(v) else s  # NaN/inf are not JSON; keep the text

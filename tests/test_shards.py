@@ -1,0 +1,414 @@
+"""fastgal shard / info: round trips through webdataset and DALI, rejects, counts, determinism, safety."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from conftest import run_cli
+from fastgal.catalog import random_split
+from fastgal.shards import index_text, load_manifest, shard_files, verify
+
+MANIFEST_KEYS = ["format", "format_version", "fastgal_version", "source", "id_col", "targets", "target_stats",
+                 "components", "split", "order_seed", "counts", "rejects_by_reason", "shards", "image", "pixel_stats"]
+
+
+def read_rejects(out) -> list[dict]:
+    with open(out / "rejects.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def tar_samples(out, split=None) -> dict[str, dict[str, bytes]]:
+    """{key: {ext: bytes}} of every sample in OUT's tars (one split or all), read with tarfile."""
+    m = json.loads((out / "manifest.json").read_text())
+    got: dict[str, dict[str, bytes]] = {}
+    for s in ([split] if split else list(m["shards"])):
+        for e in m["shards"][s]:
+            with tarfile.open(out / e["file"]) as tf:
+                for mem in tf:
+                    key, ext = mem.name.split(".", 1)
+                    got.setdefault(key, {})[ext] = tf.extractfile(mem).read()
+    return got
+
+
+@pytest.fixture(scope="module")
+def sharded(survey, tmp_path_factory):
+    """The 300-galaxy survey sharded with 100 samples per tar (so several train shards), 2 workers."""
+    out = tmp_path_factory.mktemp("shards") / "out"
+    run_cli("shard", survey / "data" / "master.csv", survey / "images", out, "--shard-size", 100, "--workers", 2, "--quiet")
+    return out
+
+
+def test_layout_manifest_and_stats(survey, sharded):
+    m = json.loads((sharded / "manifest.json").read_text())
+    assert list(m) == MANIFEST_KEYS
+    assert m["format"] == "fastgal-shards" and m["format_version"] == 1
+    assert m["counts"] == {"catalog_rows": 300, "train": 240, "valid": 60, "rejected": 0}
+    assert [e["file"] for e in m["shards"]["train"]] == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
+    assert [e["samples"] for e in m["shards"]["train"]] == [100, 100, 40]
+    assert [e["index"] for e in m["shards"]["valid"]] == ["valid-000000.idx"]
+    assert sorted(p.name for p in sharded.iterdir()) == sorted(
+        ["manifest.json", "rejects.csv"] + [f"train-00000{i}.{x}" for i in range(3) for x in ("tar", "idx")]
+        + ["valid-000000.tar", "valid-000000.idx"])
+    assert m["components"] == {"image": "jpg", "targets": "target.f32", "meta": "json"}
+    assert m["image"] == {"size": [224, 224], "precrop": None, "channels": 3}
+    assert m["split"]["valid_pct"] == 0.2 and m["split"]["seed"] == 56 and m["order_seed"] == 56
+    assert m["source"]["catalog"] == str((survey / "data" / "master.csv").resolve())
+    # target statistics over the training split, from the catalog itself
+    cat = pd.read_csv(survey / "data" / "master.csv", dtype={"objID": str}).set_index("objID")
+    train = tar_samples(sharded, "train")
+    y = cat.loc[list(train), "metallicity"].to_numpy()
+    st_ = m["target_stats"]["metallicity"]
+    assert st_["mean"] == pytest.approx(y.mean()) and st_["std"] == pytest.approx(y.std())
+    assert st_["min"] == y.min() and st_["max"] == y.max()
+    # pixel statistics: the centre 144 px of every training image, in 0-255 units
+    px = np.stack([np.asarray(Image.open(io.BytesIO(s["jpg"])), np.float64)[40:184, 40:184] for s in train.values()])
+    assert m["pixel_stats"]["region"] == 144
+    assert m["pixel_stats"]["mean"] == pytest.approx(px.mean(axis=(0, 1, 2)).tolist(), rel=1e-9)
+    assert m["pixel_stats"]["std"] == pytest.approx(px.std(axis=(0, 1, 2)).tolist(), rel=1e-9)
+
+
+def test_split_is_fastais_random_splitter():
+    from fastai.data.transforms import RandomSplitter
+
+    for n in (1, 7, 300, 1001):
+        tr, va = random_split(n, 0.2, 56)
+        ftr, fva = RandomSplitter(0.2, seed=56)(list(range(n)))
+        assert list(tr) == list(ftr) and list(va) == list(fva)
+
+
+def test_round_trip_webdataset(survey, sharded):
+    import webdataset as wds
+
+    cat = pd.read_csv(survey / "data" / "master.csv", dtype=str, keep_default_na=False)
+    m = load_manifest(sharded)
+    seen = []
+    for split in ("train", "valid"):
+        tars, _ = shard_files(sharded, m, split)
+        for s in wds.WebDataset(tars, shardshuffle=False, empty_check=True):
+            key = s["__key__"]
+            seen.append(key)
+            row = cat[cat.objID == key].iloc[0]
+            assert s["jpg"] == (survey / "images" / f"{key}.jpg").read_bytes()  # bit-exact
+            assert np.frombuffer(s["target.f32"], "<f4").tolist() == [np.float32(float(row.metallicity))]
+            meta = json.loads(s["json"])
+            assert meta["objID"] == key and isinstance(meta["objID"], str)
+            assert meta["metallicity"] == float(row.metallicity) and meta["ra"] == float(row.ra)
+    assert sorted(seen) == sorted(cat.objID) and len(seen) == len(set(seen)) == 300
+
+
+def test_round_trip_dali(survey, sharded, capfd):
+    from nvidia.dali import fn, pipeline_def
+    import nvidia.dali.types as dtypes
+
+    m = load_manifest(sharded)
+    tars, idxs = [], []
+    for split in ("train", "valid"):
+        t, i = shard_files(sharded, m, split)
+        tars += t
+        idxs += i
+    bs = 50
+
+    @pipeline_def(batch_size=bs, num_threads=1, device_id=None)
+    def pipe():
+        jpg, tgt, meta = fn.readers.webdataset(
+            paths=tars, index_paths=idxs, ext=["jpg", "target.f32", "json"],
+            dtypes=[dtypes.UINT8, dtypes.FLOAT, dtypes.UINT8], missing_component_behavior="error", name="r")
+        return jpg, tgt, meta
+
+    p = pipe()
+    p.build()
+    assert p.epoch_size("r") == 300
+    cat = pd.read_csv(survey / "data" / "master.csv", dtype=str).set_index("objID")
+    seen = []
+    for _ in range(300 // bs):
+        jpg, tgt, meta = p.run()
+        for k in range(bs):
+            key = json.loads(bytes(np.asarray(meta[k])))["objID"]
+            seen.append(key)
+            assert bytes(np.asarray(jpg[k])) == (survey / "images" / f"{key}.jpg").read_bytes()
+            assert np.asarray(tgt[k]).tolist() == [np.float32(float(cat.loc[key, "metallicity"]))]
+    assert sorted(seen) == sorted(cat.index) and len(set(seen)) == 300
+    err = capfd.readouterr()
+    assert "Index file not provided" not in err.err + err.out
+
+
+def test_indexes_match_dali_tool_and_tars_are_plain_ustar(sharded):
+    from wds2idx import IndexCreator
+
+    for tar in sorted(sharded.glob("*.tar")):
+        mine = index_text(tar)
+        assert (tar.with_suffix(".idx")).read_text() == mine
+        with IndexCreator(str(tar), str(tar.with_suffix(".dali")), verbose=False) as ic:
+            ic.create_index()
+        assert tar.with_suffix(".dali").read_bytes() == mine.encode()  # byte for byte
+        tar.with_suffix(".dali").unlink()
+        raw = tar.read_bytes()
+        with tarfile.open(tar) as tf:
+            for mem in tf:
+                hdr = raw[mem.offset:mem.offset + 512]
+                assert hdr[156:157] == b"0"  # a plain file: no PAX ('x'/'g') or GNU long-name headers
+                assert hdr[257:263] == b"ustar\x00"
+                assert mem.mtime == 0 and mem.uid == 0 and mem.uname == "fastgal" and not mem.pax_headers
+
+
+def _tree(out):
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+
+
+def test_deterministic_whatever_workers(survey, sharded, tmp_path):
+    out = tmp_path / "again"
+    run_cli("shard", survey / "data" / "master.csv", survey / "images", out, "--shard-size", 100, "--workers", 1, "--quiet")
+    assert _tree(out) == _tree(sharded)
+    other = tmp_path / "seed"
+    run_cli("shard", survey / "data" / "master.csv", survey / "images", other, "--seed", 1, "--quiet")
+    assert tar_samples(other, "valid").keys() != tar_samples(sharded, "valid").keys()
+
+
+def _jpeg(arr, mode=None, quality=90, fmt="JPEG") -> bytes:
+    buf = io.BytesIO()
+    im = Image.fromarray(arr) if mode is None else Image.fromarray(arr).convert(mode)
+    im.save(buf, format=fmt, quality=quality) if fmt == "JPEG" else im.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def test_bad_cases_are_rejected_with_reasons(survey, tmp_path):
+    cat = pd.read_csv(survey / "data" / "master.csv", dtype=str, keep_default_na=False).iloc[:40].copy()
+    imgs = tmp_path / "images"
+    imgs.mkdir()
+    for i in cat.objID:
+        shutil.copy(survey / "images" / f"{i}.jpg", imgs / f"{i}.jpg")
+    ids = list(cat.objID)
+    good = (survey / "images" / f"{ids[0]}.jpg").read_bytes()
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 255, (224, 224, 3), dtype=np.uint8)
+    expect = {}
+
+    def img(k, data, reason):
+        (imgs / f"{ids[k]}.jpg").write_bytes(data)
+        expect[ids[k]] = reason
+
+    (imgs / f"{ids[1]}.jpg").unlink()
+    expect[ids[1]] = "missing-image"
+    img(2, b"<!DOCTYPE html><html><body>503 Service Unavailable</body></html>", "not-jpeg")
+    img(3, good[: len(good) // 2], "corrupt-image")
+    img(4, _jpeg(noise, fmt="PNG"), "not-jpeg")
+    img(5, _jpeg(noise[:100, :100]), "too-small")
+    img(6, _jpeg(noise[:200, :200]), "wrong-size")
+    img(7, _jpeg(np.full((224, 224, 3), 3, np.uint8)), "blank-image")
+    img(8, _jpeg(np.full((224, 224, 3), 128, np.uint8)), "blank-image")
+    img(9, _jpeg(noise, mode="L"), "not-rgb")
+    img(10, _jpeg(noise, mode="CMYK"), "not-rgb")
+    img(11, b"", "corrupt-image")
+    cat.loc[12, "metallicity"] = ""
+    cat.loc[13, "metallicity"] = "abc"
+    cat.loc[14, "metallicity"] = "nan"
+    cat.loc[15, "metallicity"] = "inf"
+    cat.loc[16, "metallicity"] = "1e40"  # finite in float64, not in float32
+    for k, r in zip(range(12, 17), ["missing-target"] + ["non-numeric-target"] + ["non-finite-target"] * 3):
+        expect[ids[k]] = r
+    cat.loc[17, "objID"] = "12.5"
+    cat.loc[18, "objID"] = "a/b"
+    # duplicates: an exact copy keeps its first row; copies that disagree are all rejected
+    same = cat.iloc[[19]].copy()
+    diff = cat.iloc[[20]].copy()
+    diff["metallicity"] = "9.0"
+    cat = pd.concat([cat, same, diff], ignore_index=True)
+    cat.to_csv(tmp_path / "cat.csv", index=False)
+    out = tmp_path / "out"
+    res = run_cli("shard", tmp_path / "cat.csv", imgs, out, "--json", "--workers", 2)
+    summary = json.loads(res.output)
+    rej = read_rejects(out)
+    by_id = {}
+    for r in rej:
+        by_id.setdefault(r["id"], []).append(r)
+    for i, reason in expect.items():
+        assert [r["reason"] for r in by_id.pop(i)] == [reason], i
+    assert [r["reason"] for r in by_id.pop("12.5")] == ["bad-id"]
+    assert [r["reason"] for r in by_id.pop("a/b")] == ["bad-id"]
+    assert [(r["row"], r["reason"]) for r in by_id.pop(ids[19])] == [("41", "duplicate-id")]
+    assert [(r["row"], r["reason"]) for r in by_id.pop(ids[20])] == [("21", "duplicate-id"), ("42", "duplicate-id")]
+    assert by_id == {}
+    assert all(r["detail"] for r in rej)
+    m = json.loads((out / "manifest.json").read_text())
+    c = m["counts"]
+    assert c["catalog_rows"] == 42 and c["rejected"] == len(rej) == 21
+    assert c["train"] + c["valid"] == 21 == summary["train"] + summary["valid"]
+    assert sum(m["rejects_by_reason"].values()) == 21 and m["rejects_by_reason"]["blank-image"] == 2
+    kept = tar_samples(out)
+    assert set(kept) == set(ids) - set(expect) - {ids[17], ids[18], ids[20]}  # ids[19]: its first row
+    assert set(kept).isdisjoint(r["id"] for r in rej if r["reason"] != "duplicate-id")
+    assert "rejected 21" in run_cli("shard", tmp_path / "cat.csv", imgs, tmp_path / "o2", "--quiet").output
+
+
+def test_precrop(survey, tmp_path):
+    out = tmp_path / "pc"
+    run_cli("shard", survey / "data" / "master.csv", survey / "images", out, "--precrop", 160, "--quiet")
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["image"] == {"size": [160, 160], "precrop": 160, "channels": 3} and m["pixel_stats"]["region"] == 144
+    for key, s in list(tar_samples(out, "valid").items())[:5]:
+        im = Image.open(io.BytesIO(s["jpg"]))
+        assert im.size == (160, 160) and im.format == "JPEG"
+        orig = np.asarray(Image.open(survey / "images" / f"{key}.jpg"), np.float64)[32:192, 32:192]
+        assert np.abs(np.asarray(im, np.float64) - orig).mean() < 2  # the centre, at high quality
+    assert verify(out)["ok"]
+
+
+def test_refuse_then_overwrite_and_no_leftovers(survey, sharded, tmp_path):
+    out = tmp_path / "o"
+    shutil.copytree(sharded, out)
+    (out / "notes.txt").write_text("mine")
+    args = ["shard", survey / "data" / "master.csv", survey / "images", out, "--quiet"]
+    res = run_cli(*args, ok=False)
+    assert res.exit_code != 0 and "--overwrite" in res.output and len(res.output.strip().splitlines()) == 1
+    run_cli(*args, "--overwrite")
+    names = sorted(p.name for p in out.iterdir())
+    # the 3-tar set was replaced by a 1-tar one, not merged with it; others' files stay
+    assert names == ["manifest.json", "notes.txt", "rejects.csv", "train-000000.idx", "train-000000.tar",
+                     "valid-000000.idx", "valid-000000.tar"]
+    assert verify(out)["ok"]
+
+
+def test_interrupted_run_leaves_nothing_finished(survey, tmp_path, monkeypatch):
+    import fastgal.shards as shards_mod
+
+    calls = []
+
+    def boom(tar, idx):
+        calls.append(tar)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(tar, idx)
+
+    real = shards_mod.make_index
+    monkeypatch.setattr(shards_mod, "make_index", boom)
+    out = tmp_path / "cut"
+    res = run_cli("shard", survey / "data" / "master.csv", survey / "images", out, "--shard-size", 100, "--quiet", ok=False)
+    assert res.exit_code != 0 and "Abort" in res.output  # click's answer to Ctrl-C
+    assert len(calls) == 2
+    assert list(out.iterdir()) == []  # no tar, no manifest, no temp folder
+    with pytest.raises(ValueError, match="no manifest.json"):
+        load_manifest(out)
+    monkeypatch.undo()
+    run_cli("shard", survey / "data" / "master.csv", survey / "images", out, "--quiet")  # a clean re-run works
+
+
+def test_info_and_tampering(sharded, tmp_path):
+    res = run_cli("info", sharded, "--json")
+    info = json.loads(res.output)
+    assert info["ok"] and info["counts"]["train"] == 240
+    assert "verified" in run_cli("info", sharded).output
+
+    bad = tmp_path / "bad"
+    shutil.copytree(sharded, bad)
+    tar = bad / "train-000001.tar"
+    raw = bytearray(tar.read_bytes())
+    raw[5000] ^= 0xFF  # same size, one byte different
+    tar.write_bytes(bytes(raw))
+    res = run_cli("info", bad, ok=False)
+    assert res.exit_code != 0 and "train-000001.tar" in res.output and "sha256" in res.output
+
+    tar.write_bytes(bytes(raw[:-1024]))  # truncated
+    res = run_cli("info", bad, ok=False)
+    assert res.exit_code != 0 and "bytes" in res.output and "train-000001.tar" in res.output
+    with pytest.raises(ValueError, match="train-000001.tar"):
+        load_manifest(bad)
+
+    m = json.loads((bad / "manifest.json").read_text())
+    m["format_version"] = 99
+    (bad / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ValueError, match="format_version 99"):
+        load_manifest(bad)
+    (bad / "manifest.json").unlink()
+    res = run_cli("info", bad, ok=False)
+    assert res.exit_code != 0 and "manifest.json" in res.output
+    res = run_cli("info", tmp_path / "nowhere", ok=False)
+    assert res.exit_code != 0 and "no manifest.json" in res.output
+
+
+@pytest.mark.parametrize("case", ["no-column", "float-ids", "no-images", "no-catalog", "all-bad", "pct"])
+def test_user_errors_are_one_line(survey, tmp_path, case):
+    cat = tmp_path / "cat.csv"
+    imgs = survey / "images"
+    extra = []
+    if case == "no-column":
+        cat.write_text("objID,oh\n1,8.9\n")
+        needle = "metallicity"
+    elif case == "float-ids":
+        cat.write_text("objID,metallicity\n1.237645945580749e+18,8.9\n1.237645945580749e+18,9.0\n")
+        needle = "float"
+    elif case == "no-images":
+        cat.write_text("objID,metallicity\n1,8.9\n")
+        imgs = tmp_path / "missing"
+        needle = "images folder"
+    elif case == "no-catalog":
+        cat = tmp_path / "nope.csv"
+        needle = "not found"
+    elif case == "all-bad":
+        cat.write_text("objID,metallicity\n1,8.9\n2,8.8\n")
+        needle = "no usable samples"
+    else:
+        cat.write_text("objID,metallicity\n1,8.9\n")
+        extra = ["--valid-pct", "1.5"]
+        needle = "--valid-pct"
+    res = run_cli("shard", cat, imgs, tmp_path / "out", *extra, ok=False)
+    assert res.exit_code != 0 and needle in res.output and len(res.output.strip().splitlines()) == 1, res.output
+    assert not (tmp_path / "out" / "manifest.json").exists()
+    if case == "all-bad":
+        assert [r["reason"] for r in read_rejects(tmp_path / "out")] == ["missing-image"] * 2
+
+
+@st.composite
+def catalogs(draw):
+    n = draw(st.integers(1, 25))
+    bad_target = draw(st.lists(st.sampled_from(["", "x", "nan"]), max_size=n))
+    missing = draw(st.integers(0, 3))
+    pct = draw(st.sampled_from([0.0, 0.1, 0.2, 0.5]))
+    return n, bad_target, missing, pct
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(catalogs())
+def test_property_counts_split_and_ids(survey, tmp_path_factory, case):
+    n, bad_target, missing, pct = case
+    src = pd.read_csv(survey / "data" / "master.csv", dtype=str, keep_default_na=False)
+    cat = src.iloc[:n][["objID", "metallicity", "ra"]].copy().reset_index(drop=True)
+    for k, v in enumerate(bad_target):
+        cat.loc[k, "metallicity"] = v
+    # ids with no image file: big 19-digit numbers that float64 cannot hold exactly
+    ghost = [str(9_007_199_254_740_993 + 2 * k) + "123" for k in range(missing)]
+    cat = pd.concat([cat, pd.DataFrame({"objID": ghost, "metallicity": "8.9", "ra": "1.0"})], ignore_index=True)
+    d = tmp_path_factory.mktemp("prop")
+    cat.to_csv(d / "c.csv", index=False)
+    usable = n - len(bad_target)
+    args = ["shard", d / "c.csv", survey / "images", d / "out", "--valid-pct", pct, "--workers", 1, "--quiet"]
+    if usable == 0:
+        assert "no usable samples" in run_cli(*args, ok=False).output
+        return
+    run_cli(*args)
+    m = json.loads((d / "out" / "manifest.json").read_text())
+    c = m["counts"]
+    rej = read_rejects(d / "out")
+    assert c["catalog_rows"] == len(cat) == c["train"] + c["valid"] + c["rejected"] and len(rej) == c["rejected"]
+    assert sorted(r["reason"] for r in rej) == sorted(
+        ["missing-target" if v == "" else "non-numeric-target" if v == "x" else "non-finite-target" for v in bad_target]
+        + ["missing-image"] * missing)
+    cand = usable + missing  # rows that pass the row checks are split; then ghosts leave their split
+    assert c["valid"] <= int(pct * cand) and c["train"] <= cand - int(pct * cand)
+    if missing == 0:
+        assert c["valid"] == int(pct * cand)
+    got = tar_samples(d / "out")
+    assert set(got) == set(cat.objID[len(bad_target):n])  # exact ids, as strings, both ways
+    for key, s in got.items():
+        assert json.loads(s["json"])["objID"] == key
