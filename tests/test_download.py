@@ -1,0 +1,473 @@
+"""fastgal download against a real HTTP server on 127.0.0.1 (pytest-httpserver) playing SkyServer.
+
+The fake SkyServer answers SqlSearch with `#Table1` CSV (19-digit ids) or a JSON error, and
+ImgCutout/getjpeg with per-galaxy scripts of faults: 503 then 200, 429 with Retry-After, a reply
+slower than the timeout, 404 with a JPEG body, 200 with HTML, a truncated JPEG, dropped
+connections, 400 JSON. Every request is logged, so "nothing downloaded twice" is counted.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from pytest_httpserver import HTTPServer
+from werkzeug import Response
+
+from conftest import run_cli
+import fastgal.sdss as sdss
+from fastgal.config import DownloadConfig
+from fastgal.synth import R90_SPAN
+
+SQL_PATH = "/dr17/SkyServerWS/SearchTools/SqlSearch"
+JPEG_PATH = "/dr17/SkyServerWS/ImgCutout/getjpeg"
+# ids above 2**53 whose float64 round trip changes them: they must arrive exactly
+BASE_ID = 1237648720693755918
+
+
+def jpeg(seed: int, size: int = 224, black: bool = False) -> bytes:
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(20, 230, (size, size, 3), dtype=np.uint8)
+    if black:
+        arr[:, : int(size * 0.7)] = 0  # a frame at the edge of the imaging
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "JPEG", quality=85)
+    return buf.getvalue()
+
+
+def drop_connection(request) -> Response:
+    """Close the socket under the request: the client sees a reset / remote disconnect."""
+    sock = request.environ["werkzeug.socket"]
+    sock.shutdown(socket.SHUT_RDWR)
+    sock.close()
+    return Response("", status=500)
+
+
+# each fault is one server reply; a galaxy's script is played in order, its last entry repeats
+def reply(kind: str, oid: int):
+    ok = jpeg(oid % 2**32)
+    if kind == "ok":
+        return Response(ok, content_type="image/jpeg")
+    if kind == "black":
+        return Response(jpeg(oid % 2**32, black=True), content_type="image/jpeg")
+    if kind == "503":
+        return Response(b"busy", status=503, content_type="text/plain")
+    if kind == "500":  # SkyServer's internal errors carry a JPEG body
+        return Response(jpeg(1), status=500, content_type="image/jpeg")
+    if kind == "429":
+        return Response(b"slow down", status=429, headers={"Retry-After": "1"})
+    if kind == "404":  # out of footprint: a picture of an error message, status 404
+        return Response(jpeg(2), status=404, content_type="image/jpeg")
+    if kind == "400":
+        return Response(json.dumps({"Message": "scale must be positive"}), status=400, content_type="application/json")
+    if kind == "html":
+        return Response("<html><body>Service maintenance</body></html>", content_type="text/html")
+    if kind == "trunc":
+        return Response(ok[: len(ok) // 2], content_type="image/jpeg")
+    if kind == "small":  # the server clamped the size
+        return Response(jpeg(oid % 2**32, size=100), content_type="image/jpeg")
+    if kind == "cutbody":  # headers promise more bytes than arrive, then the connection closes
+        return Response(ok[:500], content_type="image/jpeg",
+                        headers={"Content-Length": str(len(ok)), "Connection": "close"})
+    raise AssertionError(kind)
+
+
+SCRIPTS = {  # name: (server script, expected status, expected requests, reason must match)
+    "good1": (["ok"], "ok", 1, r"^$"),
+    "good2": (["ok"], "ok", 1, r"^$"),
+    "good3": (["ok"], "ok", 1, r"^$"),
+    "busy": (["503", "ok"], "ok", 2, r"^$"),
+    "ratelimited": (["429", "ok"], "ok", 2, r"^$"),
+    "slow": (["slow", "ok"], "ok", 2, r"^$"),
+    "dropped": (["drop", "ok"], "ok", 2, r"^$"),
+    "cutbody": (["cutbody", "ok"], "ok", 2, r"^$"),
+    "htmlonce": (["html", "ok"], "ok", 2, r"^$"),
+    "black": (["black"], "ok", 1, r"mostly black"),
+    "offsky": (["404"], "not-found", 1, r"404"),
+    "badarg": (["400"], "failed", 1, r"400 .*scale must be positive"),
+    "broken": (["500"], "failed", 4, r"HTTP 500 after 4 tries"),
+    "html": (["html"], "invalid-image", 4, r"text/html"),
+    "trunc": (["trunc"], "invalid-image", 4, r"truncated JPEG"),
+    "small": (["small"], "invalid-image", 4, r"100x100 image, expected 224x224"),
+}
+RETRIES = 3  # so a persistent fault costs 4 requests
+
+
+class FakeSkyServer:
+    """Cutouts keyed by ra (unique per galaxy); the SQL answer is the catalog as #Table1 CSV."""
+
+    def __init__(self, server: HTTPServer, names: list[str], scripts=SCRIPTS):
+        self.server, self.scripts = server, scripts
+        self.rows = []
+        for k, name in enumerate(names):
+            oid = BASE_ID + 7919 * k
+            self.rows.append({"objID": str(oid), "specObjID": str(299489677444933632 + 1000 * k),
+                              "ra": f"{150 + 0.01 * k:.6f}", "dec": f"{2 + 0.01 * k:.6f}",
+                              "petroR90_r": "" if k == 1 else f"{5.6 + 0.1 * k:.4f}",
+                              "metallicity": f"{8.6 + 0.01 * k:.3f}", "name": name})
+        self.by_ra = {r["ra"]: r for r in self.rows}
+        self.log: list[tuple[float, str, dict]] = []  # (time, objID or 'sql', args)
+        self.sql_seen: list[str] = []
+        self.sql_reply = None  # a callable(cmd) -> Response, to override the catalog
+        self.lock = threading.Lock()
+        server.expect_request(SQL_PATH).respond_with_handler(self.sql)
+        server.expect_request(JPEG_PATH).respond_with_handler(self.cutout)
+
+    @property
+    def base_url(self) -> str:
+        return self.server.url_for("/").rstrip("/")
+
+    def sql(self, request):
+        cmd = request.args["cmd"]
+        assert request.args.get("format") == "csv"
+        with self.lock:
+            self.sql_seen.append(cmd)
+            self.log.append((time.monotonic(), "sql", dict(request.args)))
+        if self.sql_reply:
+            return self.sql_reply(cmd)
+        cols = ["objID", "specObjID", "ra", "dec", "petroR90_r", "metallicity"]
+        body = "#Table1\n" + ",".join(cols) + "\n" + "".join(",".join(r[c] for c in cols) + "\n" for r in self.rows)
+        return Response(body, content_type="text/plain")
+
+    def cutout(self, request):
+        row = self.by_ra[request.args["ra"]]
+        with self.lock:
+            n = sum(1 for _, o, _ in self.log if o == row["objID"])
+            self.log.append((time.monotonic(), row["objID"], dict(request.args)))
+        script = self.scripts[row["name"]][0]
+        kind = script[min(n, len(script) - 1)]
+        if kind == "slow":
+            time.sleep(0.8)  # past the client's 0.3 s timeout
+            kind = "ok"
+        if kind == "drop":
+            return drop_connection(request)
+        return reply(kind, int(row["objID"]))
+
+    def requests_for(self, oid: str) -> int:
+        return sum(1 for _, o, _ in self.log if o == oid)
+
+    def cutout_requests(self) -> int:
+        return sum(1 for _, o, _ in self.log if o != "sql")
+
+    def catalog_csv(self, path: Path, with_r90: bool = True) -> Path:
+        cols = ["objID", "ra", "dec"] + (["petroR90_r"] if with_r90 else []) + ["metallicity"]
+        pd.DataFrame(self.rows)[cols].to_csv(path, index=False)
+        return path
+
+
+@pytest.fixture
+def httpserver_threaded():
+    server = HTTPServer(host="127.0.0.1", threaded=True)  # a slow reply must not block the others
+    server.start()
+    yield server
+    server.clear()
+    if server.is_running():
+        server.stop()
+
+
+def fast_cfg(out, sky, **kw) -> DownloadConfig:
+    base = dict(out=out, base_url=sky.base_url, workers=4, rate=0, retries=RETRIES, timeout=0.3,
+                backoff=0.01, backoff_max=0.05, quiet=True)
+    return DownloadConfig(**{**base, **kw})
+
+
+def read_report(out: Path) -> pd.DataFrame:
+    return pd.read_csv(out / "download-report.csv", dtype=str, keep_default_na=False)
+
+
+def test_ids_beyond_float_precision():
+    assert str(int(float(str(BASE_ID)))) != str(BASE_ID)
+
+
+def test_faults_statuses_and_resume(httpserver_threaded, tmp_path):
+    names = list(SCRIPTS)
+    sky = FakeSkyServer(httpserver_threaded, names)
+    out = tmp_path / "sdss"
+    res = sdss.download(fast_cfg(out, sky))
+
+    rep = read_report(out)
+    assert len(rep) == len(names) and sorted(rep.objID) == sorted(r["objID"] for r in sky.rows)
+    assert sum(res.counts.values()) == len(names) and not res.interrupted
+    for row in sky.rows:
+        _, status, n_req, reason = SCRIPTS[row["name"]]
+        got = rep[rep.objID == row["objID"]].iloc[0]
+        assert got.status == status, (row["name"], got.to_dict())
+        assert re.search(reason, got.reason), (row["name"], got.reason)
+        assert sky.requests_for(row["objID"]) == n_req, row["name"]
+        img = out / "images" / f"{row['objID']}.jpg"
+        if status == "ok":  # arrived whole and valid: the server's exact bytes, fully decodable
+            expect = jpeg(int(row["objID"]) % 2**32, black=row["name"] == "black")
+            assert img.read_bytes() == expect
+            with Image.open(img) as im:
+                im.load()
+                assert im.size == (224, 224)
+        else:
+            assert not img.exists()
+    assert res.flagged_black == 1
+    assert not list((out / "images").glob("*.part"))
+    # Retry-After: 1 was respected
+    t = [ts for ts, o, _ in sky.log if o == next(r["objID"] for r in sky.rows if r["name"] == "ratelimited")]
+    assert t[1] - t[0] >= 0.95
+    # master.csv keeps the 19-digit ids exactly (compare text, not numbers)
+    lines = (out / "data" / "master.csv").read_text().splitlines()
+    assert lines[0].split(",")[:2] == ["objID", "specObjID"]
+    assert [ln.split(",")[0] for ln in lines[1:]] == [r["objID"] for r in sky.rows]
+    assert [ln.split(",")[1] for ln in lines[1:]] == [r["specObjID"] for r in sky.rows]
+    meta = json.loads((out / "download.json").read_text())
+    assert meta["counts"] == res.counts and meta["n"] == len(names)
+
+    # the re-run asks for nothing it already has: no new query, no ok image fetched again,
+    # not-found carried over; only failed / invalid-image galaxies are asked again
+    before = {r["objID"]: sky.requests_for(r["objID"]) for r in sky.rows}
+    n_sql = len(sky.sql_seen)
+    res2 = sdss.download(fast_cfg(out, sky))
+    assert len(sky.sql_seen) == n_sql
+    rep2 = read_report(out)
+    assert len(rep2) == len(names)
+    for row in sky.rows:
+        status = SCRIPTS[row["name"]][1]
+        again = sky.requests_for(row["objID"]) - before[row["objID"]]
+        got = rep2[rep2.objID == row["objID"]].iloc[0].status
+        if status == "ok":
+            assert (again, got) == (0, "skipped-existing"), row["name"]
+        elif status == "not-found":
+            assert (again, got) == (0, "not-found")
+        else:
+            assert again >= 1 and got == status
+    assert res2.counts["skipped-existing"] == res.counts["ok"]
+
+
+def test_rate_limit_is_global_and_scale_rule(httpserver_threaded, tmp_path):
+    names = [f"good{i % 3 + 1}" for i in range(8)]
+    sky = FakeSkyServer(httpserver_threaded, names)
+    res = sdss.download(fast_cfg(tmp_path / "o", sky, rate=10, workers=4))
+    assert res.counts["ok"] == 8
+    times = sorted(t for t, o, _ in sky.log if o != "sql")
+    gaps = np.diff(times)
+    assert gaps.min() >= 0.07 and times[-1] - times[0] >= 0.65  # 4 threads, yet ~10 requests/s
+    # auto scale: the frame spans R90_SPAN x petroR90_r; no petroR90_r -> the fixed fallback
+    args = {o: a for _, o, a in sky.log if o != "sql"}
+    for r in sky.rows:
+        a = args[r["objID"]]
+        assert a["width"] == a["height"] == "224"
+        want = R90_SPAN * float(r["petroR90_r"]) / 224 if r["petroR90_r"] else 0.396
+        assert float(a["scale"]) == pytest.approx(want, rel=1e-5)
+        assert a["ra"] == r["ra"] and a["dec"] == r["dec"]  # coordinates passed as received
+    # --scale fixes it
+    sky.log.clear()
+    sdss.download(fast_cfg(tmp_path / "p", sky, scale=0.25, size=128))
+    assert {a["scale"] for _, o, a in sky.log if o != "sql"} == {"0.25"}
+    assert {a["width"] for _, o, a in sky.log if o != "sql"} == {"128"}
+
+
+def test_interrupt_leaves_consistent_state_and_resumes(httpserver_threaded, tmp_path, monkeypatch):
+    names = [f"good{i % 3 + 1}" for i in range(12)]
+    sky = FakeSkyServer(httpserver_threaded, names)
+    out = tmp_path / "o"
+    (out / "images").mkdir(parents=True)
+    # debris of an earlier crash: a partial download and an image cut short
+    oid0, oid1 = sky.rows[0]["objID"], sky.rows[1]["objID"]
+    (out / "images" / f"{oid0}.jpg.part").write_bytes(b"\xff\xd8junk")
+    (out / "images" / f"{oid1}.jpg").write_bytes(jpeg(3)[:1000])
+
+    real_check, calls = sdss.check_jpeg, []
+
+    def check_then_ctrl_c(data, size):
+        calls.append(1)
+        if len(calls) == 6:
+            raise KeyboardInterrupt  # as if Ctrl-C landed mid-run
+        return real_check(data, size)
+
+    monkeypatch.setattr(sdss, "check_jpeg", check_then_ctrl_c)
+    res = sdss.download(fast_cfg(out, sky, workers=2, rate=20))
+    monkeypatch.setattr(sdss, "check_jpeg", real_check)
+    assert res.interrupted
+    rep = read_report(out)
+    assert len(rep) == 12 and sum(res.counts.values()) == 12
+    assert 0 < res.counts["interrupted"] < 12 and res.counts["ok"] >= 1
+    assert not list((out / "images").glob("*.part"))
+    done = set(rep.objID[rep.status == "ok"])
+    on_disk = {p.stem for p in (out / "images").glob("*.jpg")}
+    assert done <= on_disk and on_disk - done <= {oid1}  # only the planted broken file is extra
+    for oid in done:
+        assert real_check((out / "images" / f"{oid}.jpg").read_bytes(), 224)[0] is None
+
+    fetched = {o: sky.requests_for(o) for o in done}
+    res2 = sdss.download(fast_cfg(out, sky, workers=2))
+    rep2 = read_report(out)
+    assert set(rep2.status) <= {"ok", "skipped-existing"} and len(rep2) == 12
+    assert set(rep2.objID[rep2.status == "skipped-existing"]) == done
+    assert all(sky.requests_for(o) == fetched[o] for o in done)  # nothing downloaded twice
+    assert res2.counts["ok"] == 12 - len(done)
+    assert real_check((out / "images" / f"{oid1}.jpg").read_bytes(), 224)[0] is None  # re-fetched whole
+
+
+def test_ctrl_c_in_a_real_process(httpserver_threaded, tmp_path):
+    """SIGINT to `python -m fastgal download`: exit 130, a full report, no .part; then resume."""
+    names = [f"good{i % 3 + 1}" for i in range(30)]
+    sky = FakeSkyServer(httpserver_threaded, names)
+    slow = sky.cutout
+
+    def slow_cutout(request):
+        time.sleep(0.1)
+        return slow(request)
+
+    httpserver_threaded.clear()
+    httpserver_threaded.expect_request(SQL_PATH).respond_with_handler(sky.sql)
+    httpserver_threaded.expect_request(JPEG_PATH).respond_with_handler(slow_cutout)
+    out = tmp_path / "o"
+    cat = sky.catalog_csv(tmp_path / "cat.csv")
+    cmd = [sys.executable, "-m", "fastgal", "download", str(out), "--catalog", str(cat), "--base-url", sky.base_url,
+           "--workers", "2", "--rate", "0", "--timeout", "5", "--quiet"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while sky.cutout_requests() < 6 and time.monotonic() < deadline and p.poll() is None:
+        time.sleep(0.02)
+    p.send_signal(signal.SIGINT)
+    stdout, stderr = p.communicate(timeout=30)
+    assert p.returncode == 130, (stdout, stderr)
+    rep = read_report(out)
+    assert len(rep) == 30 and set(rep.status) <= {"ok", "interrupted"}
+    assert 0 < (rep.status == "interrupted").sum() < 30
+    assert not list((out / "images").glob("*.part"))
+    done = set(rep.objID[rep.status == "ok"])
+    assert {p.stem for p in (out / "images").glob("*.jpg")} == done
+    assert "interrupted" in stdout and "re-run" in stdout
+    n_before = sky.cutout_requests()
+    res = run_cli("download", out, "--catalog", cat, "--base-url", sky.base_url, "--rate", "0", "--quiet", "--json")
+    info = json.loads(res.output)
+    assert info["skipped-existing"] == len(done) and info["ok"] == 30 - len(done)
+    assert sky.cutout_requests() - n_before == 30 - len(done)
+
+
+def test_cli_main_path_feeds_shard(httpserver_threaded, tmp_path):
+    names = ["good1", "good2", "good3", "offsky", "black", "good1"]
+    sky = FakeSkyServer(httpserver_threaded, names)
+    out = tmp_path / "sdss"
+    res = run_cli("download", out, "--base-url", sky.base_url, "--rate", "0", "--retries", 1, "--backoff", 0.01,
+                  "--timeout", 2, "--quiet")
+    # the default query reached the server as one line, comments stripped, with the sample's cuts
+    (cmd,) = sky.sql_seen
+    assert "\n" not in cmd and "--" not in cmd and cmd.startswith("SELECT")
+    for piece in ["oh_p50 AS metallicity", "s.rChi2 < 2", "s.z > 0.02", "e.oh_p50 != -9999", "GalSpecIndx"]:
+        assert piece in cmd
+    m = re.search(r"cutouts: (.*) = (\d+) of (\d+)", res.output)
+    counts = dict((k, int(v)) for v, k in re.findall(r"(\d+) ([a-z-]+)", m.group(1)))
+    assert counts == {"ok": 5, "not-found": 1, "failed": 0} and int(m.group(2)) == int(m.group(3)) == 6
+    assert "1 flagged mostly-black" in res.output
+    cat = pd.read_csv(out / "data" / "master.csv", dtype={"objID": "int64"})
+    assert [str(i) for i in cat.objID] == [r["objID"] for r in sky.rows]
+    assert "metallicity" in cat.columns
+
+    # the output is what `fastgal shard` reads: CATALOG=OUT/data/master.csv IMAGES=OUT/images
+    from fastgal.cli import cli
+
+    if "shard" not in cli.commands:
+        pytest.skip("fastgal shard is not in the CLI yet")
+    sh = tmp_path / "shards"
+    run_cli("shard", out / "data" / "master.csv", out / "images", sh, "--quiet")
+    manifest = json.loads((sh / "manifest.json").read_text())
+    rejects = pd.read_csv(sh / "rejects.csv", dtype=str)
+    # the only reject is the galaxy SkyServer had no image for; every downloaded cutout is a sample
+    assert rejects["id"].tolist() == [next(r["objID"] for r in sky.rows if r["name"] == "offsky")]
+    c = manifest["counts"]
+    assert c["catalog_rows"] == 6 and c["train"] + c["valid"] == 5 and c["rejected"] == 1
+
+
+def test_catalog_errors_and_json_error_body(httpserver_threaded, tmp_path):
+    sky = FakeSkyServer(httpserver_threaded, ["good1", "good2"])
+    # a JSON error body (SkyServer's SQL errors) becomes the server's message, in one line
+    sky.sql_reply = lambda cmd: Response(json.dumps([{"Message": "Incorrect syntax near 'SELEC'.", "ErrorCode": 500}]),
+                                         status=500, content_type="application/json")
+    res = run_cli("download", tmp_path / "a", "--base-url", sky.base_url, "--retries", 1, "--backoff", 0.01, ok=False)
+    assert res.exit_code == 1 and "Incorrect syntax near 'SELEC'." in res.output
+    assert len(res.output.strip().splitlines()) == 1
+    sky.sql_reply = lambda cmd: Response(json.dumps([{"Message": "Column 'objid' bad"}]), status=200,
+                                         content_type="application/json")
+    res = run_cli("download", tmp_path / "a", "--base-url", sky.base_url, ok=False)
+    assert "Column 'objid' bad" in res.output
+    sky.sql_reply = None
+
+    # a user catalog with an id that went through a float names the line and the fix
+    bad = tmp_path / "bad.csv"
+    bad.write_text("objID,ra,dec,metallicity\n1237648720693755918,150.0,2.0,8.9\n1.23764872069376e+18,150.1,2.1,8.8\n")
+    res = run_cli("download", tmp_path / "b", "--catalog", bad, "--base-url", sky.base_url, ok=False)
+    assert res.exit_code == 1 and f"{bad} line 3" in res.output and "dtype=str" in res.output
+    dup = tmp_path / "dup.csv"
+    dup.write_text("objID,ra,dec\n1237648720693755918,150.0,2.0\n1237648720693755918,150.1,2.1\n")
+    res = run_cli("download", tmp_path / "b", "--catalog", dup, "--base-url", sky.base_url, ok=False)
+    assert f"{dup} line 3" in res.output and "repeats" in res.output
+    nodec = tmp_path / "nodec.csv"
+    nodec.write_text("objID,ra\n1237648720693755918,150.0\n")
+    res = run_cli("download", tmp_path / "b", "--catalog", nodec, "--base-url", sky.base_url, ok=False)
+    assert "no dec column" in res.output
+    res = run_cli("download", tmp_path / "b", "--catalog", dup, "--sql", dup, ok=False)
+    assert "not both" in res.output
+    res = run_cli("download", tmp_path / "b", "--scale", "-1", ok=False)
+    assert res.exit_code == 2 and "arcsec/pixel" in res.output
+    assert sky.cutout_requests() == 0
+
+
+def test_row_cap_splits_by_objid_and_limit(httpserver_threaded, tmp_path):
+    ids = [BASE_ID + 104729 * k for k in range(10)]
+    sky = FakeSkyServer(httpserver_threaded, [])
+
+    def capped(cmd, cap=4):
+        top = re.search(r"SELECT TOP (\d+) \* FROM", cmd)
+        after = re.search(r"objID > (\d+)", cmd)
+        rows = ids[::-1]  # the plain query comes back in no particular order
+        if top:  # the wrapped query: keyset paging in objID order
+            rows = sorted(i for i in ids if not after or i > int(after.group(1)))[: int(top.group(1))]
+        rows = rows[:cap]
+        return Response("#Table1\nobjID,ra,dec\n" + "".join(f"{i},{150 + (i % 97) / 100},1.5\n" for i in rows))
+
+    sky.sql_reply = capped
+    cfg = fast_cfg(tmp_path / "o", sky, row_cap=4)
+    df, info = sdss.query_catalog("SELECT objID, ra, dec FROM Galaxy -- a comment\n;", cfg, requests_session(cfg))
+    assert info == {"pages": 3, "capped": True}
+    assert [int(i) for i in df.objID] == ids  # all 10, exact, each once
+    assert all("--" not in c and "a comment" not in c for c in sky.sql_seen)
+    df, info = sdss.query_catalog("SELECT objID, ra, dec FROM Galaxy", fast_cfg(tmp_path / "o", sky, row_cap=4, limit=6),
+                                  requests_session(cfg))
+    assert [int(i) for i in df.objID] == ids[:6] and info["pages"] == 2
+
+
+def requests_session(cfg):
+    return sdss.make_session(cfg, sdss.RateLimiter(0))
+
+
+def test_strip_sql_comments_keeps_strings_and_minus():
+    sql = "SELECT a - b AS d, '--not a comment' AS s -- real comment\nFROM t /* block\n comment */ WHERE x != -9999 --end"
+    assert sdss.one_line(sql) == "SELECT a - b AS d, '--not a comment' AS s FROM t WHERE x != -9999"
+    assert sdss.one_line("SELECT 'it''s -- here' -- gone\n;") == "SELECT 'it''s -- here'"
+
+
+def test_default_sql_ships_with_the_package_and_tools_link():
+    text = sdss.DEFAULT_SQL.read_text()
+    assert "oh_p50 AS metallicity" in text
+    tools = Path(__file__).resolve().parents[1] / "tools" / "metallicity_sample.sql"
+    assert tools.read_text() == text
+
+
+def test_check_jpeg():
+    good = jpeg(5)
+    assert sdss.check_jpeg(good, 224) == (None, 0.0)
+    assert "truncated" in sdss.check_jpeg(good[:-100], 224)[0]
+    assert "SOI" in sdss.check_jpeg(b"<html>", 224)[0]
+    # start and end markers in place but no image inside: only a full decode sees it
+    assert "does not decode" in sdss.check_jpeg(good[:2] + b"\xff\xe0garbage" + good[-2:], 224)[0]
+    assert sdss.check_jpeg(jpeg(5, size=128), 224)[0] == "128x128 image, expected 224x224"
+    problem, black = sdss.check_jpeg(jpeg(5, black=True), 224)
+    assert problem is None and 0.6 < black < 0.8

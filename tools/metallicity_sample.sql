@@ -1,0 +1,1 @@
+../fastgal/metallicity_sample.sql
