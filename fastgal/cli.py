@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .config import SynthConfig
+from .config import ShardConfig, SynthConfig
 from .config import DownloadConfig
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -109,6 +109,109 @@ def demo(out, n, seed, overwrite, quiet):
     click.echo(f"accuracy floor RMSE {fl['floor_rmse']:.4f} dex (NMAD {fl['floor_nmad']:.4f}); "
                f"predict-the-mean RMSE {fl['mean_baseline_rmse']:.4f} dex")
     click.echo(f"sample cutouts: {sheet}")
+
+
+@cli.command()
+@click.argument("catalog", type=click.Path(path_type=Path))
+@click.argument("images", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--id-col", default=ShardConfig.id_col, show_default=True, help="Id column (kept exact, never a float).")
+@click.option("--target", "targets", multiple=True, default=("metallicity",), show_default=True,
+              help="Target column; repeat for several (stored in this order).")
+@click.option("--valid-pct", type=float, default=ShardConfig.valid_pct, show_default=True,
+              help="Validation fraction (fastai RandomSplitter semantics).")
+@click.option("--seed", type=int, default=ShardConfig.seed, show_default=True, help="Seed of the split and the sample order.")
+@click.option("--shard-size", type=int, default=ShardConfig.shard_size, show_default=True, help="Samples per tar.")
+@click.option("--precrop", type=int, default=None, help="Store the centre PX x PX crop (JPEG q95) instead of the original bytes.")
+@click.option("--workers", type=int, default=ShardConfig.workers, show_default=True, help="Processes; 0 = all cores.")
+@click.option("--overwrite", is_flag=True, help="Replace the shards in an OUT that has them.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def shard(catalog, images, out, id_col, targets, valid_pct, seed, shard_size, precrop, workers, overwrite, quiet, as_json):
+    """Validate a catalog and its JPEGs and write WebDataset shards for DALI.
+
+    Writes OUT/train-NNNNNN.tar and OUT/valid-NNNNNN.tar (each with its DALI .idx),
+    OUT/manifest.json (split, counts, sha256s, target and pixel statistics) and OUT/rejects.csv
+    (every unusable row with its reason). Every image is fully decoded first; catalog rows =
+    samples + rejects, checked before success. Same inputs give byte-identical tars.
+
+    Example:
+
+        fastgal shard data/synth/data/master.csv data/synth/images shards/synth
+    """
+    from .shards import shard as run_shard
+
+    cfg = ShardConfig(catalog=catalog, images=images, out=out, id_col=id_col, targets=list(targets),
+                      valid_pct=valid_pct, seed=seed, shard_size=shard_size, precrop=precrop,
+                      workers=workers, overwrite=overwrite, quiet=quiet)
+    try:
+        res = run_shard(cfg)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    except OSError as e:
+        raise click.ClickException(f"cannot write {out}: {e.strerror or e}; choose a writable folder with free space") from None
+    m = res.manifest
+    c = m["counts"]
+    nbytes = {s: sum(e["bytes"] for e in m["shards"][s]) for s in ("train", "valid")}
+    info = {"out": str(res.out), "catalog_rows": c["catalog_rows"], "train": c["train"], "valid": c["valid"],
+            "rejected": c["rejected"], "rejects_by_reason": m["rejects_by_reason"],
+            "shards": {s: len(m["shards"][s]) for s in ("train", "valid")}, "bytes": nbytes,
+            "seconds": round(res.seconds, 2), "images_per_s": round(res.images_per_s, 1)}
+    if as_json:
+        _echo_json(info)
+        return
+    click.echo(f"sharded {c['catalog_rows']} rows into {res.out} in {res.seconds:.1f}s ({res.images_per_s:,.0f} images/s)")
+    for s in ("train", "valid"):
+        click.echo(f"  {s}  {c[s]:>8} samples in {len(m['shards'][s])} shard(s), {nbytes[s] / 1e6:,.1f} MB")
+    if c["rejected"]:
+        why = ", ".join(f"{k} {v}" for k, v in sorted(m["rejects_by_reason"].items(), key=lambda kv: -kv[1]))
+        click.echo(f"  rejected {c['rejected']} ({why}); see {res.out / 'rejects.csv'}")
+    else:
+        click.echo("  rejected 0")
+
+
+@cli.command()
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the check and the manifest summary as JSON.")
+def info(out, as_json):
+    """Re-check a shard folder (sha256s, indexes, samples, counts) and summarise its manifest.
+
+    Exits non-zero, naming the file, if anything differs from manifest.json.
+
+    Example:
+
+        fastgal info shards/synth
+    """
+    from .shards import verify
+
+    try:
+        res = verify(out)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    m = res["manifest"]
+    summary = {"out": str(out), "ok": res["ok"], "problems": res["problems"], "counts": m["counts"],
+               "rejects_by_reason": m["rejects_by_reason"], "targets": m["target_stats"],
+               "image": m["image"], "pixel_stats": m["pixel_stats"], "split": m["split"],
+               "shards": {s: len(v) for s, v in m["shards"].items()}, "bytes": res["bytes"],
+               "source": m["source"], "fastgal_version": m["fastgal_version"]}
+    if as_json:
+        _echo_json(summary)
+    else:
+        c = m["counts"]
+        click.echo(f"{out}: {m['format']} v{m['format_version']} from {m['source']['catalog']}")
+        click.echo(f"  rows {c['catalog_rows']} = train {c['train']} + valid {c['valid']} + rejected {c['rejected']}"
+                   f"  ({', '.join(f'{k} {v}' for k, v in m['rejects_by_reason'].items()) or 'no rejects'})")
+        click.echo(f"  shards: {', '.join(f'{s} {len(v)}' for s, v in m['shards'].items())}, {res['bytes'] / 1e6:,.1f} MB")
+        for t, st in m["target_stats"].items():
+            click.echo(f"  {t}: mean {st['mean']:.4f} std {st['std']:.4f} range [{st['min']:.3f}, {st['max']:.3f}] (train)")
+        ps = m["pixel_stats"]
+        click.echo(f"  images {m['image']['size']} precrop {m['image']['precrop']}; centre {ps['region']} px mean "
+                   f"{[round(x, 2) for x in ps['mean']]} std {[round(x, 2) for x in ps['std']]}")
+        click.echo("  verified: sha256s, indexes and counts match" if res["ok"] else f"  {len(res['problems'])} problem(s)")
+    if not res["ok"]:
+        raise click.ClickException(f"{out} failed verification: {res['problems'][0]}"
+                                   + (f" (+{len(res['problems']) - 1} more)" if len(res["problems"]) > 1 else "")
+                                   + "; re-run `fastgal shard ... --overwrite`")
 
 
 def _scale(value: str) -> float | str:

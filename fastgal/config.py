@@ -31,6 +31,25 @@ class SynthConfig:
 
 
 @dataclass
+class ShardConfig:
+    """`fastgal shard`: catalog + JPEGs -> WebDataset tars + DALI indexes + manifest.json + rejects.csv."""
+
+    catalog: Path = Path("data/synth/data/master.csv")
+    images: Path = Path("data/synth/images")
+    out: Path = Path("shards/synth")
+    id_col: str = "objID"
+    targets: list[str] = field(default_factory=lambda: ["metallicity"])
+    valid_pct: float = 0.2  # fastai RandomSplitter(0.2, seed=56), as in the seed recipe
+    seed: int = 56  # split seed; also seeds the order samples are written in
+    shard_size: int = 5000  # samples per tar (~50-100 MB of 224 px cutouts)
+    precrop: int | None = None  # store the centre PX x PX crop (JPEG q95) instead of the original bytes
+    crop: int = 144  # the pipeline's centre crop: smaller images are rejected, pixel stats use this region
+    workers: int = 0  # 0 = all cores
+    overwrite: bool = False
+    quiet: bool = False
+
+
+@dataclass
 class DownloadConfig:
     """`fastgal download`: the SkyServer sample query and the cutout downloader."""
 
