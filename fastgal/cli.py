@@ -279,8 +279,8 @@ def download(out, sql, catalog, release, base_url, limit, size, scale, workers, 
         raise click.ClickException(f"cannot write {out}: {e.strerror or e}; choose a writable folder") from None
     c = res.counts
     if as_json:
-        _echo_json({"out": str(res.out), "catalog": res.n, "catalog_source": res.catalog_source, **c,
-                    "flagged_mostly_black": res.flagged_black, "interrupted": res.interrupted,
+        _echo_json({"out": str(res.out), "catalog": res.n, "catalog_source": res.catalog_source, "counts": c,
+                    "flagged_mostly_black": res.flagged_black, "stopped_by_interrupt": res.interrupted,
                     "seconds": round(res.seconds, 2), "notes": res.notes,
                     "report": str(res.out / "download-report.csv")})
     else:

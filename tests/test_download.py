@@ -99,6 +99,8 @@ SCRIPTS = {  # name: (server script, expected status, expected requests, reason 
     "badarg": (["400"], "failed", 1, r"400 .*scale must be positive"),
     "broken": (["500"], "failed", 4, r"HTTP 500 after 4 tries"),
     "html": (["html"], "invalid-image", 4, r"text/html"),
+    "alwaysslow": (["slow"], "failed", 4, r"timed out after 4 tries"),
+    "alwaysdropped": (["drop"], "failed", 4, r"connection dropped after 4 tries"),
     "trunc": (["trunc"], "invalid-image", 4, r"truncated JPEG"),
     "small": (["small"], "invalid-image", 4, r"100x100 image, expected 224x224"),
 }
@@ -347,8 +349,8 @@ def test_ctrl_c_in_a_real_process(httpserver_threaded, tmp_path):
     assert "interrupted" in stdout and "re-run" in stdout
     n_before = sky.cutout_requests()
     res = run_cli("download", out, "--catalog", cat, "--base-url", sky.base_url, "--rate", "0", "--quiet", "--json")
-    info = json.loads(res.output)
-    assert info["skipped-existing"] == len(done) and info["ok"] == 30 - len(done)
+    info = json.loads(res.output)["counts"]
+    assert info["skipped-existing"] == len(done) and info["ok"] == 30 - len(done) and sum(info.values()) == 30
     assert sky.cutout_requests() - n_before == 30 - len(done)
 
 
