@@ -49,6 +49,7 @@ def read_catalog(path, id_col: str = "objID", targets=("metallicity",)) -> pd.Da
     except (pd.errors.ParserError, UnicodeDecodeError) as e:
         msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         raise ValueError(f"catalog {path} is not a readable CSV ({msg}); export it as comma-separated UTF-8") from None
+    df = df.fillna("")  # short rows: missing cells are empty text like any other empty cell
     df.columns = [str(c).strip() for c in df.columns]
     cols = list(df.columns)
     if id_col not in cols:

@@ -379,13 +379,15 @@ def shard(cfg: ShardConfig) -> ShardResult:
             pool.close()
 
         write_rejects(tmp / "rejects.csv", rejects, ids)
-        if not written["train"] and not written["valid"]:
+        if not written["train"]:
             by = Counter(r for r, _ in rejects.values())
             where = ""
             if not (out / "manifest.json").exists():  # never mix a failed run into a finished folder
                 os.replace(tmp / "rejects.csv", out / "rejects.csv")
                 where = f"; see {out / 'rejects.csv'}"
-            raise ValueError(f"no usable samples: all {n} rows of {catalog} were rejected "
+            what = (f"all {n} rows of {catalog} were rejected" if not written["valid"] else
+                    f"{len(rejects)} of {n} rows of {catalog} were rejected, none left for training")
+            raise ValueError(f"no usable samples: {what} "
                              f"({', '.join(f'{k} {v}' for k, v in by.most_common())}){where}")
 
         # nothing lost: every catalog row is a sample or a reject, exactly once
@@ -395,11 +397,11 @@ def shard(cfg: ShardConfig) -> ShardResult:
                                f"({len(set(placed))} distinct); please report this")
 
         tr_rows = written["train"]
-        ytr = y[tr_rows] if tr_rows else np.full((1, len(targets)), np.nan)
+        ytr = y[tr_rows]
         target_stats = {t: {"mean": float(ytr[:, j].mean()), "std": float(ytr[:, j].std()),
                             "min": float(ytr[:, j].min()), "max": float(ytr[:, j].max())}
                         for j, t in enumerate(targets)}
-        npix = max(len(tr_rows), 1) * region * region
+        npix = len(tr_rows) * region * region
         mean = [s / npix for s in sums[:3]]
         std = [math.sqrt(max(ss / npix - m * m, 0.0)) for ss, m in zip(sums[3:], mean)]
         manifest = {

@@ -163,6 +163,19 @@ def test_indexes_match_dali_tool_and_tars_are_plain_ustar(sharded):
                 assert mem.mtime == 0 and mem.uid == 0 and mem.uname == "fastgal" and not mem.pax_headers
 
 
+def test_index_fallback_without_dali(sharded, tmp_path, monkeypatch):
+    """On a machine without DALI (macOS) make_index writes the same bytes from Python's tarfile."""
+    import sys
+
+    from fastgal.shards import make_index
+
+    monkeypatch.setitem(sys.modules, "wds2idx", None)  # `from wds2idx import ...` now raises ImportError
+    tar = sharded / "train-000002.tar"
+    make_index(tar, tmp_path / "x.idx")
+    assert (tmp_path / "x.idx").read_bytes() == tar.with_suffix(".idx").read_bytes()
+    assert (tmp_path / "x.idx").read_text().startswith("v1.2 40\n")
+
+
 def _tree(out):
     return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
 
