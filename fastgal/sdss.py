@@ -486,11 +486,13 @@ class Downloader:
 
     def fetch(self, oid: str, ra: str, dec: str, scale: float) -> Outcome:
         cfg, dst = self.cfg, self.images / f"{oid}.jpg"
+        replaced = ""
         if dst.exists():
             problem, black = check_jpeg(dst.read_bytes(), cfg.size)
             if problem is None:
                 return Outcome(oid, "skipped-existing", _black_note(black), 0, black)
             # an incomplete or wrong-size file from elsewhere: fetch it again (the rename replaces it)
+            replaced = f"replaced an unusable earlier file ({problem})"
         params = {"ra": ra, "dec": dec, "scale": f"{scale:.6g}", "width": cfg.size, "height": cfg.size}
         tries, attempt, last, last_status = 0, 0, "", "failed"
         budget = cfg.retries + 1
@@ -533,7 +535,7 @@ class Downloader:
                 os.replace(part, dst)
             finally:
                 part.unlink(missing_ok=True)
-            return Outcome(oid, "ok", _black_note(black), tries, black)
+            return Outcome(oid, "ok", "; ".join(x for x in (_black_note(black), replaced) if x), tries, black)
         return Outcome(oid, last_status, f"{last} (after {tries} tries)", tries)
 
 
@@ -670,6 +672,11 @@ def download(cfg: DownloadConfig) -> DownloadResult:
     report_path = out / "download-report.csv"
     earlier_404 = _earlier_not_found(report_path)
     r90col = "petroR90_r" if "petroR90_r" in df.columns else None
+    if cfg.scale == "auto":
+        r90 = pd.to_numeric(df[r90col], errors="coerce") if r90col else pd.Series(np.nan, index=df.index)
+        n_fixed = int((~(r90 > 0)).sum())
+        if n_fixed:
+            notes.append(f"{n_fixed} galaxies have no usable petroR90_r; their cutouts use {cfg.fallback_scale}\"/pixel")
     ids = df["objID"].tolist()
     outcomes: dict[str, Outcome] = {}
     prog = Progress(len(ids), "download", cfg.quiet, unit="img")

@@ -218,6 +218,7 @@ def test_faults_statuses_and_resume(httpserver_threaded, tmp_path):
         else:
             assert not img.exists()
     assert res.flagged_black == 1
+    assert res.notes == ['1 galaxies have no usable petroR90_r; their cutouts use 0.396"/pixel']
     assert not list((out / "images").glob("*.part"))
     # Retry-After: 1 was respected
     t = [ts for ts, o, _ in sky.log if o == next(r["objID"] for r in sky.rows if r["name"] == "ratelimited")]
@@ -314,6 +315,8 @@ def test_interrupt_leaves_consistent_state_and_resumes(httpserver_threaded, tmp_
     assert all(sky.requests_for(o) == fetched[o] for o in done)  # nothing downloaded twice
     assert res2.counts["ok"] == 12 - len(done)
     assert real_check((out / "images" / f"{oid1}.jpg").read_bytes(), 224)[0] is None  # re-fetched whole
+    reasons = pd.concat([rep, rep2]).set_index("objID").reason[oid1].tolist()  # fetched in run 1 or run 2
+    assert any("replaced an unusable earlier file (truncated JPEG" in r for r in reasons), reasons
 
 
 def test_ctrl_c_in_a_real_process(httpserver_threaded, tmp_path):
