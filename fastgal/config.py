@@ -50,6 +50,32 @@ class ShardConfig:
 
 
 @dataclass
+class TrainConfig:
+    """`fastgal train`: the seed recipe. xresnet34(sa, Mish) + ranger + RMSE, fit_one_cycle(7, 1e-2), bs 128."""
+
+    shards: Path = Path("shards/synth")
+    out: Path | None = None  # run folder; default runs/<shards name>-<timestamp>
+    epochs: int = 7
+    lr: float = 1e-2
+    bs: int = 128
+    arch: str = "xresnet34"
+    size: int = 112  # RandomCrop 112 ...
+    crop: int = 144  # ... out of CropPad 144
+    targets: list[str] | None = None  # None = every target in the manifest
+    lr_find: bool = False
+    lr_find_iters: int = 100  # fastai's default
+    tta: bool = False
+    seed: int = 42
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto (bf16 on GPUs that have it, else fp16; fp32 on CPU) | bf16 | fp16 | fp32
+    loader: str = "auto"  # auto | dali | torch
+    workers: int = 0  # loader threads; 0 = all cores
+    channels_last: bool = True  # on a GPU
+    overwrite: bool = False
+    quiet: bool = False
+
+
+@dataclass
 class DownloadConfig:
     """`fastgal download`: the SkyServer sample query and the cutout downloader."""
 
@@ -72,3 +98,28 @@ class DownloadConfig:
     retry_after_max: float = 120.0  # cap on a server's Retry-After
     row_cap: int = 500_000  # SkyServer's SqlSearch row limit; a capped result is split by objID
     quiet: bool = False
+
+
+@dataclass
+class DemoConfig:
+    """`fastgal demo`: synth -> shard -> train -> report. None = the preset for the device.
+
+    GPU preset: the seed's full recipe (224 px cutouts, CropPad 144 -> RandomCrop 112, xresnet34,
+    7 epochs, bs 128). CPU preset: the same geometry at half resolution (112 px cutouts spanning
+    the same sky, crop 72 -> 56) with xresnet18, so 2 cores finish in a few minutes and still learn.
+    """
+
+    out: Path = Path("runs/demo")
+    n: int | None = None  # galaxies: CPU 3000, GPU 30000
+    seed: int = 0
+    device: str = "auto"
+    epochs: int | None = None  # CPU 8, GPU 7
+    overwrite: bool = False
+    quiet: bool = False
+
+    def preset(self, gpu: bool) -> dict:
+        if gpu:
+            return dict(n=self.n or 30000, image=224, crop=144, size=112, arch="xresnet34", bs=128,
+                        epochs=self.epochs or 7, lr=1e-2, tta=True)
+        return dict(n=self.n or 3000, image=112, crop=72, size=56, arch="xresnet18", bs=64,
+                    epochs=self.epochs or 8, lr=1e-2, tta=True)

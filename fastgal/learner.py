@@ -1,0 +1,165 @@
+"""The seed recipe's model and Learner: xresnet34(n_out, sa=True, act_cls=Mish), ranger, RMSE loss.
+
+    from fastgal.learner import make_learner
+    learn = make_learner(dls, arch="xresnet34", target_stats=...)
+    learn.fit_one_cycle(7, 1e-2)
+
+Everything is stock fastai, extended with callbacks rather than a custom loop. One addition to
+the seed: the network ends in a fixed `Denormalize` layer (out * std + mean of the training
+targets), so it starts predicting the mean instead of 0 for a ~8.9 dex target. The loss and the
+metrics are still the seed's RMSE in the targets' own units (dex).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import numpy as np
+import torch
+from fastai.callback.core import Callback
+from fastai.callback.fp16 import MixedPrecision
+from fastai.callback.progress import CSVLogger, ProgressCallback
+from fastai.callback.schedule import *  # noqa: F401,F403  (patches fit_one_cycle, lr_find onto Learner)
+from fastai.callback.tracker import SaveModelCallback, TrackerCallback
+from fastai.learner import Learner
+from fastai.metrics import AccumMetric
+from fastai.optimizer import ranger
+from fastai.vision.models import xresnet
+from torch import nn
+
+ARCHS = {name: getattr(xresnet, name) for name in ("xresnet18", "xresnet34", "xresnet50", "xresnet18_deep", "xresnet34_deep")}
+
+
+def rmse_loss(pred, targ):
+    """The seed's loss: root of the mean squared error over the batch (all targets)."""
+    return torch.sqrt(nn.functional.mse_loss(pred.float(), targ.float()))
+
+
+class Denormalize(nn.Module):
+    """A fixed affine output layer: standardised network output -> target units."""
+
+    def __init__(self, mean, std):
+        super().__init__()
+        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32))
+        self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32))
+
+    def forward(self, x):
+        return x.float() * self.std + self.mean
+
+
+def make_model(arch: str, n_out: int, mean, std) -> nn.Module:
+    if arch not in ARCHS:
+        raise ValueError(f"unknown --arch {arch!r}; choose one of {', '.join(ARCHS)}")
+    body = ARCHS[arch](n_out=n_out, sa=True, act_cls=nn.Mish)
+    return nn.Sequential(body, Denormalize(mean, std))
+
+
+def _col_rmse(j):
+    def f(pred, targ):
+        return torch.sqrt(((pred[:, j].float() - targ[:, j].float()) ** 2).mean())
+
+    return f
+
+
+def target_metrics(targets: list[str]):
+    """Exact per-target RMSE over the whole validation set (not a mean of batch RMSEs)."""
+    return [AccumMetric(_col_rmse(j), flatten=False, name=f"rmse_{t}") for j, t in enumerate(targets)]
+
+
+class EpochStats(Callback):
+    """Seconds and training images/s per epoch, for history.csv and metrics.json."""
+
+    order = 60
+
+    def before_fit(self):
+        self.rows = []
+
+    def before_epoch(self):
+        self.t0, self.seen, self.t_train = time.perf_counter(), 0, None
+
+    def after_batch(self):
+        if self.training:
+            self.seen += len(self.yb[0])
+
+    def before_validate(self):
+        self.t_train = time.perf_counter() - self.t0
+
+    def after_epoch(self):
+        if self.t_train is None or not self.seen:  # get_preds/validate run an epoch with no training
+            return
+        dt = time.perf_counter() - self.t0
+        self.rows.append({"epoch": self.epoch, "seconds": round(dt, 3),
+                          "images_per_s": round(self.seen / max(self.t_train, 1e-9), 2)})
+
+
+class StderrProgress(Callback):
+    """One line per epoch on stderr (and a batch counter on a TTY); fastprogress would write to stdout."""
+
+    order = 70
+
+    def __init__(self, quiet: bool = False):
+        self.quiet = quiet
+        self.tty = sys.stderr.isatty()
+
+    def before_epoch(self):
+        self.trained = False
+
+    def before_train(self):
+        self.trained = True
+
+    def after_batch(self):
+        if self.quiet or not self.tty or not self.training:
+            return
+        sys.stderr.write(f"\r\x1b[K  epoch {self.epoch + 1}/{self.n_epoch}  batch {self.iter + 1}/{self.n_iter}  loss {self.smooth_loss:.4f}")
+        sys.stderr.flush()
+
+    def after_epoch(self):
+        if self.quiet or not self.trained or hasattr(self.learn, "lr_finder"):  # lr_find runs fit too
+            return
+        rec = self.learn.recorder
+        vals = dict(zip(rec.metric_names, [self.epoch] + list(rec.log[1:])))
+        stats = self.learn.epoch_stats.rows[-1] if self.learn.epoch_stats.rows else {}
+        parts = [f"epoch {self.epoch + 1}/{self.n_epoch}"]
+        parts += [f"{k} {v:.4f}" for k, v in vals.items() if k not in ("epoch", "time") and isinstance(v, float)]
+        if stats:
+            parts += [f"{stats['seconds']:.1f}s", f"{stats['images_per_s']:.0f} img/s"]
+        sys.stderr.write(("\r\x1b[K" if self.tty else "") + "  ".join(parts) + "\n")
+        sys.stderr.flush()
+
+
+def make_learner(dls, *, arch: str, targets: list[str], target_mean, target_std, path, precision: str = "fp32",
+                 channels_last: bool = False, quiet: bool = False, history: str = "history_raw.csv") -> Learner:
+    """The seed's Learner with fastgal's callbacks (CSV log, best-epoch weights, progress, AMP)."""
+    model = make_model(arch, len(targets), target_mean, target_std)
+    stats = EpochStats()
+    learn = Learner(
+        dls, model, loss_func=rmse_loss, opt_func=ranger, metrics=target_metrics(targets), path=path,
+        model_dir=".", cbs=[stats, StderrProgress(quiet), CSVLogger(fname=history)],
+    )
+    learn.epoch_stats = stats
+    learn.remove_cb(ProgressCallback)  # its bars go to stdout; StderrProgress replaces them
+    learn.logger = lambda *a, **k: None  # the Recorder's table; we print our own summary
+    if precision == "bf16":
+        learn.add_cb(MixedPrecision(amp_mode="bf16"))
+    elif precision == "fp16":
+        learn.add_cb(MixedPrecision(amp_mode="fp16"))
+    if channels_last:
+        from fastai.callback.channelslast import ChannelsLast
+
+        learn.add_cb(ChannelsLast())
+    return learn
+
+
+class BestEpoch(SaveModelCallback):
+    """SaveModelCallback without its print to stdout (stdout carries results only)."""
+
+    def after_epoch(self):
+        TrackerCallback.after_epoch(self)  # sets self.new_best
+        if self.new_best:
+            self._save(self.fname)
+
+
+def best_epoch_callback(monitor: str) -> SaveModelCallback:
+    """Keep the weights of the epoch with the lowest validation RMSE and reload them after fit."""
+    return BestEpoch(monitor=monitor, comp=np.less, fname="best", with_opt=False)  # lower RMSE is better

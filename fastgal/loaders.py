@@ -1,0 +1,300 @@
+"""The adapter: batches from DALI (or the torch fallback) handed to fastai as if they were its own.
+
+    from fastgal.loaders import make_dls
+    dls = make_dls("shards/synth", bs=128, device="cpu")      # fastai DataLoaders
+    learn = Learner(dls, model, ...); learn.fit_one_cycle(7, 1e-2)
+
+A loader is a thin pass-through (like timm's PrefetchLoader): it yields exactly what fastai's
+Learner reads, `(x, y)` on the learner's device, and exposes what fastai asks of a DataLoader:
+`len()` (= batches actually yielded per epoch, which the one-cycle schedule relies on), `bs`, `n`,
+`device`/`to()`, `one_batch()`, `new()` (get_preds), `n_inp`, plus `show_batch()`.
+
+Backends, chosen by `backend`:
+  "dali"  - fastgal.pipeline graphs through DALI's PyTorch iterator (CPU or GPU placement).
+  "torch" - a fallback for machines without DALI (e.g. macOS): the same shards read by random access
+            through the DALI index files, decoded with torchvision and augmented with torchvision v2
+            functional ops with the same semantics (crop 144, rotate 90k + +-10 deg at p=0.75 with
+            dark fill, random crop 112, mirror, normalise). A map-style dataset gives exact
+            once-per-epoch semantics with any number of workers.
+  "auto"  - DALI when importable, else torch.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from fastai.data.core import DataLoaders
+
+from .pipeline import READER, PipeSpec
+from .shards import load_manifest, shard_files
+
+
+def dali_available() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401
+        import nvidia.dali.plugin.pytorch  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+class _Adapter:
+    """What fastgal's loaders share: the fastai-facing surface."""
+
+    n_inp = 1
+
+    def __init__(self, spec: PipeSpec, n: int, device, drop_last: bool):
+        self.spec, self.n, self.drop_last = spec, n, drop_last
+        self.device = torch.device(device)
+        self.bs = spec.batch_size
+
+    # samples this process sees per epoch (DALI splits n into num_shards contiguous parts)
+    @property
+    def n_local(self) -> int:
+        k, i = self.spec.num_shards, self.spec.shard_id
+        return self.n * (i + 1) // k - self.n * i // k
+
+    def __len__(self) -> int:
+        return self.n_local // self.bs if self.drop_last else math.ceil(self.n_local / self.bs)
+
+    @property
+    def shuffle(self) -> bool:
+        return self.spec.kind == "train"
+
+    def to(self, device):
+        self.device = torch.device(device)
+        return self
+
+    def one_batch(self):
+        for b in self:
+            return b
+        raise ValueError("the loader yields no batch: fewer samples than the batch size with drop_last")
+
+    def new(self, shuffle: bool | None = None, drop_last: bool | None = None, kind: str | None = None, **kwargs):
+        """A loader over the same shards; shuffle=False gives the deterministic eval graph."""
+        if kind is None:
+            kind = "valid" if shuffle is False and self.spec.kind == "train" else self.spec.kind
+        spec = replace(self.spec, kind=kind, stages={}, **kwargs)
+        dl = type(self)(spec, self.n, self.device, drop_last=self.drop_last if drop_last is None else drop_last)
+        return dl
+
+    def _move(self, x, y):
+        nb = self.device.type == "cuda"
+        return x.to(self.device, non_blocking=nb), y.to(self.device, non_blocking=nb)
+
+    def show_batch(self, max_n: int = 16, path: str | Path | None = None, target_names=None, ncols: int = 4):
+        """Denormalised images of one batch with their targets; saved as a PNG when path is given."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        x, y = self.one_batch()
+        x, y = x[:max_n].float().cpu(), y[:max_n].float().cpu()
+        mean = torch.tensor(self.spec.mean).view(1, 3, 1, 1)
+        std = torch.tensor(self.spec.std).view(1, 3, 1, 1)
+        imgs = ((x * std + mean) / 255).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+        n = len(imgs)
+        nrows = max(1, math.ceil(n / ncols))
+        fig, axes = plt.subplots(nrows, ncols, figsize=(2.2 * ncols, 2.4 * nrows), squeeze=False)
+        names = target_names or [f"y{i}" for i in range(y.shape[1])]
+        for ax in axes.flat:
+            ax.axis("off")
+        for ax, im, t in zip(axes.flat, imgs, y):
+            ax.imshow(im)
+            ax.set_title(", ".join(f"{nm} {v:.2f}" for nm, v in zip(names, t.tolist())), fontsize=7)
+        fig.tight_layout()
+        if path is not None:
+            fig.savefig(path, dpi=80)
+            plt.close(fig)
+        return fig
+
+
+class DALILoader(_Adapter):
+    """DALI pipeline + DALIGenericIterator behind the fastai DataLoader surface."""
+
+    def __init__(self, spec: PipeSpec, n: int, device, drop_last: bool):
+        super().__init__(spec, n, device, drop_last)
+        self._it = None
+        self._clean = False  # True when the iterator sits at an epoch boundary
+
+    def _iterator(self):
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+        from .pipeline import build
+
+        pipe = build(replace(self.spec, stages={}))
+        pipe.build()
+        return DALIGenericIterator(
+            [pipe], ["x", "y"], reader_name=READER, auto_reset=False,
+            last_batch_policy=LastBatchPolicy.DROP if self.drop_last else LastBatchPolicy.PARTIAL,
+        )
+
+    def __iter__(self):
+        # DALI ignores reset() mid-epoch (lr_find cancels fit mid-epoch, one_batch() stops after one):
+        # a half-read iterator is thrown away and a fresh pipeline starts the next epoch cleanly.
+        if self._it is None or not self._clean:
+            self._it = self._iterator()
+        self._clean = False
+        for batch in self._it:
+            d = batch[0]
+            yield self._move(d["x"], d["y"])
+        self._it.reset()
+        self._clean = True
+
+
+class _ShardSamples(torch.utils.data.Dataset):
+    """Map-style view of shards through their DALI index files: sample i -> (jpg bytes, targets)."""
+
+    def __init__(self, spec: PipeSpec):
+        self.spec = spec
+        self.entries = []
+        for tar, idx in zip(spec.tars, spec.idxs):
+            self.entries += [(tar, *e) for e in read_index(idx, spec.image_ext, spec.target_ext)]
+        self._files: dict[str, object] = {}
+
+    def __len__(self):
+        return len(self.entries)
+
+    def _read(self, tar, off, size):
+        f = self._files.get(tar)
+        if f is None:  # one handle per worker process
+            f = self._files[tar] = open(tar, "rb")
+        f.seek(off)
+        return f.read(size)
+
+    def __getitem__(self, i):
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        tar, img_off, img_size, y_off, y_size = self.entries[i]
+        data = torch.frombuffer(bytearray(self._read(tar, img_off, img_size)), dtype=torch.uint8)
+        img = decode_jpeg(data, mode=ImageReadMode.RGB)
+        y = torch.from_numpy(np.frombuffer(self._read(tar, y_off, y_size), "<f4").copy())
+        return transform(img, self.spec), y
+
+
+def read_index(idx_path, image_ext: str, target_ext: str):
+    """Parse a DALI wds2idx index: -> [(img_offset, img_size, target_offset, target_size)] in order."""
+    lines = Path(idx_path).read_text().splitlines()
+    out = []
+    for line in lines[1:]:
+        parts = line.split()
+        comp = {}
+        for j in range(0, len(parts), 4):  # ext offset size filename
+            comp[parts[j]] = (int(parts[j + 1]), int(parts[j + 2]))
+        out.append((*comp[image_ext], *comp[target_ext]))
+    return out
+
+
+def transform(img: torch.Tensor, spec: PipeSpec) -> torch.Tensor:
+    """The pipeline's transforms in torchvision v2 functional ops; CHW uint8 in, CHW float out."""
+    import torchvision.transforms.v2.functional as F
+
+    if not spec.precropped:
+        img = F.center_crop(img, [spec.crop, spec.crop])
+    if spec.kind == "train":
+        angle = 90.0 * random.randrange(4)
+        if random.random() < spec.p_rotate:
+            angle += random.uniform(-spec.max_rotate, spec.max_rotate)
+        img = F.rotate(img, angle, interpolation=F.InterpolationMode.BILINEAR, fill=0)
+        h = img.shape[-1] - spec.size
+        img = F.crop(img, round(random.random() * h), round(random.random() * h), spec.size, spec.size)
+        if random.random() < 0.5:
+            img = F.horizontal_flip(img)
+    else:
+        img = F.center_crop(img, [spec.size, spec.size])
+        if spec.kind == "tta":
+            img = torch.rot90(img, k=spec.tta_view % 4, dims=(-2, -1))  # counter-clockwise, like DALI
+            if spec.tta_view >= 4:
+                img = F.horizontal_flip(img)
+    x = img.float()
+    mean = torch.tensor(spec.mean, dtype=torch.float32).view(3, 1, 1)
+    std = torch.tensor(spec.std, dtype=torch.float32).view(3, 1, 1)
+    return (x - mean) / std
+
+
+def _seed_worker(worker_id):
+    s = torch.initial_seed() % 2**32
+    random.seed(s)
+    np.random.seed(s)
+
+
+class TorchLoader(_Adapter):
+    """The fallback backend: a torch DataLoader over _ShardSamples with the same surface."""
+
+    def __init__(self, spec: PipeSpec, n: int, device, drop_last: bool):
+        super().__init__(spec, n, device, drop_last)
+        ds = _ShardSamples(spec)
+        if spec.num_shards > 1:  # the same contiguous split DALI makes, so DDP ranks agree
+            a, b = n * spec.shard_id // spec.num_shards, n * (spec.shard_id + 1) // spec.num_shards
+            ds = torch.utils.data.Subset(ds, range(a, b))
+        g = torch.Generator()
+        g.manual_seed(spec.seed)
+        self._dl = torch.utils.data.DataLoader(
+            ds, batch_size=self.bs, shuffle=spec.kind == "train", drop_last=drop_last,
+            num_workers=spec.num_threads, worker_init_fn=_seed_worker, generator=g,
+            persistent_workers=False, pin_memory=torch.device(device).type == "cuda",
+        )
+
+    def __iter__(self):
+        for x, y in self._dl:
+            yield self._move(x, y)
+
+
+def _loader_cls(backend: str):
+    if backend == "auto":
+        backend = "dali" if dali_available() else "torch"
+    if backend == "dali":
+        if not dali_available():
+            raise ValueError("--loader dali needs NVIDIA DALI (pip install nvidia-dali-cuda120, Linux only); use --loader torch")
+        return DALILoader
+    if backend == "torch":
+        return TorchLoader
+    raise ValueError(f"unknown loader backend {backend!r}; use auto, dali or torch")
+
+
+def make_dls(
+    shards, *, bs: int = 128, size: int = 112, crop: int = 144, device="cpu", backend: str = "auto",
+    num_threads: int = 2, seed: int = 42, shard_id: int = 0, num_shards: int = 1, path=None,
+    manifest: dict | None = None,
+) -> DataLoaders:
+    """fastai DataLoaders (train, valid) over a shard folder, normalised with its manifest's stats."""
+    shards = Path(shards)
+    manifest = manifest or load_manifest(shards)
+    cls = _loader_cls(backend)
+    device = torch.device(device)
+    precrop = manifest["image"].get("precrop")
+    ps = manifest["pixel_stats"]
+    base = dict(
+        mean=ps["mean"], std=ps["std"], n_targets=len(manifest["targets"]),
+        target_ext=manifest["components"]["targets"], image_ext=manifest["components"]["image"],
+        batch_size=bs, size=size, crop=precrop or crop, precropped=bool(precrop),
+        device="gpu" if device.type == "cuda" else "cpu",
+        device_id=(device.index or 0) if device.type == "cuda" else None,
+        num_threads=num_threads, seed=seed, shard_id=shard_id, num_shards=num_shards,
+    )
+    img_side = min(manifest["image"]["size"])
+    if size > (precrop or crop) or (precrop or crop) > img_side:
+        raise ValueError(f"crop sizes do not fit: image {img_side}px, region {precrop or crop}px, model input {size}px")
+    loaders = []
+    for split, kind, drop in (("train", "train", True), ("valid", "valid", False)):
+        tars, idxs = shard_files(shards, manifest, split)
+        n = manifest["counts"][split]
+        spec = PipeSpec(kind=kind, tars=[str(t) for t in tars], idxs=[str(i) for i in idxs], **base)
+        loaders.append(cls(spec, n, device, drop_last=drop))
+    if len(loaders[0]) == 0:
+        raise ValueError(f"{shards}: {manifest['counts']['train']} training samples is fewer than one batch of {bs}; lower --bs")
+    dls = DataLoaders(*loaders, path=path or shards, device=device)
+    dls.manifest = manifest
+    dls.targets = list(manifest["targets"])
+    return dls
+
+
+def tta_loaders(valid_dl: _Adapter) -> list[_Adapter]:
+    """The 8 dihedral views of the validation set, each deterministic and in file order."""
+    return [valid_dl.new(kind="tta", tta_view=v, drop_last=False) for v in range(8)]

@@ -1,0 +1,145 @@
+"""The DALI pipeline, the fastai adapter and `fastgal train`, on a tiny half-resolution survey.
+
+The CPU geometry is the demo's: 112 px cutouts, crop 72 -> 56 (the seed's 224/144/112 at half scale).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from nvidia.dali import Pipeline
+from PIL import Image
+
+from conftest import run_cli
+from fastgal.loaders import make_dls, tta_loaders
+from fastgal.pipeline import PipeSpec, define
+
+GEOM = dict(size=56, crop=72)
+
+
+@pytest.fixture(scope="module")
+def small_shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    run_cli("synth", root / "s", "--n", 260, "--seed", 11, "--size", 112, "--quiet")
+    run_cli("shard", root / "s/data/master.csv", root / "s/images", root / "sh", "--crop", 72,
+            "--target", "metallicity", "--target", "lgm_tot_p50", "--shard-size", 120, "--quiet")
+    return root / "sh"
+
+
+def _node_device(node):
+    op = getattr(node.source, "_op", None)
+    return getattr(op, "device", node.device)
+
+
+@pytest.mark.parametrize("kind", ["train", "valid", "tta"])
+def test_gpu_placement_in_the_declared_graph(kind):
+    """The GPU switch puts decode on 'mixed' and everything after it on the GPU; no GPU needed to declare."""
+    spec = PipeSpec(kind=kind, tars=["x.tar"], idxs=["x.idx"], mean=[0] * 3, std=[1] * 3, device="gpu", tta_view=5)
+    with Pipeline(batch_size=2, num_threads=1, device_id=0):
+        define(spec)
+    assert _node_device(spec.stages["decode"]) == "mixed"
+    for stage, node in spec.stages.items():
+        assert node.device == "gpu", (stage, node.device)
+    cpu = PipeSpec(kind=kind, tars=["x.tar"], idxs=["x.idx"], mean=[0] * 3, std=[1] * 3, device="cpu", tta_view=5)
+    with Pipeline(batch_size=2, num_threads=1, device_id=None):
+        define(cpu)
+    assert {n.device for n in cpu.stages.values()} == {"cpu"}
+    assert set(cpu.stages) == set(spec.stages)  # the same graph, only the placement differs
+
+
+def test_dali_and_torch_backends_give_the_same_validation_tensors(small_shards):
+    dd = make_dls(small_shards, bs=32, backend="dali", **GEOM)
+    td = make_dls(small_shards, bs=32, backend="torch", **GEOM)
+    xd, yd = map(torch.cat, zip(*dd.valid))
+    xt, yt = map(torch.cat, zip(*td.valid))
+    assert xd.shape == xt.shape == (len(xd), 3, 56, 56) and yd.shape[1] == 2
+    assert torch.equal(yd, yt)  # same samples, same order
+    # both decode with libjpeg-turbo; allow decoder rounding of 1/255 of a pixel in normalised units
+    std = torch.tensor(dd.manifest["pixel_stats"]["std"]).view(1, 3, 1, 1)
+    assert ((xd - xt).abs() * std).max() <= 1.01
+    for v in (1, 6):
+        a = torch.cat([x for x, _ in tta_loaders(dd.valid)[v]])
+        b = torch.cat([x for x, _ in tta_loaders(td.valid)[v]])
+        assert ((a - b).abs() * std).max() <= 1.01
+        assert not torch.allclose(a, xd)  # a different view
+
+
+@pytest.mark.parametrize("backend", ["dali", "torch"])
+def test_len_is_the_number_of_batches_yielded(small_shards, backend):
+    dls = make_dls(small_shards, bs=32, backend=backend, **GEOM)
+    n_train, n_valid = dls.manifest["counts"]["train"], dls.manifest["counts"]["valid"]
+    assert len(dls.train) == n_train // 32 and len(dls.valid) == -(-n_valid // 32)
+    dls.train.one_batch()  # an interrupted epoch (like lr_find's cancel) ...
+    for _ in range(2):  # ... must not shorten the next ones
+        sizes = [len(x) for x, _ in dls.train]
+        assert sizes == [32] * len(dls.train)
+    assert sum(len(x) for x, _ in dls.valid) == n_valid
+    assert dls.train.n == n_train and dls.bs == 32 and dls.device.type == "cpu"
+    x, y = dls.one_batch()
+    assert x.dtype == torch.float32 and abs(float(x.mean())) < 1.5
+
+
+def test_sharded_loaders_split_the_data(small_shards):
+    """DDP ranks (shard_id/num_shards) see disjoint parts that cover the validation set."""
+    parts = [make_dls(small_shards, bs=16, backend="dali", shard_id=r, num_shards=2, **GEOM).valid for r in (0, 1)]
+    ys = [torch.cat([y for _, y in p]) for p in parts]
+    assert [len(y) for y in ys] == [p.n_local for p in parts]
+    assert sum(len(y) for y in ys) == parts[0].n
+
+
+def test_train_writes_the_run_folder(small_shards, tmp_path):
+    run = tmp_path / "run"
+    res = run_cli("train", small_shards, "--out", run, "--epochs", 2, "--bs", 32, "--arch", "xresnet18",
+                  "--size", 56, "--crop", 72, "--lr-find", "--lr-find-iters", 6, "--tta", "--quiet")
+    assert "RMSE" in res.output and "lgm_tot_p50" in res.output
+    for f in ("config.json", "history.csv", "loss.png", "lr_find.png", "model.pt", "predictions_valid.csv",
+              "pred_vs_true.png", "metrics.json", "show_batch.png"):
+        assert (run / f).is_file(), f
+    for png in run.glob("*.png"):
+        Image.open(png).load()
+    hist = pd.read_csv(run / "history.csv")
+    assert list(hist.epoch) == [0, 1]
+    assert {"train_loss", "valid_loss", "rmse_metallicity", "rmse_lgm_tot_p50", "seconds", "images_per_s"} <= set(hist.columns)
+    man = json.loads((small_shards / "manifest.json").read_text())
+    pred = pd.read_csv(run / "predictions_valid.csv", dtype={"id": str})
+    assert len(pred) == man["counts"]["valid"] and pred.id.is_unique
+    assert all(len(i) == 19 for i in pred.id)
+    assert {"true_metallicity", "pred_metallicity", "pred_tta_metallicity", "pred_lgm_tot_p50"} <= set(pred.columns)
+    # ids line up with their true targets: compare with the catalog
+    cat = pd.read_csv(small_shards.parent / "s/data/master.csv", dtype={"objID": str}).set_index("objID")
+    assert np.allclose(cat.loc[pred.id, "metallicity"].values, pred.true_metallicity.values, atol=1e-4)
+    m = json.loads((run / "metrics.json").read_text())
+    for k in ("rmse", "nmad", "bias", "r2", "tta_rmse", "baseline_rmse", "epochs", "wall_seconds", "train_images_per_s"):
+        assert k in m, k
+    assert m["rmse"] == pytest.approx(np.sqrt(np.mean((pred.pred_metallicity - pred.true_metallicity) ** 2)), abs=1e-4)
+    assert m["floor"]["floor_rmse"] > 0 and m["lr_find_suggested"] > 0
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["device"] == "cpu" and cfg["loader_backend"] == "DALILoader" and cfg["epochs"] == 2
+    w = torch.load(run / "model.pt", weights_only=False)
+    assert w["targets"] == ["metallicity", "lgm_tot_p50"] and len(w["pixel_mean"]) == 3 and w["state_dict"]
+    # a second run into the same folder refuses without --overwrite
+    res = run_cli("train", small_shards, "--out", run, "--epochs", 1, ok=False)
+    assert res.exit_code != 0 and "--overwrite" in res.output
+
+
+def test_train_user_errors(small_shards, tmp_path):
+    res = run_cli("train", tmp_path, "--out", tmp_path / "r", ok=False)
+    assert res.exit_code != 0 and "manifest.json" in res.output and len(res.output.strip().splitlines()) == 1
+    res = run_cli("train", small_shards, "--out", tmp_path / "r", "--target", "oh_p84", ok=False)
+    assert res.exit_code != 0 and "oh_p84" in res.output
+    if not torch.cuda.is_available():
+        res = run_cli("train", small_shards, "--out", tmp_path / "r", "--device", "cuda", ok=False)
+        assert res.exit_code != 0 and "GPU" in res.output
+    # a shard that no longer matches its manifest
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for p in small_shards.iterdir():
+        (bad / p.name).write_bytes(p.read_bytes())
+    tar = sorted(bad.glob("train-*.tar"))[0]
+    tar.write_bytes(tar.read_bytes()[:-1024])
+    res = run_cli("train", bad, "--out", tmp_path / "r", ok=False)
+    assert res.exit_code != 0 and tar.name in res.output
