@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .config import DemoConfig, ShardConfig, SynthConfig, TrainConfig
+from .config import DemoConfig, PredictConfig, ShardConfig, SynthConfig, TrainConfig
 from .config import DownloadConfig
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -359,6 +359,52 @@ def download(out, sql, catalog, release, base_url, limit, size, scale, workers, 
             click.echo("re-run the same command to retry what is missing; finished images are kept")
     if res.interrupted:
         sys.exit(130)
+
+
+@cli.command()
+@click.argument("run", type=click.Path(path_type=Path))
+@click.argument("input", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="CSV [default: RUN/predictions_<INPUT>.csv].")
+@click.option("--split", default=PredictConfig.split, show_default=True, type=click.Choice(["valid", "train", "all"]),
+              help="Which shards, when INPUT is a shard folder.")
+@click.option("--tta", is_flag=True, help="Average the 8 dihedral views.")
+@click.option("--bs", type=int, default=PredictConfig.bs, show_default=True)
+@click.option("--device", default=PredictConfig.device, show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--loader", default=PredictConfig.loader, show_default=True, type=click.Choice(["auto", "dali", "torch"]))
+@click.option("--workers", type=int, default=PredictConfig.workers, show_default=True, help="0 = all cores.")
+@click.option("--json", "as_json", is_flag=True, help="Print a summary as JSON.")
+def predict(run, input, out, split, tta, bs, device, loader, workers, as_json):
+    """Apply a trained run to a shard folder or a folder of JPEG cutouts.
+
+    Writes a CSV with one row per input: id, predictions (pred_<target>, pred_tta_<target> with
+    --tta), the true values when the shards have them, and for JPEG folders a status/reason for
+    files that could not be used.
+
+    Example:
+
+        fastgal predict runs/demo/run runs/demo/shards --split valid --tta
+    """
+    from .predict import predict as run_predict
+
+    cfg = PredictConfig(run=run, input=input, out=out, split=split, tta=tta, bs=bs, device=device, loader=loader,
+                        workers=workers)
+    try:
+        df, path = run_predict(cfg)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    n_bad = int((df["status"] != "ok").sum()) if "status" in df else 0
+    summary = {"out": str(path), "rows": len(df), "unusable": n_bad}
+    for c in [c for c in df.columns if c.startswith("true_")]:
+        t = c[5:]
+        p = f"pred_tta_{t}" if f"pred_tta_{t}" in df else f"pred_{t}"
+        summary[f"rmse_{t}"] = float(((df[p] - df[c]) ** 2).mean() ** 0.5)
+    if as_json:
+        _echo_json(summary)
+        return
+    click.echo(f"wrote {len(df)} predictions to {path}" + (f" ({n_bad} unusable inputs, see its status column)" if n_bad else ""))
+    for k, v in summary.items():
+        if k.startswith("rmse_"):
+            click.echo(f"  {k} {v:.4f}")
 
 
 def main():  # console-script entry point

@@ -123,3 +123,18 @@ class DemoConfig:
                         epochs=self.epochs or 7, lr=1e-2, tta=True)
         return dict(n=self.n or 3000, image=112, crop=72, size=56, arch="xresnet18", bs=64,
                     epochs=self.epochs or 8, lr=1e-2, tta=True)
+
+
+@dataclass
+class PredictConfig:
+    """`fastgal predict`: a trained run applied to shards or a folder of JPEG cutouts."""
+
+    run: Path = Path("runs/demo/run")
+    input: Path = Path("shards/synth")
+    out: Path | None = None  # default: <run>/predictions_<input name>.csv
+    split: str = "valid"  # shard input: valid | train | all
+    tta: bool = False  # average the 8 dihedral views
+    bs: int = 256
+    device: str = "auto"
+    loader: str = "auto"
+    workers: int = 0  # 0 = all cores

@@ -21,15 +21,6 @@ from fastgal.pipeline import PipeSpec, define
 GEOM = dict(size=56, crop=72)
 
 
-@pytest.fixture(scope="module")
-def small_shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    run_cli("synth", root / "s", "--n", 260, "--seed", 11, "--size", 112, "--quiet")
-    run_cli("shard", root / "s/data/master.csv", root / "s/images", root / "sh", "--crop", 72,
-            "--target", "metallicity", "--target", "lgm_tot_p50", "--shard-size", 120, "--quiet")
-    return root / "sh"
-
-
 def _node_device(node):
     op = getattr(node.source, "_op", None)
     return getattr(op, "device", node.device)

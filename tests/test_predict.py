@@ -1,0 +1,59 @@
+"""fastgal predict: a run applied to shards reproduces its own validation predictions; JPEG folders too."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from conftest import run_cli
+
+
+def test_predict_on_shards_reproduces_the_run(small_run, small_shards, tmp_path):
+    out = tmp_path / "p.csv"
+    res = run_cli("predict", small_run, small_shards, "--split", "valid", "--tta", "--out", out, "--json")
+    summary = json.loads(res.output)
+    assert summary["rows"] == json.loads((small_shards / "manifest.json").read_text())["counts"]["valid"]
+    got = pd.read_csv(out, dtype={"id": str})
+    ref = pd.read_csv(small_run / "predictions_valid.csv", dtype={"id": str})
+    assert list(got.id) == list(ref.id)
+    for c in ("pred_metallicity", "pred_tta_metallicity", "pred_lgm_tot_p50", "true_metallicity"):
+        assert np.allclose(got[c], ref[c], atol=2e-4), c
+    run_cli("predict", small_run, small_shards, "--split", "all")  # default --out: inside the run folder
+    both = pd.read_csv(small_run / f"predictions_{small_shards.name}.csv", dtype={"id": str})
+    man = json.loads((small_shards / "manifest.json").read_text())
+    assert len(both) == man["counts"]["train"] + man["counts"]["valid"] and both.id.is_unique
+
+
+def test_predict_on_a_jpeg_folder_reports_every_file(small_run, small_shards, tmp_path):
+    src = small_shards.parent / "s" / "images"
+    ref = pd.read_csv(small_run / "predictions_valid.csv", dtype={"id": str})
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for i in ref.id[:20]:
+        shutil.copy(src / f"{i}.jpg", imgs / f"{i}.jpg")
+    (imgs / "broken.jpg").write_bytes((src / f"{ref.id[0]}.jpg").read_bytes()[:300])
+    (imgs / "page.jpg").write_bytes(b"<html>404 Not Found</html>")
+    Image.new("RGB", (64, 64)).save(imgs / "small.jpg")
+    out = tmp_path / "p.csv"
+    res = run_cli("predict", small_run, imgs, "--out", out)
+    assert "3 unusable" in res.output
+    df = pd.read_csv(out, dtype={"id": str}).set_index("id")
+    assert len(df) == 23  # every file has a row
+    assert df.loc["page", "status"] == "not-jpeg" and df.loc["small", "status"] == "wrong-size"
+    assert df.loc["broken", "status"] in ("corrupt-image", "ok")  # libjpeg may pad a truncated scan
+    assert df.loc[["page", "small"], "pred_metallicity"].isna().all()
+    good = ref.set_index("id").loc[ref.id[:20]]
+    # the torch path on JPEG files matches DALI on shards, up to decoder rounding
+    assert np.allclose(df.loc[good.index, "pred_metallicity"], good.pred_metallicity, atol=2e-3)
+
+
+def test_predict_errors(small_run, tmp_path):
+    res = run_cli("predict", tmp_path, tmp_path, ok=False)
+    assert res.exit_code != 0 and "model.pt" in res.output
+    (tmp_path / "empty").mkdir()
+    res = run_cli("predict", small_run, tmp_path / "empty", ok=False)
+    assert res.exit_code != 0 and ".jpg" in res.output
