@@ -407,6 +407,58 @@ def predict(run, input, out, split, tta, bs, device, loader, workers, as_json):
             click.echo(f"  {k} {v:.4f}")
 
 
+from .config import BenchConfig  # noqa: E402  (kept beside its command: cli.py is edited by many hands)
+
+
+@cli.command()
+@click.argument("shards", type=click.Path(path_type=Path))
+@click.option("--what", default=BenchConfig.what, show_default=True,
+              help="Sections, comma-separated: loaders, model, e2e (e2e also runs model), all.")
+@click.option("--batches", type=int, default=BenchConfig.batches, show_default=True, help="Timed batches per window.")
+@click.option("--warmup", type=int, default=BenchConfig.warmup, show_default=True, help="Untimed batches before each window.")
+@click.option("--repeats", type=int, default=BenchConfig.repeats, show_default=True, help="Windows per backend; best reported.")
+@click.option("--bs", type=int, default=BenchConfig.bs, show_default=True, help="Batch size.")
+@click.option("--size", type=int, default=BenchConfig.size, show_default=True, help="Random crop the model sees.")
+@click.option("--crop", type=int, default=BenchConfig.crop, show_default=True, help="Centre region crops are drawn from.")
+@click.option("--arch", default=BenchConfig.arch, show_default=True, help="Model for the model and e2e sections.")
+@click.option("--device", default=BenchConfig.device, show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--workers", type=int, default=BenchConfig.workers, show_default=True, help="Loader threads per backend; 0 = all cores.")
+@click.option("--images", type=click.Path(path_type=Path), default=None,
+              help="JPEG folder for the fastai peer [default: the manifest's source.images].")
+@click.option("--catalog", type=click.Path(path_type=Path), default=None,
+              help="Catalog CSV for the fastai peer [default: the manifest's source.catalog].")
+@click.option("--seed", type=int, default=BenchConfig.seed, show_default=True)
+@click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+def bench(shards, what, batches, warmup, repeats, bs, size, crop, arch, device, workers, images, catalog, seed, quiet,
+          as_json):
+    """Measure training speed as ratios to fastai's own PIL pipeline, all in one run.
+
+    loaders: images/s of the DALI loader, the torch fallback and fastai's DataBlock over the
+    original JPEGs (the seed recipe's data path, the peer). model: forward + backward of the
+    learner's model on synthetic batches. e2e: a short Learner.fit with each loader, and its
+    data-bound fraction (e2e / model images/s). Machines are noisy: read the ratios.
+
+    Example:
+
+        fastgal bench shards/synth --what loaders,e2e --bs 128 --batches 20 --json
+    """
+    from .bench import bench as run_bench
+    from .bench import format_table
+
+    cfg = BenchConfig(shards=shards, what=what, batches=batches, warmup=warmup, repeats=repeats, bs=bs, size=size,
+                      crop=crop, arch=arch, device=device, workers=workers, images=images, catalog=catalog, seed=seed,
+                      quiet=quiet)
+    try:
+        res = run_bench(cfg)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    if as_json:
+        _echo_json(res)
+    else:
+        click.echo(format_table(res))
+
+
 def main():  # console-script entry point
     cli()
 

@@ -138,3 +138,24 @@ class PredictConfig:
     device: str = "auto"
     loader: str = "auto"
     workers: int = 0  # 0 = all cores
+
+
+@dataclass
+class BenchConfig:
+    """`fastgal bench`: loaders / model / end-to-end training speed, as ratios to fastai's PIL pipeline."""
+
+    shards: Path = Path("shards/synth")
+    what: str = "all"  # comma-separated: loaders, model, e2e (e2e also runs model), or all
+    batches: int = 20  # timed batches per window
+    warmup: int = 2  # untimed batches before each window (worker start, pipeline build, autotune)
+    repeats: int = 3  # windows per backend; the best one is reported
+    bs: int = 128
+    size: int = 112  # the seed's RandomCrop 112 ...
+    crop: int = 144  # ... out of CropPad 144
+    arch: str = "xresnet34"
+    device: str = "auto"  # auto | cpu | cuda
+    workers: int = 0  # loader threads/processes for every backend; 0 = all cores
+    images: Path | None = None  # the peer's JPEG folder; default: the shards' manifest source.images
+    catalog: Path | None = None  # the peer's catalog; default: the manifest's source.catalog
+    seed: int = 42
+    quiet: bool = False

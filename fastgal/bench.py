@@ -1,0 +1,448 @@
+"""`fastgal bench`: training-speed claims as ratios against a peer measured in the same run.
+
+    fastgal synth /tmp/bench_s --n 3000 --seed 1 --quiet
+    fastgal shard /tmp/bench_s/data/master.csv /tmp/bench_s/images /tmp/bench_sh --quiet
+    fastgal bench /tmp/bench_sh --what loaders --bs 64 --batches 20 --json
+
+Three sections, each over the same shards, batch size and geometry:
+  loaders  images/s of the training loaders alone: DALI, the torch fallback, and the peer the project
+           claims to beat, fastai's PIL DataBlock pipeline reading the original JPEGs the way the seed
+           recipe did (CropPad 144 -> RandomCrop 112 item tfms, dihedral + rotate batch tfms, Normalize).
+           Ratios are against that peer ("fastai"), or against the torch fallback when the JPEGs are gone.
+  model    forward + backward + optimiser step of the learner's model through the same fastai fit loop,
+           on one synthetic batch reused on the device: the rate the data path has to feed.
+  e2e      a short fit (a set number of batches, validation skipped) of the real Learner with each loader;
+           images/s, the ratio to the peer, and data_bound_fraction = e2e images/s / model images/s
+           (1.0: the data path keeps up with the model; 0.3: the model waits 70% of the time).
+
+Every figure is best of --repeats timed windows of --batches batches, each window after --warmup
+batches that are not timed (worker start-up, DALI pipeline build, cudnn autotune). Machines are noisy,
+so compare the ratios of one run, not absolute figures across runs. Nothing in the package imports
+this module: bench observes, it is not part of the training path.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import platform
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import BenchConfig, to_jsonable
+
+SECTIONS = ("loaders", "model", "e2e")
+PEER = "fastai"  # the baseline name in the JSON and the table
+
+
+def parse_what(what: str) -> list[str]:
+    """'loaders,e2e' -> ['loaders', 'e2e'] in canonical order; 'all' -> every section."""
+    parts = {p.strip() for p in what.split(",") if p.strip()}
+    if not parts or "all" in parts:
+        return list(SECTIONS)
+    bad = sorted(parts - set(SECTIONS))
+    if bad:
+        raise ValueError(f"--what {bad[0]!r} is not a section; use loaders, model, e2e or all (comma-separated)")
+    return [s for s in SECTIONS if s in parts]
+
+
+class _Log:
+    """Progress lines on stderr, only on a terminal (stdout carries the results)."""
+
+    def __init__(self, quiet: bool):
+        self.on = not quiet and sys.stderr.isatty()
+
+    def __call__(self, msg: str) -> None:
+        if self.on:
+            sys.stderr.write(msg + "\n")
+            sys.stderr.flush()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # GPU work is asynchronous: time what has finished
+
+
+@contextmanager
+def fork_safe():
+    """Collect, then freeze the GC while loader workers may fork.
+
+    The torch and fastai loaders fork worker processes. A DALI Pipeline from an earlier section that is
+    garbage but not yet collected is copied into each worker; when the worker's GC finalises it,
+    Pipeline.__del__ waits on a lock held by a DALI thread that does not exist there, and the worker
+    hangs forever. Collecting first, then freezing what is left (gc.freeze: the workers never collect
+    inherited objects), removes that hazard; unfreeze afterwards so the parent collects normally.
+    """
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
+def _cycle(dl):
+    """Batches across epoch boundaries, so a window may be longer than one epoch (restarts included)."""
+    while True:
+        n = 0
+        for b in dl:
+            n += 1
+            yield b
+        if n == 0:
+            raise ValueError("the loader yields no batch: fewer training samples than --bs")
+
+
+def time_loader(dl, *, batches: int, warmup: int, repeats: int, device: torch.device, log=None, name=""):
+    """Best-of-repeats images/s of iterating dl; each repeat starts a fresh iterator and drops `warmup` batches."""
+    rates = []
+    for r in range(repeats):
+        with fork_safe():
+            it = _cycle(dl)
+            for _ in range(warmup):
+                next(it)
+            _sync(device)
+            n, t0 = 0, time.perf_counter()
+            for _ in range(batches):
+                x, _y = next(it)
+                n += len(x)
+            _sync(device)
+            rates.append(n / (time.perf_counter() - t0))
+            it.close()  # drop the half-read epoch (DALILoader rebuilds its pipeline on the next iter)
+        if log:
+            log(f"  loaders {name}: repeat {r + 1}/{repeats} {rates[-1]:,.1f} images/s")
+    return rates
+
+
+class _SyntheticLoader:
+    """One batch of the right shape, already on the device, yielded over and over: no data path at all."""
+
+    n_inp = 1
+
+    def __init__(self, x, y, n_batches: int):
+        self.x, self.y, self.n_batches = x, y, n_batches
+        self.bs, self.n, self.device = len(x), len(x) * n_batches, x.device
+
+    def __len__(self):
+        return self.n_batches
+
+    def __iter__(self):
+        for _ in range(self.n_batches):
+            yield self.x, self.y
+
+    def to(self, device):
+        self.device = torch.device(device)
+        self.x, self.y = self.x.to(self.device), self.y.to(self.device)
+        return self
+
+    def one_batch(self):
+        return self.x, self.y
+
+    def new(self, *a, **k):
+        return self
+
+
+def _window_callback(batches: int, warmup: int, device: torch.device):
+    """A fastai callback that times `batches` training batches after `warmup`, then cancels the fit."""
+    from fastai.callback.core import Callback, CancelFitException, CancelValidException
+
+    class TimeWindow(Callback):
+        order = 100  # after the optimiser step and every other callback's after_batch
+
+        def _start(self):
+            _sync(device)
+            self.t0 = time.perf_counter()
+
+        def before_fit(self):
+            self.seen, self.n_img, self.t0, self.seconds = 0, 0, None, None
+            if warmup == 0:
+                self._start()
+
+        def after_batch(self):
+            if not self.training:
+                return
+            self.seen += 1
+            if self.seen <= warmup:
+                if self.seen == warmup:
+                    self._start()
+                return
+            self.n_img += len(self.yb[0])
+            if self.seen == warmup + batches:
+                _sync(device)
+                self.seconds = time.perf_counter() - self.t0
+                raise CancelFitException()
+
+        def before_validate(self):
+            raise CancelValidException()  # a speed window, not a training run: skip validation
+
+    return TimeWindow()
+
+
+def time_fit(learn, *, batches: int, warmup: int, repeats: int, device: torch.device, log=None, name="", section="e2e"):
+    """Best-of-repeats training images/s of learn.fit over `batches` batches after `warmup` (n_epoch as needed)."""
+    rates = []
+    for r in range(repeats):
+        cb = _window_callback(batches, warmup, device)
+        per_epoch = max(1, len(learn.dls.train))
+        with fork_safe():
+            learn.fit(-(-(warmup + batches) // per_epoch) + 1, cbs=[cb])
+        if cb.seconds is None:
+            raise RuntimeError(f"{section} {name}: the fit stopped before {warmup + batches} batches")
+        rates.append(cb.n_img / cb.seconds)
+        if log:
+            log(f"  {section} {name}: repeat {r + 1}/{repeats} {rates[-1]:,.1f} images/s")
+    return rates
+
+
+class _Targets:
+    """get_y for the fastai DataBlock: a row's targets as float32 (a picklable callable for workers)."""
+
+    def __init__(self, cols):
+        self.cols = list(cols)
+
+    def __call__(self, row):
+        return np.asarray([row[c] for c in self.cols], dtype=np.float32)
+
+
+def train_ids(shards: Path, manifest: dict, split: str) -> list[str]:
+    """Sample keys of a split in file order, read from the DALI index files (no tar access needed)."""
+    from .shards import shard_files
+
+    ids = []
+    for idx in shard_files(shards, manifest, split)[1]:
+        for line in Path(idx).read_text().splitlines()[1:]:
+            ids.append(line.split()[3].split(".", 1)[0])  # "<key>.<ext>": keys have no dots
+    return ids
+
+
+def fastai_source(cfg: BenchConfig, manifest: dict) -> tuple[Path | None, Path | None, str | None]:
+    """(images folder, catalog, None) for the peer pipeline, or (None, None, why it cannot run)."""
+    src = manifest.get("source", {})
+    images = Path(cfg.images) if cfg.images else Path(src.get("images", ""))
+    catalog = Path(cfg.catalog) if cfg.catalog else Path(src.get("catalog", ""))
+    if cfg.images and not images.is_dir():
+        raise ValueError(f"--images {images} is not a folder")
+    if cfg.catalog and not catalog.is_file():
+        raise ValueError(f"--catalog {catalog} is not a file")
+    if not str(images) or not images.is_dir():
+        return None, None, f"the shards' source images ({images}) are gone; pass --images DIR --catalog CSV"
+    if not str(catalog) or not catalog.is_file():
+        return None, None, f"the shards' source catalog ({catalog}) is gone; pass --catalog CSV"
+    return images, catalog, None
+
+
+def fastai_dls(shards: Path, manifest: dict, images: Path, catalog: Path, *, bs: int, size: int, crop: int,
+               device: torch.device, workers: int, seed: int):
+    """The seed recipe's data path: fastai DataBlock over the original JPEGs, PIL item tfms, batch tfms on device.
+
+    The same training samples as the shards (their ids), the same targets and normalisation stats.
+    Zoom, warp and lighting are off so the augmentation does what fastgal's pipeline does (dihedral +
+    rotate +-10 deg at p=0.75 with zero fill): the peer does no extra work, which keeps the ratio honest.
+    """
+    import pandas as pd
+    from fastai.data.block import DataBlock, RegressionBlock
+    from fastai.data.transforms import ColReader, ColSplitter, Normalize
+    from fastai.vision.augment import CropPad, RandomCrop, aug_transforms
+    from fastai.vision.data import ImageBlock
+
+    id_col, targets = manifest["id_col"], list(manifest["targets"])
+    cat = pd.read_csv(catalog, dtype={id_col: str}, usecols=[id_col, *targets])
+    cat = cat.drop_duplicates(id_col).set_index(id_col)
+    tr, va = train_ids(shards, manifest, "train"), train_ids(shards, manifest, "valid")
+    missing = [i for i in tr + va if i not in cat.index]
+    if missing:
+        raise ValueError(f"{catalog} lacks {len(missing)} of the shards' ids (e.g. {missing[0]}); pass the catalog the shards were made from")
+    df = cat.loc[tr + va, targets].reset_index().rename(columns={id_col: "_id"})
+    df["is_valid"] = [False] * len(tr) + [True] * len(va)
+    ps = manifest["pixel_stats"]
+    mean, std = torch.tensor(ps["mean"]) / 255, torch.tensor(ps["std"]) / 255
+    dblock = DataBlock(
+        blocks=(ImageBlock, RegressionBlock(n_out=len(targets))),
+        get_x=ColReader("_id", pref=f"{images}{os.sep}", suff=".jpg"), get_y=_Targets(targets),
+        splitter=ColSplitter("is_valid"),
+        item_tfms=[CropPad(crop), RandomCrop(size)],
+        batch_tfms=[*aug_transforms(do_flip=True, flip_vert=True, max_rotate=10.0, p_affine=0.75, max_zoom=1.0,
+                                    max_lighting=0.0, max_warp=0.0, pad_mode="zeros"),
+                    Normalize.from_stats(mean, std)],
+    )
+    return dblock.dataloaders(df, bs=bs, num_workers=workers, device=device, seed=seed)
+
+
+@contextmanager
+def _quiet_fastai():
+    """fastai's DataBlock warns about Python-level things (n_inp, pickling) irrelevant to a timing run."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _stats(rates: list[float]) -> dict:
+    return {"images_per_s": round(max(rates), 2), "repeats": [round(r, 2) for r in rates]}
+
+
+def _ratios(results: dict, base: str) -> dict:
+    b = results[base]["images_per_s"]
+    return {k: round(v["images_per_s"] / b, 4) for k, v in results.items()}
+
+
+def bench(cfg: BenchConfig) -> dict:
+    """Run the requested sections; return the JSON-ready result (see the module docstring)."""
+    from .learner import make_learner
+    from .loaders import dali_available, make_dls
+    from .shards import load_manifest
+    from .train import resolve_device, resolve_precision
+    from .util import default_workers
+
+    what = parse_what(cfg.what)
+    if min(cfg.batches, cfg.bs, cfg.repeats) < 1 or cfg.warmup < 0:
+        raise ValueError("--batches, --bs and --repeats must be >= 1 and --warmup >= 0")
+    shards = Path(cfg.shards)
+    manifest = load_manifest(shards)  # one-line ValueError on a bad folder
+    device = resolve_device(cfg.device)
+    precision = resolve_precision("auto", device)
+    threads = cfg.workers or default_workers()
+    log = _Log(cfg.quiet)
+    torch.manual_seed(cfg.seed)
+
+    targets = list(manifest["targets"])
+    ts = manifest["target_stats"]
+    tmean, tstd = [ts[t]["mean"] for t in targets], [ts[t]["std"] or 1.0 for t in targets]
+    window = dict(batches=cfg.batches, warmup=cfg.warmup, repeats=cfg.repeats, device=device, log=log)
+
+    backends: dict[str, object] = {}  # name -> DataLoaders (built once, shared by loaders and e2e)
+    skipped: dict[str, str] = {}
+
+    def get_backends():
+        if backends or skipped:
+            return backends
+        common = dict(bs=cfg.bs, size=cfg.size, crop=cfg.crop, device=device, num_threads=threads, seed=cfg.seed,
+                      manifest=manifest)
+        images, catalog, why = fastai_source(cfg, manifest)
+        if why:
+            skipped[PEER] = why
+        else:
+            log(f"building the fastai DataBlock over {images}")
+            with _quiet_fastai():
+                backends[PEER] = fastai_dls(shards, manifest, images, catalog, bs=cfg.bs, size=cfg.size,
+                                            crop=manifest["image"].get("precrop") or cfg.crop, device=device,
+                                            workers=threads, seed=cfg.seed)
+        if dali_available():
+            backends["dali"] = make_dls(shards, backend="dali", **common)
+        else:
+            skipped["dali"] = "NVIDIA DALI is not importable here"
+        backends["torch"] = make_dls(shards, backend="torch", **common)
+        return backends
+
+    out: dict = {
+        "shards": str(shards), "sections": what,
+        "config": {**to_jsonable(cfg), "workers": threads, "precision": precision, "device": str(device)},
+        "machine": _machine(device),
+        "n_train": manifest["counts"]["train"],
+        "note": "best of repeats; compare ratios within one run, not absolute figures across machines or runs",
+    }
+
+    if "loaders" in what:
+        res = {}
+        with _quiet_fastai():
+            for name, dls in get_backends().items():
+                res[name] = _stats(time_loader(dls.train, name=name, **window))
+        base = PEER if PEER in res else "torch"
+        out["loaders"] = {"baseline": base, "results": res, "ratio_vs_baseline": _ratios(res, base),
+                          "skipped": dict(skipped)}
+
+    if "model" in what or "e2e" in what:
+        from fastai.callback.progress import CSVLogger
+        from fastai.data.core import DataLoaders
+
+        with tempfile.TemporaryDirectory(prefix="fastgal-bench-") as tmp:
+            def learner(dls):
+                learn = make_learner(dls, arch=cfg.arch, targets=targets, target_mean=tmean, target_std=tstd,
+                                     path=Path(tmp), precision=precision, channels_last=device.type == "cuda",
+                                     quiet=True)
+                learn.remove_cb(CSVLogger)  # no history file from a timing run
+                learn.metrics = []  # validation is skipped anyway
+                return learn
+
+            # e2e needs the model figure for its data-bound fraction, so it always runs the model section
+            x = torch.randn(cfg.bs, 3, cfg.size, cfg.size, device=device)
+            y = torch.tensor(tmean, device=device).repeat(cfg.bs, 1) + 0.1 * torch.randn(cfg.bs, len(targets), device=device)
+            syn = DataLoaders(_SyntheticLoader(x, y, cfg.warmup + cfg.batches), _SyntheticLoader(x, y, 1),
+                              path=tmp, device=device)
+            rates = time_fit(learner(syn), name=cfg.arch, section="model", **window)
+            out["model"] = {"arch": cfg.arch, "precision": precision, "batch_shape": [cfg.bs, 3, cfg.size, cfg.size],
+                            **_stats(rates)}
+            if "e2e" in what:
+                res = {}
+                with _quiet_fastai():
+                    for name, dls in get_backends().items():
+                        res[name] = _stats(time_fit(learner(dls), name=name, **window))
+                base = PEER if PEER in res else "torch"
+                m = out["model"]["images_per_s"]
+                out["e2e"] = {"baseline": base, "results": res, "ratio_vs_baseline": _ratios(res, base),
+                              "data_bound_fraction": {k: round(v["images_per_s"] / m, 4) for k, v in res.items()},
+                              "skipped": dict(skipped)}
+    return out
+
+
+def _machine(device: torch.device) -> dict:
+    from . import __version__
+
+    m = {"cpus": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+         "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+         "fastgal": __version__, "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
+    try:
+        import nvidia.dali
+
+        m["dali"] = nvidia.dali.__version__
+    except Exception:
+        m["dali"] = None
+    try:
+        m["load_avg_1min"] = round(os.getloadavg()[0], 2)  # other jobs on the machine skew absolute figures
+    except OSError:
+        pass
+    return m
+
+
+def format_table(res: dict) -> str:
+    """The human summary printed on stdout."""
+    c = res["config"]
+    hw = res["machine"]["gpu"] or f"{res['machine']['usable_cpus']} CPUs"
+    lines = [f"fastgal bench {res['shards']}: {res['n_train']} train samples, bs {c['bs']}, crop {c['crop']} -> "
+             f"{c['size']} px, {c['device']} ({hw}), "
+             f"{c['workers']} loader threads",
+             f"best of {c['repeats']} windows of {c['batches']} batches after {c['warmup']} warm-up; "
+             f"load average {res['machine'].get('load_avg_1min', '?')} at the end"]
+
+    def block(title, sec, extra=None):
+        base = sec["baseline"]
+        head = f"  {'backend':<15}{'images/s':>11}{f'x {base}':>12}"
+        if extra:
+            head += f"{extra[0]:>22}"
+        lines.extend(["", title, head])
+        for name, r in sec["results"].items():
+            tag = name + (" (peer)" if name == PEER else "")
+            row = f"  {tag:<15}{r['images_per_s']:>11,.1f}{sec['ratio_vs_baseline'][name]:>12.2f}"
+            if extra:
+                row += f"{extra[1][name]:>22.2f}"
+            lines.append(row)
+        for name, why in sec.get("skipped", {}).items():
+            lines.append(f"  {name:<15}{'skipped':>11}  ({why})")
+
+    if "loaders" in res:
+        block("loaders: training batches alone (decode + augment + normalise)", res["loaders"])
+    if "model" in res:
+        m = res["model"]
+        lines += ["", f"model: {m['arch']} forward + backward + step on synthetic {tuple(m['batch_shape'])} batches, "
+                      f"{m['precision']}", f"  {m['images_per_s']:,.1f} images/s (the most any data path can feed)"]
+    if "e2e" in res:
+        e = res["e2e"]
+        block(f"e2e: Learner.fit ({res['config']['arch']}) with each loader; fraction = e2e / model images/s",
+              e, ("data-bound fraction", e["data_bound_fraction"]))
+    return "\n".join(lines)

@@ -1,0 +1,76 @@
+"""`fastgal bench` through the CLI on the tiny half-resolution shards: structure and arithmetic, never timing.
+
+Speed claims live in benchmarks/RESULTS.md as same-run ratios; here we only check that every section
+runs, every throughput is positive and every ratio is the quotient of the figures it reports.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from conftest import run_cli
+
+TINY = ("--size", 56, "--crop", 72, "--arch", "xresnet18", "--batches", 2, "--warmup", 1, "--repeats", 1,
+        "--bs", 16, "--workers", 1, "--quiet")
+
+
+def _check_section(sec, names):
+    assert set(sec["results"]) == names
+    for r in sec["results"].values():
+        assert r["images_per_s"] > 0 and r["images_per_s"] == pytest.approx(max(r["repeats"]))
+    b = sec["results"][sec["baseline"]]["images_per_s"]
+    for k, v in sec["results"].items():
+        assert sec["ratio_vs_baseline"][k] == pytest.approx(v["images_per_s"] / b, rel=1e-3)
+    assert sec["ratio_vs_baseline"][sec["baseline"]] == pytest.approx(1.0)
+
+
+def test_bench_all_sections_json(small_shards):
+    res = json.loads(run_cli("bench", small_shards, "--what", "all", "--json", *TINY).stdout)  # stdout only: warnings go to stderr
+    assert res["sections"] == ["loaders", "model", "e2e"]
+    # the fastai peer reads the survey's JPEGs through the manifest's source paths
+    _check_section(res["loaders"], {"fastai", "dali", "torch"})
+    assert res["loaders"]["baseline"] == "fastai" and res["loaders"]["skipped"] == {}
+    m = res["model"]
+    assert m["images_per_s"] > 0 and m["batch_shape"] == [16, 3, 56, 56] and m["arch"] == "xresnet18"
+    e = res["e2e"]
+    _check_section(e, {"fastai", "dali", "torch"})
+    for k, v in e["results"].items():
+        assert e["data_bound_fraction"][k] == pytest.approx(v["images_per_s"] / m["images_per_s"], rel=1e-3)
+    assert res["config"]["device"] == "cpu" or res["machine"]["gpu"]
+
+
+def test_bench_without_source_images_falls_back_to_torch(small_shards, tmp_path):
+    """Shards whose JPEG folder is gone still bench; ratios are then against the torch fallback."""
+    sh = tmp_path / "sh"
+    shutil.copytree(small_shards, sh)
+    man = json.loads((sh / "manifest.json").read_text())
+    man["source"]["images"] = str(tmp_path / "gone")
+    (sh / "manifest.json").write_text(json.dumps(man))
+    res = run_cli("bench", sh, "--what", "loaders", *TINY)  # the human table
+    assert "skipped" in res.output and "x torch" in res.output and "images/s" in res.output
+
+
+def test_bench_user_errors(small_shards, tmp_path):
+    res = run_cli("bench", small_shards, "--what", "speed", *TINY, ok=False)
+    assert res.exit_code != 0 and "loaders, model, e2e" in res.output
+    res = run_cli("bench", tmp_path, *TINY, ok=False)
+    assert res.exit_code != 0 and "manifest.json" in res.output
+    res = run_cli("bench", small_shards, "--images", tmp_path / "nope", *TINY, ok=False)
+    assert res.exit_code != 0 and "--images" in res.output
+
+
+def test_nothing_in_the_package_imports_bench():
+    """bench observes the training path; the training path must not depend on it."""
+    from pathlib import Path
+
+    import fastgal
+
+    pkg = Path(fastgal.__file__).parent
+    for py in pkg.glob("*.py"):
+        if py.name in ("bench.py", "cli.py"):  # cli.py imports it lazily inside the bench command
+            continue
+        src = py.read_text()
+        assert "from .bench" not in src and "fastgal.bench" not in src, py.name
