@@ -12,7 +12,6 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import torch
 
 from .config import DemoConfig, ShardConfig, SynthConfig, TrainConfig
 from .shards import shard

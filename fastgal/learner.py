@@ -129,13 +129,18 @@ class StderrProgress(Callback):
 
 
 def make_learner(dls, *, arch: str, targets: list[str], target_mean, target_std, path, precision: str = "fp32",
-                 channels_last: bool = False, quiet: bool = False, history: str = "history_raw.csv") -> Learner:
-    """The seed's Learner with fastgal's callbacks (CSV log, best-epoch weights, progress, AMP)."""
+                 channels_last: bool = False, quiet: bool = False, history: str = "history_raw.csv",
+                 writer: bool = True) -> Learner:
+    """The seed's Learner with fastgal's callbacks (CSV log, best-epoch weights, progress, AMP).
+
+    writer=False (DDP ranks other than 0) leaves out the callbacks that write files.
+    """
     model = make_model(arch, len(targets), target_mean, target_std)
     stats = EpochStats()
+    cbs = [stats, StderrProgress(quiet)] + ([CSVLogger(fname=history)] if writer else [])
     learn = Learner(
         dls, model, loss_func=rmse_loss, opt_func=ranger, metrics=target_metrics(targets), path=path,
-        model_dir=".", cbs=[stats, StderrProgress(quiet), CSVLogger(fname=history)],
+        model_dir=".", cbs=cbs,
     )
     learn.epoch_stats = stats
     learn.remove_cb(ProgressCallback)  # its bars go to stdout; StderrProgress replaces them
@@ -149,6 +154,32 @@ def make_learner(dls, *, arch: str, targets: list[str], target_mean, target_std,
 
         learn.add_cb(ChannelsLast())
     return learn
+
+
+class DDP(Callback):
+    """Data-parallel training under torchrun: wrap the model in DistributedDataParallel for fit.
+
+    fastai's own DistributedTrainer also re-wraps the DataLoaders for a fastai Dataset; fastgal's
+    loaders are already split per rank by DALI's shard_id/num_shards, so only the model is wrapped.
+    """
+
+    order = 11  # after TrainEvalCallback moved the model to its device
+
+    def __init__(self, device):
+        self.device = device
+
+    def before_fit(self):
+        from torch.nn.parallel import DistributedDataParallel
+
+        # get_preds/validate also fire before_fit; they run on rank 0 alone, unwrapped
+        self.wrapped = not hasattr(self.learn, "gather_preds")
+        if self.wrapped:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.learn.model = DistributedDataParallel(self.learn.model, device_ids=ids)
+
+    def after_fit(self):
+        if self.wrapped:
+            self.learn.model = self.learn.model.module
 
 
 class BestEpoch(SaveModelCallback):

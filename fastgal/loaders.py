@@ -21,6 +21,7 @@ Backends, chosen by `backend`:
 
 from __future__ import annotations
 
+import gc
 import math
 import random
 from dataclasses import replace
@@ -37,7 +38,7 @@ from .shards import load_manifest, shard_files
 def dali_available() -> bool:
     try:
         import nvidia.dali  # noqa: F401
-        import nvidia.dali.plugin.pytorch  # noqa: F401
+        import nvidia.dali.plugin.pytorch  # noqa: F401  (the iterator fastgal uses)
     except Exception:
         return False
     return True
@@ -60,7 +61,11 @@ class _Adapter:
         return self.n * (i + 1) // k - self.n * i // k
 
     def __len__(self) -> int:
-        return self.n_local // self.bs if self.drop_last else math.ceil(self.n_local / self.bs)
+        if self.drop_last:
+            # every DDP rank must run the same number of steps (else the gradient all-reduce hangs):
+            # use the smallest rank's share, n // num_shards
+            return (self.n // self.spec.num_shards) // self.bs
+        return math.ceil(self.n_local / self.bs)
 
     @property
     def shuffle(self) -> bool:
@@ -141,7 +146,10 @@ class DALILoader(_Adapter):
         if self._it is None or not self._clean:
             self._it = self._iterator()
         self._clean = False
-        for batch in self._it:
+        n = len(self)
+        for i, batch in enumerate(self._it):
+            if i >= n:  # a rank with one sample more than the others: skip its extra batch
+                continue
             d = batch[0]
             yield self._move(d["x"], d["y"])
         self._it.reset()
@@ -242,8 +250,15 @@ class TorchLoader(_Adapter):
         )
 
     def __iter__(self):
-        for x, y in self._dl:
-            yield self._move(x, y)
+        # Workers are forked copies of this process: a discarded DALI pipeline still waiting for
+        # garbage collection would be shut down inside a worker, waiting on a DALI thread that does
+        # not exist there, and hang. Collect it here, in the parent, before forking.
+        if self._dl.num_workers:
+            gc.collect()
+        n = len(self)
+        for i, (x, y) in enumerate(self._dl):
+            if i < n:  # see DALILoader: equal step counts across DDP ranks
+                yield self._move(x, y)
 
 
 def _loader_cls(backend: str):
@@ -261,7 +276,7 @@ def _loader_cls(backend: str):
 def make_dls(
     shards, *, bs: int = 128, size: int = 112, crop: int = 144, device="cpu", backend: str = "auto",
     num_threads: int = 2, seed: int = 42, shard_id: int = 0, num_shards: int = 1, path=None,
-    manifest: dict | None = None,
+    manifest: dict | None = None, shard_valid: bool = True,
 ) -> DataLoaders:
     """fastai DataLoaders (train, valid) over a shard folder, normalised with its manifest's stats."""
     shards = Path(shards)
@@ -286,6 +301,9 @@ def make_dls(
         tars, idxs = shard_files(shards, manifest, split)
         n = manifest["counts"][split]
         spec = PipeSpec(kind=kind, tars=[str(t) for t in tars], idxs=[str(i) for i in idxs], **base)
+        if split == "valid" and not shard_valid:
+            # DDP: each rank validates on all of it, so every rank's metrics are exact and equal
+            spec.shard_id, spec.num_shards = 0, 1
         loaders.append(cls(spec, n, device, drop_last=drop))
     if len(loaders[0]) == 0:
         raise ValueError(f"{shards}: {manifest['counts']['train']} training samples is fewer than one batch of {bs}; lower --bs")

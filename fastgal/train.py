@@ -127,9 +127,16 @@ def train(cfg: TrainConfig) -> dict:
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     rank, world = _distributed()
-    if world > 1 and device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
+    if world > 1:
+        if cfg.lr_find:
+            raise ValueError("--lr-find runs in a single process; run it without torchrun first")
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+        import torch.distributed as dist
+
+        if not dist.is_initialized():  # torchrun sets MASTER_ADDR/PORT, RANK, WORLD_SIZE
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
     out = Path(cfg.out) if cfg.out else default_run_dir(cfg.shards)
     if rank == 0:
@@ -142,7 +149,8 @@ def train(cfg: TrainConfig) -> dict:
     set_seed(cfg.seed)
     threads = cfg.workers or default_workers()
     dls = make_dls(cfg.shards, bs=cfg.bs, size=cfg.size, crop=cfg.crop, device=device, backend=cfg.loader,
-                   num_threads=threads, seed=cfg.seed, shard_id=rank, num_shards=world, path=out, manifest=manifest)
+                   num_threads=threads, seed=cfg.seed, shard_id=rank, num_shards=world, path=out, manifest=manifest,
+                   shard_valid=False)
     backend = type(dls.train).__name__
     tstats = manifest["target_stats"]
     mean = [tstats[t]["mean"] for t in targets]
@@ -162,22 +170,34 @@ def train(cfg: TrainConfig) -> dict:
 
     learn = make_learner(dls, arch=cfg.arch, targets=targets, target_mean=mean, target_std=std, path=out,
                          precision=precision, channels_last=cfg.channels_last and device.type == "cuda",
-                         quiet=cfg.quiet or rank != 0)
+                         quiet=cfg.quiet or rank != 0, writer=rank == 0)
     monitor = f"rmse_{targets[0]}"
     result: dict = {}
-    ctx = learn.distrib_ctx() if world > 1 else _nullctx()
-    with ctx:
-        if cfg.lr_find:
-            sug = learn.lr_find(show_plot=False, num_it=cfg.lr_find_iters)
-            result["lr_find_suggested"] = float(sug.valley)
-            if rank == 0:
-                rec = learn.recorder
-                lr_find_plot(rec.lrs, [float(v) for v in rec.losses], float(sug.valley), out / "lr_find.png")
-                if not cfg.quiet:
-                    print(f"lr_find: suggested lr (valley) {sug.valley:.2e}; training with --lr {cfg.lr:g}", file=sys.stderr)
-        t_fit = time.perf_counter()
-        learn.fit_one_cycle(cfg.epochs, cfg.lr, cbs=[best_epoch_callback(monitor)])
-        fit_seconds = time.perf_counter() - t_fit
+    # on every rank: fastai saves on rank 0 only, and its load() after fit is a collective barrier
+    fit_cbs = [best_epoch_callback(monitor)]
+    if world > 1:
+        from .learner import DDP
+
+        learn.add_cb(DDP(device))
+    if cfg.lr_find:
+        sug = learn.lr_find(show_plot=False, num_it=cfg.lr_find_iters)
+        result["lr_find_suggested"] = float(sug.valley)
+        if rank == 0:
+            rec = learn.recorder
+            lr_find_plot(rec.lrs, [float(v) for v in rec.losses], float(sug.valley), out / "lr_find.png")
+        if not cfg.quiet:
+            print(f"lr_find: suggested lr (valley) {sug.valley:.2e}; training with --lr {cfg.lr:g}", file=sys.stderr)
+    t_fit = time.perf_counter()
+    learn.fit_one_cycle(cfg.epochs, cfg.lr, cbs=fit_cbs)
+    fit_seconds = time.perf_counter() - t_fit
+    if world > 1:
+        import torch.distributed as dist
+
+        # Training is the only collective part. Rank 0 predicts and writes the run folder alone;
+        # fastai decides whether to all_gather predictions from WORLD_SIZE, so say so there too.
+        dist.barrier()
+        dist.destroy_process_group()
+        os.environ["WORLD_SIZE"] = "1"
     if rank != 0:
         return {}
 
@@ -242,7 +262,8 @@ def train(cfg: TrainConfig) -> dict:
         "floor": synth_floor(manifest), "epochs": cfg.epochs, "best_epoch": best,
         "n_train": manifest["counts"]["train"], "n_valid": len(ids),
         "fit_seconds": round(fit_seconds, 2), "wall_seconds": round(time.perf_counter() - t_start, 2),
-        "train_images_per_s": round(float(hist["images_per_s"].mean()), 2),
+        "train_images_per_s": round(float(hist["images_per_s"].mean()) * world, 2),  # all ranks together
+        "world_size": world, "steps_per_epoch": len(dls.train),
         "device": str(device), "precision": precision, "loader_backend": backend, **result,
     }
     write_json_atomic(out / "metrics.json", metrics)
@@ -254,14 +275,6 @@ def _save_torch_atomic(obj, path: Path) -> None:
 
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-
-
-class _nullctx:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def _versions() -> dict:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -393,6 +393,7 @@ def catalogs(draw):
 
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(catalogs())
+@example((1, [], 2, 0.5))  # the one good row lands in valid: nothing to train on, a clear error
 def test_property_counts_split_and_ids(survey, tmp_path_factory, case):
     n, bad_target, missing, pct = case
     src = pd.read_csv(survey / "data" / "master.csv", dtype=str, keep_default_na=False)
@@ -406,7 +407,11 @@ def test_property_counts_split_and_ids(survey, tmp_path_factory, case):
     cat.to_csv(d / "c.csv", index=False)
     usable = n - len(bad_target)
     args = ["shard", d / "c.csv", survey / "images", d / "out", "--valid-pct", pct, "--workers", 1, "--quiet"]
-    if usable == 0:
+    # candidates in catalog order: the usable rows (positions 0..usable-1 among them), then the ghosts
+    from fastgal.catalog import random_split
+
+    train_pos, _ = random_split(usable + missing, pct, 56)
+    if usable == 0 or not any(p < usable for p in train_pos):  # nothing left to train on
         assert "no usable samples" in run_cli(*args, ok=False).output
         return
     run_cli(*args)

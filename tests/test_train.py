@@ -134,3 +134,28 @@ def test_train_user_errors(small_shards, tmp_path):
     tar.write_bytes(tar.read_bytes()[:-1024])
     res = run_cli("train", bad, "--out", tmp_path / "r", ok=False)
     assert res.exit_code != 0 and tar.name in res.output
+
+
+def test_torchrun_ddp_on_cpu(small_shards, tmp_path):
+    """Scale-out is torchrun + DDP: two CPU processes (gloo) train on disjoint halves, rank 0 writes."""
+    import os
+    import subprocess
+    import sys
+
+    run = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "fastgal", "train",
+         str(small_shards), "--out", str(run), "--epochs", "1", "--bs", "32", "--arch", "xresnet18",
+         "--size", "56", "--crop", "72", "--workers", "1", "--quiet", "--json"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["world_size"] == 2 and m["n_valid"] == json.loads((small_shards / "manifest.json").read_text())["counts"]["valid"]
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["world_size"] == 2
+    n_train = cfg["n_train"]
+    # each rank ran its half: (n_train // 2) // 32 steps per epoch, not n_train // 32
+    assert m["steps_per_epoch"] == (n_train // 2) // 32 < n_train // 32
+    assert len(pd.read_csv(run / "predictions_valid.csv")) == m["n_valid"]
