@@ -17,6 +17,7 @@ from .config import DemoConfig, ShardConfig, SynthConfig, TrainConfig
 from .shards import shard
 from .synth import synth
 from .train import resolve_device, train
+from .util import write_json_atomic
 
 
 def demo(cfg: DemoConfig, log=print) -> dict:
@@ -43,4 +44,5 @@ def demo(cfg: DemoConfig, log=print) -> dict:
                           device=str(device), overwrite=True, quiet=cfg.quiet))
     m["preset"] = p
     m["survey_floor_rmse"] = s.floor["floor_rmse"]
+    write_json_atomic(out / "demo.json", m)  # what the demo ran and what it got, in one file
     return m

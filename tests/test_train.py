@@ -159,3 +159,16 @@ def test_torchrun_ddp_on_cpu(small_shards, tmp_path):
     # each rank ran its half: (n_train // 2) // 32 steps per epoch, not n_train // 32
     assert m["steps_per_epoch"] == (n_train // 2) // 32 < n_train // 32
     assert len(pd.read_csv(run / "predictions_valid.csv")) == m["n_valid"]
+
+
+def test_demo_runs_the_main_job(tmp_path):
+    """fastgal demo: synth -> shard -> train -> report, with the RMSE, baseline and floor printed."""
+    out = tmp_path / "demo"
+    res = run_cli("demo", "--out", out, "--n", 200, "--epochs", 1, "--device", "cpu", "--quiet")
+    assert "predict-the-mean" in res.output and "floor" in res.output
+    for p in ("survey/synth.json", "shards/manifest.json", "run/metrics.json", "run/pred_vs_true.png"):
+        assert (out / p).is_file(), p
+    m = json.loads((out / "demo.json").read_text())
+    assert m["n_train"] + m["n_valid"] == 200 and m["preset"]["arch"] == "xresnet18" and m["preset"]["size"] == 56
+    assert m["survey_floor_rmse"] > 0 and m["rmse"] > 0
+    assert run_cli("demo", "--out", out, "--n", 50, ok=False).exit_code != 0  # refuses without --overwrite
