@@ -125,6 +125,8 @@ def test_train_user_errors(small_shards, tmp_path):
     if not torch.cuda.is_available():
         res = run_cli("train", small_shards, "--out", tmp_path / "r", "--device", "cuda", ok=False)
         assert res.exit_code != 0 and "GPU" in res.output
+        res = run_cli("train", small_shards, "--out", tmp_path / "r", "--device", "cpu", "--precision", "bf16", ok=False)
+        assert res.exit_code != 0 and "needs a GPU" in res.output
     # a shard that no longer matches its manifest
     bad = tmp_path / "bad"
     bad.mkdir()
