@@ -23,7 +23,6 @@ this module: bench observes, it is not part of the training path.
 
 from __future__ import annotations
 
-import gc
 import os
 import platform
 import sys
@@ -36,6 +35,7 @@ import numpy as np
 import torch
 
 from .config import BenchConfig, to_jsonable
+from .loaders import fork_safe
 
 SECTIONS = ("loaders", "model", "e2e")
 PEER = "fastai"  # the baseline name in the JSON and the table
@@ -67,24 +67,6 @@ class _Log:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # GPU work is asynchronous: time what has finished
-
-
-@contextmanager
-def fork_safe():
-    """Collect, then freeze the GC while loader workers may fork.
-
-    The torch and fastai loaders fork worker processes. A DALI Pipeline from an earlier section that is
-    garbage but not yet collected is copied into each worker; when the worker's GC finalises it,
-    Pipeline.__del__ waits on a lock held by a DALI thread that does not exist there, and the worker
-    hangs forever. Collecting first, then freezing what is left (gc.freeze: the workers never collect
-    inherited objects), removes that hazard; unfreeze afterwards so the parent collects normally.
-    """
-    gc.collect()
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
 
 
 def _cycle(dl):
@@ -211,13 +193,9 @@ class _Targets:
 
 def train_ids(shards: Path, manifest: dict, split: str) -> list[str]:
     """Sample keys of a split in file order, read from the DALI index files (no tar access needed)."""
-    from .shards import shard_files
+    from .shards import index_keys, shard_files
 
-    ids = []
-    for idx in shard_files(shards, manifest, split)[1]:
-        for line in Path(idx).read_text().splitlines()[1:]:
-            ids.append(line.split()[3].split(".", 1)[0])  # "<key>.<ext>": keys have no dots
-    return ids
+    return index_keys(shard_files(shards, manifest, split)[1])
 
 
 def fastai_source(cfg: BenchConfig, manifest: dict) -> tuple[Path | None, Path | None, str | None]:

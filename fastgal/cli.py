@@ -11,6 +11,7 @@ User errors are ClickExceptions: one line, non-zero exit.
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -29,6 +30,20 @@ def cli():
 
     catalog + JPEGs -> WebDataset shards -> NVIDIA DALI -> fastai.
     """
+
+
+@contextmanager
+def _user_errors(writing: Path | None = None, also: tuple = ()):
+    """The library's ValueErrors (and `also`) become one-line ClickExceptions; so does an OSError
+    while writing `writing`, with the fix. Anything else is a bug and keeps its traceback."""
+    try:
+        yield
+    except (ValueError, *also) as e:
+        raise click.ClickException(str(e)) from None
+    except OSError as e:
+        if writing is None:
+            raise
+        raise click.ClickException(f"cannot write {writing}: {e.strerror or e}; choose a writable folder with free space") from None
 
 
 def _echo_json(obj) -> None:
@@ -57,12 +72,8 @@ def synth(out, n, seed, size, workers, overwrite, quiet, as_json):
     from .synth import synth as run_synth
 
     cfg = SynthConfig(out=out, n=n, seed=seed, size=size, workers=workers, overwrite=overwrite, quiet=quiet)
-    try:
+    with _user_errors(writing=out):
         res = run_synth(cfg)
-    except ValueError as e:
-        raise click.ClickException(str(e)) from None
-    except OSError as e:
-        raise click.ClickException(f"cannot write {out}: {e.strerror or e}; choose a writable folder") from None
     info = {"out": str(res.out), "n": res.n, "seconds": round(res.seconds, 2),
             "images_per_s": round(res.images_per_s, 1), **{k: v for k, v in res.floor.items() if k != "note"}}
     if as_json:
@@ -111,10 +122,8 @@ def train(shards, out, epochs, lr, bs, arch, size, crop, targets, lr_find, lr_fi
     cfg = TrainConfig(shards=shards, out=out, epochs=epochs, lr=lr, bs=bs, arch=arch, size=size, crop=crop,
                       targets=list(targets) or None, lr_find=lr_find, lr_find_iters=lr_find_iters, tta=tta, seed=seed, device=device,
                       precision=precision, loader=loader, workers=workers, overwrite=overwrite, quiet=quiet)
-    try:
+    with _user_errors():
         m = run_train(cfg)
-    except ValueError as e:
-        raise click.ClickException(str(e)) from None
     if not m:  # a non-zero DDP rank
         return
     if as_json:
@@ -159,10 +168,8 @@ def demo(out, n, epochs, seed, device, overwrite, quiet, as_json):
 
     cfg = DemoConfig(out=out, n=n, epochs=epochs, seed=seed, device=device, overwrite=overwrite, quiet=quiet)
     log = (lambda msg: click.echo(msg, err=True)) if not (quiet or as_json) else (lambda msg: None)
-    try:
+    with _user_errors():
         m = run_demo(cfg, log=log)
-    except ValueError as e:
-        raise click.ClickException(str(e)) from None
     if as_json:
         _echo_json(m)
         return
@@ -208,12 +215,8 @@ def shard(catalog, images, out, id_col, targets, valid_pct, seed, shard_size, pr
     cfg = ShardConfig(catalog=catalog, images=images, out=out, id_col=id_col, targets=list(targets),
                       valid_pct=valid_pct, seed=seed, shard_size=shard_size, precrop=precrop, crop=crop,
                       workers=workers, overwrite=overwrite, quiet=quiet)
-    try:
+    with _user_errors(writing=out):
         res = run_shard(cfg)
-    except ValueError as e:
-        raise click.ClickException(str(e)) from None
-    except OSError as e:
-        raise click.ClickException(f"cannot write {out}: {e.strerror or e}; choose a writable folder with free space") from None
     m = res.manifest
     c = m["counts"]
     nbytes = {s: sum(e["bytes"] for e in m["shards"][s]) for s in ("train", "valid")}
@@ -248,10 +251,8 @@ def info(out, as_json):
     """
     from .shards import verify
 
-    try:
+    with _user_errors():
         res = verify(out)
-    except ValueError as e:
-        raise click.ClickException(str(e)) from None
     m = res["manifest"]
     summary = {"out": str(out), "ok": res["ok"], "problems": res["problems"], "counts": m["counts"],
                "rejects_by_reason": m["rejects_by_reason"], "targets": m["target_stats"],
@@ -326,21 +327,18 @@ def download(out, sql, catalog, release, base_url, limit, size, scale, workers, 
     """
     import sys
 
-    from .sdss import CatalogError, SkyServerError
+    from .sdss import SkyServerError
     from .sdss import download as run_download
 
     cfg = DownloadConfig(out=out, sql=sql, catalog=catalog, release=release, base_url=base_url, limit=limit,
                          size=size, scale=scale, workers=workers, rate=rate, retries=retries, timeout=timeout,
                          backoff=backoff, quiet=quiet)
     try:
-        res = run_download(cfg)
-    except (ValueError, SkyServerError) as e:  # CatalogError is a ValueError
-        raise click.ClickException(str(e)) from None
+        with _user_errors(writing=out, also=(SkyServerError,)):  # CatalogError is a ValueError
+            res = run_download(cfg)
     except KeyboardInterrupt:
         click.echo("interrupted before any cutout was fetched; nothing to resume yet", err=True)
         sys.exit(130)
-    except OSError as e:
-        raise click.ClickException(f"cannot write {out}: {e.strerror or e}; choose a writable folder") from None
     c = res.counts
     if as_json:
         _echo_json({"out": str(res.out), "catalog": res.n, "catalog_source": res.catalog_source, "counts": c,
@@ -388,10 +386,8 @@ def predict(run, input, out, split, tta, bs, device, loader, workers, as_json):
 
     cfg = PredictConfig(run=run, input=input, out=out, split=split, tta=tta, bs=bs, device=device, loader=loader,
                         workers=workers)
-    try:
+    with _user_errors():
         df, path = run_predict(cfg)
-    except ValueError as e:
-        raise click.ClickException(str(e)) from None
     n_bad = int((df["status"] != "ok").sum()) if "status" in df else 0
     summary = {"out": str(path), "rows": len(df), "unusable": n_bad}
     for c in [c for c in df.columns if c.startswith("true_")]:
@@ -449,10 +445,8 @@ def bench(shards, what, batches, warmup, repeats, bs, size, crop, arch, device, 
     cfg = BenchConfig(shards=shards, what=what, batches=batches, warmup=warmup, repeats=repeats, bs=bs, size=size,
                       crop=crop, arch=arch, device=device, workers=workers, images=images, catalog=catalog, seed=seed,
                       quiet=quiet)
-    try:
+    with _user_errors():
         res = run_bench(cfg)
-    except ValueError as e:
-        raise click.ClickException(str(e)) from None
     if as_json:
         _echo_json(res)
     else:

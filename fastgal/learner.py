@@ -136,13 +136,12 @@ def make_learner(dls, *, arch: str, targets: list[str], target_mean, target_std,
     writer=False (DDP ranks other than 0) leaves out the callbacks that write files.
     """
     model = make_model(arch, len(targets), target_mean, target_std)
-    stats = EpochStats()
-    cbs = [stats, StderrProgress(quiet)] + ([CSVLogger(fname=history)] if writer else [])
+    # fastai exposes each callback by name: learn.epoch_stats, learn.stderr_progress, ...
+    cbs = [EpochStats(), StderrProgress(quiet)] + ([CSVLogger(fname=history)] if writer else [])
     learn = Learner(
         dls, model, loss_func=rmse_loss, opt_func=ranger, metrics=target_metrics(targets), path=path,
         model_dir=".", cbs=cbs,
     )
-    learn.epoch_stats = stats
     learn.remove_cb(ProgressCallback)  # its bars go to stdout; StderrProgress replaces them
     learn.logger = lambda *a, **k: None  # the Recorder's table; we print our own summary
     if precision == "bf16":

@@ -24,15 +24,19 @@ from __future__ import annotations
 import gc
 import math
 import random
+from contextlib import contextmanager
 from dataclasses import replace
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import torch
+import torchvision.transforms.v2.functional as F
 from fastai.data.core import DataLoaders
+from torchvision.io import ImageReadMode, decode_jpeg
 
 from .pipeline import READER, PipeSpec
-from .shards import load_manifest, shard_files
+from .shards import load_manifest, read_index, shard_files
 
 
 def dali_available() -> bool:
@@ -42,6 +46,24 @@ def dali_available() -> bool:
     except Exception:
         return False
     return True
+
+
+@contextmanager
+def fork_safe():
+    """Collect, then freeze the GC while loader workers fork.
+
+    Workers are forked copies of this process. A DALI Pipeline that is garbage but not yet collected
+    is copied into each worker; when the worker's GC finalises it, Pipeline.__del__ waits on a lock held
+    by a DALI thread that does not exist there, and the worker hangs forever. Collecting first, then
+    freezing what is left (workers never collect inherited frozen objects), removes that hazard; the
+    parent unfreezes afterwards and collects as usual.
+    """
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 class _Adapter:
@@ -93,31 +115,16 @@ class _Adapter:
         return x.to(self.device, non_blocking=nb), y.to(self.device, non_blocking=nb)
 
     def show_batch(self, max_n: int = 16, path: str | Path | None = None, target_names=None, ncols: int = 4):
-        """Denormalised images of one batch with their targets; saved as a PNG when path is given."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        """Denormalised images of one batch with their targets, as a PNG at `path` (plots.image_grid)."""
+        from .plots import image_grid
 
         x, y = self.one_batch()
         x, y = x[:max_n].float().cpu(), y[:max_n].float().cpu()
-        mean = torch.tensor(self.spec.mean).view(1, 3, 1, 1)
-        std = torch.tensor(self.spec.std).view(1, 3, 1, 1)
+        mean, std = _norm(tuple(self.spec.mean), tuple(self.spec.std))
         imgs = ((x * std + mean) / 255).clamp(0, 1).permute(0, 2, 3, 1).numpy()
-        n = len(imgs)
-        nrows = max(1, math.ceil(n / ncols))
-        fig, axes = plt.subplots(nrows, ncols, figsize=(2.2 * ncols, 2.4 * nrows), squeeze=False)
         names = target_names or [f"y{i}" for i in range(y.shape[1])]
-        for ax in axes.flat:
-            ax.axis("off")
-        for ax, im, t in zip(axes.flat, imgs, y):
-            ax.imshow(im)
-            ax.set_title(", ".join(f"{nm} {v:.2f}" for nm, v in zip(names, t.tolist())), fontsize=7)
-        fig.tight_layout()
-        if path is not None:
-            fig.savefig(path, dpi=80)
-            plt.close(fig)
-        return fig
+        labels = [", ".join(f"{nm} {v:.2f}" for nm, v in zip(names, t.tolist())) for t in y]
+        return image_grid(list(imgs), labels, path, ncols=ncols)
 
 
 class DALILoader(_Adapter):
@@ -163,7 +170,7 @@ class _ShardSamples(torch.utils.data.Dataset):
         self.spec = spec
         self.entries = []
         for tar, idx in zip(spec.tars, spec.idxs):
-            self.entries += [(tar, *e) for e in read_index(idx, spec.image_ext, spec.target_ext)]
+            self.entries += [(tar, *c[spec.image_ext], *c[spec.target_ext]) for _, c in read_index(idx)]
         self._files: dict[str, object] = {}
 
     def __len__(self):
@@ -177,8 +184,6 @@ class _ShardSamples(torch.utils.data.Dataset):
         return f.read(size)
 
     def __getitem__(self, i):
-        from torchvision.io import ImageReadMode, decode_jpeg
-
         tar, img_off, img_size, y_off, y_size = self.entries[i]
         data = torch.frombuffer(bytearray(self._read(tar, img_off, img_size)), dtype=torch.uint8)
         img = decode_jpeg(data, mode=ImageReadMode.RGB)
@@ -186,23 +191,14 @@ class _ShardSamples(torch.utils.data.Dataset):
         return transform(img, self.spec), y
 
 
-def read_index(idx_path, image_ext: str, target_ext: str):
-    """Parse a DALI wds2idx index: -> [(img_offset, img_size, target_offset, target_size)] in order."""
-    lines = Path(idx_path).read_text().splitlines()
-    out = []
-    for line in lines[1:]:
-        parts = line.split()
-        comp = {}
-        for j in range(0, len(parts), 4):  # ext offset size filename
-            comp[parts[j]] = (int(parts[j + 1]), int(parts[j + 2]))
-        out.append((*comp[image_ext], *comp[target_ext]))
-    return out
+@lru_cache(maxsize=8)
+def _norm(mean: tuple, std: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean/std as (3, 1, 1) tensors, made once per statistics, not once per image."""
+    return (torch.tensor(mean, dtype=torch.float32).view(3, 1, 1), torch.tensor(std, dtype=torch.float32).view(3, 1, 1))
 
 
 def transform(img: torch.Tensor, spec: PipeSpec) -> torch.Tensor:
     """The pipeline's transforms in torchvision v2 functional ops; CHW uint8 in, CHW float out."""
-    import torchvision.transforms.v2.functional as F
-
     if not spec.precropped:
         img = F.center_crop(img, [spec.crop, spec.crop])
     if spec.kind == "train":
@@ -220,10 +216,8 @@ def transform(img: torch.Tensor, spec: PipeSpec) -> torch.Tensor:
             img = torch.rot90(img, k=spec.tta_view % 4, dims=(-2, -1))  # counter-clockwise, like DALI
             if spec.tta_view >= 4:
                 img = F.horizontal_flip(img)
-    x = img.float()
-    mean = torch.tensor(spec.mean, dtype=torch.float32).view(3, 1, 1)
-    std = torch.tensor(spec.std, dtype=torch.float32).view(3, 1, 1)
-    return (x - mean) / std
+    mean, std = _norm(tuple(spec.mean), tuple(spec.std))
+    return (img.float() - mean) / std
 
 
 def _seed_worker(worker_id):
@@ -250,13 +244,10 @@ class TorchLoader(_Adapter):
         )
 
     def __iter__(self):
-        # Workers are forked copies of this process: a discarded DALI pipeline still waiting for
-        # garbage collection would be shut down inside a worker, waiting on a DALI thread that does
-        # not exist there, and hang. Collect it here, in the parent, before forking.
-        if self._dl.num_workers:
-            gc.collect()
+        with fork_safe():  # iter() forks the workers
+            it = iter(self._dl)
         n = len(self)
-        for i, (x, y) in enumerate(self._dl):
+        for i, (x, y) in enumerate(it):
             if i < n:  # see DALILoader: equal step counts across DDP ranks
                 yield self._move(x, y)
 
@@ -273,41 +264,53 @@ def _loader_cls(backend: str):
     raise ValueError(f"unknown loader backend {backend!r}; use auto, dali or torch")
 
 
+def loader_for(
+    shards, manifest: dict, split: str, *, kind: str, bs: int, size: int, crop: int, device, backend: str = "auto",
+    num_threads: int = 2, seed: int = 42, shard_id: int = 0, num_shards: int = 1, drop_last: bool = False,
+    mean=None, std=None,
+) -> _Adapter:
+    """One loader over one split of a shard folder. mean/std default to the manifest's pixel stats;
+    a trained model passes its own (predict), so new data is normalised like its training data."""
+    cls = _loader_cls(backend)
+    device = torch.device(device)
+    precrop = manifest["image"].get("precrop")
+    region = precrop or crop
+    img_side = min(manifest["image"]["size"])
+    if size > region or region > img_side:
+        raise ValueError(f"crop sizes do not fit: image {img_side}px, region {region}px, model input {size}px")
+    tars, idxs = shard_files(shards, manifest, split)
+    ps = manifest["pixel_stats"]
+    spec = PipeSpec(
+        kind=kind, tars=[str(t) for t in tars], idxs=[str(i) for i in idxs],
+        mean=ps["mean"] if mean is None else mean, std=ps["std"] if std is None else std,
+        n_targets=len(manifest["targets"]), target_ext=manifest["components"]["targets"],
+        image_ext=manifest["components"]["image"], batch_size=bs, size=size, crop=region, precropped=bool(precrop),
+        device="gpu" if device.type == "cuda" else "cpu", device_id=(device.index or 0) if device.type == "cuda" else None,
+        num_threads=num_threads, seed=seed, shard_id=shard_id, num_shards=num_shards,
+    )
+    return cls(spec, manifest["counts"][split], device, drop_last=drop_last)
+
+
 def make_dls(
     shards, *, bs: int = 128, size: int = 112, crop: int = 144, device="cpu", backend: str = "auto",
     num_threads: int = 2, seed: int = 42, shard_id: int = 0, num_shards: int = 1, path=None,
     manifest: dict | None = None, shard_valid: bool = True,
 ) -> DataLoaders:
-    """fastai DataLoaders (train, valid) over a shard folder, normalised with its manifest's stats."""
+    """fastai DataLoaders (train, valid) over a shard folder, normalised with its manifest's stats.
+
+    shard_valid=False (DDP): every rank validates on all of the validation set, so every rank's
+    metrics are exact and equal; training is always split across ranks.
+    """
     shards = Path(shards)
     manifest = manifest or load_manifest(shards)
-    cls = _loader_cls(backend)
-    device = torch.device(device)
-    precrop = manifest["image"].get("precrop")
-    ps = manifest["pixel_stats"]
-    base = dict(
-        mean=ps["mean"], std=ps["std"], n_targets=len(manifest["targets"]),
-        target_ext=manifest["components"]["targets"], image_ext=manifest["components"]["image"],
-        batch_size=bs, size=size, crop=precrop or crop, precropped=bool(precrop),
-        device="gpu" if device.type == "cuda" else "cpu",
-        device_id=(device.index or 0) if device.type == "cuda" else None,
-        num_threads=num_threads, seed=seed, shard_id=shard_id, num_shards=num_shards,
-    )
-    img_side = min(manifest["image"]["size"])
-    if size > (precrop or crop) or (precrop or crop) > img_side:
-        raise ValueError(f"crop sizes do not fit: image {img_side}px, region {precrop or crop}px, model input {size}px")
-    loaders = []
-    for split, kind, drop in (("train", "train", True), ("valid", "valid", False)):
-        tars, idxs = shard_files(shards, manifest, split)
-        n = manifest["counts"][split]
-        spec = PipeSpec(kind=kind, tars=[str(t) for t in tars], idxs=[str(i) for i in idxs], **base)
-        if split == "valid" and not shard_valid:
-            # DDP: each rank validates on all of it, so every rank's metrics are exact and equal
-            spec.shard_id, spec.num_shards = 0, 1
-        loaders.append(cls(spec, n, device, drop_last=drop))
-    if len(loaders[0]) == 0:
+    common = dict(bs=bs, size=size, crop=crop, device=device, backend=backend, num_threads=num_threads, seed=seed)
+    train = loader_for(shards, manifest, "train", kind="train", drop_last=True, shard_id=shard_id,
+                       num_shards=num_shards, **common)
+    valid = loader_for(shards, manifest, "valid", kind="valid", **common,
+                       **(dict(shard_id=shard_id, num_shards=num_shards) if shard_valid else {}))
+    if len(train) == 0:
         raise ValueError(f"{shards}: {manifest['counts']['train']} training samples is fewer than one batch of {bs}; lower --bs")
-    dls = DataLoaders(*loaders, path=path or shards, device=device)
+    dls = DataLoaders(train, valid, path=path or shards, device=torch.device(device))
     dls.manifest = manifest
     dls.targets = list(manifest["targets"])
     return dls

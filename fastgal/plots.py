@@ -12,26 +12,28 @@ import matplotlib
 matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
 
 
-def contact_sheet(images: list[Path], labels: list[str], out: Path, ncols: int = 6, title: str = "") -> Path:
-    """A grid of cutouts with a label under each (e.g. the metallicity)."""
+def image_grid(images: list[np.ndarray], labels: list[str], out: Path | None, ncols: int = 4, title: str = ""):
+    """A grid of HWC images (uint8, or float in [0, 1]) with a label above each: saved to `out` as a PNG,
+    or, with out=None, the open matplotlib figure (for a notebook)."""
     n = len(images)
     nrows = max(1, -(-n // ncols))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(2 * ncols, 2.2 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(2.2 * ncols, 2.4 * nrows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, p, lab in zip(axes.flat, images, labels):
-        ax.imshow(np.asarray(Image.open(p).convert("RGB")))
-        ax.set_title(lab, fontsize=8)
+    for ax, im, lab in zip(axes.flat, images, labels):
+        ax.imshow(im)
+        ax.set_title(lab, fontsize=7)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if out is None:
+        return fig
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=80)
     plt.close(fig)
-    return out
+    return Path(out)
 
 
 def loss_curves(train_iters, train_losses, epoch_iters, valid_rmse, out: Path, title: str = "") -> Path:

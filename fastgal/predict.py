@@ -12,17 +12,19 @@ JPEGs that cannot be used get a row with an empty prediction and the reason.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+from torchvision.io import ImageReadMode, decode_jpeg
 
 from .config import PredictConfig
 from .learner import make_model
-from .loaders import _loader_cls, transform
+from .loaders import loader_for, transform, tta_loaders
 from .pipeline import PipeSpec
-from .shards import load_manifest, shard_files
+from .shards import index_keys, load_manifest
 from .train import MODEL_FORMAT, resolve_device
 from .util import default_workers, write_bytes_atomic
 
@@ -41,60 +43,37 @@ def load_run(run: Path, device) -> tuple[torch.nn.Module, dict]:
 
 
 @torch.no_grad()
-def _run(model, batches, device) -> np.ndarray:
-    out = []
-    for x, *_ in batches:
-        out.append(model(x.to(device)).float().cpu())
-    return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
-
-
-def _spec(ckpt: dict, kind: str, tars, idxs, precropped: bool, bs: int, device, threads: int, manifest=None) -> PipeSpec:
-    return PipeSpec(
-        kind=kind, tars=tars, idxs=idxs, mean=ckpt["pixel_mean"], std=ckpt["pixel_std"],
-        n_targets=len(manifest["targets"]) if manifest else len(ckpt["targets"]),
-        target_ext=manifest["components"]["targets"] if manifest else "target.f32",
-        batch_size=bs, size=ckpt["size"], crop=ckpt.get("precrop") or ckpt["crop"], precropped=precropped,
-        device="gpu" if device.type == "cuda" else "cpu", device_id=(device.index or 0) if device.type == "cuda" else None,
-        num_threads=threads,
-    )
+def _run(model, batches) -> tuple[np.ndarray, np.ndarray]:
+    """(predictions, targets) over a loader."""
+    preds, ys = [], []
+    for x, y in batches:
+        preds.append(model(x).float().cpu())
+        ys.append(y.float().cpu())
+    return torch.cat(preds).numpy(), torch.cat(ys).numpy()
 
 
 def predict_shards(cfg: PredictConfig, model, ckpt, device) -> pd.DataFrame:
-    from .train import valid_ids
-
     manifest = load_manifest(cfg.input)
     if list(manifest["image"]["size"]) != list(ckpt["image_size"]) or manifest["image"].get("precrop") != ckpt.get("precrop"):
         raise ValueError(f"{cfg.input} holds {manifest['image']['size']} px images (precrop {manifest['image'].get('precrop')}) "
                          f"but the model was trained on {ckpt['image_size']} (precrop {ckpt.get('precrop')}); re-shard to match")
     splits = ["train", "valid"] if cfg.split == "all" else [cfg.split]
-    cls = _loader_cls(cfg.loader)
-    threads = cfg.workers or default_workers()
-    pre = bool(manifest["image"].get("precrop"))
     frames = []
     for split in splits:
-        tars, idxs = shard_files(cfg.input, manifest, split)
-        n = manifest["counts"][split]
-        if n == 0:
+        if manifest["counts"][split] == 0:
             continue
-        dl = cls(_spec(ckpt, "valid", tars, idxs, pre, cfg.bs, device, threads, manifest), n, device, drop_last=False)
-        xs_pred, ys = [], []
-        with torch.no_grad():
-            for x, y in dl:
-                xs_pred.append(model(x).float().cpu())
-                ys.append(y.float().cpu())
-        pred, ys = torch.cat(xs_pred).numpy(), torch.cat(ys).numpy()
-        df = pd.DataFrame({"id": valid_ids(dl), "split": split})
+        # the eval graph over this split, normalised with the model's training statistics
+        dl = loader_for(cfg.input, manifest, split, kind="valid", bs=cfg.bs, size=ckpt["size"], crop=ckpt["crop"],
+                        device=device, backend=cfg.loader, num_threads=cfg.workers or default_workers(),
+                        mean=ckpt["pixel_mean"], std=ckpt["pixel_std"])
+        pred, ys = _run(model, dl)
+        df = pd.DataFrame({"id": index_keys(dl.spec.idxs), "split": split})
         for j, t in enumerate(manifest["targets"]):
             df[f"true_{t}"] = ys[:, j]
         for j, t in enumerate(ckpt["targets"]):
             df[f"pred_{t}"] = pred[:, j]
         if cfg.tta:
-            views = []
-            for v in range(8):
-                spec = _spec(ckpt, "tta", tars, idxs, pre, cfg.bs, device, threads, manifest)
-                spec.tta_view = v
-                views.append(_run(model, cls(spec, n, device, drop_last=False), device))
-            tta = np.mean(views, axis=0)
+            tta = np.mean([_run(model, v)[0] for v in tta_loaders(dl)], axis=0)
             for j, t in enumerate(ckpt["targets"]):
                 df[f"pred_tta_{t}"] = tta[:, j]
         frames.append(df)
@@ -102,50 +81,47 @@ def predict_shards(cfg: PredictConfig, model, ckpt, device) -> pd.DataFrame:
 
 
 class _Files(torch.utils.data.Dataset):
-    """JPEG files -> (tensor, index); unusable files give a zero tensor and are reported."""
+    """JPEG files -> (views, index, why): each file is decoded once and transformed into every view
+    (1, or the 8 dihedral ones for TTA); unusable files give zeros and the reason."""
 
-    def __init__(self, files, spec: PipeSpec, image_size):
-        self.files, self.spec, self.image_size = files, spec, list(image_size)
+    def __init__(self, files, specs: list[PipeSpec], image_size):
+        self.files, self.specs, self.image_size = files, specs, list(image_size)
 
     def __len__(self):
         return len(self.files)
 
     def __getitem__(self, i):
-        from torchvision.io import ImageReadMode, decode_jpeg
-
-        shape = (3, self.spec.size, self.spec.size)
+        s = self.specs[0].size
+        zeros = torch.zeros(len(self.specs), 3, s, s)
         try:
             data = Path(self.files[i]).read_bytes()
             if not data.startswith(b"\xff\xd8"):
-                return torch.zeros(shape), i, "not-jpeg"
+                return zeros, i, "not-jpeg"
             img = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
         except Exception as e:  # corrupt/truncated data: report it, keep going
-            return torch.zeros(shape), i, f"corrupt-image: {str(e).splitlines()[0][:80]}"
+            return zeros, i, f"corrupt-image: {str(e).splitlines()[0][:80]}"
         if list(img.shape[1:]) != self.image_size:
-            return torch.zeros(shape), i, f"wrong-size: {img.shape[2]}x{img.shape[1]}, model expects {self.image_size[1]}x{self.image_size[0]}"
-        return transform(img, self.spec), i, ""
+            return zeros, i, f"wrong-size: {img.shape[2]}x{img.shape[1]}, model expects {self.image_size[1]}x{self.image_size[0]}"
+        return torch.stack([transform(img, sp) for sp in self.specs]), i, ""
 
 
 def predict_images(cfg: PredictConfig, model, ckpt, device) -> pd.DataFrame:
     files = sorted(p for p in Path(cfg.input).iterdir() if p.is_file() and p.suffix.lower() in (".jpg", ".jpeg"))
     if not files:
         raise ValueError(f"no .jpg files in {cfg.input}; give a folder of cutouts or a shard folder")
-    views = range(8) if cfg.tta else [None]
+    base = PipeSpec(kind="valid", tars=[], idxs=[], mean=ckpt["pixel_mean"], std=ckpt["pixel_std"],
+                    size=ckpt["size"], crop=ckpt.get("precrop") or ckpt["crop"])
+    specs = [replace(base, kind="tta", tta_view=v) for v in range(8)] if cfg.tta else [base]
     threads = cfg.workers or default_workers()
+    dl = torch.utils.data.DataLoader(_Files(files, specs, ckpt["image_size"]), batch_size=cfg.bs, num_workers=min(threads, 4))
     preds, status = [], [""] * len(files)
-    for v in views:
-        spec = _spec(ckpt, "valid" if v is None else "tta", [], [], False, cfg.bs, torch.device("cpu"), threads)
-        if v is not None:
-            spec.tta_view = v
-        dl = torch.utils.data.DataLoader(_Files(files, spec, ckpt["image_size"]), batch_size=cfg.bs, num_workers=min(threads, 4))
-        out = []
-        with torch.no_grad():
-            for x, idx, why in dl:
-                out.append(model(x.to(device)).float().cpu())
-                for k, w in zip(idx.tolist(), why):
-                    status[k] = w
-        preds.append(torch.cat(out).numpy())
-    pred = np.mean(preds, axis=0)
+    with torch.no_grad():
+        for x, idx, why in dl:
+            b, v = x.shape[:2]
+            preds.append(model(x.flatten(0, 1).to(device)).float().cpu().view(b, v, -1).mean(1))  # mean over views
+            for k, w in zip(idx.tolist(), why):
+                status[k] = w
+    pred = torch.cat(preds).numpy()
     df = pd.DataFrame({"id": [p.stem for p in files], "file": [str(p) for p in files]})
     bad = np.array([bool(s) for s in status])
     for j, t in enumerate(ckpt["targets"]):

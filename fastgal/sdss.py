@@ -50,7 +50,7 @@ from urllib3.util.retry import Retry
 
 from . import __version__
 from .config import DownloadConfig, to_jsonable
-from .synth import NATIVE_SCALE, R90_SPAN
+from .synth import R90_SPAN
 from .util import Progress, write_bytes_atomic, write_json_atomic
 
 DEFAULT_SQL = Path(__file__).with_name("metallicity_sample.sql")  # shipped as package data

@@ -252,6 +252,22 @@ def _tar_writer(f):
     return tw                                   # does not fit USTAR now raises instead of adding PAX
 
 
+def read_index(idx_path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
+    """A DALI index, in sample order: [(key, {ext: (offset, size)})]. Lines are `ext offset size
+    filename` repeated per component; the key is the filename before its first dot."""
+    out = []
+    for line in Path(idx_path).read_text().splitlines()[1:]:
+        parts = line.split()
+        comps = {parts[j]: (int(parts[j + 1]), int(parts[j + 2])) for j in range(0, len(parts), 4)}
+        out.append((split_name(parts[3])[0], comps))
+    return out
+
+
+def index_keys(idx_paths) -> list[str]:
+    """Sample keys in the order a sequential reader (DALI's valid graph) delivers them."""
+    return [key for idx in idx_paths for key, _ in read_index(idx)]
+
+
 def index_count(idx_path) -> int:
     head = Path(idx_path).read_text().split("\n", 1)[0].split()
     if len(head) != 2 or head[0] != INDEX_VERSION:

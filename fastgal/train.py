@@ -13,7 +13,8 @@ Run folder (metrics.json is written last: its presence means the run finished):
     metrics.json           RMSE, NMAD, bias, R2, TTA RMSE, predict-the-training-mean RMSE, timings
 
 Distributed: launched by `torchrun --nproc_per_node=K -m fastgal train ...`, each rank reads its part
-of the shards (DALI shard_id/num_shards) under fastai's DDP context; rank 0 writes the run folder.
+of the training shards (DALI shard_id/num_shards) and trains a DistributedDataParallel model (the DDP
+callback in learner.py); every rank validates on all of the validation set; rank 0 writes the run folder.
 """
 
 from __future__ import annotations
@@ -72,16 +73,6 @@ def regression_metrics(true: np.ndarray, pred: np.ndarray) -> dict:
     }
 
 
-def valid_ids(dl) -> list[str]:
-    """Sample keys in the order the valid pipeline reads them (file order, from the index files)."""
-    ids = []
-    for idx in dl.spec.idxs:
-        for line in Path(idx).read_text().splitlines()[1:]:
-            parts = line.split()
-            ids.append(parts[3].split(".", 1)[0])  # "<key>.<ext>": keys have no dots
-    return ids
-
-
 def synth_floor(manifest: dict) -> dict | None:
     """The survey's accuracy floor when the shards were made from `fastgal synth` output."""
     cat = Path(manifest.get("source", {}).get("catalog", ""))
@@ -109,7 +100,7 @@ def train(cfg: TrainConfig) -> dict:
     from .learner import best_epoch_callback, make_learner
     from .loaders import make_dls, tta_loaders
     from .plots import loss_curves, lr_find_plot, pred_vs_true
-    from .shards import load_manifest
+    from .shards import index_keys, load_manifest
 
     t_start = time.perf_counter()
     manifest = load_manifest(Path(cfg.shards))  # one-line ValueError on a bad folder
@@ -143,8 +134,7 @@ def train(cfg: TrainConfig) -> dict:
         if (out / "config.json").exists() and not cfg.overwrite:
             raise ValueError(f"{out} already holds a run; pass --overwrite or choose another --out")
         out.mkdir(parents=True, exist_ok=True)
-        for name in ("metrics.json",):  # a stale "finished" marker must not survive a re-run
-            (out / name).unlink(missing_ok=True)
+        (out / "metrics.json").unlink(missing_ok=True)  # a stale "finished" marker must not survive a re-run
 
     set_seed(cfg.seed)
     threads = cfg.workers or default_workers()
@@ -220,7 +210,7 @@ def train(cfg: TrainConfig) -> dict:
     vdl = dls.valid.new(shuffle=False, drop_last=False)
     preds, targs = learn.get_preds(dl=vdl)
     preds, targs = preds.float().numpy(), targs.float().numpy()
-    ids = valid_ids(vdl)
+    ids = index_keys(vdl.spec.idxs)
     if len(ids) != len(preds):
         raise RuntimeError(f"{len(preds)} predictions for {len(ids)} validation ids: shards and index disagree")
     table = {"id": ids}
@@ -258,7 +248,7 @@ def train(cfg: TrainConfig) -> dict:
     t0 = targets[0]
     best = int(np.argmin(hist[monitor].values))
     metrics = {
-        **{k: v for k, v in per_target[t0].items()}, "target": t0, "targets": per_target,
+        **per_target[t0], "target": t0, "targets": per_target,
         "floor": synth_floor(manifest), "epochs": cfg.epochs, "best_epoch": best,
         "n_train": manifest["counts"]["train"], "n_valid": len(ids),
         "fit_seconds": round(fit_seconds, 2), "wall_seconds": round(time.perf_counter() - t_start, 2),
