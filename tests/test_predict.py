@@ -7,6 +7,7 @@ import shutil
 
 import numpy as np
 import pandas as pd
+import pytest
 from PIL import Image
 
 from conftest import run_cli
@@ -57,3 +58,25 @@ def test_predict_errors(small_run, tmp_path):
     (tmp_path / "empty").mkdir()
     res = run_cli("predict", small_run, tmp_path / "empty", ok=False)
     assert res.exit_code != 0 and ".jpg" in res.output
+
+
+def test_predict_input_errors(small_run, survey, tmp_path):
+    import torch
+
+    from fastgal.config import PredictConfig
+    from fastgal.predict import predict
+
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    torch.save({"format_version": 99}, fake / "model.pt")
+    res = run_cli("predict", fake, tmp_path, ok=False)
+    assert res.exit_code != 0 and "not a fastgal model" in res.output
+    res = run_cli("predict", small_run, small_run / "model.pt", ok=False)  # a file, not a folder
+    assert res.exit_code != 0 and "not a folder" in res.output
+    # 224 px shards against a model trained on 112 px cutouts
+    big = tmp_path / "big"
+    run_cli("shard", survey / "data/master.csv", survey / "images", big, "--quiet")
+    res = run_cli("predict", small_run, big, ok=False)
+    assert res.exit_code != 0 and "re-shard to match" in res.output
+    with pytest.raises(ValueError, match="--split"):  # the library checks what click's Choice checks
+        predict(PredictConfig(run=small_run, input=big, split="test"))

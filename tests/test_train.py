@@ -174,3 +174,34 @@ def test_demo_runs_the_main_job(tmp_path):
     assert m["n_train"] + m["n_valid"] == 200 and m["preset"]["arch"] == "xresnet18" and m["preset"]["size"] == 56
     assert m["survey_floor_rmse"] > 0 and m["rmse"] > 0
     assert run_cli("demo", "--out", out, "--n", 50, ok=False).exit_code != 0  # refuses without --overwrite
+
+
+def test_train_option_errors(small_shards, tmp_path, monkeypatch):
+    r = tmp_path / "r"
+    res = run_cli("train", small_shards, "--out", r, "--target", "lgm_tot_p50", ok=False)  # a subset
+    assert res.exit_code != 0 and "re-shard" in res.output
+    res = run_cli("train", small_shards, "--out", r, "--epochs", 0, ok=False)
+    assert res.exit_code != 0 and "positive" in res.output
+    res = run_cli("train", small_shards, "--out", r, "--size", 80, "--crop", 72, ok=False)  # input > region
+    assert res.exit_code != 0 and "crop sizes do not fit" in res.output
+    res = run_cli("train", small_shards, "--out", r, "--size", 56, "--crop", 72, "--bs", 5000, ok=False)
+    assert res.exit_code != 0 and "lower --bs" in res.output
+    import fastgal.loaders
+
+    monkeypatch.setattr(fastgal.loaders, "dali_available", lambda: False)
+    res = run_cli("train", small_shards, "--out", r, "--size", 56, "--crop", 72, "--loader", "dali", ok=False)
+    assert res.exit_code != 0 and "--loader torch" in res.output
+    assert not (r / "metrics.json").exists()
+
+
+def test_torchrun_refuses_lr_find(small_shards, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "fastgal", "train",
+         str(small_shards), "--out", str(tmp_path / "r"), "--lr-find", "--size", "56", "--crop", "72"],
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300,
+    )
+    assert proc.returncode != 0 and "single process" in proc.stderr
