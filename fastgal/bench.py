@@ -274,7 +274,7 @@ def bench(cfg: BenchConfig) -> dict:
     """Run the requested sections; return the JSON-ready result (see the module docstring)."""
     from .learner import make_learner
     from .loaders import dali_available, make_dls
-    from .shards import load_manifest
+    from .shards import load_manifest, training_crop
     from .train import resolve_device, resolve_precision
     from .util import default_workers
 
@@ -283,6 +283,7 @@ def bench(cfg: BenchConfig) -> dict:
         raise ValueError("--batches, --bs and --repeats must be >= 1 and --warmup >= 0")
     shards = Path(cfg.shards)
     manifest = load_manifest(shards)  # one-line ValueError on a bad folder
+    crop = training_crop(manifest, cfg.crop)
     device = resolve_device(cfg.device)
     precision = resolve_precision("auto", device)
     threads = cfg.workers or default_workers()
@@ -300,7 +301,7 @@ def bench(cfg: BenchConfig) -> dict:
     def get_backends():
         if backends or skipped:
             return backends
-        common = dict(bs=cfg.bs, size=cfg.size, crop=cfg.crop, device=device, num_threads=threads, seed=cfg.seed,
+        common = dict(bs=cfg.bs, size=cfg.size, crop=crop, device=device, num_threads=threads, seed=cfg.seed,
                       manifest=manifest)
         images, catalog, why = fastai_source(cfg, manifest)
         if why:
@@ -309,7 +310,7 @@ def bench(cfg: BenchConfig) -> dict:
             log(f"building the fastai DataBlock over {images}")
             with _quiet_fastai():
                 backends[PEER] = fastai_dls(shards, manifest, images, catalog, bs=cfg.bs, size=cfg.size,
-                                            crop=manifest["image"].get("precrop") or cfg.crop, device=device,
+                                            crop=crop, device=device,
                                             workers=threads, seed=cfg.seed)
         if dali_available():
             backends["dali"] = make_dls(shards, backend="dali", **common)
@@ -320,7 +321,7 @@ def bench(cfg: BenchConfig) -> dict:
 
     out: dict = {
         "shards": str(shards), "sections": what,
-        "config": {**to_jsonable(cfg), "workers": threads, "precision": precision, "device": str(device)},
+        "config": {**to_jsonable(cfg), "crop": crop, "workers": threads, "precision": precision, "device": str(device)},
         "machine": _machine(device),
         "n_train": manifest["counts"]["train"],
         "note": "best of repeats; compare ratios within one run, not absolute figures across machines or runs",

@@ -3,24 +3,118 @@
     fastgal synth data/synth --n 2000 --seed 1
     fastgal demo
 
-Each command parses its options into the dataclass of fastgal/config.py, calls the library,
-prints results to stdout (`--json` where a machine reads them) and progress to stderr.
+Options are declared once, as the fields of the command's config dataclass (fastgal/config.py):
+`@options(TrainConfig)` turns each field into a click argument or option with the field's default
+and help, and `TrainConfig(**kwargs)` is built from what click parsed. Each command calls the
+library, prints results to stdout (`--json` where a machine reads them) and progress to stderr.
 User errors are ClickExceptions: one line, non-zero exit.
 """
 
 from __future__ import annotations
 
 import json
+import typing
+import warnings
 from contextlib import contextmanager
+from dataclasses import MISSING, fields
 from pathlib import Path
 
 import click
 
 from . import __version__
-from .config import DemoConfig, PredictConfig, ShardConfig, SynthConfig, TrainConfig
-from .config import DownloadConfig
+from .config import BenchConfig, DemoConfig, DownloadConfig, PredictConfig, ShardConfig, SynthConfig, TrainConfig
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+def quiet_dependency_warnings() -> None:
+    """Known warnings raised inside dependencies at import time, not by anything the user did:
+    torch's deprecation of `torch.jit.script` (fastai's imports use it). Filtered by message and
+    module, so any other warning still shows."""
+    warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=UserWarning, module=r"fastai\..*")
+
+
+def _scale(ctx, param, value):
+    """--scale: 'auto' or a positive number of arcsec/pixel."""
+    if value == "auto":
+        return value
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        v = -1.0
+    if not v > 0:
+        raise click.BadParameter(f"{value!r} is neither 'auto' nor a positive number of arcsec/pixel")
+    return v
+
+
+_CALLBACKS = {"scale": _scale}
+
+
+def _click_type(hint, meta: dict):
+    """The click type for a field's annotation (Path, int, float, str, and their `| None`)."""
+    if meta.get("choices"):
+        return click.Choice(meta["choices"])
+    args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    if typing.get_origin(args[0]) is list:
+        args = list(typing.get_args(args[0]))
+    base = args[0] if len(args) == 1 else str
+    if base is Path:
+        return click.Path(path_type=Path)
+    return base if base in (int, float, str) else str
+
+
+def options(cfg_cls, json_help: str | None = "Print the summary as JSON."):
+    """Declare a command's arguments and options from cfg_cls's fields (and --json)."""
+    hints = typing.get_type_hints(cfg_cls)
+
+    def deco(f):
+        decorators = []
+        for fl in fields(cfg_cls):
+            meta = dict(fl.metadata)
+            if meta.get("cli") is False:
+                continue
+            default = fl.default if fl.default is not MISSING else fl.default_factory()
+            if meta.get("argument"):
+                decorators.append(click.argument(fl.name, type=_click_type(hints[fl.name], meta)))
+                continue
+            decls = [meta.get("flag") or "--" + fl.name.replace("_", "-"), fl.name]
+            if meta.get("short"):
+                decls.insert(0, meta["short"])
+            kw = {"help": meta.get("help") or None}
+            if hints[fl.name] is bool:
+                kw["is_flag"] = True
+            elif meta.get("type") in _CALLBACKS:
+                kw.update(default=default, show_default=True, callback=_CALLBACKS[meta["type"]])
+            else:
+                kw["type"] = _click_type(hints[fl.name], meta)
+                if meta.get("multiple"):
+                    kw.update(multiple=True, default=tuple(default or ()), show_default=bool(default))
+                else:
+                    kw.update(default=default, show_default=default is not None)
+            decorators.append(click.option(*decls, **kw))
+        if json_help:
+            decorators.append(click.option("--json", "as_json", is_flag=True, help=json_help))
+        for d in reversed(decorators):
+            f = d(f)
+        return f
+
+    return deco
+
+
+def config(cfg_cls, kwargs: dict):
+    """cfg_cls(**kwargs) from click's values: a repeated option's tuple becomes a list (None when
+    the field's default is None and none was given)."""
+    kw = {}
+    for fl in fields(cfg_cls):
+        if fl.name not in kwargs:
+            continue
+        v = kwargs[fl.name]
+        if fl.metadata.get("multiple"):
+            v = list(v) if v else (None if fl.default is None else list(fl.default_factory()))
+        kw[fl.name] = v
+    return cfg_cls(**kw)
 
 
 @click.group(context_settings=CONTEXT)
@@ -51,15 +145,8 @@ def _echo_json(obj) -> None:
 
 
 @cli.command()
-@click.argument("out", type=click.Path(path_type=Path))
-@click.option("--n", "n", type=int, default=SynthConfig.n, show_default=True, help="Number of galaxies.")
-@click.option("--seed", type=int, default=SynthConfig.seed, show_default=True)
-@click.option("--size", type=int, default=SynthConfig.size, show_default=True, help="Cutout width/height in pixels.")
-@click.option("--workers", type=int, default=SynthConfig.workers, show_default=True, help="Processes; 0 = all cores.")
-@click.option("--overwrite", is_flag=True, help="Replace the survey in a non-empty OUT.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def synth(out, n, seed, size, workers, overwrite, quiet, as_json):
+@options(SynthConfig)
+def synth(as_json, **kw):
     """Generate the embedded synthetic SDSS-like survey.
 
     Writes OUT/data/master.csv, OUT/images/{objID}.jpg and OUT/synth.json (parameters and the
@@ -71,8 +158,8 @@ def synth(out, n, seed, size, workers, overwrite, quiet, as_json):
     """
     from .synth import synth as run_synth
 
-    cfg = SynthConfig(out=out, n=n, seed=seed, size=size, workers=workers, overwrite=overwrite, quiet=quiet)
-    with _user_errors(writing=out):
+    cfg = config(SynthConfig, kw)
+    with _user_errors(writing=cfg.out):
         res = run_synth(cfg)
     info = {"out": str(res.out), "n": res.n, "seconds": round(res.seconds, 2),
             "images_per_s": round(res.images_per_s, 1), **{k: v for k, v in res.floor.items() if k != "note"}}
@@ -85,28 +172,8 @@ def synth(out, n, seed, size, workers, overwrite, quiet, as_json):
 
 
 @cli.command()
-@click.argument("shards", type=click.Path(path_type=Path))
-@click.option("--out", type=click.Path(path_type=Path), default=None, help="Run folder [default: runs/<shards>-<time>].")
-@click.option("--epochs", type=int, default=TrainConfig.epochs, show_default=True)
-@click.option("--lr", type=float, default=TrainConfig.lr, show_default=True, help="Peak learning rate of fit_one_cycle.")
-@click.option("--bs", type=int, default=TrainConfig.bs, show_default=True, help="Batch size (per process).")
-@click.option("--arch", default=TrainConfig.arch, show_default=True, help="xresnet18|xresnet34|xresnet50 (sa=True, Mish).")
-@click.option("--size", type=int, default=TrainConfig.size, show_default=True, help="Random crop the model sees.")
-@click.option("--crop", type=int, default=TrainConfig.crop, show_default=True, help="Centre region crops are drawn from.")
-@click.option("--target", "targets", multiple=True, help="Target name(s); default: all in the manifest.")
-@click.option("--lr-find", is_flag=True, help="Run fastai's lr_find first; writes lr_find.png.")
-@click.option("--lr-find-iters", type=int, default=TrainConfig.lr_find_iters, show_default=True, help="Batches lr_find tries.")
-@click.option("--tta", is_flag=True, help="Also predict with the 8 dihedral views averaged.")
-@click.option("--seed", type=int, default=TrainConfig.seed, show_default=True)
-@click.option("--device", default=TrainConfig.device, show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
-@click.option("--precision", default=TrainConfig.precision, show_default=True, type=click.Choice(["auto", "bf16", "fp16", "fp32"]))
-@click.option("--loader", default=TrainConfig.loader, show_default=True, type=click.Choice(["auto", "dali", "torch"]))
-@click.option("--workers", type=int, default=TrainConfig.workers, show_default=True, help="Loader threads; 0 = all cores.")
-@click.option("--overwrite", is_flag=True, help="Replace an earlier run in --out.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
-@click.option("--json", "as_json", is_flag=True, help="Print metrics.json to stdout.")
-def train(shards, out, epochs, lr, bs, arch, size, crop, targets, lr_find, lr_find_iters, tta, seed, device, precision, loader,
-          workers, overwrite, quiet, as_json):
+@options(TrainConfig, json_help="Print metrics.json to stdout.")
+def train(as_json, **kw):
     """Train the seed recipe on a shard folder and write a run folder.
 
     xresnet34(sa=True, Mish) + ranger + RMSE loss, fit_one_cycle(7, 1e-2), batch 128, with the
@@ -119,11 +186,8 @@ def train(shards, out, epochs, lr, bs, arch, size, crop, targets, lr_find, lr_fi
     """
     from .train import train as run_train
 
-    cfg = TrainConfig(shards=shards, out=out, epochs=epochs, lr=lr, bs=bs, arch=arch, size=size, crop=crop,
-                      targets=list(targets) or None, lr_find=lr_find, lr_find_iters=lr_find_iters, tta=tta, seed=seed, device=device,
-                      precision=precision, loader=loader, workers=workers, overwrite=overwrite, quiet=quiet)
     with _user_errors():
-        m = run_train(cfg)
+        m = run_train(config(TrainConfig, kw))
     if not m:  # a non-zero DDP rank
         return
     if as_json:
@@ -145,15 +209,8 @@ def _print_metrics(m: dict) -> None:
 
 
 @cli.command()
-@click.option("--out", type=click.Path(path_type=Path), default=DemoConfig.out, show_default=True)
-@click.option("--n", "n", type=int, default=None, help="Galaxies [default: 3000 on a CPU, 30000 on a GPU].")
-@click.option("--epochs", type=int, default=None, help="[default: 8 on a CPU, 7 on a GPU].")
-@click.option("--seed", type=int, default=DemoConfig.seed, show_default=True)
-@click.option("--device", default=DemoConfig.device, show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
-@click.option("--overwrite", is_flag=True, help="Replace an earlier demo in OUT.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
-@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
-def demo(out, n, epochs, seed, device, overwrite, quiet, as_json):
+@options(DemoConfig, json_help="Print the metrics as JSON.")
+def demo(as_json, **kw):
     """The main job on the embedded synthetic survey: synth -> shard -> train -> report.
 
     On a GPU: the seed's full recipe. On a CPU: a half-resolution preset (112 px cutouts,
@@ -166,8 +223,8 @@ def demo(out, n, epochs, seed, device, overwrite, quiet, as_json):
     """
     from .demo import demo as run_demo
 
-    cfg = DemoConfig(out=out, n=n, epochs=epochs, seed=seed, device=device, overwrite=overwrite, quiet=quiet)
-    log = (lambda msg: click.echo(msg, err=True)) if not (quiet or as_json) else (lambda msg: None)
+    cfg = config(DemoConfig, kw)
+    log = (lambda msg: click.echo(msg, err=True)) if not (cfg.quiet or as_json) else (lambda msg: None)
     with _user_errors():
         m = run_demo(cfg, log=log)
     if as_json:
@@ -176,29 +233,12 @@ def demo(out, n, epochs, seed, device, overwrite, quiet, as_json):
     _print_metrics(m)
     t = m["targets"][m["target"]]
     click.echo(f"validation RMSE {t['rmse']:.4f} dex vs predict-the-mean {t['baseline_rmse']:.4f} dex "
-               f"vs floor {m['survey_floor_rmse']:.4f} dex; run folder {out / 'run'}")
+               f"vs floor {m['survey_floor_rmse']:.4f} dex; run folder {cfg.out / 'run'}")
 
 
 @cli.command()
-@click.argument("catalog", type=click.Path(path_type=Path))
-@click.argument("images", type=click.Path(path_type=Path))
-@click.argument("out", type=click.Path(path_type=Path))
-@click.option("--id-col", default=ShardConfig.id_col, show_default=True, help="Id column (kept exact, never a float).")
-@click.option("--target", "targets", multiple=True, default=("metallicity",), show_default=True,
-              help="Target column; repeat for several (stored in this order).")
-@click.option("--valid-pct", type=float, default=ShardConfig.valid_pct, show_default=True,
-              help="Validation fraction (fastai RandomSplitter semantics).")
-@click.option("--seed", type=int, default=ShardConfig.seed, show_default=True, help="Seed of the split and the sample order.")
-@click.option("--shard-size", type=int, default=ShardConfig.shard_size, show_default=True, help="Samples per tar.")
-@click.option("--precrop", type=int, default=None, help="Store the centre PX x PX crop (JPEG q95) instead of the original bytes.")
-@click.option("--crop", type=int, default=ShardConfig.crop, show_default=True,
-              help="The training crop region: smaller images are rejected; pixel stats use it.")
-@click.option("--workers", type=int, default=ShardConfig.workers, show_default=True, help="Processes; 0 = all cores.")
-@click.option("--overwrite", is_flag=True, help="Replace the shards in an OUT that has them.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def shard(catalog, images, out, id_col, targets, valid_pct, seed, shard_size, precrop, crop, workers, overwrite, quiet,
-          as_json):
+@options(ShardConfig)
+def shard(as_json, **kw):
     """Validate a catalog and its JPEGs and write WebDataset shards for DALI.
 
     Writes OUT/train-NNNNNN.tar and OUT/valid-NNNNNN.tar (each with its DALI .idx),
@@ -212,10 +252,8 @@ def shard(catalog, images, out, id_col, targets, valid_pct, seed, shard_size, pr
     """
     from .shards import shard as run_shard
 
-    cfg = ShardConfig(catalog=catalog, images=images, out=out, id_col=id_col, targets=list(targets),
-                      valid_pct=valid_pct, seed=seed, shard_size=shard_size, precrop=precrop, crop=crop,
-                      workers=workers, overwrite=overwrite, quiet=quiet)
-    with _user_errors(writing=out):
+    cfg = config(ShardConfig, kw)
+    with _user_errors(writing=cfg.out):
         res = run_shard(cfg)
     m = res.manifest
     c = m["counts"]
@@ -279,39 +317,9 @@ def info(out, as_json):
                                    + "; re-run `fastgal shard ... --overwrite`")
 
 
-def _scale(value: str) -> float | str:
-    if value == "auto":
-        return value
-    try:
-        v = float(value)
-    except ValueError:
-        v = -1.0
-    if not v > 0:
-        raise click.BadParameter(f"{value!r} is neither 'auto' nor a positive number of arcsec/pixel")
-    return v
-
-
 @cli.command()
-@click.argument("out", type=click.Path(path_type=Path))
-@click.option("--sql", type=click.Path(path_type=Path, dir_okay=False), default=None,
-              help="SQL file to run instead of the reference sample's query (fastgal/metallicity_sample.sql).")
-@click.option("--catalog", type=click.Path(path_type=Path, dir_okay=False), default=None,
-              help="CSV with objID, ra, dec, [petroR90_r], targets: skip the query.")
-@click.option("--release", default=DownloadConfig.release, show_default=True, help="SDSS data release.")
-@click.option("--base-url", default=DownloadConfig.base_url, show_default=True, help="SkyServer host (a mirror, a test server).")
-@click.option("--limit", type=int, default=None, help="Only the first N galaxies (by objID for the query).")
-@click.option("--size", type=int, default=DownloadConfig.size, show_default=True, help="Cutout width/height in pixels (64-2048).")
-@click.option("--scale", default="auto", show_default=True, callback=lambda c, p, v: _scale(v),
-              help="arcsec/pixel, or auto: the frame spans 4 x petroR90_r (0.396 without it).")
-@click.option("--workers", type=int, default=DownloadConfig.workers, show_default=True, help="Download threads.")
-@click.option("--rate", type=float, default=DownloadConfig.rate, show_default=True, help="Requests/s over all threads; 0 = no limit.")
-@click.option("--retries", type=int, default=DownloadConfig.retries, show_default=True, help="Retries per cutout after the first try.")
-@click.option("--timeout", type=float, default=DownloadConfig.timeout, show_default=True, help="Seconds per request (connect, and between bytes).")
-@click.option("--backoff", type=float, default=DownloadConfig.backoff, show_default=True, help="Base of the exponential backoff, seconds.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def download(out, sql, catalog, release, base_url, limit, size, scale, workers, rate, retries, timeout, backoff,
-             quiet, as_json):
+@options(DownloadConfig)
+def download(as_json, **kw):
     """Query SDSS SkyServer for the sample and download its gri cutouts, politely and resumably.
 
     Writes OUT/data/master.csv (exact objIDs, metallicity, ...), OUT/images/{objID}.jpg (each
@@ -330,11 +338,9 @@ def download(out, sql, catalog, release, base_url, limit, size, scale, workers, 
     from .sdss import SkyServerError
     from .sdss import download as run_download
 
-    cfg = DownloadConfig(out=out, sql=sql, catalog=catalog, release=release, base_url=base_url, limit=limit,
-                         size=size, scale=scale, workers=workers, rate=rate, retries=retries, timeout=timeout,
-                         backoff=backoff, quiet=quiet)
+    cfg = config(DownloadConfig, kw)
     try:
-        with _user_errors(writing=out, also=(SkyServerError,)):  # CatalogError is a ValueError
+        with _user_errors(writing=cfg.out, also=(SkyServerError,)):  # CatalogError is a ValueError
             res = run_download(cfg)
     except KeyboardInterrupt:
         click.echo("interrupted before any cutout was fetched; nothing to resume yet", err=True)
@@ -360,18 +366,8 @@ def download(out, sql, catalog, release, base_url, limit, size, scale, workers, 
 
 
 @cli.command()
-@click.argument("run", type=click.Path(path_type=Path))
-@click.argument("input", type=click.Path(path_type=Path))
-@click.option("--out", type=click.Path(path_type=Path), default=None, help="CSV [default: RUN/predictions_<INPUT>.csv].")
-@click.option("--split", default=PredictConfig.split, show_default=True, type=click.Choice(["valid", "train", "all"]),
-              help="Which shards, when INPUT is a shard folder.")
-@click.option("--tta", is_flag=True, help="Average the 8 dihedral views.")
-@click.option("--bs", type=int, default=PredictConfig.bs, show_default=True)
-@click.option("--device", default=PredictConfig.device, show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
-@click.option("--loader", default=PredictConfig.loader, show_default=True, type=click.Choice(["auto", "dali", "torch"]))
-@click.option("--workers", type=int, default=PredictConfig.workers, show_default=True, help="0 = all cores.")
-@click.option("--json", "as_json", is_flag=True, help="Print a summary as JSON.")
-def predict(run, input, out, split, tta, bs, device, loader, workers, as_json):
+@options(PredictConfig, json_help="Print a summary as JSON.")
+def predict(as_json, **kw):
     """Apply a trained run to a shard folder or a folder of JPEG cutouts.
 
     Writes a CSV with one row per input: id, predictions (pred_<target>, pred_tta_<target> with
@@ -384,10 +380,8 @@ def predict(run, input, out, split, tta, bs, device, loader, workers, as_json):
     """
     from .predict import predict as run_predict
 
-    cfg = PredictConfig(run=run, input=input, out=out, split=split, tta=tta, bs=bs, device=device, loader=loader,
-                        workers=workers)
     with _user_errors():
-        df, path = run_predict(cfg)
+        df, path = run_predict(config(PredictConfig, kw))
     n_bad = int((df["status"] != "ok").sum()) if "status" in df else 0
     summary = {"out": str(path), "rows": len(df), "unusable": n_bad}
     for c in [c for c in df.columns if c.startswith("true_")]:
@@ -403,31 +397,9 @@ def predict(run, input, out, split, tta, bs, device, loader, workers, as_json):
             click.echo(f"  {k} {v:.4f}")
 
 
-from .config import BenchConfig  # noqa: E402  (kept beside its command: cli.py is edited by many hands)
-
-
 @cli.command()
-@click.argument("shards", type=click.Path(path_type=Path))
-@click.option("--what", default=BenchConfig.what, show_default=True,
-              help="Sections, comma-separated: loaders, model, e2e (e2e also runs model), all.")
-@click.option("--batches", type=int, default=BenchConfig.batches, show_default=True, help="Timed batches per window.")
-@click.option("--warmup", type=int, default=BenchConfig.warmup, show_default=True, help="Untimed batches before each window.")
-@click.option("--repeats", type=int, default=BenchConfig.repeats, show_default=True, help="Windows per backend; best reported.")
-@click.option("--bs", type=int, default=BenchConfig.bs, show_default=True, help="Batch size.")
-@click.option("--size", type=int, default=BenchConfig.size, show_default=True, help="Random crop the model sees.")
-@click.option("--crop", type=int, default=BenchConfig.crop, show_default=True, help="Centre region crops are drawn from.")
-@click.option("--arch", default=BenchConfig.arch, show_default=True, help="Model for the model and e2e sections.")
-@click.option("--device", default=BenchConfig.device, show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
-@click.option("--workers", type=int, default=BenchConfig.workers, show_default=True, help="Loader threads per backend; 0 = all cores.")
-@click.option("--images", type=click.Path(path_type=Path), default=None,
-              help="JPEG folder for the fastai peer [default: the manifest's source.images].")
-@click.option("--catalog", type=click.Path(path_type=Path), default=None,
-              help="Catalog CSV for the fastai peer [default: the manifest's source.catalog].")
-@click.option("--seed", type=int, default=BenchConfig.seed, show_default=True)
-@click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
-@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
-def bench(shards, what, batches, warmup, repeats, bs, size, crop, arch, device, workers, images, catalog, seed, quiet,
-          as_json):
+@options(BenchConfig, json_help="Print the results as JSON.")
+def bench(as_json, **kw):
     """Measure training speed as ratios to fastai's own PIL pipeline, all in one run.
 
     loaders: images/s of the DALI loader, the torch fallback and fastai's DataBlock over the
@@ -442,11 +414,8 @@ def bench(shards, what, batches, warmup, repeats, bs, size, crop, arch, device, 
     from .bench import bench as run_bench
     from .bench import format_table
 
-    cfg = BenchConfig(shards=shards, what=what, batches=batches, warmup=warmup, repeats=repeats, bs=bs, size=size,
-                      crop=crop, arch=arch, device=device, workers=workers, images=images, catalog=catalog, seed=seed,
-                      quiet=quiet)
     with _user_errors():
-        res = run_bench(cfg)
+        res = run_bench(config(BenchConfig, kw))
     if as_json:
         _echo_json(res)
     else:
@@ -454,6 +423,7 @@ def bench(shards, what, batches, warmup, repeats, bs, size, crop, arch, device, 
 
 
 def main():  # console-script entry point
+    quiet_dependency_warnings()
     cli()
 
 

@@ -1,13 +1,19 @@
-"""One dataclass of defaults per command; the defaults are the seed recipe's.
+"""The seed's recipe in one place, and one config dataclass per command built on it.
 
-click options in cli.py map onto these fields, and the final config is saved
-next to what the command wrote (synth.json, manifest.json, a run's config.json),
-so every output says exactly how it was made.
+    from fastgal.config import RECIPE, TrainConfig
+    TrainConfig(shards="shards/synth").bs == RECIPE.bs == 128
+
+`Recipe` holds the published recipe's geometry and training defaults; every command's defaults
+(and so every CLI default: cli.py generates its options from these fields) come from it. Each
+field's metadata is its CLI help: `opt(default, "help")`, plus `flag=` (another long name), `short=`, `choices=`, `argument=True`,
+`multiple=True`, `cli=False` where the option differs from the plain `--field-name VALUE`.
+The final config is saved next to what a command wrote (synth.json, manifest.json, a run's
+config.json), so every output says exactly how it was made.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 
@@ -16,146 +22,183 @@ def to_jsonable(cfg) -> dict:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
 
 
+def opt(default=None, help: str = "", *, factory=None, **cli):
+    """A config field with its CLI metadata (see the module docstring)."""
+    meta = {"help": help, **cli}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The published recipe (fastai DataBlock + xresnet34 + ranger, ~130k SDSS galaxies, one P100)."""
+
+    image: int = 224  # SkyServer getjpeg cutouts, 224 x 224
+    crop: int = 144  # CropPad(144): the centre region ...
+    size: int = 112  # ... that RandomCrop(112) draws the model's input from
+    max_rotate: float = 10.0  # aug_transforms(max_rotate=10) ...
+    p_rotate: float = 0.75  # ... at fastai's p_affine
+    arch: str = "xresnet34"  # xresnet34(n_out, sa=True, act_cls=Mish)
+    epochs: int = 7  # fit_one_cycle(7, 1e-2)
+    lr: float = 1e-2
+    bs: int = 128
+    valid_pct: float = 0.2  # RandomSplitter(0.2, seed=56)
+    split_seed: int = 56
+    target: str = "metallicity"  # 12 + log(O/H), MPA-JHU oh_p50
+
+
+RECIPE = Recipe()
+# `fastgal demo` on a CPU: the same geometry at half resolution (112 px cutouts spanning the same
+# sky, crop 72 -> 56) with xresnet18, so 2 cores finish in a few minutes and still learn.
+CPU_RECIPE = replace(RECIPE, image=112, crop=72, size=56, arch="xresnet18", epochs=8, bs=64)
+
+QUIET = "No progress on stderr."
+WORKERS = "Processes; 0 = all cores."
+DEVICES = ["auto", "cpu", "cuda"]
+LOADERS = ["auto", "dali", "torch"]
+
+
 @dataclass
 class SynthConfig:
     """`fastgal synth`: the embedded synthetic SDSS-like survey."""
 
-    out: Path = Path("data/synth")
-    n: int = 2000
-    seed: int = 0
-    size: int = 224  # SkyServer getjpeg cutouts in the seed recipe are 224x224
-    workers: int = 0  # 0 = all cores
-    jpeg_quality: int = 75  # close to what SkyServer's getjpeg serves
-    overwrite: bool = False
-    quiet: bool = False
+    out: Path = opt(Path("data/synth"), argument=True)
+    n: int = opt(2000, "Number of galaxies.")
+    seed: int = opt(0)
+    size: int = opt(RECIPE.image, "Cutout width/height in pixels.")
+    workers: int = opt(0, WORKERS)
+    jpeg_quality: int = opt(75, "close to what SkyServer's getjpeg serves", cli=False)
+    overwrite: bool = opt(False, "Replace the survey in a non-empty OUT.")
+    quiet: bool = opt(False, QUIET, short="-q")
 
 
 @dataclass
 class ShardConfig:
     """`fastgal shard`: catalog + JPEGs -> WebDataset tars + DALI indexes + manifest.json + rejects.csv."""
 
-    catalog: Path = Path("data/synth/data/master.csv")
-    images: Path = Path("data/synth/images")
-    out: Path = Path("shards/synth")
-    id_col: str = "objID"
-    targets: list[str] = field(default_factory=lambda: ["metallicity"])
-    valid_pct: float = 0.2  # fastai RandomSplitter(0.2, seed=56), as in the seed recipe
-    seed: int = 56  # split seed; also seeds the order samples are written in
-    shard_size: int = 5000  # samples per tar (~50-100 MB of 224 px cutouts)
-    precrop: int | None = None  # store the centre PX x PX crop (JPEG q95) instead of the original bytes
-    crop: int = 144  # the pipeline's centre crop: smaller images are rejected, pixel stats use this region
-    workers: int = 0  # 0 = all cores
-    overwrite: bool = False
-    quiet: bool = False
+    catalog: Path = opt(Path("data/synth/data/master.csv"), argument=True)
+    images: Path = opt(Path("data/synth/images"), argument=True)
+    out: Path = opt(Path("shards/synth"), argument=True)
+    id_col: str = opt("objID", "Id column (kept exact, never a float).")
+    targets: list[str] = opt(help="Target column; repeat for several (stored in this order).",
+                             factory=lambda: [RECIPE.target], flag="--target", multiple=True)
+    valid_pct: float = opt(RECIPE.valid_pct, "Validation fraction (fastai RandomSplitter semantics).")
+    seed: int = opt(RECIPE.split_seed, "Seed of the split and the sample order.")
+    shard_size: int = opt(5000, "Samples per tar.")  # ~50-100 MB of 224 px cutouts
+    precrop: int | None = opt(None, "Store the centre PX x PX crop (JPEG q95) instead of the original bytes.")
+    crop: int = opt(RECIPE.crop, "The training crop region: smaller images are rejected; pixel stats use it.")
+    workers: int = opt(0, WORKERS)
+    overwrite: bool = opt(False, "Replace the shards in an OUT that has them.")
+    quiet: bool = opt(False, QUIET, short="-q")
 
 
 @dataclass
 class TrainConfig:
     """`fastgal train`: the seed recipe. xresnet34(sa, Mish) + ranger + RMSE, fit_one_cycle(7, 1e-2), bs 128."""
 
-    shards: Path = Path("shards/synth")
-    out: Path | None = None  # run folder; default runs/<shards name>-<timestamp>
-    epochs: int = 7
-    lr: float = 1e-2
-    bs: int = 128
-    arch: str = "xresnet34"
-    size: int = 112  # RandomCrop 112 ...
-    crop: int = 144  # ... out of CropPad 144
-    targets: list[str] | None = None  # None = every target in the manifest
-    lr_find: bool = False
-    lr_find_iters: int = 100  # fastai's default
-    tta: bool = False
-    seed: int = 42
-    device: str = "auto"  # auto | cpu | cuda
-    precision: str = "auto"  # auto (bf16 on GPUs that have it, else fp16; fp32 on CPU) | bf16 | fp16 | fp32
-    loader: str = "auto"  # auto | dali | torch
-    workers: int = 0  # loader threads; 0 = all cores
-    channels_last: bool = True  # on a GPU
-    overwrite: bool = False
-    quiet: bool = False
+    shards: Path = opt(Path("shards/synth"), argument=True)
+    out: Path | None = opt(None, "Run folder [default: runs/<shards>-<time>].")
+    epochs: int = opt(RECIPE.epochs)
+    lr: float = opt(RECIPE.lr, "Peak learning rate of fit_one_cycle.")
+    bs: int = opt(RECIPE.bs, "Batch size (per process).")
+    arch: str = opt(RECIPE.arch, "xresnet18|xresnet34|xresnet50 (sa=True, Mish).")
+    size: int = opt(RECIPE.size, "Random crop the model sees.")
+    crop: int | None = opt(None, "Centre region crops are drawn from [default: the shards' own, from manifest.json].")
+    targets: list[str] | None = opt(None, "Target name(s); default: all in the manifest.", flag="--target", multiple=True)
+    lr_find: bool = opt(False, "Run fastai's lr_find first; writes lr_find.png.")
+    lr_find_iters: int = opt(100, "Batches lr_find tries.")  # fastai's default
+    tta: bool = opt(False, "Also predict with the 8 dihedral views averaged.")
+    seed: int = opt(42)
+    device: str = opt("auto", choices=DEVICES)
+    precision: str = opt("auto", "auto = bf16 on GPUs that have it, else fp16; fp32 on a CPU.",
+                         choices=["auto", "bf16", "fp16", "fp32"])
+    loader: str = opt("auto", "Data path: DALI, or the webdataset + torchvision fallback.", choices=LOADERS)
+    workers: int = opt(0, "Loader threads; 0 = all cores.")
+    channels_last: bool = opt(True, "on a GPU", cli=False)
+    overwrite: bool = opt(False, "Replace an earlier run in --out.")
+    quiet: bool = opt(False, QUIET, short="-q")
 
 
 @dataclass
 class DownloadConfig:
     """`fastgal download`: the SkyServer sample query and the cutout downloader."""
 
-    out: Path = Path("data/sdss")
-    sql: Path | None = None  # None = the reference sample's query (fastgal/metallicity_sample.sql)
-    catalog: Path | None = None  # a user CSV (objID, ra, dec, [petroR90_r], targets) instead of a query
-    release: str = "dr17"
-    base_url: str = "https://skyserver.sdss.org"
-    limit: int | None = None  # the first N galaxies by objID
-    size: int = 224  # pixels; SkyServer clamps width/height to [64, 2048]
-    scale: float | str = "auto"  # arcsec/pixel, or "auto": the frame spans 4 x petroR90_r
-    fallback_scale: float = 0.396  # auto without a usable petroR90_r: SDSS's native pixel
-    workers: int = 4  # threads, each with its own keep-alive connection
-    rate: float = 4.0  # requests/s over all workers (SkyServer is shared); 0 = no limit
-    retries: int = 5  # retries after the first try, per cutout and per query
-    timeout: float = 30.0  # seconds to connect and between bytes, per cutout request
-    query_timeout: float = 600.0  # seconds for the SQL answer (the full sample takes minutes)
-    backoff: float = 0.5  # seconds; retry n waits ~backoff * 2**n plus up to `backoff` of jitter
-    backoff_max: float = 60.0
-    retry_after_max: float = 120.0  # cap on a server's Retry-After
-    row_cap: int = 500_000  # SkyServer's SqlSearch row limit; a capped result is split by objID
-    quiet: bool = False
+    out: Path = opt(Path("data/sdss"), argument=True)
+    sql: Path | None = opt(None, "SQL file to run instead of the reference sample's query (fastgal/metallicity_sample.sql).")
+    catalog: Path | None = opt(None, "CSV with objID, ra, dec, [petroR90_r], targets: skip the query.")
+    release: str = opt("dr17", "SDSS data release.")
+    base_url: str = opt("https://skyserver.sdss.org", "SkyServer host (a mirror, a test server).")
+    limit: int | None = opt(None, "Only the first N galaxies (by objID for the query).")
+    size: int = opt(RECIPE.image, "Cutout width/height in pixels (64-2048; SkyServer clamps outside it).")
+    scale: float | str = opt("auto", "arcsec/pixel, or auto: the frame spans 4 x petroR90_r (0.396 without it).",
+                             type="scale")
+    fallback_scale: float = opt(0.396, "auto without a usable petroR90_r: SDSS's native pixel", cli=False)
+    workers: int = opt(4, "Download threads, each with its own keep-alive connection.")
+    rate: float = opt(4.0, "Requests/s over all threads (SkyServer is shared); 0 = no limit.")
+    retries: int = opt(5, "Retries after the first try, per cutout and per query.")
+    timeout: float = opt(30.0, "Seconds per request (connect, and between bytes).")
+    query_timeout: float = opt(600.0, "seconds for the SQL answer (the full sample takes minutes)", cli=False)
+    backoff: float = opt(0.5, "Base of the exponential backoff, seconds (retry n waits ~backoff * 2**n + jitter).")
+    backoff_max: float = opt(60.0, cli=False)
+    retry_after_max: float = opt(120.0, "cap on a server's Retry-After", cli=False)
+    row_cap: int = opt(500_000, "SkyServer's SqlSearch row limit; a capped result is split by objID", cli=False)
+    quiet: bool = opt(False, QUIET, short="-q")
 
 
 @dataclass
 class DemoConfig:
     """`fastgal demo`: synth -> shard -> train -> report. None = the preset for the device.
 
-    GPU preset: the seed's full recipe (224 px cutouts, CropPad 144 -> RandomCrop 112, xresnet34,
-    7 epochs, bs 128). CPU preset: the same geometry at half resolution (112 px cutouts spanning
-    the same sky, crop 72 -> 56) with xresnet18, so 2 cores finish in a few minutes and still learn.
+    GPU preset: the seed's full recipe (RECIPE). CPU preset: CPU_RECIPE.
     """
 
-    out: Path = Path("runs/demo")
-    n: int | None = None  # galaxies: CPU 3000, GPU 30000
-    seed: int = 0
-    device: str = "auto"
-    epochs: int | None = None  # CPU 8, GPU 7
-    overwrite: bool = False
-    quiet: bool = False
+    out: Path = opt(Path("runs/demo"))
+    n: int | None = opt(None, "Galaxies [default: 3000 on a CPU, 30000 on a GPU].")
+    epochs: int | None = opt(None, "[default: 8 on a CPU, 7 on a GPU].")
+    seed: int = opt(0)
+    device: str = opt("auto", choices=DEVICES)
+    loader: str = opt("auto", "Data path for training.", choices=LOADERS)
+    overwrite: bool = opt(False, "Replace an earlier demo in OUT.")
+    quiet: bool = opt(False, QUIET, short="-q")
 
     def preset(self, gpu: bool) -> dict:
-        if gpu:
-            return dict(n=self.n or 30000, image=224, crop=144, size=112, arch="xresnet34", bs=128,
-                        epochs=self.epochs or 7, lr=1e-2, tta=True)
-        return dict(n=self.n or 3000, image=112, crop=72, size=56, arch="xresnet18", bs=64,
-                    epochs=self.epochs or 8, lr=1e-2, tta=True)
+        r = RECIPE if gpu else CPU_RECIPE
+        return dict(n=self.n or (30000 if gpu else 3000), image=r.image, crop=r.crop, size=r.size, arch=r.arch,
+                    bs=r.bs, epochs=self.epochs or r.epochs, lr=r.lr, tta=True)
 
 
 @dataclass
 class PredictConfig:
     """`fastgal predict`: a trained run applied to shards or a folder of JPEG cutouts."""
 
-    run: Path = Path("runs/demo/run")
-    input: Path = Path("shards/synth")
-    out: Path | None = None  # default: <run>/predictions_<input name>.csv
-    split: str = "valid"  # shard input: valid | train | all
-    tta: bool = False  # average the 8 dihedral views
-    bs: int = 256
-    device: str = "auto"
-    loader: str = "auto"
-    workers: int = 0  # 0 = all cores
+    run: Path = opt(Path("runs/demo/run"), argument=True)
+    input: Path = opt(Path("shards/synth"), argument=True)
+    out: Path | None = opt(None, "CSV [default: RUN/predictions_<INPUT>.csv].")
+    split: str = opt("valid", "Which shards, when INPUT is a shard folder.", choices=["valid", "train", "all"])
+    tta: bool = opt(False, "Average the 8 dihedral views.")
+    bs: int = opt(256)
+    device: str = opt("auto", choices=DEVICES)
+    loader: str = opt("auto", choices=LOADERS)
+    workers: int = opt(0, "0 = all cores.")
 
 
 @dataclass
 class BenchConfig:
     """`fastgal bench`: loaders / model / end-to-end training speed, as ratios to fastai's PIL pipeline."""
 
-    shards: Path = Path("shards/synth")
-    what: str = "all"  # comma-separated: loaders, model, e2e (e2e also runs model), or all
-    batches: int = 20  # timed batches per window
-    warmup: int = 2  # untimed batches before each window (worker start, pipeline build, autotune)
-    repeats: int = 3  # windows per backend; the best one is reported
-    bs: int = 128
-    size: int = 112  # the seed's RandomCrop 112 ...
-    crop: int = 144  # ... out of CropPad 144
-    arch: str = "xresnet34"
-    device: str = "auto"  # auto | cpu | cuda
-    workers: int = 0  # loader threads/processes for every backend; 0 = all cores
-    images: Path | None = None  # the peer's JPEG folder; default: the shards' manifest source.images
-    catalog: Path | None = None  # the peer's catalog; default: the manifest's source.catalog
-    seed: int = 42
-    quiet: bool = False
+    shards: Path = opt(Path("shards/synth"), argument=True)
+    what: str = opt("all", "Sections, comma-separated: loaders, model, e2e (e2e also runs model), all.")
+    batches: int = opt(20, "Timed batches per window.")
+    warmup: int = opt(2, "Untimed batches before each window (worker start, pipeline build, autotune).")
+    repeats: int = opt(3, "Windows per backend; the best is reported.")
+    bs: int = opt(RECIPE.bs, "Batch size.")
+    size: int = opt(RECIPE.size, "Random crop the model sees.")
+    crop: int | None = opt(None, "Centre region crops are drawn from [default: the shards' own].")
+    arch: str = opt(RECIPE.arch, "Model for the model and e2e sections.")
+    device: str = opt("auto", choices=DEVICES)
+    workers: int = opt(0, "Loader threads/processes for every backend; 0 = all cores.")
+    images: Path | None = opt(None, "JPEG folder for the fastai peer [default: the manifest's source.images].")
+    catalog: Path | None = opt(None, "Catalog CSV for the fastai peer [default: the manifest's source.catalog].")
+    seed: int = opt(42)
+    quiet: bool = opt(False, QUIET, short="-q")

@@ -41,7 +41,7 @@ def demo(cfg: DemoConfig, log=print) -> dict:
         f"on {device.type}")
     m = train(TrainConfig(shards=out / "shards", out=out / "run", epochs=p["epochs"], lr=p["lr"], bs=p["bs"],
                           arch=p["arch"], size=p["size"], crop=p["crop"], tta=p["tta"], seed=cfg.seed,
-                          device=str(device), overwrite=True, quiet=cfg.quiet))
+                          device=str(device), loader=cfg.loader, overwrite=True, quiet=cfg.quiet))
     m["preset"] = p
     m["survey_floor_rmse"] = s.floor["floor_rmse"]
     write_json_atomic(out / "demo.json", m)  # what the demo ran and what it got, in one file

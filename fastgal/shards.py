@@ -552,6 +552,18 @@ def load_manifest(folder) -> dict:
     return m
 
 
+def training_crop(manifest: dict, asked: int | None = None) -> int:
+    """The centre region training crops are drawn from: the one the shards were made for (their
+    pixel statistics are over it). `asked` (a --crop) must agree: other statistics would be wrong."""
+    made = manifest["image"].get("crop") or manifest["pixel_stats"]["region"]
+    if manifest["image"].get("precrop"):
+        made = manifest["image"]["precrop"]
+    if asked is not None and asked != made:
+        raise ValueError(f"--crop {asked} but the shards were made for a {made} px crop region (their pixel statistics "
+                         f"are over it); drop --crop, or re-shard with `fastgal shard ... --crop {asked}`")
+    return made
+
+
 def shard_files(folder, manifest: dict, split: str) -> tuple[list[str], list[str]]:
     """(tar paths, index paths) of one split, in manifest order, as strings for DALI."""
     if split not in manifest["shards"]:

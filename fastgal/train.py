@@ -100,7 +100,7 @@ def train(cfg: TrainConfig) -> dict:
     from .learner import best_epoch_callback, make_learner
     from .loaders import make_dls, tta_loaders
     from .plots import loss_curves, lr_find_plot, pred_vs_true
-    from .shards import index_keys, load_manifest
+    from .shards import index_keys, load_manifest, training_crop
 
     t_start = time.perf_counter()
     manifest = load_manifest(Path(cfg.shards))  # one-line ValueError on a bad folder
@@ -115,6 +115,7 @@ def train(cfg: TrainConfig) -> dict:
                          "re-shard with only the targets you want")
     if cfg.epochs < 1 or cfg.bs < 1 or cfg.lr <= 0:
         raise ValueError("--epochs and --bs must be positive and --lr > 0")
+    crop = training_crop(manifest, cfg.crop)
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     rank, world = _distributed()
@@ -138,7 +139,7 @@ def train(cfg: TrainConfig) -> dict:
 
     set_seed(cfg.seed)
     threads = cfg.workers or default_workers()
-    dls = make_dls(cfg.shards, bs=cfg.bs, size=cfg.size, crop=cfg.crop, device=device, backend=cfg.loader,
+    dls = make_dls(cfg.shards, bs=cfg.bs, size=cfg.size, crop=crop, device=device, backend=cfg.loader,
                    num_threads=threads, seed=cfg.seed, shard_id=rank, num_shards=world, path=out, manifest=manifest,
                    shard_valid=False)
     backend = type(dls.train).__name__
@@ -147,7 +148,7 @@ def train(cfg: TrainConfig) -> dict:
     std = [tstats[t]["std"] or 1.0 for t in targets]
 
     config = {
-        **to_jsonable(cfg), "out": str(out), "targets": targets, "device": str(device), "precision": precision,
+        **to_jsonable(cfg), "crop": crop, "out": str(out), "targets": targets, "device": str(device), "precision": precision,
         "loader_backend": backend, "loader_threads": threads, "world_size": world,
         "n_train": manifest["counts"]["train"], "n_valid": manifest["counts"]["valid"],
         "versions": _versions(), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
@@ -238,7 +239,7 @@ def train(cfg: TrainConfig) -> dict:
     weights = {
         "format_version": MODEL_FORMAT, "fastgal_version": __version__, "arch": cfg.arch, "targets": targets,
         "target_mean": mean, "target_std": std, "pixel_mean": manifest["pixel_stats"]["mean"],
-        "pixel_std": manifest["pixel_stats"]["std"], "size": cfg.size, "crop": cfg.crop,
+        "pixel_std": manifest["pixel_stats"]["std"], "size": cfg.size, "crop": crop,
         "precrop": manifest["image"].get("precrop"), "image_size": manifest["image"]["size"],
         "state_dict": {k: v.detach().cpu() for k, v in learn.model.state_dict().items()},
     }

@@ -1,36 +1,82 @@
-"""Small leaf helpers shared by the commands: atomic writes, progress on stderr, hashing.
+"""Small leaf helpers every command shares: atomic writes that keep the umask, output folders,
+hashing, workers, one bounded ordered pool, one progress writer, one JPEG check.
 
 Nothing here knows about galaxies; every other module may import it.
+
+    from fastgal.util import write_json_atomic, Progress, worker_pool, imap_ordered, check_jpeg
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
+import shutil
+import signal
 import sys
 import tempfile
 import time
+from collections import deque
 from contextlib import contextmanager
+from itertools import islice
+from multiprocessing import get_context
 from pathlib import Path
+
+
+# --------------------------------------------------------------------------- files
+
+def umask() -> int:
+    """The process umask (os.umask can only be read by setting it; set it straight back)."""
+    m = os.umask(0o022)
+    os.umask(m)
+    return m
+
+
+def plain_file_mode() -> int:
+    """The mode open(path, "w") would give a new file: 0666 less the umask (mkstemp makes 0600)."""
+    return 0o666 & ~umask()
 
 
 @contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = ".tmp"):
     """Yield a temporary sibling path; rename it onto `path` only if the block succeeds.
 
-    A crash or Ctrl-C leaves a `.name.*.tmp` file, never a file that looks finished.
+    A crash or Ctrl-C leaves a `.name.*.tmp` file, never a file that looks finished. The file gets
+    the mode a plain write would give (the umask's), not mkstemp's private 0600.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, plain_file_mode())
     try:
         yield Path(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def temp_dir(parent: str | os.PathLike, prefix: str) -> Path:
+    """A hidden work folder inside `parent`, with the mode mkdir would give (mkdtemp makes 0700),
+    so what is renamed out of it into place can be shared like any other output."""
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    os.chmod(tmp, 0o777 & ~umask())
+    return tmp
+
+
+def remove_stale(parent: str | os.PathLike, prefix: str) -> list[Path]:
+    """Delete what a killed earlier run left behind: `parent/prefix*` work folders and files."""
+    parent = Path(parent)
+    gone = []
+    if parent.is_dir():
+        for p in parent.glob(prefix + "*"):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            gone.append(p)
+    return gone
 
 
 def write_bytes_atomic(path, data: bytes) -> None:
@@ -42,6 +88,27 @@ def write_json_atomic(path, obj) -> None:
     write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
+def check_out(out: Path, *, overwrite: bool, finished: str, unfinished=None, what: str = "output") -> None:
+    """Refuse an OUT that is a file, holds a finished result (`finished` exists) or files of an
+    unfinished run (`unfinished(name) -> bool`) without overwrite, or cannot be written to.
+
+    Every command that writes a folder checks it here, before any work starts.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} exists and is not a folder; pass a folder path for the {what}")
+    if out.exists() and not overwrite:
+        if (out / finished).exists():
+            raise ValueError(f"{out} already holds a finished {what} ({finished}); pass --overwrite to replace it, "
+                             "or choose another folder")
+        if unfinished is not None and any(unfinished(p.name) for p in out.iterdir()):
+            raise ValueError(f"{out} holds files of an unfinished {what}; pass --overwrite to replace them, "
+                             "or choose another folder")
+    parent = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{parent} is not writable; choose a folder you can write to")
+
+
 def sha256_file(path, bufsize: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -50,18 +117,74 @@ def sha256_file(path, bufsize: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-class Progress:
-    """A one-line progress counter on stderr: rate and ETA, redrawn at most 5x/s.
+# --------------------------------------------------------------------------- workers
 
-    Silent when stderr is not a TTY or when quiet=True, so logs and CI stay clean.
+def default_workers() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS
+        return max(1, os.cpu_count() or 1)
+
+
+def _quiet_worker() -> None:
+    """Pool workers leave Ctrl-C to the parent (which reports and cleans up) and die quietly, without
+    a BrokenPipe traceback, when the parent is gone."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "SIGPIPE"):
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+
+
+@contextmanager
+def worker_pool(workers: int):
+    """A process pool of `workers` (None for 1: run in this process). Fork where there is fork:
+    the workers share the parent's imports instead of re-importing numpy/PIL per process."""
+    if workers <= 1:
+        yield None
+        return
+    ctx = get_context("fork" if hasattr(os, "fork") else "spawn")
+    with ctx.Pool(workers, initializer=_quiet_worker) as pool:
+        yield pool
+
+
+def imap_ordered(fn, tasks, pool, window: int):
+    """fn over tasks, results in task order; at most `window` tasks in flight, so workers run ahead
+    of the consumer without piling every result of a large survey up in memory."""
+    if pool is None:
+        for t in tasks:
+            yield fn(t)
+        return
+    it = iter(tasks)
+    pending = deque(pool.apply_async(fn, (t,)) for t in islice(it, window))
+    while pending:
+        res = pending.popleft().get()
+        nxt = next(it, None)
+        if nxt is not None:
+            pending.append(pool.apply_async(fn, (nxt,)))
+        yield res
+
+
+def chunks(seq, k: int) -> list:
+    return [seq[a:a + k] for a in range(0, len(seq), k)]
+
+
+# --------------------------------------------------------------------------- progress
+
+class Progress:
+    """The one progress writer: a counter line on stderr with rate and ETA, redrawn at most 5x/s,
+    and whole lines (`line`) for per-epoch or per-stage messages.
+
+    The counter is silent when stderr is not a TTY or when quiet=True, so logs and CI stay clean;
+    `line` is silent only when quiet (tty_only=True: only on a terminal).
     """
 
-    def __init__(self, total: int | None, desc: str = "", quiet: bool = False, unit: str = "it"):
-        self.total, self.desc, self.unit = total, desc, unit
-        self.enabled = (not quiet) and sys.stderr.isatty()
+    def __init__(self, total: int | None = None, desc: str = "", quiet: bool = False, unit: str = "it"):
+        self.total, self.desc, self.unit, self.quiet = total, desc, unit, quiet
+        self.tty = sys.stderr.isatty()
+        self.enabled = (not quiet) and self.tty
         self.n = 0
         self.t0 = time.perf_counter()
         self._last = 0.0
+        self._drawn = False
 
     def update(self, k: int = 1) -> None:
         self.n += k
@@ -78,13 +201,28 @@ class Progress:
             msg = f"{self.desc} {self.n}/{self.total} {self.unit} [{rate:,.0f} {self.unit}/s, ETA {eta:,.0f}s]"
         else:
             msg = f"{self.desc} {self.n} {self.unit} [{rate:,.0f} {self.unit}/s]"
-        sys.stderr.write("\r\x1b[K" + msg)
+        self.status(msg)
+
+    def status(self, msg: str) -> None:
+        """Redraw the transient status line (terminal only)."""
+        if self.enabled:
+            sys.stderr.write("\r\x1b[K" + msg)
+            sys.stderr.flush()
+            self._drawn = True
+
+    def line(self, msg: str, tty_only: bool = False) -> None:
+        """A permanent line, replacing the status line if one is drawn."""
+        if self.quiet or (tty_only and not self.tty):
+            return
+        sys.stderr.write(("\r\x1b[K" if self._drawn else "") + msg + "\n")
         sys.stderr.flush()
+        self._drawn = False
 
     def close(self) -> None:
-        if self.enabled:
+        if self.enabled and self._drawn:
             sys.stderr.write("\n")
             sys.stderr.flush()
+            self._drawn = False
 
     @property
     def elapsed(self) -> float:
@@ -97,8 +235,42 @@ class Progress:
         self.close()
 
 
-def default_workers() -> int:
+# --------------------------------------------------------------------------- JPEG
+
+def jpeg_problem(data: bytes, require_eoi: bool = False) -> tuple[str, str] | None:
+    """The cheap test, no decode: (reason, detail) when `data` cannot be a JPEG, else None.
+    require_eoi: also demand the end-of-image marker (a download cut short lacks it)."""
+    if len(data) == 0:
+        return "corrupt-image", "empty file"
+    if not data.startswith(b"\xff\xd8\xff"):
+        head = data[:16].decode("ascii", "replace").strip()
+        return "not-jpeg", f"starts with {head!r}"
+    if require_eoi and not data.rstrip(b"\x00\r\n ").endswith(b"\xff\xd9"):
+        return "corrupt-image", f"truncated JPEG (no end-of-image marker; {len(data)} bytes)"
+    return None
+
+
+def check_jpeg(data: bytes, *, size: tuple[int, int] | None = None, require_eoi: bool = False):
+    """The one JPEG check: (reason, detail, image). A full decode with PIL (load(), not verify(),
+    which passes truncated files); the image must be an RGB JPEG, of `size` (h, w) when given.
+    reason is None for a good image, which is returned loaded; else image is None. Reasons are
+    the shard rejects' vocabulary: not-jpeg, corrupt-image, not-rgb, wrong-size."""
+    from PIL import Image, ImageFile
+
+    ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated JPEG must fail, whatever a library set
+    bad = jpeg_problem(data, require_eoi)
+    if bad:
+        return (*bad, None)
     try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # macOS
-        return max(1, os.cpu_count() or 1)
+        im = Image.open(io.BytesIO(data))
+        if im.format != "JPEG":
+            return "not-jpeg", f"PIL reads it as {im.format}", None
+        im.load()
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
+        return "corrupt-image", f"{type(e).__name__}: {e}"[:200], None
+    if im.mode != "RGB":
+        return "not-rgb", f"mode {im.mode}", None
+    w, h = im.size
+    if size is not None and (h, w) != tuple(size):
+        return "wrong-size", f"{w}x{h} px, expected {size[1]}x{size[0]}", None
+    return None, "", im
