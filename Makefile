@@ -25,8 +25,11 @@ venv: $(VENV)/.installed
 demo: venv
 	$(VENV)/bin/fastgal demo --out $(DEMO_OUT) --overwrite
 
+# twice: as installed, then with DALI blocked (FASTGAL_NO_DALI=1, see tests/conftest.py), as on a
+# machine without DALI, where every command must still work through the torch fallback
 test: venv
 	$(VENV)/bin/python -m pytest -q
+	FASTGAL_NO_DALI=1 $(VENV)/bin/python -m pytest -q
 
 bench: venv
 	$(VENV)/bin/python benchmarks/bench_synth.py

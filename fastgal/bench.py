@@ -275,7 +275,7 @@ def bench(cfg: BenchConfig) -> dict:
     from .learner import make_learner
     from .loaders import dali_available, make_dls
     from .shards import load_manifest, training_crop
-    from .train import resolve_device, resolve_precision
+    from .learner import resolve_device, resolve_precision
     from .util import default_workers
 
     what = parse_what(cfg.what)

@@ -27,13 +27,18 @@ from .config import BenchConfig, DemoConfig, DownloadConfig, PredictConfig, Shar
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
+# Warnings raised inside dependencies, not by anything the user did: (message regex, module regex).
+# Filtered by both, so any other warning, and these from anywhere else, still shows.
+DEPENDENCY_WARNINGS = [
+    (r"`torch\.jit\.script` is deprecated", r"torch\.jit\._script"),  # at fastai's import (fastai.torch_core)
+    (r"numpy\.core is deprecated", r"fastai\.learner"),  # fastai's Learner.load, after fit
+    (r"The 'mode\.chained_assignment' option is deprecated", r"fastai\.tabular\.core"),  # pandas 3, at import
+]
+
+
 def quiet_dependency_warnings() -> None:
-    """Known warnings raised inside dependencies at import time, not by anything the user did:
-    torch's deprecation of `torch.jit.script` (fastai's imports use it). Filtered by message and
-    module, so any other warning still shows."""
-    warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=DeprecationWarning)
-    warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
-    warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=UserWarning, module=r"fastai\..*")
+    for message, module in DEPENDENCY_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, module=module)
 
 
 def _scale(ctx, param, value):

@@ -16,7 +16,8 @@ from pathlib import Path
 from .config import DemoConfig, ShardConfig, SynthConfig, TrainConfig
 from .shards import shard
 from .synth import synth
-from .train import resolve_device, train
+from .learner import resolve_device
+from .train import train
 from .util import write_json_atomic
 
 

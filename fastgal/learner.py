@@ -1,8 +1,9 @@
 """The seed recipe's model and Learner: xresnet34(n_out, sa=True, act_cls=Mish), ranger, RMSE loss.
 
-    from fastgal.learner import make_learner
-    learn = make_learner(dls, arch="xresnet34", target_stats=...)
+    from fastgal.learner import make_learner, save_checkpoint, load_checkpoint
+    learn = make_learner(dls, arch="xresnet34", targets=["metallicity"], target_mean=[8.9], target_std=[0.2], path="runs/r1")
     learn.fit_one_cycle(7, 1e-2)
+    save_checkpoint("runs/r1/model.pt", learn.model, arch="xresnet34", ...); model, meta = load_checkpoint("runs/r1")
 
 Everything is stock fastai, extended with callbacks rather than a custom loop. One addition to
 the seed: the network ends in a fixed `Denormalize` layer (out * std + mean of the training
@@ -28,7 +29,35 @@ from fastai.optimizer import ranger
 from fastai.vision.models import xresnet
 from torch import nn
 
+MODEL_FORMAT = 1  # model.pt's layout; load_checkpoint refuses any other
+
 ARCHS = {name: getattr(xresnet, name) for name in ("xresnet18", "xresnet34", "xresnet50", "xresnet18_deep", "xresnet34_deep")}
+
+
+def resolve_device(name: str) -> torch.device:
+    """--device auto|cpu|cuda[:k] -> a torch device; a one-line error when CUDA is asked for but absent."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" or name.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda but no CUDA GPU is visible to torch; use --device cpu or auto")
+        return torch.device(name)
+    if name == "cpu":
+        return torch.device("cpu")
+    raise ValueError(f"--device must be auto, cpu or cuda, got {name!r}")
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """--precision auto -> bf16 on GPUs that have it, else fp16; fp32 on a CPU (where AMP does not pay)."""
+    if name == "auto":
+        if device.type != "cuda":
+            return "fp32"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if name not in ("bf16", "fp16", "fp32"):
+        raise ValueError(f"--precision must be auto, bf16, fp16 or fp32, got {name!r}")
+    if name != "fp32" and device.type != "cuda":
+        raise ValueError(f"--precision {name} needs a GPU; use fp32 (or auto) on the CPU")
+    return name
 
 
 def rmse_loss(pred, targ):
@@ -193,3 +222,37 @@ class BestEpoch(SaveModelCallback):
 def best_epoch_callback(monitor: str) -> SaveModelCallback:
     """Keep the weights of the epoch with the lowest validation RMSE and reload them after fit."""
     return BestEpoch(monitor=monitor, comp=np.less, fname="best", with_opt=False)  # lower RMSE is better
+
+
+# --------------------------------------------------------------------------- model.pt
+
+def save_checkpoint(path, model: nn.Module, **meta) -> None:
+    """model.pt: the weights and everything prediction needs to rebuild and feed the model (arch, targets,
+    target mean/std, pixel mean/std, size/crop/precrop/image_size), written atomically."""
+    from . import __version__
+    from .util import atomic_path
+
+    ckpt = {"format_version": MODEL_FORMAT, "fastgal_version": __version__, **meta,
+            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+    with atomic_path(path) as tmp:
+        torch.save(ckpt, tmp)
+
+
+def load_checkpoint(run, device="cpu") -> tuple[nn.Module, dict]:
+    """(model in eval mode on device, metadata) from a run folder or a model.pt path."""
+    from pathlib import Path
+
+    path = Path(run) / "model.pt" if Path(run).is_dir() else Path(run)
+    if not path.is_file():
+        raise ValueError(f"no model.pt in {run}; point at a finished `fastgal train` run folder")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # a truncated or foreign file
+        raise ValueError(f"{path} does not load as a fastgal model ({type(e).__name__}); re-run `fastgal train`") from None
+    version = ckpt.get("format_version") if isinstance(ckpt, dict) else None
+    if version != MODEL_FORMAT:
+        raise ValueError(f"{path} is not a fastgal model (format {version}); this fastgal reads format {MODEL_FORMAT}")
+    model = make_model(ckpt["arch"], len(ckpt["targets"]), ckpt["target_mean"], ckpt["target_std"])
+    model.load_state_dict(ckpt["state_dict"])
+    meta = {k: v for k, v in ckpt.items() if k != "state_dict"}
+    return model.to(device).eval(), meta

@@ -16,7 +16,7 @@ Backends, chosen by `backend`:
             functional ops with the same semantics (crop 144, rotate 90k + +-10 deg at p=0.75 with
             dark fill, random crop 112, mirror, normalise). A map-style dataset gives exact
             once-per-epoch semantics with any number of workers.
-  "auto"  - DALI when importable, else torch.
+  "auto"  - DALI on a GPU, torch on a CPU (pick_backend says why).
 """
 
 from __future__ import annotations
@@ -252,16 +252,17 @@ class TorchLoader(_Adapter):
                 yield self._move(x, y)
 
 
-def _loader_cls(backend: str):
+def pick_backend(backend: str, device) -> str:
+    """--loader auto: DALI on a GPU (decode and augment there: what fastgal is for); on a CPU the torch
+    fallback, which `fastgal bench` measures faster there (2 cores: 2.1x vs DALI's 1.3x fastai's PIL
+    DataBlock, benchmarks/RESULTS.md), and the only choice where DALI is not installed."""
     if backend == "auto":
-        backend = "dali" if dali_available() else "torch"
-    if backend == "dali":
-        if not dali_available():
-            raise ValueError("--loader dali needs NVIDIA DALI (pip install nvidia-dali-cuda120, Linux only); use --loader torch")
-        return DALILoader
-    if backend == "torch":
-        return TorchLoader
-    raise ValueError(f"unknown loader backend {backend!r}; use auto, dali or torch")
+        return "dali" if torch.device(device).type == "cuda" and dali_available() else "torch"
+    if backend == "dali" and not dali_available():
+        raise ValueError("--loader dali needs NVIDIA DALI (pip install nvidia-dali-cuda120, Linux only); use --loader torch")
+    if backend not in ("dali", "torch"):
+        raise ValueError(f"unknown loader backend {backend!r}; use auto, dali or torch")
+    return backend
 
 
 def loader_for(
@@ -271,8 +272,8 @@ def loader_for(
 ) -> _Adapter:
     """One loader over one split of a shard folder. mean/std default to the manifest's pixel stats;
     a trained model passes its own (predict), so new data is normalised like its training data."""
-    cls = _loader_cls(backend)
     device = torch.device(device)
+    cls = DALILoader if pick_backend(backend, device) == "dali" else TorchLoader
     precrop = manifest["image"].get("precrop")
     region = precrop or crop
     img_side = min(manifest["image"]["size"])
@@ -283,7 +284,7 @@ def loader_for(
     spec = PipeSpec(
         kind=kind, tars=[str(t) for t in tars], idxs=[str(i) for i in idxs],
         mean=ps["mean"] if mean is None else mean, std=ps["std"] if std is None else std,
-        n_targets=len(manifest["targets"]), target_ext=manifest["components"]["targets"],
+        target_ext=manifest["components"]["targets"],
         image_ext=manifest["components"]["image"], batch_size=bs, size=size, crop=region, precropped=bool(precrop),
         device="gpu" if device.type == "cuda" else "cpu", device_id=(device.index or 0) if device.type == "cuda" else None,
         num_threads=num_threads, seed=seed, shard_id=shard_id, num_shards=num_shards,

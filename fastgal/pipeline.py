@@ -23,8 +23,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from nvidia.dali import Pipeline, fn
-import nvidia.dali.types as dtypes  # not `types`: fastai's star import shadows that name
+# DALI is imported inside define()/build() only: PipeSpec (the graph's description, which the torch
+# fallback loader reads too) must import on machines without DALI (macOS, Windows, many aarch64 boxes).
 
 READER = "Reader"  # the name DALI iterators use to ask the reader for epoch size
 
@@ -36,7 +36,6 @@ class PipeSpec:
     idxs: Sequence[str]
     mean: Sequence[float]  # per channel, 0-255 units (manifest pixel_stats)
     std: Sequence[float]
-    n_targets: int = 1
     target_ext: str = "target.f32"
     image_ext: str = "jpg"
     batch_size: int = 128
@@ -63,6 +62,9 @@ def define(spec: PipeSpec):
     Also records each stage's DataNode in spec.stages so the placement can be inspected
     (tests check it without a GPU: declaring a graph needs no CUDA, building it does).
     """
+    from nvidia.dali import fn
+    import nvidia.dali.types as dtypes  # not `types`: fastai's star import shadows that name
+
     if spec.kind not in ("train", "valid", "tta"):
         raise ValueError(f"unknown pipeline kind {spec.kind!r}")
     gpu = spec.device == "gpu"
@@ -117,6 +119,8 @@ def define(spec: PipeSpec):
 
 def build(spec: PipeSpec) -> Pipeline:
     """A ready-to-build Pipeline for spec (device_id None on the CPU: DALI wants None, not -1)."""
+    from nvidia.dali import Pipeline
+
     if spec.device not in ("cpu", "gpu"):
         raise ValueError(f"device must be 'cpu' or 'gpu', got {spec.device!r}")
     pipe = Pipeline(

@@ -21,25 +21,11 @@ import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from .config import PredictConfig
-from .learner import make_model
+from .learner import load_checkpoint, resolve_device
 from .loaders import loader_for, transform, tta_loaders
 from .pipeline import PipeSpec
 from .shards import index_keys, load_manifest
-from .train import MODEL_FORMAT, resolve_device
-from .util import default_workers, write_bytes_atomic
-
-
-def load_run(run: Path, device) -> tuple[torch.nn.Module, dict]:
-    path = Path(run) / "model.pt" if Path(run).is_dir() else Path(run)
-    if not path.is_file():
-        raise ValueError(f"no model.pt in {run}; point at a finished `fastgal train` run folder")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(ckpt, dict) or ckpt.get("format_version") != MODEL_FORMAT:
-        raise ValueError(f"{path} is not a fastgal model (format {ckpt.get('format_version') if isinstance(ckpt, dict) else None}); "
-                         f"this fastgal reads format {MODEL_FORMAT}")
-    model = make_model(ckpt["arch"], len(ckpt["targets"]), ckpt["target_mean"], ckpt["target_std"])
-    model.load_state_dict(ckpt["state_dict"])
-    return model.to(device).eval(), ckpt
+from .util import default_workers, jpeg_problem, write_bytes_atomic
 
 
 @torch.no_grad()
@@ -95,8 +81,9 @@ class _Files(torch.utils.data.Dataset):
         zeros = torch.zeros(len(self.specs), 3, s, s)
         try:
             data = Path(self.files[i]).read_bytes()
-            if not data.startswith(b"\xff\xd8"):
-                return zeros, i, "not-jpeg"
+            bad = jpeg_problem(data, require_eoi=True)  # a download cut short is not a cutout
+            if bad:
+                return zeros, i, f"{bad[0]}: {bad[1]}"
             img = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
         except Exception as e:  # corrupt/truncated data: report it, keep going
             return zeros, i, f"corrupt-image: {str(e).splitlines()[0][:80]}"
@@ -137,7 +124,7 @@ def predict(cfg: PredictConfig) -> tuple[pd.DataFrame, Path]:
     if cfg.split not in ("valid", "train", "all"):
         raise ValueError(f"--split must be valid, train or all, got {cfg.split!r}")
     device = resolve_device(cfg.device)
-    model, ckpt = load_run(cfg.run, device)
+    model, ckpt = load_checkpoint(cfg.run, device)
     inp = Path(cfg.input)
     if not inp.is_dir():
         raise ValueError(f"{inp} is not a folder; give a shard folder (with manifest.json) or a folder of .jpg cutouts")

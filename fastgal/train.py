@@ -2,12 +2,16 @@
 
     fastgal train shards/synth --out runs/r1 --epochs 7 --lr 1e-2 --bs 128 --lr-find --tta
 
+Stages (train() runs them in order): setup (manifest, targets, crop, device, precision, ranks, the
+run folder) -> loaders -> learner -> fit (lr_find, fit_one_cycle) -> history -> validation
+predictions (+ TTA) -> model.pt -> metrics.json.
+
 Run folder (metrics.json is written last: its presence means the run finished):
     config.json            final settings, versions, device, backend
     history.csv            per epoch: train loss, valid loss, valid RMSE per target, seconds, images/s
     loss.png, lr_find.png  (lr_find.png with --lr-find; the suggested lr is printed)
     show_batch.png         a training batch as the model sees it (denormalised)
-    model.pt               weights + what predict needs (arch, targets, target/pixel stats, crops, format)
+    model.pt               weights + what predict needs (learner.save_checkpoint)
     predictions_valid.csv  id, true_<t>, pred_<t> (and pred_tta_<t> with --tta)
     pred_vs_true.png       with the 1:1 line and RMSE/NMAD
     metrics.json           RMSE, NMAD, bias, R2, TTA RMSE, predict-the-training-mean RMSE, timings
@@ -24,41 +28,49 @@ import os
 import platform
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+from fastai.torch_core import set_seed
 
 from . import __version__
 from .config import TrainConfig, to_jsonable
+from .learner import DDP, best_epoch_callback, make_learner, resolve_device, resolve_precision, save_checkpoint
+from .loaders import make_dls, tta_loaders
+from .shards import index_keys, load_manifest, training_crop
+from .plots import loss_curves, lr_find_plot, pred_vs_true
 from .util import default_workers, write_bytes_atomic, write_json_atomic
 
-MODEL_FORMAT = 1
+RECIPE_TEXT = ("xresnet(n_out, sa=True, act_cls=Mish) + ranger + RMSE loss, fit_one_cycle; "
+               "CropPad 144 -> RandomCrop 112 -> dihedral + rotate 10 deg (p=0.75) -> Normalize")
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" or name.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            raise ValueError("--device cuda but no CUDA GPU is visible to torch; use --device cpu or auto")
-        return torch.device(name)
-    if name == "cpu":
-        return torch.device("cpu")
-    raise ValueError(f"--device must be auto, cpu or cuda, got {name!r}")
+@dataclass
+class Setup:
+    """What the stages share: resolved from the config and the shards' manifest."""
 
+    cfg: TrainConfig
+    manifest: dict
+    targets: list[str]
+    target_mean: list[float]
+    target_std: list[float]
+    crop: int
+    device: torch.device
+    precision: str
+    rank: int
+    world: int
+    out: Path
 
-def resolve_precision(name: str, device: torch.device) -> str:
-    if name == "auto":
-        if device.type != "cuda":
-            return "fp32"
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if name not in ("bf16", "fp16", "fp32"):
-        raise ValueError(f"--precision must be auto, bf16, fp16 or fp32, got {name!r}")
-    if name != "fp32" and device.type != "cuda":
-        raise ValueError(f"--precision {name} needs a GPU; use fp32 (or auto) on the CPU")
-    return name
+    @property
+    def writer(self) -> bool:  # rank 0 writes the run folder
+        return self.rank == 0
+
+    @property
+    def monitor(self) -> str:  # the metric best-epoch selection and loss.png follow
+        return f"rmse_{self.targets[0]}"
 
 
 def regression_metrics(true: np.ndarray, pred: np.ndarray) -> dict:
@@ -75,35 +87,20 @@ def regression_metrics(true: np.ndarray, pred: np.ndarray) -> dict:
 
 def synth_floor(manifest: dict) -> dict | None:
     """The survey's accuracy floor when the shards were made from `fastgal synth` output."""
-    cat = Path(manifest.get("source", {}).get("catalog", ""))
-    meta = cat.parent.parent / "synth.json"
-    if meta.is_file():
-        try:
-            return json.loads(meta.read_text())["floor"]
-        except (ValueError, KeyError):
-            return None
-    return None
-
-
-def _distributed() -> tuple[int, int]:
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    meta = Path(manifest.get("source", {}).get("catalog", "")).parent.parent / "synth.json"
+    try:
+        return json.loads(meta.read_text())["floor"] if meta.is_file() else None
+    except (ValueError, KeyError):
+        return None
 
 
 def default_run_dir(shards: Path) -> Path:
     return Path("runs") / f"{Path(shards).resolve().name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Train on cfg.shards, write the run folder, return metrics.json's content."""
-    from fastai.torch_core import set_seed
+# --------------------------------------------------------------------------- stages
 
-    from .learner import best_epoch_callback, make_learner
-    from .loaders import make_dls, tta_loaders
-    from .plots import loss_curves, lr_find_plot, pred_vs_true
-    from .shards import index_keys, load_manifest, training_crop
-
-    t_start = time.perf_counter()
-    manifest = load_manifest(Path(cfg.shards))  # one-line ValueError on a bad folder
+def _check_targets(cfg: TrainConfig, manifest: dict) -> list[str]:
     all_targets = list(manifest["targets"])
     targets = cfg.targets or all_targets
     missing = [t for t in targets if t not in all_targets]
@@ -113,75 +110,98 @@ def train(cfg: TrainConfig) -> dict:
         # the shards hold every target in one float32 vector; training on a subset needs new shards
         raise ValueError(f"--target must list the manifest's targets in order ({', '.join(all_targets)}); "
                          "re-shard with only the targets you want")
+    return targets
+
+
+def _init_distributed(cfg: TrainConfig, device: torch.device) -> tuple[int, int, torch.device]:
+    """(rank, world size, this rank's device); joins torchrun's process group when world > 1."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1:
+        return rank, world, device
+    if cfg.lr_find:
+        raise ValueError("--lr-find runs in a single process; run it without torchrun first")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    import torch.distributed as dist
+
+    if not dist.is_initialized():  # torchrun sets MASTER_ADDR/PORT, RANK, WORLD_SIZE
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def setup(cfg: TrainConfig) -> Setup:
+    """Check everything that can be wrong before any work starts; prepare the run folder."""
+    manifest = load_manifest(Path(cfg.shards))  # one-line ValueError on a bad folder
+    targets = _check_targets(cfg, manifest)
     if cfg.epochs < 1 or cfg.bs < 1 or cfg.lr <= 0:
         raise ValueError("--epochs and --bs must be positive and --lr > 0")
     crop = training_crop(manifest, cfg.crop)
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
-    rank, world = _distributed()
-    if world > 1:
-        if cfg.lr_find:
-            raise ValueError("--lr-find runs in a single process; run it without torchrun first")
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-            torch.cuda.set_device(device)
-        import torch.distributed as dist
-
-        if not dist.is_initialized():  # torchrun sets MASTER_ADDR/PORT, RANK, WORLD_SIZE
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-
+    rank, world, device = _init_distributed(cfg, device)
     out = Path(cfg.out) if cfg.out else default_run_dir(cfg.shards)
     if rank == 0:
         if (out / "config.json").exists() and not cfg.overwrite:
             raise ValueError(f"{out} already holds a run; pass --overwrite or choose another --out")
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.json").unlink(missing_ok=True)  # a stale "finished" marker must not survive a re-run
+    ts = manifest["target_stats"]
+    return Setup(cfg=cfg, manifest=manifest, targets=targets, target_mean=[ts[t]["mean"] for t in targets],
+                 target_std=[ts[t]["std"] or 1.0 for t in targets], crop=crop, device=device, precision=precision,
+                 rank=rank, world=world, out=out)
 
-    set_seed(cfg.seed)
-    threads = cfg.workers or default_workers()
-    dls = make_dls(cfg.shards, bs=cfg.bs, size=cfg.size, crop=crop, device=device, backend=cfg.loader,
-                   num_threads=threads, seed=cfg.seed, shard_id=rank, num_shards=world, path=out, manifest=manifest,
-                   shard_valid=False)
-    backend = type(dls.train).__name__
-    tstats = manifest["target_stats"]
-    mean = [tstats[t]["mean"] for t in targets]
-    std = [tstats[t]["std"] or 1.0 for t in targets]
 
+def loaders(s: Setup):
+    """Train loader split across ranks; every rank validates on all of the validation set."""
+    set_seed(s.cfg.seed)
+    return make_dls(s.cfg.shards, bs=s.cfg.bs, size=s.cfg.size, crop=s.crop, device=s.device, backend=s.cfg.loader,
+                    num_threads=s.cfg.workers or default_workers(), seed=s.cfg.seed, shard_id=s.rank,
+                    num_shards=s.world, path=s.out, manifest=s.manifest, shard_valid=False)
+
+
+def write_config(s: Setup, dls) -> dict:
+    c = s.cfg
     config = {
-        **to_jsonable(cfg), "crop": crop, "out": str(out), "targets": targets, "device": str(device), "precision": precision,
-        "loader_backend": backend, "loader_threads": threads, "world_size": world,
-        "n_train": manifest["counts"]["train"], "n_valid": manifest["counts"]["valid"],
-        "versions": _versions(), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "recipe": "xresnet(n_out, sa=True, act_cls=Mish) + ranger + RMSE loss, fit_one_cycle; "
-                  "CropPad 144 -> RandomCrop 112 -> dihedral + rotate 10 deg (p=0.75) -> Normalize",
+        **to_jsonable(c), "crop": s.crop, "out": str(s.out), "targets": s.targets, "device": str(s.device),
+        "precision": s.precision, "loader_backend": type(dls.train).__name__,
+        "loader_threads": c.workers or default_workers(), "world_size": s.world,
+        "n_train": s.manifest["counts"]["train"], "n_valid": s.manifest["counts"]["valid"],
+        "versions": _versions(), "gpu": torch.cuda.get_device_name(s.device) if s.device.type == "cuda" else None,
+        "recipe": RECIPE_TEXT,
     }
-    if rank == 0:
-        write_json_atomic(out / "config.json", config)
-        dls.train.show_batch(max_n=16, path=out / "show_batch.png", target_names=targets)
+    if s.writer:
+        write_json_atomic(s.out / "config.json", config)
+        dls.train.show_batch(max_n=16, path=s.out / "show_batch.png", target_names=s.targets)
+    return config
 
-    learn = make_learner(dls, arch=cfg.arch, targets=targets, target_mean=mean, target_std=std, path=out,
-                         precision=precision, channels_last=cfg.channels_last and device.type == "cuda",
-                         quiet=cfg.quiet or rank != 0, writer=rank == 0)
-    monitor = f"rmse_{targets[0]}"
+
+def learner(s: Setup, dls):
+    learn = make_learner(dls, arch=s.cfg.arch, targets=s.targets, target_mean=s.target_mean, target_std=s.target_std,
+                         path=s.out, precision=s.precision,
+                         channels_last=s.cfg.channels_last and s.device.type == "cuda",
+                         quiet=s.cfg.quiet or not s.writer, writer=s.writer)
+    if s.world > 1:
+        learn.add_cb(DDP(s.device))
+    return learn
+
+
+def fit(s: Setup, learn) -> dict:
+    """lr_find (optional) then fit_one_cycle; returns what metrics.json adds about the fit."""
     result: dict = {}
-    # on every rank: fastai saves on rank 0 only, and its load() after fit is a collective barrier
-    fit_cbs = [best_epoch_callback(monitor)]
-    if world > 1:
-        from .learner import DDP
-
-        learn.add_cb(DDP(device))
-    if cfg.lr_find:
-        sug = learn.lr_find(show_plot=False, num_it=cfg.lr_find_iters)
+    if s.cfg.lr_find:
+        sug = learn.lr_find(show_plot=False, num_it=s.cfg.lr_find_iters)
         result["lr_find_suggested"] = float(sug.valley)
-        if rank == 0:
+        if s.writer:
             rec = learn.recorder
-            lr_find_plot(rec.lrs, [float(v) for v in rec.losses], float(sug.valley), out / "lr_find.png")
-        if not cfg.quiet:
-            print(f"lr_find: suggested lr (valley) {sug.valley:.2e}; training with --lr {cfg.lr:g}", file=sys.stderr)
+            lr_find_plot(rec.lrs, [float(v) for v in rec.losses], float(sug.valley), s.out / "lr_find.png")
+        if not s.cfg.quiet:
+            print(f"lr_find: suggested lr (valley) {sug.valley:.2e}; training with --lr {s.cfg.lr:g}", file=sys.stderr)
     t_fit = time.perf_counter()
-    learn.fit_one_cycle(cfg.epochs, cfg.lr, cbs=fit_cbs)
-    fit_seconds = time.perf_counter() - t_fit
-    if world > 1:
+    # on every rank: fastai saves on rank 0 only, and its load() after fit is a collective barrier
+    learn.fit_one_cycle(s.cfg.epochs, s.cfg.lr, cbs=[best_epoch_callback(s.monitor)])
+    result["fit_seconds"] = round(time.perf_counter() - t_fit, 2)
+    if s.world > 1:
         import torch.distributed as dist
 
         # Training is the only collective part. Rank 0 predicts and writes the run folder alone;
@@ -189,83 +209,97 @@ def train(cfg: TrainConfig) -> dict:
         dist.barrier()
         dist.destroy_process_group()
         os.environ["WORLD_SIZE"] = "1"
-    if rank != 0:
-        return {}
+    return result
 
-    rec = learn.recorder
-    # history.csv: fastai's CSVLogger rows + our per-epoch seconds and images/s
-    raw = out / "history_raw.csv"
+
+def write_history(s: Setup, learn) -> pd.DataFrame:
+    """history.csv: fastai's CSVLogger rows + our per-epoch seconds and images/s; loss.png."""
+    raw = s.out / "history_raw.csv"
     hist = pd.read_csv(raw)
     raw.unlink(missing_ok=True)
     hist = hist[[c for c in hist.columns if c != "time"]]
     hist["epoch"] = range(len(hist))
     es = pd.DataFrame(learn.epoch_stats.rows[-len(hist):])
     hist["seconds"], hist["images_per_s"] = es["seconds"].values, es["images_per_s"].values
-    write_bytes_atomic(out / "history.csv", hist.to_csv(index=False).encode())
-    n_it = len(dls.train)
+    write_bytes_atomic(s.out / "history.csv", hist.to_csv(index=False).encode())
+    rec, n_it = learn.recorder, len(learn.dls.train)
     loss_curves(np.arange(len(rec.losses)), [float(v) for v in rec.losses],
-                [(i + 1) * n_it for i in range(len(hist))], hist[monitor].values, out / "loss.png",
-                title=f"{cfg.arch}, {cfg.epochs} epochs, lr {cfg.lr:g}, bs {cfg.bs}")
+                [(i + 1) * n_it for i in range(len(hist))], hist[s.monitor].values, s.out / "loss.png",
+                title=f"{s.cfg.arch}, {s.cfg.epochs} epochs, lr {s.cfg.lr:g}, bs {s.cfg.bs}")
+    return hist
 
-    # predictions on the validation set in file order (+ the 8 dihedral views with --tta)
+
+def predict_valid(s: Setup, learn, dls) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray | None]:
+    """(ids, targets, predictions, TTA predictions or None) on the validation set in file order;
+    writes predictions_valid.csv."""
     vdl = dls.valid.new(shuffle=False, drop_last=False)
     preds, targs = learn.get_preds(dl=vdl)
     preds, targs = preds.float().numpy(), targs.float().numpy()
     ids = index_keys(vdl.spec.idxs)
     if len(ids) != len(preds):
         raise RuntimeError(f"{len(preds)} predictions for {len(ids)} validation ids: shards and index disagree")
+    tta = None
+    if s.cfg.tta:
+        tta = np.mean([learn.get_preds(dl=d)[0].float().numpy() for d in tta_loaders(dls.valid)], axis=0)
     table = {"id": ids}
-    tta_preds = None
-    if cfg.tta:
-        views = [learn.get_preds(dl=d)[0].float().numpy() for d in tta_loaders(dls.valid)]
-        tta_preds = np.mean(views, axis=0)
-    for j, t in enumerate(targets):
-        table[f"true_{t}"] = targs[:, j]
-        table[f"pred_{t}"] = preds[:, j]
-        if tta_preds is not None:
-            table[f"pred_tta_{t}"] = tta_preds[:, j]
-    write_bytes_atomic(out / "predictions_valid.csv", pd.DataFrame(table).to_csv(index=False, float_format="%.5f").encode())
+    for j, t in enumerate(s.targets):
+        table[f"true_{t}"], table[f"pred_{t}"] = targs[:, j], preds[:, j]
+        if tta is not None:
+            table[f"pred_tta_{t}"] = tta[:, j]
+    write_bytes_atomic(s.out / "predictions_valid.csv",
+                       pd.DataFrame(table).to_csv(index=False, float_format="%.5f").encode())
+    return ids, targs, preds, tta
 
+
+def score(s: Setup, targs, preds, tta) -> dict:
+    """Per-target metrics and pred_vs_true PNGs."""
     per_target = {}
-    for j, t in enumerate(targets):
+    for j, t in enumerate(s.targets):
         m = regression_metrics(targs[:, j], preds[:, j])
-        m["baseline_rmse"] = float(np.sqrt(np.mean((targs[:, j] - mean[j]) ** 2)))  # predict the training mean
-        if tta_preds is not None:
-            m["tta_rmse"] = float(np.sqrt(np.mean((tta_preds[:, j] - targs[:, j]) ** 2)))
+        m["baseline_rmse"] = float(np.sqrt(np.mean((targs[:, j] - s.target_mean[j]) ** 2)))  # the training mean
+        if tta is not None:
+            m["tta_rmse"] = float(np.sqrt(np.mean((tta[:, j] - targs[:, j]) ** 2)))
         per_target[t] = m
-        pred_vs_true(targs[:, j], preds[:, j], out / ("pred_vs_true.png" if j == 0 else f"pred_vs_true_{t}.png"), name=t,
-                     stats={"RMSE": m["rmse"], "NMAD": m["nmad"], "baseline": m["baseline_rmse"]})
+        pred_vs_true(targs[:, j], preds[:, j], s.out / ("pred_vs_true.png" if j == 0 else f"pred_vs_true_{t}.png"),
+                     name=t, stats={"RMSE": m["rmse"], "NMAD": m["nmad"], "baseline": m["baseline_rmse"]})
+    return per_target
 
-    weights = {
-        "format_version": MODEL_FORMAT, "fastgal_version": __version__, "arch": cfg.arch, "targets": targets,
-        "target_mean": mean, "target_std": std, "pixel_mean": manifest["pixel_stats"]["mean"],
-        "pixel_std": manifest["pixel_stats"]["std"], "size": cfg.size, "crop": crop,
-        "precrop": manifest["image"].get("precrop"), "image_size": manifest["image"]["size"],
-        "state_dict": {k: v.detach().cpu() for k, v in learn.model.state_dict().items()},
-    }
-    _save_torch_atomic(weights, out / "model.pt")
-    (out / "best.pth").unlink(missing_ok=True)  # SaveModelCallback's copy; model.pt holds the same weights
 
-    t0 = targets[0]
-    best = int(np.argmin(hist[monitor].values))
+def save_model(s: Setup, learn) -> None:
+    img = s.manifest["image"]
+    save_checkpoint(s.out / "model.pt", learn.model, arch=s.cfg.arch, targets=s.targets, target_mean=s.target_mean,
+                    target_std=s.target_std, pixel_mean=s.manifest["pixel_stats"]["mean"],
+                    pixel_std=s.manifest["pixel_stats"]["std"], size=s.cfg.size, crop=s.crop,
+                    precrop=img.get("precrop"), image_size=img["size"])
+    (s.out / "best.pth").unlink(missing_ok=True)  # SaveModelCallback's copy; model.pt holds the same weights
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Train on cfg.shards, write the run folder, return metrics.json's content ({} on ranks > 0)."""
+    t_start = time.perf_counter()
+    s = setup(cfg)
+    dls = loaders(s)
+    config = write_config(s, dls)
+    learn = learner(s, dls)
+    fitted = fit(s, learn)
+    if not s.writer:
+        return {}
+    hist = write_history(s, learn)
+    ids, targs, preds, tta = predict_valid(s, learn, dls)
+    per_target = score(s, targs, preds, tta)
+    save_model(s, learn)
+    t0 = s.targets[0]
     metrics = {
         **per_target[t0], "target": t0, "targets": per_target,
-        "floor": synth_floor(manifest), "epochs": cfg.epochs, "best_epoch": best,
-        "n_train": manifest["counts"]["train"], "n_valid": len(ids),
-        "fit_seconds": round(fit_seconds, 2), "wall_seconds": round(time.perf_counter() - t_start, 2),
-        "train_images_per_s": round(float(hist["images_per_s"].mean()) * world, 2),  # all ranks together
-        "world_size": world, "steps_per_epoch": len(dls.train),
-        "device": str(device), "precision": precision, "loader_backend": backend, **result,
+        "floor": synth_floor(s.manifest), "epochs": cfg.epochs, "best_epoch": int(np.argmin(hist[s.monitor].values)),
+        "n_train": s.manifest["counts"]["train"], "n_valid": len(ids),
+        **fitted, "wall_seconds": round(time.perf_counter() - t_start, 2),
+        "train_images_per_s": round(float(hist["images_per_s"].mean()) * s.world, 2),  # all ranks together
+        "world_size": s.world, "steps_per_epoch": len(dls.train),
+        "device": str(s.device), "precision": s.precision, "loader_backend": config["loader_backend"],
     }
-    write_json_atomic(out / "metrics.json", metrics)
+    write_json_atomic(s.out / "metrics.json", metrics)
     return metrics
-
-
-def _save_torch_atomic(obj, path: Path) -> None:
-    from .util import atomic_path
-
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
 
 
 def _versions() -> dict:
@@ -276,4 +310,3 @@ def _versions() -> dict:
         except Exception:
             v[mod] = None
     return v
-
