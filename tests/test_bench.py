@@ -11,9 +11,12 @@ import shutil
 
 import pytest
 
-from conftest import run_cli
+from conftest import dali_importable, run_cli
 
-TINY = ("--size", 56, "--crop", 72, "--arch", "xresnet18", "--batches", 2, "--warmup", 1, "--repeats", 1,
+# DALI is a backend only where it is installed (make test's second pass blocks it)
+BACKENDS = {"fastai", "torch"} | ({"dali"} if dali_importable() else set())
+
+TINY = ("--size", 56, "--arch", "xresnet18", "--batches", 2, "--warmup", 1, "--repeats", 1,
         "--bs", 16, "--workers", 1, "--quiet")
 
 
@@ -31,15 +34,19 @@ def test_bench_all_sections_json(small_shards):
     res = json.loads(run_cli("bench", small_shards, "--what", "all", "--json", *TINY).stdout)  # stdout only: warnings go to stderr
     assert res["sections"] == ["loaders", "model", "e2e"]
     # the fastai peer reads the survey's JPEGs through the manifest's source paths
-    _check_section(res["loaders"], {"fastai", "dali", "torch"})
-    assert res["loaders"]["baseline"] == "fastai" and res["loaders"]["skipped"] == {}
+    _check_section(res["loaders"], BACKENDS)
+    assert res["loaders"]["baseline"] == "fastai"
+    assert set(res["loaders"]["skipped"]) == {"fastai", "dali", "torch"} - BACKENDS
     m = res["model"]
     assert m["images_per_s"] > 0 and m["batch_shape"] == [16, 3, 56, 56] and m["arch"] == "xresnet18"
     e = res["e2e"]
-    _check_section(e, {"fastai", "dali", "torch"})
+    _check_section(e, BACKENDS)
     for k, v in e["results"].items():
         assert e["data_bound_fraction"][k] == pytest.approx(v["images_per_s"] / m["images_per_s"], rel=1e-3)
-    assert res["config"]["device"] == "cpu" or res["machine"]["gpu"]
+    import torch
+
+    assert res["config"]["device"] == ("cuda" if torch.cuda.is_available() else "cpu")  # --device auto
+    assert res["config"]["crop"] == 72  # the shards' own region
 
 
 def test_bench_without_source_images_falls_back_to_torch(small_shards, tmp_path):

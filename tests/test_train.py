@@ -11,6 +11,7 @@ import os
 import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -32,6 +33,14 @@ def test_dali_is_imported_only_where_a_graph_is_built():
             "print(sorted(m for m in sys.modules if m.startswith('nvidia.dali')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_the_no_dali_pass_blocks_dali_in_subprocesses_too():
+    """make test's second pass puts tests/nodali first on the path: DALI must fail, the rest of nvidia load."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).with_name("nodali"))}
+    code = "import torch\ntry:\n    import nvidia.dali\nexcept ImportError as e:\n    print('blocked:', e)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    assert out.startswith("blocked:") and "FASTGAL_NO_DALI" in out
 
 
 @pytest.mark.dali
