@@ -256,3 +256,28 @@ def load_checkpoint(run, device="cpu") -> tuple[nn.Module, dict]:
     model.load_state_dict(ckpt["state_dict"])
     meta = {k: v for k, v in ckpt.items() if k != "state_dict"}
     return model.to(device).eval(), meta
+
+
+def inference_settings(meta: dict, device) -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype or None, channels_last) for predicting with a model as it was trained: on CUDA its
+    training precision and memory format (bf16/fp16 autocast, as MixedPrecision ran it); fp32 on a CPU."""
+    if torch.device(device).type != "cuda":
+        return None, False
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(meta.get("precision", "fp32"))
+    return dtype, bool(meta.get("channels_last", False))
+
+
+def inference(model: nn.Module, meta: dict, device):
+    """x -> float32 predictions, computed the way training computed them (inference_settings)."""
+    dtype, channels_last = inference_settings(meta, device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+
+    @torch.no_grad()
+    def forward(x):
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cuda", dtype=dtype or torch.float16, enabled=dtype is not None):
+            return model(x).float()
+
+    return forward

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import gc
 import math
+import os
 import random
 from contextlib import contextmanager
 from dataclasses import replace
@@ -36,7 +37,9 @@ from fastai.data.core import DataLoaders
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from .pipeline import READER, PipeSpec
-from .shards import load_manifest, read_index, shard_files
+from .config import RECIPE
+from .shards import load_manifest, read_index, shard_files, training_crop
+from .util import default_workers
 
 
 def dali_available() -> bool:
@@ -110,6 +113,9 @@ class _Adapter:
         dl = type(self)(spec, self.n, self.device, drop_last=self.drop_last if drop_last is None else drop_last)
         return dl
 
+    def close(self) -> None:
+        """Release what iteration built (a DALI pipeline, worker processes); the loader stays usable."""
+
     def _move(self, x, y):
         nb = self.device.type == "cuda"
         return x.to(self.device, non_blocking=nb), y.to(self.device, non_blocking=nb)
@@ -134,6 +140,9 @@ class DALILoader(_Adapter):
         super().__init__(spec, n, device, drop_last)
         self._it = None
         self._clean = False  # True when the iterator sits at an epoch boundary
+
+    def close(self) -> None:
+        self._it, self._clean = None, False
 
     def _iterator(self):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
@@ -226,6 +235,19 @@ def _seed_worker(worker_id):
     np.random.seed(s)
 
 
+def worker_context(device, num_workers: int) -> dict:
+    """How the torch fallback starts its workers. On a CPU: fork (cheap; fork_safe guards DALI's
+    leftovers). Once CUDA is up, a forked child inherits a CUDA context it cannot use and recent torch
+    crashes there, so on CUDA the workers start from a clean forkserver (spawn where there is no fork)
+    and persist across epochs, paying that start-up once."""
+    if num_workers == 0 or torch.device(device).type != "cuda":
+        return {}
+    import multiprocessing as mp
+
+    method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+    return {"multiprocessing_context": mp.get_context(method), "persistent_workers": True}
+
+
 class TorchLoader(_Adapter):
     """The fallback backend: a torch DataLoader over _ShardSamples with the same surface."""
 
@@ -240,11 +262,11 @@ class TorchLoader(_Adapter):
         self._dl = torch.utils.data.DataLoader(
             ds, batch_size=self.bs, shuffle=spec.kind == "train", drop_last=drop_last,
             num_workers=spec.num_threads, worker_init_fn=_seed_worker, generator=g,
-            persistent_workers=False, pin_memory=torch.device(device).type == "cuda",
+            pin_memory=torch.device(device).type == "cuda", **worker_context(device, spec.num_threads),
         )
 
     def __iter__(self):
-        with fork_safe():  # iter() forks the workers
+        with fork_safe():  # iter() forks the workers (on a CPU)
             it = iter(self._dl)
         n = len(self)
         for i, (x, y) in enumerate(it):
@@ -281,6 +303,8 @@ def loader_for(
         raise ValueError(f"crop sizes do not fit: image {img_side}px, region {region}px, model input {size}px")
     tars, idxs = shard_files(shards, manifest, split)
     ps = manifest["pixel_stats"]
+    if kind == "train":
+        seed += shard_id  # each DDP rank its own shuffle and augmentation draws; evaluation stays deterministic
     spec = PipeSpec(
         kind=kind, tars=[str(t) for t in tars], idxs=[str(i) for i in idxs],
         mean=ps["mean"] if mean is None else mean, std=ps["std"] if std is None else std,
@@ -293,17 +317,19 @@ def loader_for(
 
 
 def make_dls(
-    shards, *, bs: int = 128, size: int = 112, crop: int = 144, device="cpu", backend: str = "auto",
+    shards, *, bs: int = RECIPE.bs, size: int = RECIPE.size, crop: int | None = None, device="cpu", backend: str = "auto",
     num_threads: int = 2, seed: int = 42, shard_id: int = 0, num_shards: int = 1, path=None,
     manifest: dict | None = None, shard_valid: bool = True,
 ) -> DataLoaders:
-    """fastai DataLoaders (train, valid) over a shard folder, normalised with its manifest's stats.
+    """fastai DataLoaders (train, valid) over a shard folder, normalised with its manifest's stats;
+    crops drawn from the region the shards were made for unless `crop` says otherwise.
 
     shard_valid=False (DDP): every rank validates on all of the validation set, so every rank's
     metrics are exact and equal; training is always split across ranks.
     """
     shards = Path(shards)
     manifest = manifest or load_manifest(shards)
+    crop = training_crop(manifest) if crop is None else crop
     common = dict(bs=bs, size=size, crop=crop, device=device, backend=backend, num_threads=num_threads, seed=seed)
     train = loader_for(shards, manifest, "train", kind="train", drop_last=True, shard_id=shard_id,
                        num_shards=num_shards, **common)
@@ -317,6 +343,19 @@ def make_dls(
     return dls
 
 
-def tta_loaders(valid_dl: _Adapter) -> list[_Adapter]:
-    """The 8 dihedral views of the validation set, each deterministic and in file order."""
-    return [valid_dl.new(kind="tta", tta_view=v, drop_last=False) for v in range(8)]
+def tta_loaders(valid_dl: _Adapter):
+    """The 8 dihedral views of the validation set, each deterministic and in file order, made one at
+    a time: a view's pipeline (and its threads and buffers) is released before the next is built."""
+    for v in range(8):
+        dl = valid_dl.new(kind="tta", tta_view=v, drop_last=False)
+        yield dl
+        dl.close()
+
+
+def thread_budget(workers: int = 0) -> int:
+    """Loader threads per process: --workers, or this machine's cores shared by the processes torchrun
+    started on it (LOCAL_WORLD_SIZE), so K ranks do not each start a thread per core."""
+    if workers:
+        return workers
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1)))
+    return max(1, default_workers() // max(1, local))

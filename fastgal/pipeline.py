@@ -78,7 +78,9 @@ def define(spec: PipeSpec):
         pad_last_batch=not train, stick_to_shard=not train, seed=spec.seed,
         prefetch_queue_depth=spec.prefetch,
     )
-    img = fn.decoders.image(jpg, device="mixed" if gpu else "cpu", output_type=dtypes.RGB)
+    # fancy upsampling: nvJPEG ("mixed") then upsamples chroma as libjpeg-turbo does on the CPU (and as
+    # torchvision and PIL do), so a galaxy's colours - the metallicity signal - do not depend on the decoder
+    img = fn.decoders.image(jpg, device="mixed" if gpu else "cpu", output_type=dtypes.RGB, jpeg_fancy_upsampling=True)
     spec.stages["decode"] = img
     if not spec.precropped:
         img = fn.crop(img, crop=(spec.crop, spec.crop))  # centred: CropPad(144)

@@ -21,24 +21,23 @@ import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from .config import PredictConfig
-from .learner import load_checkpoint, resolve_device
-from .loaders import loader_for, transform, tta_loaders
+from .learner import inference, load_checkpoint, resolve_device
+from .loaders import loader_for, thread_budget, transform, tta_loaders, worker_context
 from .pipeline import PipeSpec
 from .shards import index_keys, load_manifest
-from .util import default_workers, jpeg_problem, write_bytes_atomic
+from .util import jpeg_problem, write_bytes_atomic
 
 
-@torch.no_grad()
-def _run(model, batches) -> tuple[np.ndarray, np.ndarray]:
+def _run(forward, batches) -> tuple[np.ndarray, np.ndarray]:
     """(predictions, targets) over a loader."""
     preds, ys = [], []
     for x, y in batches:
-        preds.append(model(x).float().cpu())
+        preds.append(forward(x).cpu())
         ys.append(y.float().cpu())
     return torch.cat(preds).numpy(), torch.cat(ys).numpy()
 
 
-def predict_shards(cfg: PredictConfig, model, ckpt, device) -> pd.DataFrame:
+def predict_shards(cfg: PredictConfig, forward, ckpt, device) -> pd.DataFrame:
     manifest = load_manifest(cfg.input)
     if list(manifest["image"]["size"]) != list(ckpt["image_size"]) or manifest["image"].get("precrop") != ckpt.get("precrop"):
         raise ValueError(f"{cfg.input} holds {manifest['image']['size']} px images (precrop {manifest['image'].get('precrop')}) "
@@ -50,16 +49,16 @@ def predict_shards(cfg: PredictConfig, model, ckpt, device) -> pd.DataFrame:
             continue
         # the eval graph over this split, normalised with the model's training statistics
         dl = loader_for(cfg.input, manifest, split, kind="valid", bs=cfg.bs, size=ckpt["size"], crop=ckpt["crop"],
-                        device=device, backend=cfg.loader, num_threads=cfg.workers or default_workers(),
+                        device=device, backend=cfg.loader, num_threads=thread_budget(cfg.workers),
                         mean=ckpt["pixel_mean"], std=ckpt["pixel_std"])
-        pred, ys = _run(model, dl)
+        pred, ys = _run(forward, dl)
         df = pd.DataFrame({"id": index_keys(dl.spec.idxs), "split": split})
         for j, t in enumerate(manifest["targets"]):
             df[f"true_{t}"] = ys[:, j]
         for j, t in enumerate(ckpt["targets"]):
             df[f"pred_{t}"] = pred[:, j]
         if cfg.tta:
-            tta = np.mean([_run(model, v)[0] for v in tta_loaders(dl)], axis=0)
+            tta = np.mean([_run(forward, v)[0] for v in tta_loaders(dl)], axis=0)
             for j, t in enumerate(ckpt["targets"]):
                 df[f"pred_tta_{t}"] = tta[:, j]
         frames.append(df)
@@ -92,22 +91,22 @@ class _Files(torch.utils.data.Dataset):
         return torch.stack([transform(img, sp) for sp in self.specs]), i, ""
 
 
-def predict_images(cfg: PredictConfig, model, ckpt, device) -> pd.DataFrame:
+def predict_images(cfg: PredictConfig, forward, ckpt, device) -> pd.DataFrame:
     files = sorted(p for p in Path(cfg.input).iterdir() if p.is_file() and p.suffix.lower() in (".jpg", ".jpeg"))
     if not files:
         raise ValueError(f"no .jpg files in {cfg.input}; give a folder of cutouts or a shard folder")
     base = PipeSpec(kind="valid", tars=[], idxs=[], mean=ckpt["pixel_mean"], std=ckpt["pixel_std"],
                     size=ckpt["size"], crop=ckpt.get("precrop") or ckpt["crop"])
     specs = [replace(base, kind="tta", tta_view=v) for v in range(8)] if cfg.tta else [base]
-    threads = cfg.workers or default_workers()
-    dl = torch.utils.data.DataLoader(_Files(files, specs, ckpt["image_size"]), batch_size=cfg.bs, num_workers=min(threads, 4))
+    workers = min(thread_budget(cfg.workers), 4)
+    dl = torch.utils.data.DataLoader(_Files(files, specs, ckpt["image_size"]), batch_size=cfg.bs, num_workers=workers,
+                                     **worker_context(device, workers))
     preds, status = [], [""] * len(files)
-    with torch.no_grad():
-        for x, idx, why in dl:
-            b, v = x.shape[:2]
-            preds.append(model(x.flatten(0, 1).to(device)).float().cpu().view(b, v, -1).mean(1))  # mean over views
-            for k, w in zip(idx.tolist(), why):
-                status[k] = w
+    for x, idx, why in dl:
+        b, v = x.shape[:2]
+        preds.append(forward(x.flatten(0, 1).to(device)).cpu().view(b, v, -1).mean(1))  # mean over views
+        for k, w in zip(idx.tolist(), why):
+            status[k] = w
     pred = torch.cat(preds).numpy()
     df = pd.DataFrame({"id": [p.stem for p in files], "file": [str(p) for p in files]})
     bad = np.array([bool(s) for s in status])
@@ -125,10 +124,11 @@ def predict(cfg: PredictConfig) -> tuple[pd.DataFrame, Path]:
         raise ValueError(f"--split must be valid, train or all, got {cfg.split!r}")
     device = resolve_device(cfg.device)
     model, ckpt = load_checkpoint(cfg.run, device)
+    forward = inference(model, ckpt, device)  # the training precision and memory format on a GPU
     inp = Path(cfg.input)
     if not inp.is_dir():
         raise ValueError(f"{inp} is not a folder; give a shard folder (with manifest.json) or a folder of .jpg cutouts")
-    df = predict_shards(cfg, model, ckpt, device) if (inp / "manifest.json").exists() else predict_images(cfg, model, ckpt, device)
+    df = predict_shards(cfg, forward, ckpt, device) if (inp / "manifest.json").exists() else predict_images(cfg, forward, ckpt, device)
     out = Path(cfg.out) if cfg.out else Path(cfg.run) / f"predictions_{inp.resolve().name}.csv"
     write_bytes_atomic(out, df.to_csv(index=False, float_format="%.5f").encode())
     return df, out

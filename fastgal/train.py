@@ -39,10 +39,10 @@ from fastai.torch_core import set_seed
 from . import __version__
 from .config import TrainConfig, to_jsonable
 from .learner import DDP, best_epoch_callback, make_learner, resolve_device, resolve_precision, save_checkpoint
-from .loaders import make_dls, tta_loaders
+from .loaders import make_dls, thread_budget, tta_loaders
 from .shards import index_keys, load_manifest, training_crop
 from .plots import loss_curves, lr_find_plot, pred_vs_true
-from .util import default_workers, write_bytes_atomic, write_json_atomic
+from .util import write_bytes_atomic, write_json_atomic
 
 RECIPE_TEXT = ("xresnet(n_out, sa=True, act_cls=Mish) + ranger + RMSE loss, fit_one_cycle; "
                "CropPad 144 -> RandomCrop 112 -> dihedral + rotate 10 deg (p=0.75) -> Normalize")
@@ -156,7 +156,7 @@ def loaders(s: Setup):
     """Train loader split across ranks; every rank validates on all of the validation set."""
     set_seed(s.cfg.seed)
     return make_dls(s.cfg.shards, bs=s.cfg.bs, size=s.cfg.size, crop=s.crop, device=s.device, backend=s.cfg.loader,
-                    num_threads=s.cfg.workers or default_workers(), seed=s.cfg.seed, shard_id=s.rank,
+                    num_threads=thread_budget(s.cfg.workers), seed=s.cfg.seed, shard_id=s.rank,
                     num_shards=s.world, path=s.out, manifest=s.manifest, shard_valid=False)
 
 
@@ -165,7 +165,7 @@ def write_config(s: Setup, dls) -> dict:
     config = {
         **to_jsonable(c), "crop": s.crop, "out": str(s.out), "targets": s.targets, "device": str(s.device),
         "precision": s.precision, "loader_backend": type(dls.train).__name__,
-        "loader_threads": c.workers or default_workers(), "world_size": s.world,
+        "loader_threads": thread_budget(c.workers), "world_size": s.world,
         "n_train": s.manifest["counts"]["train"], "n_valid": s.manifest["counts"]["valid"],
         "versions": _versions(), "gpu": torch.cuda.get_device_name(s.device) if s.device.type == "cuda" else None,
         "recipe": RECIPE_TEXT,
@@ -270,7 +270,8 @@ def save_model(s: Setup, learn) -> None:
     save_checkpoint(s.out / "model.pt", learn.model, arch=s.cfg.arch, targets=s.targets, target_mean=s.target_mean,
                     target_std=s.target_std, pixel_mean=s.manifest["pixel_stats"]["mean"],
                     pixel_std=s.manifest["pixel_stats"]["std"], size=s.cfg.size, crop=s.crop,
-                    precrop=img.get("precrop"), image_size=img["size"])
+                    precrop=img.get("precrop"), image_size=img["size"], precision=s.precision,
+                    channels_last=s.cfg.channels_last and s.device.type == "cuda")
     (s.out / "best.pth").unlink(missing_ok=True)  # SaveModelCallback's copy; model.pt holds the same weights
 
 
