@@ -1,25 +1,17 @@
-"""The cutout downloader: the sample's catalog from SkyServer (or a CSV), then one checked JPEG per galaxy.
+"""The cutout downloader: the sample's catalog (SkyServer's answer or a CSV), then one checked JPEG per galaxy.
 
     fastgal download data/sdss --limit 100
 
-writes, in the layout of `fastgal synth` (so `fastgal shard` reads it unchanged),
-    OUT/data/master.csv        the catalog: objID (exact 64-bit), ra, dec, ..., metallicity
-    OUT/images/{objID}.jpg     SkyServer ImgCutout/getjpeg cutouts, each checked by a full decode
-    OUT/download-report.csv    one row per catalog objID: status, reason, tries, black_fraction
-    OUT/download.json          the config, where the catalog came from, the counts
+writes, in `fastgal synth`'s layout (so `fastgal shard` reads it unchanged), OUT/data/master.csv (the
+catalog as text: exact 64-bit objIDs, NULL = empty), OUT/images/{objID}.jpg (getjpeg cutouts, each
+fully decoded), OUT/download-report.csv (per objID: status, reason, tries, black_fraction) and
+OUT/download.json (config, catalog source, framing rule, counts).
 
-The catalog is the answer to fastgal/metallicity_sample.sql (or --sql FILE), or a user CSV
-(--catalog). Every value is kept as text, so ids never pass through a float and NULLs stay empty.
-
-Cutouts: a bounded thread pool (one requests.Session, i.e. one keep-alive connection, per thread)
-behind one token bucket shared by all threads (fastgal.skyserver). What urllib3's Retry cannot see
-(a 200 carrying an HTML page, a body cut short, a truncated or undecodable JPEG) is retried here,
-within the same per-cutout budget of tries.
-
-Resumable: bytes go to images/{objID}.jpg.part and are renamed only once they decode; a re-run
-skips images already on disk that decode at the requested size, carries over earlier not-found
-answers and deletes stray .part files. Ctrl-C stops within a timeout, writes the report (objIDs not
-reached are `interrupted`) and leaves only complete images.
+Threads with a keep-alive Session each share one rate limit (fastgal.skyserver). What urllib3 cannot
+see (a 200 carrying an HTML page, a body cut short, a JPEG that does not decode) is retried here,
+within the same budget of tries. Resumable: bytes go to .part files renamed once they decode; a re-run
+reuses the catalog, skips images that decode, does not re-ask earlier 404s and deletes stray .part
+files. Ctrl-C writes the report (unreached objIDs are `interrupted`) and leaves only complete images.
 """
 
 from __future__ import annotations
@@ -28,7 +20,6 @@ import csv
 import hashlib
 import io
 import json
-import math
 import os
 import random
 import threading
@@ -44,8 +35,8 @@ import requests
 from . import __version__
 from .catalog import id_reason
 from .config import DownloadConfig, to_jsonable
-from .skyserver import (MAX_SIZE, MIN_SIZE, Interrupted, RateLimiter, column, cutout_url, describe, error_message,
-                        make_session, one_line, query_catalog, tries)
+from .skyserver import (MAX_SCALE, MAX_SIZE, MIN_SCALE, MIN_SIZE, Interrupted, RateLimiter, ThreadSessions, column,
+                        cutout_url, get_cutout, make_session, one_line, query_catalog)
 from .synth import R90_SPAN
 from .util import Progress, check_jpeg, write_bytes_atomic, write_json_atomic
 
@@ -56,6 +47,9 @@ REPORT_COLUMNS = ["objID", "status", "reason", "tries", "black_fraction"]
 # more than BLACK_FLAG of it lies in rows or columns made only of such pixels. Whole black rows or
 # columns are how the edge of the imaging looks in getjpeg; dark sky has noise in every row.
 BLACK_LEVEL, BLACK_FLAG = 1, 0.5
+# --scale auto: the frame's width in units of petroR90_r. "original" is the published study's rule
+# (scale = 2 * petroR90_r / 0.396 / width, about 5.05 x petroR90_r), which `fastgal synth` draws too.
+FRAMES = {"original": R90_SPAN, "4r90": 4.0}
 
 
 # ------------------------------------------------------------------------------------- catalog
@@ -66,12 +60,15 @@ def validate(cfg: DownloadConfig) -> None:
         raise ValueError("pass --sql or --catalog, not both")
     if not MIN_SIZE <= cfg.size <= MAX_SIZE:
         raise ValueError(f"--size must be {MIN_SIZE}..{MAX_SIZE} pixels (SkyServer clamps outside it), got {cfg.size}")
-    if cfg.scale != "auto" and not (isinstance(cfg.scale, (int, float)) and cfg.scale > 0):
-        raise ValueError(f"--scale must be 'auto' or a positive arcsec/pixel, got {cfg.scale!r}")
+    if cfg.scale != "auto" and not (isinstance(cfg.scale, (int, float)) and MIN_SCALE <= cfg.scale <= MAX_SCALE):
+        raise ValueError(f"--scale must be 'auto' or {MIN_SCALE:g}..{MAX_SCALE:g} arcsec/pixel (SkyServer clamps "
+                         f"outside it), got {cfg.scale!r}")
+    if cfg.frame not in FRAMES:
+        raise ValueError(f"--frame must be one of {', '.join(FRAMES)}, got {cfg.frame!r}")
     if cfg.workers < 1:
         raise ValueError(f"--workers must be at least 1, got {cfg.workers}")
-    if cfg.retries < 0 or cfg.rate < 0 or cfg.timeout <= 0:
-        raise ValueError("--retries and --rate must be >= 0 and --timeout > 0")
+    if cfg.retries < 0 or cfg.rate < 0 or cfg.timeout <= 0 or cfg.query_timeout <= 0:
+        raise ValueError("--retries and --rate must be >= 0, --timeout and --query-timeout > 0")
     if cfg.limit is not None and cfg.limit < 1:
         raise ValueError(f"--limit must be a positive number of galaxies, got {cfg.limit}")
     out = Path(cfg.out)
@@ -136,9 +133,7 @@ def read_user_catalog(path: Path) -> pd.DataFrame:
 
 def write_catalog(path: Path, df: pd.DataFrame) -> None:
     """master.csv exactly as received: text in, text out (no float round trip)."""
-    buf = io.StringIO()
-    df.to_csv(buf, index=False, lineterminator="\n")
-    write_bytes_atomic(path, buf.getvalue().encode())
+    write_bytes_atomic(path, df.to_csv(index=False, lineterminator="\n").encode())
 
 
 def load_catalog(cfg: DownloadConfig, out: Path, session: requests.Session) -> tuple[pd.DataFrame, str, dict]:
@@ -170,7 +165,7 @@ def load_catalog(cfg: DownloadConfig, out: Path, session: requests.Session) -> t
             old = {}
         if old.get("key") == key:
             return pd.read_csv(master, dtype=str, keep_default_na=False), source + ", reused from the earlier run", old
-    raw, info = query_catalog(sql, cfg, session)
+    raw, info = query_catalog(sql, cfg, session, f"the query in {sql_path.name}")
     df, dropped = normalise_catalog(raw, f"the answer to {sql_path.name}", first_line=None, duplicates="first")
     write_catalog(master, df)
     return df, source, {"sql": str(sql_path), "key": key, "rows": len(df), **info, "dropped_duplicates": dropped}
@@ -179,17 +174,25 @@ def load_catalog(cfg: DownloadConfig, out: Path, session: requests.Session) -> t
 # ------------------------------------------------------------------------------------ cutouts
 
 
-def cutout_scale(petro_r90: str | None, cfg: DownloadConfig) -> float:
-    """arcsec/pixel: fixed, or auto = the frame spans R90_SPAN x petroR90_r (as fastgal synth)."""
+def plan_scales(df: pd.DataFrame, cfg: DownloadConfig) -> tuple[np.ndarray, list[str], dict]:
+    """Each galaxy's getjpeg scale (arcsec/px); for each, a note when the service's range clamps it
+    (the report's reason column: the frame is then not what the rule asks); download.json's record."""
     if cfg.scale != "auto":
-        return float(cfg.scale)
-    try:
-        r90 = float(petro_r90) if petro_r90 not in (None, "") else math.nan
-    except ValueError:
-        r90 = math.nan
-    if not (math.isfinite(r90) and r90 > 0):  # NULL, -9999 or junk: fall back to a fixed scale
-        return float(cfg.fallback_scale)
-    return R90_SPAN * r90 / cfg.size
+        return np.full(len(df), float(cfg.scale)), [""] * len(df), {"scale": float(cfg.scale)}
+    span = FRAMES[cfg.frame]
+    r90 = pd.to_numeric(df["petroR90_r"], errors="coerce").to_numpy(float) if "petroR90_r" in df \
+        else np.full(len(df), np.nan)
+    usable = np.isfinite(r90) & (r90 > 0)  # NULL, -9999 or junk: the fixed fallback scale
+    want = np.where(usable, span * np.where(usable, r90, 0) / cfg.size, cfg.fallback_scale)
+    scale = np.clip(want, MIN_SCALE, MAX_SCALE)
+    notes = [f"scale clamped to getjpeg's {'minimum' if w < s else 'maximum'} {s:g}\"/px (the frame rule asks "
+             f"{w:.3g}\"/px), so the frame spans {s * cfg.size:.3g}\" instead of {w * cfg.size:.3g}\"" if w != s else ""
+             for w, s in zip(want, scale)]
+    record = {"frame": cfg.frame, "frame_r90": span,
+              "scale": f"frame_r90 * petroR90_r / size arcsec/px ({cfg.fallback_scale} without a usable petroR90_r), "
+                       f"clamped to getjpeg's {MIN_SCALE:g}..{MAX_SCALE:g}",
+              "no_petroR90_r": int((~usable).sum()), "clamped": sum(1 for n in notes if n)}
+    return scale, notes, record
 
 
 def inspect_jpeg(data: bytes, size: int) -> tuple[str | None, float | None]:
@@ -224,28 +227,24 @@ class Downloader:
     def __init__(self, cfg: DownloadConfig, images: Path, stop: threading.Event):
         self.cfg, self.images, self.stop = cfg, images, stop
         self.limiter = RateLimiter(cfg.rate, stop)
+        self.sessions = ThreadSessions(cfg, self.limiter)
         self.url = cutout_url(cfg.base_url, cfg.release)
-        self._local = threading.local()
-        self._sessions: list[requests.Session] = []
-        self._lock = threading.Lock()
-
-    def session(self) -> requests.Session:
-        s = getattr(self._local, "s", None)
-        if s is None:
-            s = self._local.s = make_session(self.cfg, self.limiter)
-            with self._lock:
-                self._sessions.append(s)
-        return s
-
-    def close(self) -> None:
-        for s in self._sessions:
-            s.close()
 
     def _backoff(self, n: int) -> None:
         """Our own retries (what urllib3 cannot see) back off like urllib3's."""
         c = self.cfg
         if self.stop.wait(min(c.backoff_max, c.backoff * 2 ** n) + random.random() * c.backoff):
             raise Interrupted()
+
+    @staticmethod
+    def _save(dst: Path, data: bytes) -> None:
+        """Write-then-rename: images/ only ever holds complete, checked files."""
+        part = dst.with_name(dst.name + ".part")
+        try:
+            part.write_bytes(data)
+            os.replace(part, dst)
+        finally:
+            part.unlink(missing_ok=True)
 
     def fetch(self, oid: str, ra: str, dec: str, scale: float) -> Outcome:
         cfg, dst = self.cfg, self.images / f"{oid}.jpg"
@@ -257,48 +256,25 @@ class Downloader:
             # an incomplete or wrong-size file from elsewhere: fetch it again (the rename replaces it)
             replaced = f"replaced an unusable earlier file ({problem})"
         params = {"ra": ra, "dec": dec, "scale": f"{scale:.6g}", "width": cfg.size, "height": cfg.size}
-        n, attempt, last, last_status = 0, 0, "", "failed"
-        while n < cfg.retries + 1:
+        n, attempt, status, reason = 0, 0, "failed", ""
+        while n < cfg.retries + 1:  # one budget of tries: urllib3's retries and ours together
             if attempt:
                 self._backoff(attempt)
             attempt += 1
             self.limiter.acquire()
-            try:
-                r = self.session().get(self.url, params=params, timeout=cfg.timeout, stream=True)
-            except Interrupted:
-                raise
-            except requests.RequestException as e:  # this exception means urllib3 spent its retries
-                n += cfg.retries + 1
-                return Outcome(oid, "failed", f"{describe(e)} after {n} tries", n)
-            with r:
-                n += tries(r)
-                if r.status_code == 404:
-                    return Outcome(oid, "not-found", "HTTP 404: outside the imaging footprint", n)
-                if r.status_code == 400:
-                    return Outcome(oid, "failed", f"HTTP 400 bad request: {error_message(r.text)}", n)
-                if r.status_code != 200:  # 429/5xx after urllib3's retries, or another 4xx: final
-                    return Outcome(oid, "failed", f"HTTP {r.status_code} after {n} tries", n)
-                try:
-                    data = r.content
-                except requests.RequestException as e:  # the body was cut short: retry it here
-                    last, last_status = f"body cut short ({describe(e)})", "failed"
-                    continue
-                ctype = r.headers.get("Content-Type", "")
-                if not ctype.lower().startswith("image/jpeg"):
-                    last, last_status = f"HTTP 200 with Content-Type {ctype or 'none'!r}, not image/jpeg", "invalid-image"
-                    continue
-                problem, black = inspect_jpeg(data, cfg.size)
-                if problem:
-                    last, last_status = problem, "invalid-image"
-                    continue
-            part = dst.with_name(dst.name + ".part")
-            try:
-                part.write_bytes(data)
-                os.replace(part, dst)
-            finally:
-                part.unlink(missing_ok=True)
-            return Outcome(oid, "ok", "; ".join(x for x in (_black_note(black), replaced) if x), n, black)
-        return Outcome(oid, last_status, f"{last} (after {n} tries)", n)
+            got, reason, k, data = get_cutout(self.sessions.get(), self.url, params, cfg)
+            n += k
+            if got == "not-found":
+                return Outcome(oid, got, reason, n)
+            if got == "failed":
+                return Outcome(oid, got, reason + (f" after {n} tries" if n > 1 else ""), n)
+            if got == "ok":
+                reason, black = inspect_jpeg(data, cfg.size)
+                if reason is None:
+                    self._save(dst, data)
+                    return Outcome(oid, "ok", "; ".join(x for x in (_black_note(black), replaced) if x), n, black)
+            status = "failed" if got == "cut-short" else "invalid-image"  # should no try be left
+        return Outcome(oid, status, f"{reason} (after {n} tries)", n)
 
 
 # ------------------------------------------------------------------------------------ the job
@@ -322,15 +298,15 @@ class DownloadResult:
         return fetched / max(self.seconds, 1e-9)
 
 
-def _earlier_not_found(report: Path) -> dict[str, str]:
+def _earlier_not_found(report: Path) -> set[str]:
     """objIDs an earlier run found outside the footprint (a permanent 404): not asked again."""
     if not report.exists():
-        return {}
+        return set()
     try:
         rep = pd.read_csv(report, dtype=str, keep_default_na=False)
-        return {o: r for o, s, r in zip(rep["objID"], rep["status"], rep["reason"]) if s == "not-found"}
+        return set(rep["objID"][rep["status"] == "not-found"])
     except (ValueError, KeyError, pd.errors.ParserError):
-        return {}
+        return set()
 
 
 def write_report(path: Path, outcomes: list[Outcome]) -> None:
@@ -344,7 +320,7 @@ def write_report(path: Path, outcomes: list[Outcome]) -> None:
 
 def _catalog(cfg: DownloadConfig, out: Path, stop: threading.Event, notes: list[str]) -> tuple[pd.DataFrame, str, dict]:
     """load_catalog over its own session, and the notes a user should see about it."""
-    with make_session(cfg, RateLimiter(cfg.rate, stop)) as session:
+    with make_session(cfg, RateLimiter(cfg.rate, stop), query=True) as session:
         df, source, meta = load_catalog(cfg, out, session)
     if meta.get("dropped_duplicates"):
         d = meta["dropped_duplicates"]
@@ -354,11 +330,10 @@ def _catalog(cfg: DownloadConfig, out: Path, stop: threading.Event, notes: list[
     return df, source, meta
 
 
-def _fetch_all(cfg: DownloadConfig, df: pd.DataFrame, images: Path, stop: threading.Event,
-               earlier_404: dict[str, str], outcomes: dict[str, Outcome]) -> BaseException | None:
+def _fetch_all(cfg: DownloadConfig, df: pd.DataFrame, scales: np.ndarray, images: Path, stop: threading.Event,
+               earlier_404: set[str], outcomes: dict[str, Outcome]) -> BaseException | None:
     """Fetch every cutout into `outcomes`; on Ctrl-C or an error, stop the workers cleanly and return
     the exception (KeyboardInterrupt included) for the caller to report."""
-    r90 = df["petroR90_r"] if "petroR90_r" in df.columns else None
     dl = Downloader(cfg, images, stop)
     prog = Progress(len(df), "download", cfg.quiet, unit="img")
     ex = ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="fastgal-dl")
@@ -366,11 +341,11 @@ def _fetch_all(cfg: DownloadConfig, df: pd.DataFrame, images: Path, stop: thread
     try:
         for i, oid in enumerate(df["objID"]):
             if oid in earlier_404 and not (images / f"{oid}.jpg").exists():
-                outcomes[oid] = Outcome(oid, "not-found", f"{earlier_404[oid]} (earlier run; not asked again)", 0)
+                outcomes[oid] = Outcome(oid, "not-found", "HTTP 404 in an earlier run: outside the imaging footprint; "
+                                        "not asked again", 0)
                 prog.update()
                 continue
-            scale = cutout_scale(r90.iat[i] if r90 is not None else None, cfg)
-            futs[ex.submit(dl.fetch, oid, df["ra"].iat[i], df["dec"].iat[i], scale)] = oid
+            futs[ex.submit(dl.fetch, oid, df["ra"].iat[i], df["dec"].iat[i], float(scales[i]))] = oid
         for f in as_completed(futs):
             o = f.result()
             outcomes[o.objID] = o
@@ -384,7 +359,7 @@ def _fetch_all(cfg: DownloadConfig, df: pd.DataFrame, images: Path, stop: thread
                 outcomes[oid] = f.result()
     finally:
         ex.shutdown(wait=True)
-        dl.close()
+        dl.sessions.close()
         prog.close()
     return error
 
@@ -410,18 +385,22 @@ def download(cfg: DownloadConfig) -> DownloadResult:
     stop = threading.Event()
     t0 = time.perf_counter()
     df, source, cat_meta = _catalog(cfg, out, stop, notes)
-    if cfg.scale == "auto":
-        r90 = pd.to_numeric(df["petroR90_r"], errors="coerce") if "petroR90_r" in df else pd.Series(np.nan, index=df.index)
-        n_fixed = int((~(r90 > 0)).sum())
-        if n_fixed:
-            notes.append(f"{n_fixed} galaxies have no usable petroR90_r; their cutouts use {cfg.fallback_scale}\"/pixel")
+    scales, clamped, framing = plan_scales(df, cfg)
+    if framing.get("no_petroR90_r"):
+        notes.append(f"{framing['no_petroR90_r']} galaxies have no usable petroR90_r; their cutouts use "
+                     f"{cfg.fallback_scale}\"/pixel")
+    if framing.get("clamped"):
+        notes.append(f"{framing['clamped']} galaxies' scale is outside getjpeg's {MIN_SCALE:g}..{MAX_SCALE:g}\"/px "
+                     "and was clamped (their frames differ from the rule); the report's reason column names them")
     report_path = out / "download-report.csv"
     outcomes: dict[str, Outcome] = {}
-    error = _fetch_all(cfg, df, images, stop, _earlier_not_found(report_path), outcomes)
+    error = _fetch_all(cfg, df, scales, images, stop, _earlier_not_found(report_path), outcomes)
     for p in images.glob("*.part"):
         p.unlink(missing_ok=True)
     rows = [outcomes.get(oid) or Outcome(oid, "interrupted", "run stopped before this cutout; re-run to resume")
             for oid in df["objID"]]
+    for o, note in zip(rows, clamped):
+        o.reason = "; ".join(x for x in (o.reason, note) if x)
     write_report(report_path, rows)
     counts = {s: 0 for s in STATUSES}
     for o in rows:
@@ -433,7 +412,7 @@ def download(cfg: DownloadConfig) -> DownloadResult:
                          interrupted=error is not None, notes=notes)
     write_json_atomic(out / "download.json", {
         "fastgal_version": __version__, "config": to_jsonable(cfg), "catalog": cat_meta,
-        "catalog_source": source, "n": res.n, "counts": counts, "flagged_mostly_black": flagged,
+        "catalog_source": source, "framing": framing, "n": res.n, "counts": counts, "flagged_mostly_black": flagged,
         "interrupted": res.interrupted, "seconds": round(res.seconds, 3),
     })
     if error is not None and not isinstance(error, KeyboardInterrupt):
