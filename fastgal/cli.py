@@ -343,8 +343,8 @@ def download(as_json, **kw):
     """
     import sys
 
-    from .sdss import SkyServerError
-    from .sdss import download as run_download
+    from .download import download as run_download
+    from .skyserver import SkyServerError
 
     cfg = config(DownloadConfig, kw)
     try:

@@ -131,14 +131,18 @@ class DownloadConfig:
     base_url: str = opt("https://skyserver.sdss.org", "SkyServer host (a mirror, a test server).")
     limit: int | None = opt(None, "Only the first N galaxies (by objID for the query).")
     size: int = opt(RECIPE.image, "Cutout width/height in pixels (64-2048; SkyServer clamps outside it).")
-    scale: float | str = opt("auto", "arcsec/pixel, or auto: the frame spans 4 x petroR90_r (0.396 without it).",
-                             type="scale")
+    scale: float | str = opt("auto", "arcsec/pixel (0.015-60), or auto: frame each galaxy by --frame "
+                             "(0.396 without a petroR90_r).", type="scale")
+    frame: str = opt("original", "--scale auto's frame: original = 2 x petroR90_r / 0.396 (about 5.05 x "
+                     "petroR90_r, the published study's), 4r90 = 4 x petroR90_r.", choices=["original", "4r90"])
     fallback_scale: float = opt(0.396, "auto without a usable petroR90_r: SDSS's native pixel", cli=False)
     workers: int = opt(4, "Download threads, each with its own keep-alive connection.")
     rate: float = opt(4.0, "Requests/s over all threads (SkyServer is shared); 0 = no limit.")
-    retries: int = opt(5, "Retries after the first try, per cutout and per query.")
+    retries: int = opt(5, "Retries after the first try, per cutout; per query only where nothing ran "
+                       "(connection errors, 502/503/504, 429 with Retry-After), never a SQL error.")
     timeout: float = opt(30.0, "Seconds per request (connect, and between bytes).")
-    query_timeout: float = opt(600.0, "seconds for the SQL answer (the full sample takes minutes)", cli=False)
+    query_timeout: float = opt(660.0, "Seconds to wait for the SQL answer; more than SkyServer's own 600 s "
+                               "limit, so a slow query ends with the server's message, not a client timeout.")
     backoff: float = opt(0.5, "Base of the exponential backoff, seconds (retry n waits ~backoff * 2**n + jitter).")
     backoff_max: float = opt(60.0, cli=False)
     retry_after_max: float = opt(120.0, "cap on a server's Retry-After", cli=False)

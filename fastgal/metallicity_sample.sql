@@ -9,6 +9,14 @@
 -- One row per galaxy: the photometric objID (64-bit: keep it exact, never a float), its spectrum,
 -- position and Petrosian sizes (petroR90_r sets the cutout scale), and the MPA-JHU
 -- (Brinchmann+04, Tremonti+04) medians: oh_p50 = 12+log(O/H) as `metallicity`, stellar mass, SFR.
+-- The cuts are the original study's (Wu & Boada's galaxy-cnns), including its lgm_tot_p50 > 0,
+-- so the default sample is the published one.
+--
+-- Reliability: SDSS documents the MPA-JHU values of a spectrum with GalSpecInfo.reliable = 0 as not
+-- reliable. The flag is returned as a column but not cut on, to keep the published sample; for a
+-- cleaner sample uncomment the last line of the WHERE clause (AND i.reliable = 1), or filter
+-- master.csv on the `reliable` column later.
+--
 -- Keep the query a single SELECT with no top-level ORDER BY: fastgal wraps it in
 -- SELECT TOP n ... ORDER BY objID to apply --limit and to split a result that hits the
 -- 500,000-row cap into objID ranges.
@@ -38,3 +46,5 @@ WHERE g.petroMag_r > 10 AND g.petroMag_r < 18                 -- bright enough f
   AND s.zErr > 0 AND s.zErr < 0.01                             -- a secure redshift
   AND s.z > 0.02                                               -- the fibre samples more than a nucleus
   AND e.oh_p50 != -9999                                        -- MPA-JHU measured a metallicity
+  AND e.lgm_tot_p50 > 0                                        -- and a stellar mass
+  -- AND i.reliable = 1                                        -- optional: only MPA-JHU fits flagged reliable

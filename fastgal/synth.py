@@ -48,7 +48,7 @@ from . import __version__
 from .config import SynthConfig, to_jsonable
 from .util import Progress, default_workers, write_bytes_atomic, write_json_atomic
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: framed by the original study's rule (R90_SPAN), 1 framed 4 x petroR90_r
 
 # MPA-JHU oh_p50 of the reference sample (~140k SDSS DR star-forming galaxies): quantiles
 # 1% 8.286, 5% 8.492, 25% 8.809, 50% 8.956, 75% 9.054, 95% 9.134, 99% 9.190; range 7.85-9.47.
@@ -60,7 +60,11 @@ _Q_REF = PchipInterpolator(REF_P, REF_Q)
 SIGMA_HIDDEN = 0.066  # dex in the latent (Tremonti) scale; gives a floor RMSE ~0.08 dex
 FMR_ALPHA = 0.12  # metallicity drop per dex of SFR above the main sequence (Mannucci+10-like)
 NATIVE_SCALE = 0.396  # SDSS arcsec/pixel
-R90_SPAN = 4.0  # the cutout spans this many x petroR90_r, like the SDSS downloader's auto scale
+# Framing, the original study's rule (Wu & Boada's download_images.py: scale = 2 * petroR90_r / 0.396 / width):
+# the cutout spans 2/0.396 = 5.05 x petroR90_r at any size; `fastgal download --scale auto` uses it too.
+R90_SPAN = 2 / NATIVE_SCALE
+FRAMING = {"frame": "original", "frame_r90": R90_SPAN, "scale": "frame_r90 * petroR90_r / 224 arcsec/px, "
+           "clipped to [0.05, 1.5]; an image of another --size spans the same sky"}
 MAG_LIMIT = 17.77  # SDSS main galaxy sample
 SKY_SIGMA = np.array([0.0045, 0.0060, 0.0095], np.float32)  # g, r, i noise per native pixel, nmgy
 RGB_SCALE = np.array([1.0, 1.15, 1.9], np.float32)  # i->R, r->G, g->B channel weights
@@ -427,6 +431,7 @@ def synth(cfg: SynthConfig) -> SynthResult:
             "n": cfg.n,
             "seed": cfg.seed,
             "target": "metallicity",
+            "framing": FRAMING,
             "floor": floor,
             "metallicity_quantiles": {f"{p:g}": float(np.quantile(cat["metallicity"], p)) for p in (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)},
             "metallicity_mean": float(np.mean(cat["metallicity"])),

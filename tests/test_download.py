@@ -1,9 +1,12 @@
 """fastgal download against a real HTTP server on 127.0.0.1 (pytest-httpserver) playing SkyServer.
 
-The fake SkyServer answers SqlSearch with `#Table1` CSV (19-digit ids) or a JSON error, and
-ImgCutout/getjpeg with per-galaxy scripts of faults: 503 then 200, 429 with Retry-After, a reply
-slower than the timeout, 404 with a JPEG body, 200 with HTML, a truncated JPEG, dropped
-connections, 400 JSON. Every request is logged, so "nothing downloaded twice" is counted.
+The fake SkyServer answers as the real one does (sciserver/SkyServerWS): SqlSearch with `#Table1`
+CSV (19-digit ids), a SQL error as HTTP 500 + JSON {ErrorCode, ErrorType, ErrorMessage, LogMessageID},
+a limit refusal as HTTP 200 + a CSV whose only column is `error_message`; ImgCutout/getjpeg clamps
+scale to 0.015-60"/px and plays per-galaxy scripts of faults: 503 then 200, 429 with Retry-After, a
+reply slower than the timeout, 404 with a JPEG body (outside the footprint), 200 with HTML, a
+truncated JPEG, dropped connections, 400 JSON. Every request is logged, so "nothing downloaded
+twice" and "a bad query is sent once" are counted.
 """
 
 from __future__ import annotations
@@ -27,14 +30,27 @@ from pytest_httpserver import HTTPServer
 from werkzeug import Response
 
 from conftest import run_cli
-import fastgal.sdss as sdss
+import fastgal.download as dl
+import fastgal.skyserver as sky_client
 from fastgal.config import DownloadConfig
-from fastgal.synth import R90_SPAN
+from fastgal.synth import make_catalog
 
 SQL_PATH = "/dr17/SkyServerWS/SearchTools/SqlSearch"
 JPEG_PATH = "/dr17/SkyServerWS/ImgCutout/getjpeg"
 # ids above 2**53 whose float64 round trip changes them: they must arrive exactly
 BASE_ID = 1237648720693755918
+ORIGINAL_SPAN = 2 / 0.396  # Wu & Boada's download_images.py: scale = 2 * petroR90_r / 0.396 / width
+
+
+def sql_error(message: str) -> Response:
+    """SqlSearch's answer to a bad query (and to its own 600 s timeout): HTTP 500 and a JSON body."""
+    body = {"ErrorCode": 500, "ErrorType": "InternalServerError", "ErrorMessage": message, "LogMessageID": "1234"}
+    return Response(json.dumps(body), status=500, content_type="application/json")
+
+
+def limit_error(message: str) -> Response:
+    """A refusal that comes back as HTTP 200: CSV with the single column error_message."""
+    return Response(f"#Table1\nerror_message\n{message}\n", content_type="text/plain")
 
 
 def jpeg(seed: int, size: int = 224, black: bool = False) -> bytes:
@@ -56,12 +72,12 @@ def drop_connection(request) -> Response:
 
 
 # each fault is one server reply; a galaxy's script is played in order, its last entry repeats
-def reply(kind: str, oid: int):
-    ok = jpeg(oid % 2**32)
+def reply(kind: str, oid: int, size: int = 224):
+    ok = jpeg(oid % 2**32, size)
     if kind == "ok":
         return Response(ok, content_type="image/jpeg")
     if kind == "black":
-        return Response(jpeg(oid % 2**32, black=True), content_type="image/jpeg")
+        return Response(jpeg(oid % 2**32, size, black=True), content_type="image/jpeg")
     if kind == "503":
         return Response(b"busy", status=503, content_type="text/plain")
     if kind == "500":  # SkyServer's internal errors carry a JPEG body
@@ -101,8 +117,8 @@ SCRIPTS = {  # name: (server script, expected status, expected requests, reason 
     "html": (["html"], "invalid-image", 4, r"text/html"),
     "alwaysslow": (["slow"], "failed", 4, r"timed out after 4 tries"),
     "alwaysdropped": (["drop"], "failed", 4, r"connection dropped after 4 tries"),
-    "trunc": (["trunc"], "invalid-image", 4, r"truncated JPEG"),
-    "small": (["small"], "invalid-image", 4, r"100x100 image, expected 224x224"),
+    "trunc": (["trunc"], "invalid-image", 4, r"corrupt-image: truncated JPEG"),
+    "small": (["small"], "invalid-image", 4, r"wrong-size: 100x100 px, expected 224x224"),
 }
 RETRIES = 3  # so a persistent fault costs 4 requests
 
@@ -122,7 +138,7 @@ class FakeSkyServer:
         self.by_ra = {r["ra"]: r for r in self.rows}
         self.log: list[tuple[float, str, dict]] = []  # (time, objID or 'sql', args)
         self.sql_seen: list[str] = []
-        self.sql_reply = None  # a callable(cmd) -> Response, to override the catalog
+        self.sql_reply = None  # a callable(cmd) -> Response (None: the catalog), to override the catalog
         self.lock = threading.Lock()
         server.expect_request(SQL_PATH).respond_with_handler(self.sql)
         server.expect_request(JPEG_PATH).respond_with_handler(self.cutout)
@@ -137,17 +153,19 @@ class FakeSkyServer:
         with self.lock:
             self.sql_seen.append(cmd)
             self.log.append((time.monotonic(), "sql", dict(request.args)))
-        if self.sql_reply:
-            return self.sql_reply(cmd)
+        if self.sql_reply and (resp := self.sql_reply(cmd)) is not None:
+            return resp
         cols = ["objID", "specObjID", "ra", "dec", "petroR90_r", "metallicity"]
         body = "#Table1\n" + ",".join(cols) + "\n" + "".join(",".join(r[c] for c in cols) + "\n" for r in self.rows)
         return Response(body, content_type="text/plain")
 
     def cutout(self, request):
         row = self.by_ra[request.args["ra"]]
+        args = dict(request.args)
+        args["served_scale"] = min(max(float(args["scale"]), 0.015), 60.0)  # getjpeg clamps, silently
         with self.lock:
             n = sum(1 for _, o, _ in self.log if o == row["objID"])
-            self.log.append((time.monotonic(), row["objID"], dict(request.args)))
+            self.log.append((time.monotonic(), row["objID"], args))
         script = self.scripts[row["name"]][0]
         kind = script[min(n, len(script) - 1)]
         if kind == "slow":
@@ -155,7 +173,7 @@ class FakeSkyServer:
             kind = "ok"
         if kind == "drop":
             return drop_connection(request)
-        return reply(kind, int(row["objID"]))
+        return reply(kind, int(row["objID"]), min(max(int(args["width"]), 64), 2048))
 
     def requests_for(self, oid: str) -> int:
         return sum(1 for _, o, _ in self.log if o == oid)
@@ -189,15 +207,11 @@ def read_report(out: Path) -> pd.DataFrame:
     return pd.read_csv(out / "download-report.csv", dtype=str, keep_default_na=False)
 
 
-def test_ids_beyond_float_precision():
-    assert str(int(float(str(BASE_ID)))) != str(BASE_ID)
-
-
 def test_faults_statuses_and_resume(httpserver_threaded, tmp_path):
     names = list(SCRIPTS)
     sky = FakeSkyServer(httpserver_threaded, names)
     out = tmp_path / "sdss"
-    res = sdss.download(fast_cfg(out, sky))
+    res = dl.download(fast_cfg(out, sky))
 
     rep = read_report(out)
     assert len(rep) == len(names) and sorted(rep.objID) == sorted(r["objID"] for r in sky.rows)
@@ -235,7 +249,7 @@ def test_faults_statuses_and_resume(httpserver_threaded, tmp_path):
     # not-found carried over; only failed / invalid-image galaxies are asked again
     before = {r["objID"]: sky.requests_for(r["objID"]) for r in sky.rows}
     n_sql = len(sky.sql_seen)
-    res2 = sdss.download(fast_cfg(out, sky))
+    res2 = dl.download(fast_cfg(out, sky))
     assert len(sky.sql_seen) == n_sql
     rep2 = read_report(out)
     assert len(rep2) == len(names)
@@ -252,27 +266,68 @@ def test_faults_statuses_and_resume(httpserver_threaded, tmp_path):
     assert res2.counts["skipped-existing"] == res.counts["ok"]
 
 
-def test_rate_limit_is_global_and_scale_rule(httpserver_threaded, tmp_path):
+def test_rate_limit_is_global(httpserver_threaded, tmp_path):
     names = [f"good{i % 3 + 1}" for i in range(8)]
     sky = FakeSkyServer(httpserver_threaded, names)
-    res = sdss.download(fast_cfg(tmp_path / "o", sky, rate=10, workers=4))
+    res = dl.download(fast_cfg(tmp_path / "o", sky, rate=10, workers=4))
     assert res.counts["ok"] == 8
     times = sorted(t for t, o, _ in sky.log if o != "sql")
     gaps = np.diff(times)
     assert gaps.min() >= 0.05 and times[-1] - times[0] >= 0.65  # 4 threads, yet ~10 requests/s (7 gaps of 0.1 s)
-    # auto scale: the frame spans R90_SPAN x petroR90_r; no petroR90_r -> the fixed fallback
-    args = {o: a for _, o, a in sky.log if o != "sql"}
-    for r in sky.rows:
-        a = args[r["objID"]]
-        assert a["width"] == a["height"] == "224"
-        want = R90_SPAN * float(r["petroR90_r"]) / 224 if r["petroR90_r"] else 0.396
-        assert float(a["scale"]) == pytest.approx(want, rel=1e-5)
-        assert a["ra"] == r["ra"] and a["dec"] == r["dec"]  # coordinates passed as received
-    # --scale fixes it
+
+
+def test_framing_follows_the_original_rule_and_reports_clamps(httpserver_threaded, tmp_path):
+    sky = FakeSkyServer(httpserver_threaded, ["good1", "good2", "good3", "good1"])
+    sky.rows[3]["petroR90_r"] = "0.5000"  # tiny: 5.05 x 0.5" over 224 px is below getjpeg's 0.015"/px
+    cat = sky.catalog_csv(tmp_path / "cat.csv")
+
+    def scales(out, size, span):
+        """Check every request against the rule; {objID: reason} from the report."""
+        args = {o: a for _, o, a in sky.log if o != "sql"}
+        rep = read_report(out).set_index("objID")
+        assert set(rep.status) == {"ok"}
+        reasons = rep.reason
+        for r in sky.rows:
+            a = args[r["objID"]]
+            assert a["width"] == a["height"] == str(size) and (a["ra"], a["dec"]) == (r["ra"], r["dec"])
+            want = span * float(r["petroR90_r"]) / size if r["petroR90_r"] else 0.396  # no petroR90_r: fixed
+            assert float(a["scale"]) == a["served_scale"]  # fastgal asks only for what getjpeg serves
+            assert float(a["scale"]) == pytest.approx(max(want, 0.015), rel=1e-5)
+            assert ("scale clamped" in reasons[r["objID"]]) == (want < 0.015)
+        return reasons
+
+    out = tmp_path / "o"
+    res = run_cli("download", out, "--catalog", cat, "--base-url", sky.base_url, "--rate", 0, "--json")
+    reasons = scales(out, 224, ORIGINAL_SPAN)  # the default: the original study's frame
+    tiny = sky.rows[3]["objID"]
+    assert re.fullmatch(r"scale clamped to getjpeg's minimum 0.015\"/px \(the frame rule asks 0.0113\"/px\), "
+                        r"so the frame spans 3.36\" instead of 2.53\"", reasons[tiny]), reasons[tiny]
+    assert any("1 galaxies' scale is outside getjpeg's" in n for n in json.loads(res.output)["notes"])
+    framing = json.loads((out / "download.json").read_text())["framing"]
+    assert (framing["frame"], framing["clamped"], framing["no_petroR90_r"]) == ("original", 1, 1)
+    assert framing["frame_r90"] == pytest.approx(ORIGINAL_SPAN)
+
+    # --frame 4r90 keeps fastgal's earlier rule; at 128 px the tiny galaxy's scale is in range
     sky.log.clear()
-    sdss.download(fast_cfg(tmp_path / "p", sky, scale=0.25, size=128))
-    assert {a["scale"] for _, o, a in sky.log if o != "sql"} == {"0.25"}
-    assert {a["width"] for _, o, a in sky.log if o != "sql"} == {"128"}
+    run_cli("download", tmp_path / "p", "--catalog", cat, "--base-url", sky.base_url, "--rate", 0, "--quiet",
+            "--frame", "4r90", "--size", 128)
+    scales(tmp_path / "p", 128, 4.0)
+    # --scale fixes it, within getjpeg's range
+    sky.log.clear()
+    res = dl.download(fast_cfg(tmp_path / "q", sky, scale=0.25, size=128))
+    assert {a["scale"] for _, o, a in sky.log if o != "sql"} == {"0.25"} and res.counts["ok"] == 4
+    res = run_cli("download", tmp_path / "r", "--catalog", cat, "--scale", 0.01, ok=False)
+    assert res.exit_code == 1 and "0.015..60 arcsec/pixel" in res.output
+
+
+def test_synth_frames_like_the_download_default(tmp_path):
+    cat = make_catalog(2000, 3)
+    want = ORIGINAL_SPAN * cat["petroR90_r"] / 224
+    assert np.allclose(cat["scale"], np.clip(want, 0.05, 1.5), rtol=1e-12)
+    assert ((want > 0.05) & (want < 1.5)).mean() > 0.95  # the rule, not synth's clip, frames the galaxies
+    run_cli("synth", tmp_path / "s", "--n", 4, "--quiet")
+    framing = json.loads((tmp_path / "s" / "synth.json").read_text())["framing"]
+    assert framing["frame"] == "original" and framing["frame_r90"] == pytest.approx(ORIGINAL_SPAN)
 
 
 def test_interrupt_leaves_consistent_state_and_resumes(httpserver_threaded, tmp_path, monkeypatch):
@@ -285,7 +340,7 @@ def test_interrupt_leaves_consistent_state_and_resumes(httpserver_threaded, tmp_
     (out / "images" / f"{oid0}.jpg.part").write_bytes(b"\xff\xd8junk")
     (out / "images" / f"{oid1}.jpg").write_bytes(jpeg(3)[:1000])
 
-    real_check, calls = sdss.check_jpeg, []
+    real_check, calls = dl.inspect_jpeg, []
 
     def check_then_ctrl_c(data, size):
         calls.append(1)
@@ -293,9 +348,9 @@ def test_interrupt_leaves_consistent_state_and_resumes(httpserver_threaded, tmp_
             raise KeyboardInterrupt  # as if Ctrl-C landed mid-run
         return real_check(data, size)
 
-    monkeypatch.setattr(sdss, "check_jpeg", check_then_ctrl_c)
-    res = sdss.download(fast_cfg(out, sky, workers=2, rate=20))
-    monkeypatch.setattr(sdss, "check_jpeg", real_check)
+    monkeypatch.setattr(dl, "inspect_jpeg", check_then_ctrl_c)
+    res = dl.download(fast_cfg(out, sky, workers=2, rate=20))
+    monkeypatch.setattr(dl, "inspect_jpeg", real_check)
     assert res.interrupted
     rep = read_report(out)
     assert len(rep) == 12 and sum(res.counts.values()) == 12
@@ -308,7 +363,7 @@ def test_interrupt_leaves_consistent_state_and_resumes(httpserver_threaded, tmp_
         assert real_check((out / "images" / f"{oid}.jpg").read_bytes(), 224)[0] is None
 
     fetched = {o: sky.requests_for(o) for o in done}
-    res2 = sdss.download(fast_cfg(out, sky, workers=2))
+    res2 = dl.download(fast_cfg(out, sky, workers=2))
     rep2 = read_report(out)
     assert set(rep2.status) <= {"ok", "skipped-existing"} and len(rep2) == 12
     assert set(rep2.objID[rep2.status == "skipped-existing"]) == done
@@ -316,9 +371,10 @@ def test_interrupt_leaves_consistent_state_and_resumes(httpserver_threaded, tmp_
     assert res2.counts["ok"] == 12 - len(done)
     assert real_check((out / "images" / f"{oid1}.jpg").read_bytes(), 224)[0] is None  # re-fetched whole
     reasons = pd.concat([rep, rep2]).set_index("objID").reason[oid1].tolist()  # fetched in run 1 or run 2
-    assert any("replaced an unusable earlier file (truncated JPEG" in r for r in reasons), reasons
+    assert any("replaced an unusable earlier file (corrupt-image: truncated JPEG" in r for r in reasons), reasons
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_a_real_process(httpserver_threaded, tmp_path):
     """SIGINT to `python -m fastgal download`: exit 130, a full report, no .part; then resume."""
     names = [f"good{i % 3 + 1}" for i in range(30)]
@@ -366,8 +422,10 @@ def test_cli_main_path_feeds_shard(httpserver_threaded, tmp_path):
     # the default query reached the server as one line, comments stripped, with the sample's cuts
     (cmd,) = sky.sql_seen
     assert "\n" not in cmd and "--" not in cmd and cmd.startswith("SELECT")
-    for piece in ["oh_p50 AS metallicity", "s.rChi2 < 2", "s.z > 0.02", "e.oh_p50 != -9999", "GalSpecIndx"]:
+    for piece in ["oh_p50 AS metallicity", "s.rChi2 < 2", "s.z > 0.02", "e.oh_p50 != -9999", "e.lgm_tot_p50 > 0",
+                  "GalSpecIndx", "i.reliable FROM"]:
         assert piece in cmd
+    assert "reliable =" not in cmd  # documented as an optional cut, off by default
     m = re.search(r"cutouts: (.*) = (\d+) of (\d+)", res.output)
     counts = dict((k, int(v)) for v, k in re.findall(r"(\d+) ([a-z-]+)", m.group(1)))
     assert counts == {"ok": 5, "not-found": 1, "failed": 0} and int(m.group(2)) == int(m.group(3)) == 6
@@ -377,10 +435,6 @@ def test_cli_main_path_feeds_shard(httpserver_threaded, tmp_path):
     assert "metallicity" in cat.columns
 
     # the output is what `fastgal shard` reads: CATALOG=OUT/data/master.csv IMAGES=OUT/images
-    from fastgal.cli import cli
-
-    if "shard" not in cli.commands:
-        pytest.skip("fastgal shard is not in the CLI yet")
     sh = tmp_path / "shards"
     run_cli("shard", out / "data" / "master.csv", out / "images", sh, "--quiet")
     manifest = json.loads((sh / "manifest.json").read_text())
@@ -391,20 +445,54 @@ def test_cli_main_path_feeds_shard(httpserver_threaded, tmp_path):
     assert c["catalog_rows"] == 6 and c["train"] + c["valid"] == 5 and c["rejected"] == 1
 
 
-def test_catalog_errors_and_json_error_body(httpserver_threaded, tmp_path):
-    sky = FakeSkyServer(httpserver_threaded, ["good1", "good2"])
-    # a JSON error body (SkyServer's SQL errors) becomes the server's message, in one line
-    sky.sql_reply = lambda cmd: Response(json.dumps([{"Message": "Incorrect syntax near 'SELEC'.", "ErrorCode": 500}]),
-                                         status=500, content_type="application/json")
-    res = run_cli("download", tmp_path / "a", "--base-url", sky.base_url, "--retries", 1, "--backoff", 0.01, ok=False)
-    assert res.exit_code == 1 and "Incorrect syntax near 'SELEC'." in res.output
-    assert len(res.output.strip().splitlines()) == 1
-    sky.sql_reply = lambda cmd: Response(json.dumps([{"Message": "Column 'objid' bad"}]), status=200,
-                                         content_type="application/json")
-    res = run_cli("download", tmp_path / "a", "--base-url", sky.base_url, ok=False)
-    assert "Column 'objid' bad" in res.output
-    sky.sql_reply = None
+def one_line_error(res) -> str:
+    (line,) = res.output.strip().splitlines()
+    assert res.exit_code == 1 and line.startswith("Error: ")
+    return line
 
+
+def test_sql_errors_are_asked_once_and_shown_in_one_line(httpserver_threaded, tmp_path):
+    sky = FakeSkyServer(httpserver_threaded, ["good1", "good2"])
+    cli_args = ["download", tmp_path / "a", "--base-url", sky.base_url, "--backoff", 0.01]  # default --retries 5
+    sky.sql_reply = lambda cmd: sql_error("Incorrect syntax near 'SELEC'.\r\nStatement(s) could not be prepared.")
+    for extra in ([], ["--limit", 5]):  # as sent, and wrapped to apply --limit
+        sky.sql_seen.clear()
+        line = one_line_error(run_cli(*cli_args, *extra, ok=False))
+        assert len(sky.sql_seen) == 1  # it would fail again: not retried
+        assert "Incorrect syntax near 'SELEC'. Statement(s) could not be prepared." in line
+        assert "the query in metallicity_sample.sql" in line and "[SQL: SELECT g.objID, s.specObjID" in line
+
+    # a limit refusal with status 200: one CSV column, error_message
+    sky.sql_seen.clear()
+    sky.sql_reply = lambda cmd: limit_error("Query rate limit exceeded: at most 60 queries per minute")
+    line = one_line_error(run_cli(*cli_args, ok=False))
+    assert "SkyServer refused the query in metallicity_sample.sql: Query rate limit exceeded" in line
+    assert len(sky.sql_seen) == 1 and "objID" not in line.split("[SQL")[0]
+
+    # transient answers are retried: a 503, then a 429 that says when to come back, then the table
+    sky.sql_seen.clear()
+    answers = iter([Response("busy", status=503), Response("slow down", status=429, headers={"Retry-After": "0"})])
+    sky.sql_reply = lambda cmd: next(answers, None)
+    run_cli("download", tmp_path / "b", "--base-url", sky.base_url, "--backoff", 0.01, "--rate", 0, "--quiet")
+    assert len(sky.sql_seen) == 3
+    # a 429 without Retry-After is an answer, not a pause
+    sky.sql_seen.clear()
+    sky.sql_reply = lambda cmd: Response("too many", status=429)
+    assert "HTTP 429" in one_line_error(run_cli(*cli_args, ok=False)) and len(sky.sql_seen) == 1
+
+
+def test_query_timeout_exceeds_the_servers_and_is_an_option(httpserver_threaded, tmp_path):
+    assert DownloadConfig().query_timeout > 600  # SqlSearch's own limit: let the server say a query is too slow
+    sky = FakeSkyServer(httpserver_threaded, ["good1"])
+    sky.sql_reply = lambda cmd: time.sleep(1.0)  # then the catalog, too late
+    line = one_line_error(run_cli("download", tmp_path / "a", "--base-url", sky.base_url, "--query-timeout", 0.3,
+                                  ok=False))
+    assert "no answer to the query in metallicity_sample.sql within --query-timeout 0.3 s" in line
+    assert len(sky.sql_seen) == 1  # a timed-out query is not sent again
+
+
+def test_catalog_errors(httpserver_threaded, tmp_path):
+    sky = FakeSkyServer(httpserver_threaded, ["good1", "good2"])
     # a user catalog with an id that went through a float names the line and the fix
     bad = tmp_path / "bad.csv"
     bad.write_text("objID,ra,dec,metallicity\n1237648720693755918,150.0,2.0,8.9\n1.23764872069376e+18,150.1,2.1,8.8\n")
@@ -424,6 +512,12 @@ def test_catalog_errors_and_json_error_body(httpserver_threaded, tmp_path):
     assert res.exit_code == 2 and "arcsec/pixel" in res.output
     assert sky.cutout_requests() == 0
 
+    # a good user catalog reaches master.csv digit for digit (ids beyond float64's 2**53)
+    good = sky.catalog_csv(tmp_path / "good.csv")
+    run_cli("download", tmp_path / "c", "--catalog", good, "--base-url", sky.base_url, "--rate", 0, "--quiet")
+    ids = [ln.split(",")[0] for ln in (tmp_path / "c" / "data" / "master.csv").read_text().splitlines()[1:]]
+    assert ids == [r["objID"] for r in sky.rows]
+
 
 def test_row_cap_splits_by_objid_and_limit(httpserver_threaded, tmp_path):
     ids = [BASE_ID + 104729 * k for k in range(10)]
@@ -440,39 +534,41 @@ def test_row_cap_splits_by_objid_and_limit(httpserver_threaded, tmp_path):
 
     sky.sql_reply = capped
     cfg = fast_cfg(tmp_path / "o", sky, row_cap=4)
-    df, info = sdss.query_catalog("SELECT objID, ra, dec FROM Galaxy -- a comment\n;", cfg, requests_session(cfg))
+    df, info = sky_client.query_catalog("SELECT objID, ra, dec FROM Galaxy -- a comment\n;", cfg, requests_session(cfg))
     assert info == {"pages": 3, "capped": True}
     assert [int(i) for i in df.objID] == ids  # all 10, exact, each once
     assert all("--" not in c and "a comment" not in c for c in sky.sql_seen)
-    df, info = sdss.query_catalog("SELECT objID, ra, dec FROM Galaxy", fast_cfg(tmp_path / "o", sky, row_cap=4, limit=6),
+    df, info = sky_client.query_catalog("SELECT objID, ra, dec FROM Galaxy", fast_cfg(tmp_path / "o", sky, row_cap=4, limit=6),
                                   requests_session(cfg))
     assert [int(i) for i in df.objID] == ids[:6] and info["pages"] == 2
 
 
 def requests_session(cfg):
-    return sdss.make_session(cfg, sdss.RateLimiter(0))
+    return sky_client.make_session(cfg, sky_client.RateLimiter(0))
 
 
 def test_strip_sql_comments_keeps_strings_and_minus():
     sql = "SELECT a - b AS d, '--not a comment' AS s -- real comment\nFROM t /* block\n comment */ WHERE x != -9999 --end"
-    assert sdss.one_line(sql) == "SELECT a - b AS d, '--not a comment' AS s FROM t WHERE x != -9999"
-    assert sdss.one_line("SELECT 'it''s -- here' -- gone\n;") == "SELECT 'it''s -- here'"
+    assert sky_client.one_line(sql) == "SELECT a - b AS d, '--not a comment' AS s FROM t WHERE x != -9999"
+    assert sky_client.one_line("SELECT 'it''s -- here' -- gone\n;") == "SELECT 'it''s -- here'"
 
 
 def test_default_sql_ships_with_the_package_and_tools_link():
-    text = sdss.DEFAULT_SQL.read_text()
-    assert "oh_p50 AS metallicity" in text
+    text = dl.DEFAULT_SQL.read_text()
+    assert "oh_p50 AS metallicity" in text and "-- AND i.reliable = 1" in text
     tools = Path(__file__).resolve().parents[1] / "tools" / "metallicity_sample.sql"
-    assert tools.read_text() == text
+    assert tools.is_symlink() and tools.resolve() == dl.DEFAULT_SQL.resolve()  # one copy of the text
 
 
-def test_check_jpeg():
+def test_inspect_jpeg_reasons_and_black_fraction():
     good = jpeg(5)
-    assert sdss.check_jpeg(good, 224) == (None, 0.0)
-    assert "truncated" in sdss.check_jpeg(good[:-100], 224)[0]
-    assert "SOI" in sdss.check_jpeg(b"<html>", 224)[0]
+    assert dl.inspect_jpeg(good, 224) == (None, 0.0)
+    problem, black = dl.inspect_jpeg(jpeg(5, black=True), 224)
+    # the blacked-out 156 of 224 columns, less a few that JPEG ringing lifts above black
+    assert problem is None and 0.6 < black <= 156 / 224
     # start and end markers in place but no image inside: only a full decode sees it
-    assert "does not decode" in sdss.check_jpeg(good[:2] + b"\xff\xe0garbage" + good[-2:], 224)[0]
-    assert sdss.check_jpeg(jpeg(5, size=128), 224)[0] == "128x128 image, expected 224x224"
-    problem, black = sdss.check_jpeg(jpeg(5, black=True), 224)
-    assert problem is None and 0.6 < black < 0.8
+    no_image = good[:2] + b"\xff\xe0garbage" + good[-2:]
+    for data, want in [(good[:-100], "corrupt-image: truncated JPEG"), (b"<html>", "not-jpeg: starts with '<html>'"),
+                       (no_image, "corrupt-image: "), (jpeg(5, size=128), "wrong-size: 128x128 px, expected 224x224")]:
+        problem, black = dl.inspect_jpeg(data, 224)
+        assert problem.startswith(want) and black is None, (want, problem)
