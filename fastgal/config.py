@@ -49,6 +49,12 @@ class Recipe:
 
 
 RECIPE = Recipe()
+
+# How a cutout frames its galaxy (`fastgal download --scale auto` asks SkyServer for it, `fastgal synth`
+# draws it): the frame's width in units of petroR90_r. "original" is the published study's rule (Wu &
+# Boada's download_images.py: scale = 2 * petroR90_r / 0.396 / width, about 5.05 x petroR90_r at any width).
+NATIVE_SCALE = 0.396  # SDSS arcsec/pixel
+FRAMES = {"original": 2 / NATIVE_SCALE, "4r90": 4.0}
 # `fastgal demo` on a CPU: the same geometry at half resolution (112 px cutouts spanning the same
 # sky, crop 72 -> 56) with xresnet18, so 2 cores finish in a few minutes and still learn.
 CPU_RECIPE = replace(RECIPE, image=112, crop=72, size=56, arch="xresnet18", epochs=8, bs=64)
@@ -134,8 +140,8 @@ class DownloadConfig:
     scale: float | str = opt("auto", "arcsec/pixel (0.015-60), or auto: frame each galaxy by --frame "
                              "(0.396 without a petroR90_r).", type="scale")
     frame: str = opt("original", "--scale auto's frame: original = 2 x petroR90_r / 0.396 (about 5.05 x "
-                     "petroR90_r, the published study's), 4r90 = 4 x petroR90_r.", choices=["original", "4r90"])
-    fallback_scale: float = opt(0.396, "auto without a usable petroR90_r: SDSS's native pixel", cli=False)
+                     "petroR90_r, the published study's), 4r90 = 4 x petroR90_r.", choices=list(FRAMES))
+    fallback_scale: float = opt(NATIVE_SCALE, "auto without a usable petroR90_r: SDSS's native pixel", cli=False)
     workers: int = opt(4, "Download threads, each with its own keep-alive connection.")
     rate: float = opt(4.0, "Requests/s over all threads (SkyServer is shared); 0 = no limit.")
     retries: int = opt(5, "Retries after the first try, per cutout; per query only where nothing ran "

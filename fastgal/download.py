@@ -34,10 +34,9 @@ import requests
 
 from . import __version__
 from .catalog import id_reason
-from .config import DownloadConfig, to_jsonable
+from .config import FRAMES, DownloadConfig, to_jsonable
 from .skyserver import (MAX_SCALE, MAX_SIZE, MIN_SCALE, MIN_SIZE, Interrupted, RateLimiter, ThreadSessions, column,
                         cutout_url, get_cutout, make_session, one_line, query_catalog)
-from .synth import R90_SPAN
 from .util import Progress, check_jpeg, write_bytes_atomic, write_json_atomic
 
 DEFAULT_SQL = Path(__file__).with_name("metallicity_sample.sql")  # shipped as package data
@@ -47,9 +46,6 @@ REPORT_COLUMNS = ["objID", "status", "reason", "tries", "black_fraction"]
 # more than BLACK_FLAG of it lies in rows or columns made only of such pixels. Whole black rows or
 # columns are how the edge of the imaging looks in getjpeg; dark sky has noise in every row.
 BLACK_LEVEL, BLACK_FLAG = 1, 0.5
-# --scale auto: the frame's width in units of petroR90_r. "original" is the published study's rule
-# (scale = 2 * petroR90_r / 0.396 / width, about 5.05 x petroR90_r), which `fastgal synth` draws too.
-FRAMES = {"original": R90_SPAN, "4r90": 4.0}
 
 
 # ------------------------------------------------------------------------------------- catalog

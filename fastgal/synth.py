@@ -45,7 +45,7 @@ from scipy.interpolate import PchipInterpolator
 from scipy.special import gammaln
 
 from . import __version__
-from .config import SynthConfig, to_jsonable
+from .config import FRAMES, NATIVE_SCALE, SynthConfig, to_jsonable
 from .util import Progress, default_workers, write_bytes_atomic, write_json_atomic
 
 GENERATOR_VERSION = 2  # 2: framed by the original study's rule (R90_SPAN), 1 framed 4 x petroR90_r
@@ -59,10 +59,7 @@ _Q_REF = PchipInterpolator(REF_P, REF_Q)
 
 SIGMA_HIDDEN = 0.066  # dex in the latent (Tremonti) scale; gives a floor RMSE ~0.08 dex
 FMR_ALPHA = 0.12  # metallicity drop per dex of SFR above the main sequence (Mannucci+10-like)
-NATIVE_SCALE = 0.396  # SDSS arcsec/pixel
-# Framing, the original study's rule (Wu & Boada's download_images.py: scale = 2 * petroR90_r / 0.396 / width):
-# the cutout spans 2/0.396 = 5.05 x petroR90_r at any size; `fastgal download --scale auto` uses it too.
-R90_SPAN = 2 / NATIVE_SCALE
+R90_SPAN = FRAMES["original"]  # the original study's framing (config.FRAMES), as `fastgal download` asks for
 FRAMING = {"frame": "original", "frame_r90": R90_SPAN, "scale": "frame_r90 * petroR90_r / 224 arcsec/px, "
            "clipped to [0.05, 1.5]; an image of another --size spans the same sky"}
 MAG_LIMIT = 17.77  # SDSS main galaxy sample
