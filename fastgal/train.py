@@ -160,15 +160,27 @@ def loaders(s: Setup):
                     num_shards=s.world, path=s.out, manifest=s.manifest, shard_valid=False)
 
 
+def _per_rank(value) -> list:
+    """value from every rank, in rank order (a collective: every rank must call it)."""
+    import torch.distributed as dist
+
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
 def write_config(s: Setup, dls) -> dict:
     c = s.cfg
+    # each rank's training seed (seed + rank: its own shuffle and augmentation draws), recorded so a run
+    # shows that its ranks did not all draw the same
+    seeds = _per_rank(dls.train.spec.seed) if s.world > 1 else [dls.train.spec.seed]
     config = {
         **to_jsonable(c), "crop": s.crop, "out": str(s.out), "targets": s.targets, "device": str(s.device),
         "precision": s.precision, "loader_backend": type(dls.train).__name__,
         "loader_threads": thread_budget(c.workers), "world_size": s.world,
         "n_train": s.manifest["counts"]["train"], "n_valid": s.manifest["counts"]["valid"],
         "versions": _versions(), "gpu": torch.cuda.get_device_name(s.device) if s.device.type == "cuda" else None,
-        "recipe": RECIPE_TEXT,
+        "recipe": RECIPE_TEXT, "train_seed_per_rank": seeds,
     }
     if s.writer:
         write_json_atomic(s.out / "config.json", config)

@@ -184,6 +184,7 @@ def test_torchrun_ddp_on_cpu(small_shards, tmp_path):
     assert m["world_size"] == 2 and m["n_valid"] == json.loads((small_shards / "manifest.json").read_text())["counts"]["valid"]
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["world_size"] == 2
+    assert cfg["train_seed_per_rank"] == [42, 43]  # each rank its own shuffle and augmentation draws
     n_train = cfg["n_train"]
     # each rank ran its half: (n_train // 2) // 32 steps per epoch, not n_train // 32
     assert m["steps_per_epoch"] == (n_train // 2) // 32 < n_train // 32
