@@ -1,4 +1,4 @@
-"""PNG figures a person can open: sample cutouts, loss curves, lr_find, predicted vs true.
+"""PNG figures a person can open: sample cutouts, loss curves, lr_find, predicted vs true, residuals, MZR.
 
 A leaf module: it takes arrays and paths, never pipelines or learners.
 """
@@ -68,15 +68,32 @@ def lr_find_plot(lrs, losses, suggested: float, out: Path) -> Path:
     return out
 
 
+DENSITY_ABOVE = 2000  # points: above this a scatter plot is a blob, so draw the density (hexbin) instead
+
+
+def _points(ax, x, y, extent=None):
+    if len(x) > DENSITY_ABOVE:
+        ax.hexbin(x, y, gridsize=60, mincnt=1, bins="log", cmap="viridis", extent=extent)
+    else:
+        ax.scatter(x, y, s=6, alpha=0.6)
+
+
+def _band(ax, band: dict, label: str, color: str = "C1"):
+    """A running median with its 16-84% band (diagnostics.running_band)."""
+    ax.plot(band["x"], band["p50"], color=color, lw=1.5, label=label)
+    ax.fill_between(band["x"], band["p16"], band["p84"], color=color, alpha=0.25, lw=0)
+
+
 def pred_vs_true(true, pred, out: Path, name: str = "metallicity", stats: dict | None = None) -> Path:
-    """Predicted vs true with the 1:1 line and RMSE/NMAD in the corner."""
+    """Predicted vs true (a density plot when there are many points) with the 1:1 line, the running
+    median and 16-84% band of the prediction at fixed truth, and RMSE/NMAD in the corner."""
+    from .diagnostics import running_band
+
     true, pred = np.asarray(true), np.asarray(pred)
     fig, ax = plt.subplots(figsize=(5, 5))
     lo, hi = float(min(true.min(), pred.min())), float(max(true.max(), pred.max()))
-    if len(true) > 2000:
-        ax.hexbin(true, pred, gridsize=60, mincnt=1, bins="log", cmap="viridis", extent=(lo, hi, lo, hi))
-    else:
-        ax.scatter(true, pred, s=6, alpha=0.6)
+    _points(ax, true, pred, (lo, hi, lo, hi))
+    _band(ax, running_band(true, pred), "median, 16-84%")
     ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="1:1")
     ax.set_xlim(lo, hi)
     ax.set_ylim(lo, hi)
@@ -86,6 +103,49 @@ def pred_vs_true(true, pred, out: Path, name: str = "metallicity", stats: dict |
         ax.text(0.04, 0.96, "\n".join(f"{k} {v:.4f}" for k, v in stats.items()), transform=ax.transAxes,
                 va="top", fontsize=9, bbox=dict(facecolor="white", alpha=0.8))
     ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def residuals(true, pred, out: Path, name: str = "metallicity") -> Path:
+    """predicted - true against the true and against the predicted value, each with its running median and
+    16-84% band: regression to the mean shows as a tilt in the left panel."""
+    from .diagnostics import running_band
+
+    true, pred = np.asarray(true), np.asarray(pred)
+    d = pred - true
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, x, label in ((axes[0], true, f"true {name}"), (axes[1], pred, f"predicted {name}")):
+        _points(ax, x, d)
+        _band(ax, running_band(x, d), "median, 16-84%")
+        ax.axhline(0, color="k", ls="--", lw=1)
+        ax.set_xlabel(label)
+    axes[0].set_ylabel("predicted - true (dex)")
+    axes[0].legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def mzr_plot(mass, true, pred, fits: dict, out: Path) -> Path:
+    """The mass-metallicity relation from the true and from the predicted metallicity, with each fit and
+    the scatter about it (fits = diagnostics.summarise(...)["mzr"])."""
+    mass, true, pred = np.asarray(mass), np.asarray(true), np.asarray(pred)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    grid = np.linspace(*fits["true"]["mass_range"], 100)
+    for ax, z, key in ((axes[0], true, "true"), (axes[1], pred, "pred")):
+        _points(ax, mass, z)
+        for k, color in (("true", "C3"), ("pred", "C1")):
+            f = fits[k]
+            ax.plot(grid, np.polyval(f["coefficients"], grid), color=color, lw=1.5 if k == key else 1,
+                    ls="-" if k == key else ":", label=f"fit to {k}: scatter {f['rmse']:.3f} dex")
+        ax.set_xlabel("log stellar mass")
+        ax.set_title(f"{'true' if key == 'true' else 'predicted'} metallicity")
+        ax.legend(loc="lower right", fontsize=8)
+    axes[0].set_ylabel("12 + log(O/H)")
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
