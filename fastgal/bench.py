@@ -193,7 +193,7 @@ class _Targets:
 
 def train_ids(shards: Path, manifest: dict, split: str) -> list[str]:
     """Sample keys of a split in file order, read from the DALI index files (no tar access needed)."""
-    from .shards import index_keys, shard_files
+    from .manifest import index_keys, shard_files
 
     return index_keys(shard_files(shards, manifest, split)[1])
 
@@ -274,7 +274,7 @@ def bench(cfg: BenchConfig) -> dict:
     """Run the requested sections; return the JSON-ready result (see the module docstring)."""
     from .learner import make_learner
     from .loaders import dali_available, make_dls
-    from .shards import load_manifest, training_crop
+    from .manifest import load_manifest, training_crop
     from .learner import resolve_device, resolve_precision
     from .util import default_workers
 

@@ -27,10 +27,6 @@ _FLOATISH_RE = re.compile(r"^[+-]?(\d+\.\d*|\.\d+|\d+(\.\d*)?[eE][+-]?\d+)$")
 _INT_RE = re.compile(r"^[+-]?\d+$")
 _F32_MAX = float(np.finfo(np.float32).max)
 
-# Row reasons this module can give (shards adds the image ones). Short codes for rejects.csv.
-ID_REASONS = ("bad-id", "duplicate-id")
-TARGET_REASONS = ("missing-target", "non-numeric-target", "non-finite-target")
-
 
 def read_catalog(path, id_col: str = "objID", targets=("metallicity",)) -> pd.DataFrame:
     """The catalog as a DataFrame of strings (exact text of every cell), ids stripped.
@@ -160,6 +156,18 @@ def random_split(n: int, valid_pct: float = 0.2, seed: int = 56) -> tuple[np.nda
     idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).numpy()
     cut = int(valid_pct * n)
     return idx[cut:].astype(np.int64), idx[:cut].astype(np.int64)
+
+
+def split_order(rows, valid_pct: float, seed: int) -> dict[str, list[int]]:
+    """{"train": [...], "valid": [...]}: random_split over `rows` (catalog positions), then each split
+    sorted and shuffled with its own seeded stream, the order the shards are written in (DALI reads
+    tars in order and shuffles only inside a buffer, so a sorted catalog would bias batches)."""
+    rows = np.asarray(rows, np.int64)
+    order = {}
+    for k, (name, sel) in enumerate(zip(("train", "valid"), random_split(len(rows), valid_pct, seed))):
+        part = np.sort(rows[sel])
+        order[name] = part[np.random.default_rng([seed, k]).permutation(len(part))].tolist()
+    return order
 
 
 SPLIT_METHOD = ("fastai RandomSplitter(valid_pct, seed) over the n rows that pass the id and target checks, "

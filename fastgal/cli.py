@@ -295,7 +295,7 @@ def info(out, as_json):
 
         fastgal info shards/synth
     """
-    from .shards import verify
+    from .manifest import verify
 
     with _user_errors():
         res = verify(out)

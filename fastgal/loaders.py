@@ -38,7 +38,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from .pipeline import READER, PipeSpec
 from .config import RECIPE
-from .shards import load_manifest, read_index, shard_files, training_crop
+from .manifest import load_manifest, read_index, shard_files, training_crop
 from .util import default_workers
 
 

@@ -24,7 +24,7 @@ from .config import PredictConfig
 from .learner import inference, load_checkpoint, resolve_device
 from .loaders import loader_for, thread_budget, transform, tta_loaders, worker_context
 from .pipeline import PipeSpec
-from .shards import index_keys, load_manifest
+from .manifest import index_keys, load_manifest
 from .util import jpeg_problem, write_bytes_atomic
 
 

@@ -29,14 +29,11 @@ byte-identical whatever the number of workers.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from io import BytesIO
-from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +43,8 @@ from scipy.special import gammaln
 
 from . import __version__
 from .config import FRAMES, NATIVE_SCALE, SynthConfig, to_jsonable
-from .util import Progress, default_workers, write_bytes_atomic, write_json_atomic
+from .util import (Progress, check_out, default_workers, imap_ordered, remove_stale, temp_dir, worker_pool,
+                   write_bytes_atomic, write_json_atomic)
 
 GENERATOR_VERSION = 2  # 2: framed by the original study's rule (R90_SPAN), 1 framed 4 x petroR90_r
 
@@ -374,15 +372,18 @@ class SynthResult:
         return self.n / max(self.seconds, 1e-9)
 
 
-def check_out(out: Path, overwrite: bool) -> None:
-    """Refuse a non-empty OUT without --overwrite, and an unwritable one, before writing anything."""
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"{out} exists and is not a folder; pass a folder path")
-    if out.exists() and any(out.iterdir()) and not overwrite:
+TMP_PREFIX = ".synth-"
+
+
+def _prepare_out(out: Path, cfg: SynthConfig) -> None:
+    """Refuse an OUT we may not write (before any work); clear what a killed run left in it."""
+    check_out(out, overwrite=cfg.overwrite, finished="synth.json", what="survey",
+              unfinished=lambda name: name in ("images", "data"))
+    if not cfg.overwrite and any(not p.name.startswith(TMP_PREFIX) for p in out.glob("*")):
         raise ValueError(f"{out} is not empty; pass --overwrite to replace its survey, or choose another folder")
-    parent = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"{parent} is not writable; choose a folder you can write to")
+    gone = [p.name for p in remove_stale(out, TMP_PREFIX)]
+    if gone:
+        Progress(quiet=cfg.quiet).line(f"removed {len(gone)} temporary folder(s) left in {out} by an interrupted run: {', '.join(gone)}")
 
 
 def synth(cfg: SynthConfig) -> SynthResult:
@@ -392,13 +393,12 @@ def synth(cfg: SynthConfig) -> SynthResult:
     if cfg.size < 64:
         raise ValueError(f"--size must be at least 64 pixels, got {cfg.size}")
     out = Path(cfg.out)
-    check_out(out, cfg.overwrite)
-    out.mkdir(parents=True, exist_ok=True)
+    _prepare_out(out, cfg)
     workers = cfg.workers or default_workers()
 
     prog = Progress(cfg.n, "synth", cfg.quiet, unit="img")
     cat = make_catalog(cfg.n, cfg.seed)
-    tmp = Path(tempfile.mkdtemp(prefix=".synth-", dir=out))
+    tmp = temp_dir(out, TMP_PREFIX)
     try:
         img_dir = tmp / "images"
         img_dir.mkdir()
@@ -408,13 +408,9 @@ def synth(cfg: SynthConfig) -> SynthResult:
             (a, {k: v[a:a + chunk] for k, v in params.items()}, cfg.seed, cfg.size, cfg.jpeg_quality, str(img_dir))
             for a in range(0, cfg.n, chunk)
         ]
-        if workers == 1:
-            for t in tasks:
-                prog.update(_render_chunk(t))
-        else:
-            with get_context("fork" if hasattr(os, "fork") else "spawn").Pool(workers) as pool:
-                for k in pool.imap_unordered(_render_chunk, tasks):
-                    prog.update(k)
+        with worker_pool(workers) as pool:  # each chunk writes its own files: any order gives the same bytes
+            for k in imap_ordered(_render_chunk, tasks, pool, 4 * workers):
+                prog.update(k)
         prog.close()
 
         (tmp / "data").mkdir()
@@ -463,9 +459,3 @@ def write_catalog_csv(path: Path, cat: dict[str, np.ndarray]) -> None:
             cols.append([f"{x:.{d}f}" for x in v])
     lines += [",".join(r) for r in zip(*cols)]
     write_bytes_atomic(path, ("\n".join(lines) + "\n").encode())
-
-
-def summary(out: Path) -> dict:
-    """What `make demo` shows after synth: counts, the floor and the distribution."""
-    meta = json.loads((out / "synth.json").read_text())
-    return meta

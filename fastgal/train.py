@@ -40,7 +40,7 @@ from . import __version__
 from .config import TrainConfig, to_jsonable
 from .learner import DDP, best_epoch_callback, make_learner, resolve_device, resolve_precision, save_checkpoint
 from .loaders import make_dls, thread_budget, tta_loaders
-from .shards import index_keys, load_manifest, training_crop
+from .manifest import index_keys, load_manifest, training_crop
 from .plots import loss_curves, lr_find_plot, pred_vs_true
 from .util import write_bytes_atomic, write_json_atomic
 

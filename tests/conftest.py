@@ -58,6 +58,14 @@ def survey(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def survey_shards(survey, tmp_path_factory):
+    """The 300-galaxy survey sharded with the defaults but 100 samples per tar (train: 3 tars), 2 workers."""
+    out = tmp_path_factory.mktemp("shards") / "out"
+    run_cli("shard", survey / "data" / "master.csv", survey / "images", out, "--shard-size", 100, "--workers", 2, "--quiet")
+    return out
+
+
+@pytest.fixture(scope="session")
 def small_shards(tmp_path_factory):
     """A 260-galaxy survey at half resolution (112 px, crop 72 -> 56), two targets, several shards."""
     root = tmp_path_factory.mktemp("train")

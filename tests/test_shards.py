@@ -5,8 +5,14 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import re
 import shutil
+import signal
+import subprocess
+import sys
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +24,8 @@ from PIL import Image
 
 from conftest import run_cli
 from fastgal.catalog import random_split
-from fastgal.shards import index_text, load_manifest, shard_files, verify
+from fastgal.manifest import index_text, load_manifest, read_index, shard_files, verify
+from fastgal.shards import REASONS
 
 MANIFEST_KEYS = ["format", "format_version", "fastgal_version", "source", "id_col", "targets", "target_stats",
                  "components", "split", "order_seed", "counts", "rejects_by_reason", "shards", "image", "pixel_stats"]
@@ -42,32 +49,24 @@ def tar_samples(out, split=None) -> dict[str, dict[str, bytes]]:
     return got
 
 
-@pytest.fixture(scope="module")
-def sharded(survey, tmp_path_factory):
-    """The 300-galaxy survey sharded with 100 samples per tar (so several train shards), 2 workers."""
-    out = tmp_path_factory.mktemp("shards") / "out"
-    run_cli("shard", survey / "data" / "master.csv", survey / "images", out, "--shard-size", 100, "--workers", 2, "--quiet")
-    return out
-
-
-def test_layout_manifest_and_stats(survey, sharded):
-    m = json.loads((sharded / "manifest.json").read_text())
+def test_layout_manifest_and_stats(survey, survey_shards):
+    m = json.loads((survey_shards / "manifest.json").read_text())
     assert list(m) == MANIFEST_KEYS
     assert m["format"] == "fastgal-shards" and m["format_version"] == 1
     assert m["counts"] == {"catalog_rows": 300, "train": 240, "valid": 60, "rejected": 0}
     assert [e["file"] for e in m["shards"]["train"]] == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
     assert [e["samples"] for e in m["shards"]["train"]] == [100, 100, 40]
     assert [e["index"] for e in m["shards"]["valid"]] == ["valid-000000.idx"]
-    assert sorted(p.name for p in sharded.iterdir()) == sorted(
+    assert sorted(p.name for p in survey_shards.iterdir()) == sorted(
         ["manifest.json", "rejects.csv"] + [f"train-00000{i}.{x}" for i in range(3) for x in ("tar", "idx")]
         + ["valid-000000.tar", "valid-000000.idx"])
     assert m["components"] == {"image": "jpg", "targets": "target.f32", "meta": "json"}
-    assert m["image"] == {"size": [224, 224], "precrop": None, "channels": 3}
+    assert m["image"] == {"size": [224, 224], "precrop": None, "channels": 3, "crop": 144}
     assert m["split"]["valid_pct"] == 0.2 and m["split"]["seed"] == 56 and m["order_seed"] == 56
     assert m["source"]["catalog"] == str((survey / "data" / "master.csv").resolve())
     # target statistics over the training split, from the catalog itself
     cat = pd.read_csv(survey / "data" / "master.csv", dtype={"objID": str}).set_index("objID")
-    train = tar_samples(sharded, "train")
+    train = tar_samples(survey_shards, "train")
     y = cat.loc[list(train), "metallicity"].to_numpy()
     st_ = m["target_stats"]["metallicity"]
     assert st_["mean"] == pytest.approx(y.mean()) and st_["std"] == pytest.approx(y.std())
@@ -88,14 +87,14 @@ def test_split_is_fastais_random_splitter():
         assert list(tr) == list(ftr) and list(va) == list(fva)
 
 
-def test_round_trip_webdataset(survey, sharded):
+def test_round_trip_webdataset(survey, survey_shards):
     import webdataset as wds
 
     cat = pd.read_csv(survey / "data" / "master.csv", dtype=str, keep_default_na=False)
-    m = load_manifest(sharded)
+    m = load_manifest(survey_shards)
     seen = []
     for split in ("train", "valid"):
-        tars, _ = shard_files(sharded, m, split)
+        tars, _ = shard_files(survey_shards, m, split)
         for s in wds.WebDataset(tars, shardshuffle=False, empty_check=True):
             key = s["__key__"]
             seen.append(key)
@@ -108,14 +107,15 @@ def test_round_trip_webdataset(survey, sharded):
     assert sorted(seen) == sorted(cat.objID) and len(seen) == len(set(seen)) == 300
 
 
-def test_round_trip_dali(survey, sharded, capfd):
+@pytest.mark.dali
+def test_round_trip_dali(survey, survey_shards, capfd):
     from nvidia.dali import fn, pipeline_def
     import nvidia.dali.types as dtypes
 
-    m = load_manifest(sharded)
+    m = load_manifest(survey_shards)
     tars, idxs = [], []
     for split in ("train", "valid"):
-        t, i = shard_files(sharded, m, split)
+        t, i = shard_files(survey_shards, m, split)
         tars += t
         idxs += i
     bs = 50
@@ -144,16 +144,8 @@ def test_round_trip_dali(survey, sharded, capfd):
     assert "Index file not provided" not in err.err + err.out
 
 
-def test_indexes_match_dali_tool_and_tars_are_plain_ustar(sharded):
-    from wds2idx import IndexCreator
-
-    for tar in sorted(sharded.glob("*.tar")):
-        mine = index_text(tar)
-        assert (tar.with_suffix(".idx")).read_text() == mine
-        with IndexCreator(str(tar), str(tar.with_suffix(".dali")), verbose=False) as ic:
-            ic.create_index()
-        assert tar.with_suffix(".dali").read_bytes() == mine.encode()  # byte for byte
-        tar.with_suffix(".dali").unlink()
+def test_tars_are_plain_ustar(survey_shards):
+    for tar in sorted(survey_shards.glob("*.tar")):
         raw = tar.read_bytes()
         with tarfile.open(tar) as tf:
             for mem in tf:
@@ -163,30 +155,52 @@ def test_indexes_match_dali_tool_and_tars_are_plain_ustar(sharded):
                 assert mem.mtime == 0 and mem.uid == 0 and mem.uname == "fastgal" and not mem.pax_headers
 
 
-def test_index_fallback_without_dali(sharded, tmp_path, monkeypatch):
-    """On a machine without DALI (macOS) make_index writes the same bytes from Python's tarfile."""
-    import sys
+def test_index_points_at_every_member(survey_shards):
+    """Whoever wrote it (DALI's wds2idx, or fastgal without DALI), each index lists the tar's samples
+    in order, and every (offset, size) is exactly that member's bytes."""
+    for tar in sorted(survey_shards.glob("*.tar")):
+        raw = tar.read_bytes()
+        idx = tar.with_suffix(".idx")
+        entries = read_index(idx)
+        assert idx.read_text().startswith(f"v1.2 {len(entries)}\n")
+        members: dict[str, dict[str, bytes]] = {}
+        with tarfile.open(tar) as tf:
+            for mem in tf:
+                key, ext = mem.name.split(".", 1)
+                members.setdefault(key, {})[ext] = tf.extractfile(mem).read()
+        assert [k for k, _ in entries] == list(members)
+        for key, comps in entries:
+            assert {ext: raw[o:o + n] for ext, (o, n) in comps.items()} == members[key]
+
+
+@pytest.mark.dali
+def test_index_is_dalis_own(survey_shards, tmp_path, monkeypatch):
+    """fastgal's own index (used where DALI is missing) is byte for byte what DALI's wds2idx writes."""
+    from wds2idx import IndexCreator
 
     from fastgal.shards import make_index
 
+    for tar in sorted(survey_shards.glob("*.tar")):
+        with IndexCreator(str(tar), str(tmp_path / "dali.idx"), verbose=False) as ic:
+            ic.create_index()
+        dali = (tmp_path / "dali.idx").read_bytes()
+        assert tar.with_suffix(".idx").read_bytes() == dali == index_text(tar).encode()
     monkeypatch.setitem(sys.modules, "wds2idx", None)  # `from wds2idx import ...` now raises ImportError
-    tar = sharded / "train-000002.tar"
-    make_index(tar, tmp_path / "x.idx")
-    assert (tmp_path / "x.idx").read_bytes() == tar.with_suffix(".idx").read_bytes()
-    assert (tmp_path / "x.idx").read_text().startswith("v1.2 40\n")
+    make_index(tar, tmp_path / "own.idx")
+    assert (tmp_path / "own.idx").read_bytes() == dali
 
 
 def _tree(out):
     return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
 
 
-def test_deterministic_whatever_workers(survey, sharded, tmp_path):
+def test_deterministic_whatever_workers(survey, survey_shards, tmp_path):
     out = tmp_path / "again"
     run_cli("shard", survey / "data" / "master.csv", survey / "images", out, "--shard-size", 100, "--workers", 1, "--quiet")
-    assert _tree(out) == _tree(sharded)
+    assert _tree(out) == _tree(survey_shards)
     other = tmp_path / "seed"
     run_cli("shard", survey / "data" / "master.csv", survey / "images", other, "--seed", 1, "--quiet")
-    assert tar_samples(other, "valid").keys() != tar_samples(sharded, "valid").keys()
+    assert tar_samples(other, "valid").keys() != tar_samples(survey_shards, "valid").keys()
 
 
 def _jpeg(arr, mode=None, quality=90, fmt="JPEG") -> bytes:
@@ -248,6 +262,17 @@ def test_bad_cases_are_rejected_with_reasons(survey, tmp_path):
         by_id.setdefault(r["id"], []).append(r)
     for i, reason in expect.items():
         assert [r["reason"] for r in by_id.pop(i)] == [reason], i
+    assert {r["reason"] for r in rej} == set(REASONS)  # every reason shards knows, and no other
+    detail = {r["id"]: r["detail"] for r in rej}
+    assert detail[ids[1]] == f"{imgs / ids[1]}.jpg not found"
+    assert detail[ids[4]].startswith("starts with '\ufffdPNG\\r\\n")  # the text a user can recognise
+    detail[ids[3]] = detail[ids[3]].split(" (")[0]  # PIL's own words follow
+    assert [detail[ids[k]] for k in (2, 3, 5, 6, 7, 8, 9, 10, 11)] == [
+        "starts with '<!DOCTYPE html><'", "OSError: image file is truncated",
+        "100x100 px < 144 px crop", "200x200 px; most images are 224x224", "all dark (brightest pixel 3)",
+        "flat frame (channel std 0.00)", "mode L", "mode CMYK", "empty file"]
+    assert [detail[ids[k]] for k in (12, 13, 16)] == [
+        "metallicity: empty", "metallicity: 'abc' is not a number", "metallicity: '1e40' is not finite (as float32)"]
     assert [r["reason"] for r in by_id.pop("12.5")] == ["bad-id"]
     assert [r["reason"] for r in by_id.pop("a/b")] == ["bad-id"]
     assert [(r["row"], r["reason"]) for r in by_id.pop(ids[19])] == [("41", "duplicate-id")]
@@ -265,11 +290,17 @@ def test_bad_cases_are_rejected_with_reasons(survey, tmp_path):
     assert "rejected 21" in run_cli("shard", tmp_path / "cat.csv", imgs, tmp_path / "o2", "--quiet").output
 
 
+def test_readme_lists_every_reject_reason():
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert [r for r in REASONS if f"`{r}`" not in readme] == []
+
+
 def test_precrop(survey, tmp_path):
     out = tmp_path / "pc"
     run_cli("shard", survey / "data" / "master.csv", survey / "images", out, "--precrop", 160, "--quiet")
     m = json.loads((out / "manifest.json").read_text())
-    assert m["image"] == {"size": [160, 160], "precrop": 160, "channels": 3} and m["pixel_stats"]["region"] == 144
+    assert m["image"] == {"size": [160, 160], "precrop": 160, "channels": 3, "crop": 144}
+    assert m["pixel_stats"]["region"] == 144
     for key, s in list(tar_samples(out, "valid").items())[:5]:
         im = Image.open(io.BytesIO(s["jpg"]))
         assert im.size == (160, 160) and im.format == "JPEG"
@@ -278,9 +309,9 @@ def test_precrop(survey, tmp_path):
     assert verify(out)["ok"]
 
 
-def test_refuse_then_overwrite_and_no_leftovers(survey, sharded, tmp_path):
+def test_refuse_then_overwrite_and_no_leftovers(survey, survey_shards, tmp_path):
     out = tmp_path / "o"
-    shutil.copytree(sharded, out)
+    shutil.copytree(survey_shards, out)
     (out / "notes.txt").write_text("mine")
     args = ["shard", survey / "data" / "master.csv", survey / "images", out, "--quiet"]
     res = run_cli(*args, ok=False)
@@ -317,14 +348,66 @@ def test_interrupted_run_leaves_nothing_finished(survey, tmp_path, monkeypatch):
     run_cli("shard", survey / "data" / "master.csv", survey / "images", out, "--quiet")  # a clean re-run works
 
 
-def test_info_and_tampering(sharded, tmp_path):
-    res = run_cli("info", sharded, "--json")
+@pytest.mark.parametrize("mask", [0o022, 0o002])
+def test_files_get_the_modes_of_a_plain_write(survey, tmp_path, mask):
+    """Shards can be shared like any other file: the umask decides, not a private temp file's 0600."""
+    out = tmp_path / "o"
+    old = os.umask(mask)
+    try:
+        run_cli("shard", survey / "data" / "master.csv", survey / "images", out, "--shard-size", 200, "--quiet")
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert sorted(modes) == ["manifest.json", "rejects.csv", "train-000000.idx", "train-000000.tar",
+                             "train-000001.idx", "train-000001.tar", "valid-000000.idx", "valid-000000.tar"]
+    assert set(modes.values()) == {0o666 & ~mask}
+    assert out.stat().st_mode & 0o777 == 0o777 & ~mask
+
+
+def test_next_run_removes_a_killed_runs_temp_folder(survey, tmp_path):
+    args = [survey / "data" / "master.csv", survey / "images"]
+    out = tmp_path / "o"
+    (out / ".shard-x1y2").mkdir(parents=True)  # what SIGKILL leaves: a temp folder with tars in it
+    (out / ".shard-x1y2" / "train-000000.tar").write_bytes(b"half a tar")
+    res = run_cli("shard", *args, out)
+    assert not (out / ".shard-x1y2").exists()
+    assert re.search(r"removed 1 temporary folder\(s\) left in .* by an interrupted run: \.shard-x1y2\n", res.stderr)
+    # also with --overwrite over finished shards, and silently with --quiet
+    (out / ".shard-abc").mkdir()
+    res = run_cli("shard", *args, out, "--overwrite", "--quiet")
+    assert not (out / ".shard-abc").exists() and res.stderr == ""
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_rerun(survey, tmp_path):
+    """A real `fastgal shard` killed with SIGKILL while writing: its pool workers exit without a
+    traceback, and the next run removes the temp folder it left."""
+    out = tmp_path / "o"
+    cmd = [sys.executable, "-m", "fastgal", "shard", survey / "data" / "master.csv", survey / "images", out,
+           "--shard-size", 20, "--workers", 2, "--quiet"]
+    proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not list(out.glob(".shard-*/*.tar")):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    _, err = proc.communicate(timeout=60)  # EOF once the orphaned workers are gone too
+    assert proc.returncode == -signal.SIGKILL
+    assert b"Traceback" not in err and b"BrokenPipe" not in err, err.decode()
+    assert [p.name[:7] for p in out.iterdir()] == [".shard-"] and not (out / "manifest.json").exists()
+    run_cli(*cmd[3:])
+    assert not list(out.glob(".shard-*")) and verify(out)["ok"]
+
+
+def test_info_and_tampering(survey_shards, tmp_path):
+    res = run_cli("info", survey_shards, "--json")
     info = json.loads(res.output)
     assert info["ok"] and info["counts"]["train"] == 240
-    assert "verified" in run_cli("info", sharded).output
+    assert "verified" in run_cli("info", survey_shards).output
 
     bad = tmp_path / "bad"
-    shutil.copytree(sharded, bad)
+    shutil.copytree(survey_shards, bad)
     tar = bad / "train-000001.tar"
     raw = bytearray(tar.read_bytes())
     raw[5000] ^= 0xFF  # same size, one byte different
@@ -408,8 +491,6 @@ def test_property_counts_split_and_ids(survey, tmp_path_factory, case):
     usable = n - len(bad_target)
     args = ["shard", d / "c.csv", survey / "images", d / "out", "--valid-pct", pct, "--workers", 1, "--quiet"]
     # candidates in catalog order: the usable rows (positions 0..usable-1 among them), then the ghosts
-    from fastgal.catalog import random_split
-
     train_pos, _ = random_split(usable + missing, pct, 56)
     if usable == 0 or not any(p < usable for p in train_pos):  # nothing left to train on
         assert "no usable samples" in run_cli(*args, ok=False).output
