@@ -16,7 +16,7 @@ from PIL import Image
 from fastgal.learner import inference_settings
 from fastgal.loaders import TorchLoader, loader_for, make_dls, thread_budget, tta_loaders, worker_context
 from fastgal.predict import _Files
-from fastgal.shards import load_manifest, read_index, shard_files
+from fastgal.manifest import load_manifest, read_index, shard_files
 
 RAW = dict(mean=[0.0] * 3, std=[1.0] * 3)  # normalise by nothing: the loaders hand back decoded pixels
 
