@@ -11,6 +11,7 @@ import os
 import stat
 import subprocess
 import sys
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -74,8 +75,8 @@ def test_dali_and_torch_backends_give_the_same_validation_tensors(small_shards):
     std = torch.tensor(dd.manifest["pixel_stats"]["std"]).view(1, 3, 1, 1)
     assert ((xd - xt).abs() * std).max() <= 1.01
     for v in (1, 6):
-        a = torch.cat([x for x, _ in tta_loaders(dd.valid)[v]])
-        b = torch.cat([x for x, _ in tta_loaders(td.valid)[v]])
+        a = torch.cat([x for x, _ in next(islice(tta_loaders(dd.valid), v, None))])
+        b = torch.cat([x for x, _ in next(islice(tta_loaders(td.valid), v, None))])
         assert ((a - b).abs() * std).max() <= 1.01
         assert not torch.allclose(a, xd)  # a different view
 
