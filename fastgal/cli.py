@@ -158,7 +158,8 @@ def synth(as_json, **kw):
     """Generate the embedded synthetic SDSS-like survey.
 
     Writes OUT/data/master.csv, OUT/images/{objID}.jpg and OUT/synth.json (parameters and the
-    accuracy floor). Same seed and N give byte-identical files, whatever --workers.
+    accuracy references: the observable reference and the latent floor). Same seed and N give
+    byte-identical files, whatever --workers.
 
     Example:
 
@@ -170,13 +171,16 @@ def synth(as_json, **kw):
     with _user_errors(writing=cfg.out):
         res = run_synth(cfg)
     info = {"out": str(res.out), "n": res.n, "seconds": round(res.seconds, 2),
-            "images_per_s": round(res.images_per_s, 1), **{k: v for k, v in res.floor.items() if k != "note"}}
+            "images_per_s": round(res.images_per_s, 1),
+            **{k: v for k, v in res.floor.items() if k not in ("note", "observable_reference")}}
     if as_json:
         _echo_json(info)
     else:
         click.echo(f"wrote {res.n} galaxies to {res.out} in {res.seconds:.1f}s ({res.images_per_s:,.0f} images/s)")
-        click.echo(f"accuracy floor RMSE {res.floor['floor_rmse']:.4f} dex, "
-                   f"predict-the-mean RMSE {res.floor['mean_baseline_rmse']:.4f} dex")
+        f = res.floor
+        click.echo(f"observable reference RMSE {f['observable_reference_rmse']:.4f} dex (what the images show), "
+                   f"latent floor {f['floor_rmse']:.4f} dex (knowing mass and SFR), "
+                   f"predict-the-mean {f['mean_baseline_rmse']:.4f} dex")
 
 
 @cli.command()
@@ -211,7 +215,9 @@ def _print_metrics(m: dict) -> None:
         tta = f"{v['tta_rmse']:.4f}" if "tta_rmse" in v else "-"
         click.echo(f"{t:<14}{v['rmse']:>8.4f}{v['nmad']:>8.4f}{v['bias']:>+9.4f}{v['r2']:>7.3f}{tta:>10}{v['baseline_rmse']:>15.4f}")
     if m.get("floor"):
-        click.echo(f"synthetic survey floor RMSE {m['floor']['floor_rmse']:.4f} dex (the best achievable)")
+        f = m["floor"]
+        click.echo(f"synthetic survey: observable reference RMSE {f['observable_reference_rmse']:.4f} dex (what the "
+                   f"images show), latent floor {f['floor_rmse']:.4f} dex (an oracle knowing mass and SFR)")
     click.echo(f"{m['epochs']} epochs in {m['fit_seconds']:.1f}s, {m['train_images_per_s']:.0f} train images/s "
                f"({m['device']}, {m['precision']}, {m['loader_backend']}); best epoch {m['best_epoch']}")
 
@@ -223,7 +229,7 @@ def demo(as_json, **kw):
 
     On a GPU: the seed's full recipe. On a CPU: a half-resolution preset (112 px cutouts,
     crop 72 -> 56, xresnet18) that finishes in minutes on 2 cores. Prints the validation RMSE
-    beside the predict-the-mean baseline and the survey's accuracy floor.
+    beside the predict-the-mean baseline, the survey's observable reference and its latent floor.
 
     Example:
 
@@ -241,7 +247,8 @@ def demo(as_json, **kw):
     _print_metrics(m)
     t = m["targets"][m["target"]]
     click.echo(f"validation RMSE {t['rmse']:.4f} dex vs predict-the-mean {t['baseline_rmse']:.4f} dex "
-               f"vs floor {m['survey_floor_rmse']:.4f} dex; run folder {cfg.out / 'run'}")
+               f"vs observable reference {m['survey_reference_rmse']:.4f} dex (latent floor "
+               f"{m['survey_floor_rmse']:.4f}); run folder {cfg.out / 'run'}")
 
 
 @cli.command()

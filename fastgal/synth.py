@@ -5,7 +5,7 @@
 writes, in the seed's layout,
     OUT/data/master.csv      objID (19-digit, exact), ra, dec, metallicity, latent truth columns
     OUT/images/{objID}.jpg   224x224 RGB JPEGs made like SkyServer getjpeg cutouts
-    OUT/synth.json           generator version, parameters, seed and the accuracy floor
+    OUT/synth.json           generator version, parameters, seed and the accuracy references (floor.py)
 
 The physics, in order (all vectorised over the catalog, one RNG stream):
   1. log stellar mass, redshift (volume-weighted under an r < 17.77 flux limit, like SDSS's
@@ -15,8 +15,9 @@ The physics, in order (all vectorised over the catalog, one RNG stream):
      last term is the scatter that no image can reveal.
   3. metallicity = Q_ref(F_u(u)): a fixed monotone map that calibrates u onto the quantiles of
      MPA-JHU oh_p50 for the reference sample. Monotone, so the MZR/FMR ordering is kept.
-  4. the floor: RMSE of metallicity around E[metallicity | mass, SFR] (Gauss-Hermite over the
-     hidden scatter), i.e. the best any predictor of mass and SFR can do.
+  4. the latent floor: RMSE of metallicity around E[metallicity | mass, SFR] (Gauss-Hermite over the
+     hidden scatter): the best a predictor that knows mass and SFR can do. An image shows less (no
+     distance), so floor.py also records the observable reference, what the visible quantities allow.
   5. what a CNN can see: colour from specific SFR (+ redshift k-correction), bulge fraction and
      concentration from mass and quenching, size-mass relation, surface brightness with
      cosmological dimming, spiral arms in star-forming disks, random inclination and position
@@ -43,6 +44,7 @@ from scipy.special import gammaln
 
 from . import __version__
 from .config import FRAMES, NATIVE_SCALE, SynthConfig, to_jsonable
+from .floor import floor_stats
 from .util import (Progress, check_out, default_workers, imap_ordered, remove_stale, temp_dir, worker_pool,
                    write_bytes_atomic, write_json_atomic)
 
@@ -192,21 +194,6 @@ def make_objids(n: int, seed: int) -> np.ndarray:
         (np.int64(2) << 59) | (np.int64(301) << 48) | (run.astype(np.int64) << 32)
         | (camcol.astype(np.int64) << 29) | (field.astype(np.int64) << 16) | obj.astype(np.int64)
     )
-
-
-def floor_stats(cat: dict[str, np.ndarray]) -> dict:
-    """The accuracy floor of the generated sample, and what predicting the mean scores."""
-    m, rel = cat["metallicity"], cat["metallicity_relation"]
-    res = m - rel
-    nmad = 1.4826 * np.median(np.abs(res - np.median(res)))
-    return {
-        "floor_rmse": float(np.sqrt(np.mean(res**2))),
-        "floor_nmad": float(nmad),
-        "mean_baseline_rmse": float(np.std(m)),
-        "sigma_hidden_latent": SIGMA_HIDDEN,
-        "note": "floor = RMSE of metallicity around E[metallicity | stellar mass, SFR], the best any "
-        "image-based predictor can reach; mean_baseline_rmse = RMSE of predicting the sample mean",
-    }
 
 
 # --------------------------------------------------------------------------- rendering
@@ -415,7 +402,7 @@ def synth(cfg: SynthConfig) -> SynthResult:
 
         (tmp / "data").mkdir()
         write_catalog_csv(tmp / "data" / "master.csv", cat)
-        floor = floor_stats(cat)
+        floor = floor_stats(cat, GENERATOR_VERSION, SIGMA_HIDDEN)
         meta = {
             "generator": "fastgal.synth",
             "generator_version": GENERATOR_VERSION,

@@ -86,7 +86,7 @@ def regression_metrics(true: np.ndarray, pred: np.ndarray) -> dict:
 
 
 def synth_floor(manifest: dict) -> dict | None:
-    """The survey's accuracy floor when the shards were made from `fastgal synth` output."""
+    """The survey's accuracy references (floor.py) when the shards were made from `fastgal synth` output."""
     meta = Path(manifest.get("source", {}).get("catalog", "")).parent.parent / "synth.json"
     try:
         return json.loads(meta.read_text())["floor"] if meta.is_file() else None
