@@ -115,6 +115,8 @@ class TrainConfig:
     lr_find: bool = opt(False, "Run fastai's lr_find first; writes lr_find.png.")
     lr_find_iters: int = opt(100, "Batches lr_find tries.")  # fastai's default
     tta: bool = opt(False, "Also predict with the 8 dihedral views averaged.")
+    mass_col: str = opt("lgm_tot_p50", "Catalog column of log stellar mass for the mass-metallicity check "
+                        "(mzr.png); skipped when the shards' rows lack it.")
     seed: int = opt(42)
     device: str = opt("auto", choices=DEVICES)
     precision: str = opt("auto", "auto = bf16 on GPUs that have it, else fp16; fp32 on a CPU.",

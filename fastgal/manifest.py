@@ -17,6 +17,8 @@ import re
 import tarfile
 from pathlib import Path
 
+import numpy as np
+
 from . import __version__
 from .util import jpeg_problem, sha256_file
 
@@ -77,6 +79,23 @@ def read_index(idx_path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
 def index_keys(idx_paths) -> list[str]:
     """Sample keys in the order a sequential reader (DALI's valid graph) delivers them."""
     return [key for idx in idx_paths for key, _ in read_index(idx)]
+
+
+def read_column(tars, idxs, column: str, meta_ext: str = "json") -> np.ndarray:
+    """One catalog column of every sample, in file order, from the samples' json (the catalog row the
+    shards carry): float, NaN where the column is missing, empty or not a number."""
+    out = []
+    for tar, idx in zip(tars, idxs):
+        with open(tar, "rb") as f:
+            for _, comp in read_index(idx):
+                off, size = comp[meta_ext]
+                f.seek(off)
+                v = json.loads(f.read(size)).get(column)
+                try:
+                    out.append(float(v))
+                except (TypeError, ValueError):
+                    out.append(float("nan"))
+    return np.asarray(out, np.float64)
 
 
 def index_count(idx_path) -> int:

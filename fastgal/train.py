@@ -40,8 +40,9 @@ from . import __version__
 from .config import TrainConfig, to_jsonable
 from .learner import DDP, best_epoch_callback, make_learner, resolve_device, resolve_precision, save_checkpoint
 from .loaders import make_dls, thread_budget, tta_loaders
-from .manifest import index_keys, load_manifest, training_crop
-from .plots import loss_curves, lr_find_plot, pred_vs_true
+from .diagnostics import summarise
+from .manifest import index_keys, load_manifest, read_column, shard_files, training_crop
+from .plots import loss_curves, lr_find_plot, mzr_plot, pred_vs_true, residuals
 from .util import write_bytes_atomic, write_json_atomic
 
 RECIPE_TEXT = ("xresnet(n_out, sa=True, act_cls=Mish) + ranger + RMSE loss, fit_one_cycle; "
@@ -67,6 +68,10 @@ class Setup:
     @property
     def writer(self) -> bool:  # rank 0 writes the run folder
         return self.rank == 0
+
+    @property
+    def valid_files(self) -> tuple[list[str], list[str]]:  # (tars, idxs) of the validation split, in file order
+        return shard_files(self.cfg.shards, self.manifest, "valid")
 
     @property
     def monitor(self) -> str:  # the metric best-epoch selection and loss.png follow
@@ -264,16 +269,27 @@ def predict_valid(s: Setup, learn, dls) -> tuple[list[str], np.ndarray, np.ndarr
 
 
 def score(s: Setup, targs, preds, tta) -> dict:
-    """Per-target metrics and pred_vs_true PNGs."""
+    """Per-target metrics and diagnostics (diagnostics.py: bias and scatter in bins, outliers, and the
+    mass-metallicity relation when the shards' catalog rows carry --mass-col); the PNGs."""
+    vdl = s.valid_files
+    mass = read_column(*vdl, s.cfg.mass_col) if s.cfg.mass_col else None
+    has_mass = mass is not None and np.isfinite(mass).sum() > 10
     per_target = {}
     for j, t in enumerate(s.targets):
-        m = regression_metrics(targs[:, j], preds[:, j])
-        m["baseline_rmse"] = float(np.sqrt(np.mean((targs[:, j] - s.target_mean[j]) ** 2)))  # the training mean
+        true, pred = targs[:, j], preds[:, j]
+        d = summarise(true, pred, mass=mass if has_mass and j == 0 else None)
+        m = {**regression_metrics(true, pred), "outlier_fraction": d["outlier_fraction"],
+             "baseline_rmse": float(np.sqrt(np.mean((true - s.target_mean[j]) ** 2)))}  # the training mean
         if tta is not None:
-            m["tta_rmse"] = float(np.sqrt(np.mean((tta[:, j] - targs[:, j]) ** 2)))
+            m["tta_rmse"] = float(np.sqrt(np.mean((tta[:, j] - true) ** 2)))
+        m.update({k: d[k] for k in ("by_true", "by_pred", "mzr") if k in d})
         per_target[t] = m
-        pred_vs_true(targs[:, j], preds[:, j], s.out / ("pred_vs_true.png" if j == 0 else f"pred_vs_true_{t}.png"),
-                     name=t, stats={"RMSE": m["rmse"], "NMAD": m["nmad"], "baseline": m["baseline_rmse"]})
+        suffix = "" if j == 0 else f"_{t}"
+        pred_vs_true(true, pred, s.out / f"pred_vs_true{suffix}.png", name=t,
+                     stats={"RMSE": m["rmse"], "NMAD": m["nmad"], "baseline": m["baseline_rmse"]})
+        residuals(true, pred, s.out / f"residuals{suffix}.png", name=t)
+        if "mzr" in d:
+            mzr_plot(mass, true, pred, d["mzr"], s.out / "mzr.png")
     return per_target
 
 
@@ -303,7 +319,7 @@ def train(cfg: TrainConfig) -> dict:
     save_model(s, learn)
     t0 = s.targets[0]
     metrics = {
-        **per_target[t0], "target": t0, "targets": per_target,
+        **{k: v for k, v in per_target[t0].items() if not isinstance(v, (list, dict))}, "target": t0, "targets": per_target,
         "floor": synth_floor(s.manifest), "epochs": cfg.epochs, "best_epoch": int(np.argmin(hist[s.monitor].values)),
         "n_train": s.manifest["counts"]["train"], "n_valid": len(ids),
         **fitted, "wall_seconds": round(time.perf_counter() - t_start, 2),

@@ -117,7 +117,7 @@ def test_train_writes_the_run_folder(small_shards, tmp_path):
     assert {stat.S_IMODE(p.stat().st_mode) for p in run.iterdir()} == {0o640}
     assert "RMSE" in res.output and "lgm_tot_p50" in res.output
     for f in ("config.json", "history.csv", "loss.png", "lr_find.png", "model.pt", "predictions_valid.csv",
-              "pred_vs_true.png", "metrics.json", "show_batch.png"):
+              "pred_vs_true.png", "residuals.png", "mzr.png", "metrics.json", "show_batch.png"):
         assert (run / f).is_file(), f
     for png in run.glob("*.png"):
         Image.open(png).load()
@@ -137,6 +137,12 @@ def test_train_writes_the_run_folder(small_shards, tmp_path):
         assert k in m, k
     assert m["rmse"] == pytest.approx(np.sqrt(np.mean((pred.pred_metallicity - pred.true_metallicity) ** 2)), abs=1e-4)
     assert m["floor"]["floor_rmse"] > 0 and m["lr_find_suggested"] > 0
+    # diagnostics: bins of the true value cover the validation set; the MZR from the catalog's mass column
+    t = m["targets"]["metallicity"]
+    assert sum(b["n"] for b in t["by_true"]) == sum(b["n"] for b in t["by_pred"]) == len(pred)
+    assert 0 <= m["outlier_fraction"] < 0.2 and set(t["mzr"]) == {"true", "pred"}
+    d = pred.pred_metallicity - pred.true_metallicity
+    assert t["by_true"][0]["bias"] == pytest.approx(d[pred.true_metallicity <= t["by_true"][0]["hi"]].mean(), abs=1e-4)
     cfg = json.loads((run / "config.json").read_text())
     # --loader auto on a CPU is the torch fallback (faster there); --crop defaults to the shards' own
     assert cfg["device"] == "cpu" and cfg["loader_backend"] == "TorchLoader" and cfg["epochs"] == 2
