@@ -393,23 +393,22 @@ def predict(as_json, **kw):
 
         fastgal predict runs/demo/run runs/demo/shards --split valid --tta
     """
+    from .predict import diagnose
     from .predict import predict as run_predict
 
     with _user_errors():
         df, path = run_predict(config(PredictConfig, kw))
     n_bad = int((df["status"] != "ok").sum()) if "status" in df else 0
-    summary = {"out": str(path), "rows": len(df), "unusable": n_bad}
-    for c in [c for c in df.columns if c.startswith("true_")]:
-        t = c[5:]
-        p = f"pred_tta_{t}" if f"pred_tta_{t}" in df else f"pred_{t}"
-        summary[f"rmse_{t}"] = float(((df[p] - df[c]) ** 2).mean() ** 0.5)
+    diag = diagnose(df)
+    summary = {"out": str(path), "rows": len(df), "unusable": n_bad,
+               **{f"rmse_{t}": d["rmse"] for t, d in diag.items()}, "diagnostics": diag}
     if as_json:
         _echo_json(summary)
         return
     click.echo(f"wrote {len(df)} predictions to {path}" + (f" ({n_bad} unusable inputs, see its status column)" if n_bad else ""))
-    for k, v in summary.items():
-        if k.startswith("rmse_"):
-            click.echo(f"  {k} {v:.4f}")
+    for t, d in diag.items():
+        click.echo(f"  {t} ({d['prediction']}): RMSE {d['rmse']:.4f}  NMAD {d['nmad']:.4f}  bias {d['bias']:+.4f}  "
+                   f"outliers {d['outlier_fraction']:.1%}")
 
 
 @cli.command()

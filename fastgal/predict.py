@@ -21,6 +21,7 @@ import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from .config import PredictConfig
+from .diagnostics import summarise
 from .learner import inference, load_checkpoint, resolve_device
 from .loaders import loader_for, thread_budget, transform, tta_loaders, worker_context
 from .pipeline import PipeSpec
@@ -117,6 +118,18 @@ def predict_images(cfg: PredictConfig, forward, ckpt, device) -> pd.DataFrame:
     df["status"] = ["ok" if not s else s.split(":")[0] for s in status]
     df["reason"] = [s.split(": ", 1)[1] if ": " in s else "" for s in status]
     return df
+
+
+def diagnose(df: pd.DataFrame) -> dict:
+    """Where the input knew the truth (shards): diagnostics.summarise per target, of the TTA prediction
+    when there is one."""
+    out = {}
+    for c in [c for c in df.columns if c.startswith("true_")]:
+        t = c[5:]
+        p = f"pred_tta_{t}" if f"pred_tta_{t}" in df else f"pred_{t}"
+        if p in df:
+            out[t] = {"prediction": p, **summarise(df[c].to_numpy(), df[p].to_numpy())}
+    return out
 
 
 def predict(cfg: PredictConfig) -> tuple[pd.DataFrame, Path]:

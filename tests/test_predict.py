@@ -23,6 +23,9 @@ def test_predict_on_shards_reproduces_the_run(small_run, small_shards, tmp_path)
     assert list(got.id) == list(ref.id)
     for c in ("pred_metallicity", "pred_tta_metallicity", "pred_lgm_tot_p50", "true_metallicity"):
         assert np.allclose(got[c], ref[c], atol=2e-4), c
+    d = summary["diagnostics"]["metallicity"]  # shards know the truth: the TTA prediction's diagnostics
+    assert d["prediction"] == "pred_tta_metallicity" and sum(b["n"] for b in d["by_true"]) == summary["rows"]
+    assert summary["rmse_metallicity"] == pytest.approx(np.sqrt(np.mean((got.pred_tta_metallicity - got.true_metallicity) ** 2)), abs=1e-4)
     run_cli("predict", small_run, small_shards, "--split", "all")  # default --out: inside the run folder
     both = pd.read_csv(small_run / f"predictions_{small_shards.name}.csv", dtype={"id": str})
     man = json.loads((small_shards / "manifest.json").read_text())
