@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The GPU check: one command that answers whether fastgal's GPU path works, and how fast, in ~10 minutes.
 
-    python tools/gpu_check.py /tmp/gpu-check                 # on a CUDA machine (H200: ~5 min, <= 10)
+    python tools/gpu_check.py /tmp/gpu-check                 # a CUDA machine (sized for an H200, 16 cores)
     python tools/gpu_check.py /tmp/gpu-check-dry --dry-run   # anywhere: tiny sizes, CPU placement
 
 Steps (each in its own subprocess(es) under its own timeout; each writes OUT/<k>-<name>.json as soon as it
@@ -526,7 +526,8 @@ def headline(rec: dict) -> str:
         return (f"synth {r['synth']['images_per_s']:,.0f} img/s ({r['synth_wall_s']} s), "
                 f"shard {r['shard']['images_per_s']:,.0f} img/s ({r['shard_wall_s']} s)")
     if rec["name"] == "decode":
-        return f"mixed {r['mixed_images_per_s']} img/s, cpu {r['cpu_images_per_s']} img/s"
+        gpu = f"mixed {r['mixed_images_per_s']:,.0f} img/s ({r['mixed_vs_cpu']}x), " if r["mixed_images_per_s"] else ""
+        return f"{gpu}cpu {r['cpu_images_per_s']:,.0f} img/s"
     if rec["name"] == "equality":
         worst = max((c for c in r["comparisons"].values() if "p99_abs" in c), key=lambda c: c["p99_abs"])
         return f"{len(r['comparisons'])} comparisons; worst p99 |delta| {worst['p99_abs']}, max {worst['max_abs']}"
