@@ -22,7 +22,8 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .config import BenchConfig, DemoConfig, DownloadConfig, PredictConfig, ShardConfig, SynthConfig, TrainConfig
+from .config import (BenchConfig, DemoConfig, DownloadConfig, EnvConfig, PredictConfig, ShardConfig, SynthConfig,
+                     TrainConfig)
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -434,6 +435,29 @@ def bench(as_json, **kw):
         _echo_json(res)
     else:
         click.echo(format_table(res))
+
+
+@cli.command()
+@options(EnvConfig, json_help="Print the report as JSON.")
+def env(as_json, **kw):
+    """Versions, the NVIDIA driver and GPUs, whether torch can use them, and what will not work.
+
+    python, torch (+ its CUDA), torchvision, fastai, DALI (+ its CUDA flavour), nvImageCodec,
+    webdataset; the driver and GPUs (from nvidia-smi or /proc, not torch); usable cores; warnings
+    for a GPU torch cannot use, DALI and torch built for different CUDA majors, or no DALI.
+
+    Example:
+
+        fastgal env --json
+    """
+    from .env import format_table, gather
+
+    config(EnvConfig, kw)  # no options yet; built like every command's, so one added later is used
+    info = gather()
+    if as_json:
+        _echo_json(info)
+    else:
+        click.echo(format_table(info))
 
 
 def main():  # console-script entry point

@@ -214,3 +214,11 @@ class BenchConfig:
     catalog: Path | None = opt(None, "Catalog CSV for the fastai peer [default: the manifest's source.catalog].")
     seed: int = opt(42)
     quiet: bool = opt(False, QUIET, short="-q")
+
+
+@dataclass
+class EnvConfig:
+    """`fastgal env`: versions, the NVIDIA driver and GPUs, whether torch can use them, and warnings.
+
+    No options beyond `--json` (which cli.options adds): it only reports.
+    """

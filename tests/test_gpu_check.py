@@ -1,0 +1,61 @@
+"""tools/gpu_check.py --dry-run: every step of the GPU check runs on the CPU at tiny sizes, so the script
+cannot rot between the rare runs on a GPU machine."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import dali_importable
+
+TOOL = Path(__file__).resolve().parents[1] / "tools" / "gpu_check.py"
+STEPS = ["env", "data", "decode", "equality", "bench", "recipe", "short", "predict"]
+NEEDS_DALI = {"decode", "equality"}  # DALI against DALI or the fallback: nothing to compare without it
+
+
+@pytest.mark.slow
+def test_dry_run_every_step(tmp_path):
+    out = tmp_path / "check"
+    res = subprocess.run([sys.executable, str(TOOL), str(out), "--dry-run"], capture_output=True, text=True,
+                         timeout=3000)
+    assert res.returncode == 0, res.stdout + res.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert [s["name"] for s in summary["steps"]] == STEPS and summary["ok"] and summary["dry_run"]
+    for k, name in enumerate(STEPS):
+        rec = json.loads((out / f"{k}-{name}.json").read_text())  # each step's own file, written when it ended
+        if name in NEEDS_DALI and not dali_importable():
+            assert rec["verdict"] == "skipped" and "DALI" in rec["reason"], rec
+        else:
+            assert rec["verdict"] == "ok", rec
+        assert rec["verdict"] in res.stdout.splitlines()[k + 1]
+    # what the steps measured, not only that they ran
+    env = json.loads((out / "0-env.json").read_text())["result"]["env"]
+    assert env["dali"]["importable"] == dali_importable()
+    data = json.loads((out / "1-data.json").read_text())["result"]
+    assert data["shard"]["train"] + data["shard"]["valid"] == 80 and data["shard"]["rejected"] == 0
+    if dali_importable():
+        eq = json.loads((out / "3-equality.json").read_text())["result"]["comparisons"]
+        valid = eq["valid: dali_cpu vs torch"]
+        assert valid["images"] == 16 and valid["targets_identical"] and valid["problems"] == []
+        assert {f"tta {v}: dali_cpu vs torch" for v in range(8)} <= set(eq)
+    recipe = json.loads((out / "5-recipe.json").read_text())["result"]
+    assert len(recipe["images_per_s_per_epoch"]) == 1 and recipe["metrics"]["baseline_rmse"] > 0
+    pred = json.loads((out / "7-predict.json").read_text())["result"]
+    assert pred["n_jpegs"] == 16 and pred["valid_vs_predictions_valid_max_abs_dex"] <= 0.02
+
+
+def test_a_failing_step_leaves_the_others(tmp_path):
+    """A step that cannot find what it needs is reported with its reason; the check goes on and says FAILED."""
+    out = tmp_path / "check"
+    res = subprocess.run([sys.executable, str(TOOL), str(out), "--dry-run", "--steps", "env,predict",
+                          "--timeout", "env=0.5"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 1 and "FAILED" in res.stdout
+    recs = {r["name"]: r for r in json.loads((out / "summary.json").read_text())["steps"]}
+    assert recs["env"]["verdict"] == "timeout"
+    assert recs["predict"]["verdict"] == "skipped" and "step 1" in recs["predict"]["reason"]
+    assert recs["recipe"]["verdict"] == "skipped" and recs["recipe"]["reason"] == "not in --steps"
+    assert all((out / f"{k}-{n}.json").is_file() for k, n in enumerate(STEPS))

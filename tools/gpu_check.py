@@ -1,0 +1,617 @@
+#!/usr/bin/env python
+"""The GPU check: one command that answers whether fastgal's GPU path works, and how fast, in ~10 minutes.
+
+    python tools/gpu_check.py /tmp/gpu-check                 # a CUDA machine (sized for an H200, 16 cores)
+    python tools/gpu_check.py /tmp/gpu-check-dry --dry-run   # anywhere: tiny sizes, CPU placement
+
+Steps (each in its own subprocess(es) under its own timeout; each writes OUT/<k>-<name>.json as soon as it
+ends, so a step that hangs or crashes still leaves the others; OUT/summary.json and a table at the end):
+  0 env       `fastgal env --json`; `import fastai.callback.channelslast`; torch must see the GPU
+  1 data      `fastgal synth` 30,000 galaxies at 224 px + `fastgal shard`, timed
+  2 decode    decode only, DALI `mixed` (GPU) vs DALI CPU, images/s
+  3 equality  valid graph, the 8 TTA views, the train graph with the same draws: DALI GPU vs DALI CPU vs
+              the torch fallback; |delta| p99/max and signed per-channel means in 0-255 units, targets
+              identical, outputs on CUDA
+  4 bench     `fastgal bench --what step,model,loaders,e2e --device cuda` (without `step` where the
+              installed fastgal has no such section, and it says so)
+  5 recipe    the full recipe (7 epochs, bs 128, bf16, --tta) in-process: fit/wall s, images/s per epoch,
+              peak GPU memory, RMSE vs the predict-the-mean baseline and the survey's floor
+  6 short     one fp16 epoch (the loss must stay finite) and two epochs with `--loader torch`
+  7 predict   `fastgal predict` on the valid shards (= predictions_valid.csv) and on 500 JPEGs with --tta
+Verdicts: ok / fail / timeout / skipped, each with its reason. Exit status 1 when any step failed or
+timed out. `--dry-run` runs every step on the CPU with tiny sizes (steps that need CUDA run their CPU
+equivalent), so tests/test_gpu_check.py keeps this script from rotting. Timeouts (seconds, `--timeout
+STEP=S` to change) are sized for an H200 with 16 cores; `--budget` (600 s) caps the whole run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+try:
+    import fastgal  # noqa: F401
+except ImportError:  # a checkout that is not installed: use it, and tell the subprocesses too
+    _root = str(Path(__file__).resolve().parents[1])
+    sys.path.insert(0, _root)
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [_root, os.environ.get("PYTHONPATH")]))
+from fastgal.util import write_json_atomic  # noqa: E402
+
+STEPS = ["env", "data", "decode", "equality", "bench", "recipe", "short", "predict"]
+# Seconds per step on an H200 with 16 cores: roughly 3x what each should take, within a 600 s --budget.
+TIMEOUTS = {"env": 30, "data": 90, "decode": 40, "equality": 90, "bench": 120, "recipe": 150, "short": 100,
+            "predict": 60}
+# every step of --dry-run: about 30 s of CPU each at most, but a 2-core machine shared with other jobs is slow
+DRY_TIMEOUT = 600
+
+
+@dataclass
+class Params:
+    """Sizes of the GPU run; DRY replaces them for --dry-run. Each is also an option (--n, --bs, ...)."""
+
+    n: int = 30000
+    image: int = 224
+    crop: int = 144
+    size: int = 112
+    arch: str = "xresnet34"
+    epochs: int = 7
+    bs: int = 128
+    shard_size: int = 5000
+    device: str = "cuda"
+    decode_bs: int = 256
+    decode_batches: int = 40
+    equality_batches: int = 8  # batches of bs per graph and backend
+    bench_batches: int = 50
+    bench_warmup: int = 5
+    bench_repeats: int = 3
+    jpegs: int = 500
+    p99_tol: float = 2.0  # 0-255 units: decoders may round differently, not disagree
+    mean_tol: float = 0.25  # 0-255 units, signed per-channel mean: a colour shift is a metallicity bias
+    train_p99_tol: float = 4.0  # the train graph adds bilinear rotation, computed per device
+    predict_tol: float = 0.02  # dex
+    budget: float = 600.0
+
+
+# --dry-run: the smallest sizes that still exercise every path (several shards, a partial last batch, SA at
+# the last stage), so the whole check runs in about two minutes on 2 shared cores
+DRY = dict(n=80, image=64, crop=48, size=32, arch="xresnet18", epochs=1, bs=12, shard_size=40, device="cpu",
+           decode_bs=12, decode_batches=3, equality_batches=2, bench_batches=1, bench_warmup=0, bench_repeats=1,
+           jpegs=16, budget=3600.0)
+
+
+class Skip(Exception):
+    """A step that cannot run here; its message is the reason."""
+
+
+class StepError(Exception):
+    """A step that ran and failed: the reason, and what it measured before it failed."""
+
+    def __init__(self, reason: str, result: dict | None = None):
+        super().__init__(reason)
+        self.result = result
+
+
+class StepTimeout(Exception):
+    pass
+
+
+# --------------------------------------------------------------------------- running commands
+
+class Runner:
+    """Subprocesses of one step: its deadline, its log file, and a clean kill of what they started."""
+
+    def __init__(self, log: Path, deadline: float):
+        self.log, self.deadline = log, deadline
+
+    def __call__(self, cmd: list, what: str) -> str:
+        """Run cmd to completion within the step's deadline; its stdout (stderr goes to the log)."""
+        cmd = [str(c) for c in cmd]
+        with open(self.log, "a") as log:
+            log.write(f"$ {shlex.join(cmd)}\n")
+            log.flush()
+            # its own session: a timeout kills DALI's threads and loader workers with it
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True)
+            try:
+                out, _ = proc.communicate(timeout=max(self.deadline - time.monotonic(), 0.1))
+            except BaseException as e:  # the timeout, or Ctrl-C: nothing may outlive the check
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                if isinstance(e, subprocess.TimeoutExpired):
+                    raise StepTimeout(f"{what} still running at the step's timeout") from None
+                raise
+        if proc.returncode != 0:
+            raise StepError(f"{what} exited {proc.returncode}: {self.last_error()}")
+        return out
+
+    def fastgal(self, *args) -> dict:
+        """`python -m fastgal ARGS --json` -> its JSON."""
+        return json.loads(self([sys.executable, "-m", "fastgal", *args, "--json"], f"fastgal {args[0]}"))
+
+    def worker(self, name: str, p: Params, out: Path) -> dict:
+        """This script's in-process work for a step (--worker), in a subprocess; its result JSON."""
+        res = out / "work" / f"{name}.json"
+        res.unlink(missing_ok=True)
+        self([sys.executable, __file__, str(out), "--worker", name, "--params", json.dumps(asdict(p))], f"worker {name}")
+        got = json.loads(res.read_text())
+        if "skip" in got:
+            raise Skip(got["skip"])
+        return got
+
+    def last_error(self) -> str:
+        lines = [ln for ln in self.log.read_text(errors="replace").splitlines() if ln.strip() and not ln.startswith("$ ")]
+        return lines[-1][:300] if lines else "no output"
+
+
+# --------------------------------------------------------------------------- steps (orchestrator side)
+
+def cuda(p: Params) -> bool:
+    return p.device == "cuda"
+
+
+def shards_of(out: Path) -> Path:
+    if not (out / "shards" / "manifest.json").is_file():
+        raise Skip("needs step 1's shards (OUT/shards)")
+    return out / "shards"
+
+
+def step_env(run: Runner, p: Params, out: Path) -> dict:
+    info = run.fastgal("env")
+    run([sys.executable, "-c", "import fastai.callback.channelslast"], "import fastai.callback.channelslast")
+    res = {"env": info, "channelslast_import": True}
+    if cuda(p) and not info["torch"]["cuda_available"]:
+        raise StepError("torch cannot use a GPU here: " + ("; ".join(info["warnings"]) or "no NVIDIA device found"))
+    return res
+
+
+def step_data(run: Runner, p: Params, out: Path) -> dict:
+    t0 = time.perf_counter()
+    synth = run.fastgal("synth", out / "survey", "--n", p.n, "--size", p.image, "--seed", 1, "--quiet", "--overwrite")
+    t1 = time.perf_counter()
+    shard = run.fastgal("shard", out / "survey/data/master.csv", out / "survey/images", out / "shards", "--crop", p.crop,
+                        "--shard-size", p.shard_size, "--quiet", "--overwrite")
+    t2 = time.perf_counter()
+    if shard["rejected"]:
+        raise StepError(f"{shard['rejected']} synthetic galaxies rejected: {shard['rejects_by_reason']}")
+    return {"synth": synth, "shard": shard, "synth_wall_s": round(t1 - t0, 2), "shard_wall_s": round(t2 - t1, 2)}
+
+
+def step_decode(run: Runner, p: Params, out: Path) -> dict:
+    shards_of(out)
+    return run.worker("decode", p, out)
+
+
+def step_equality(run: Runner, p: Params, out: Path) -> dict:
+    shards_of(out)
+    res = run.worker("equality", p, out)
+    bad = [f"{name}: {why}" for name, c in res["comparisons"].items() for why in c["problems"]]
+    if bad:
+        raise StepError(f"{len(bad)} problem(s), first {bad[0]}", res)
+    return res
+
+
+def step_bench(run: Runner, p: Params, out: Path) -> dict:
+    sh = shards_of(out)
+    args = ["bench", sh, "--device", p.device, "--bs", p.bs, "--size", p.size, "--arch", p.arch,
+            "--batches", p.bench_batches, "--warmup", p.bench_warmup, "--repeats", p.bench_repeats, "--quiet"]
+    try:
+        return {"what": "step,model,loaders,e2e", "bench": run.fastgal(*args, "--what", "step,model,loaders,e2e")}
+    except StepError as e:
+        if "'step'" not in str(e):
+            raise
+    # the installed fastgal has no `step` section yet: the rest, and say so
+    return {"what": "model,loaders,e2e", "note": "this fastgal's bench refuses --what step; ran model,loaders,e2e",
+            "bench": run.fastgal(*args, "--what", "model,loaders,e2e")}
+
+
+def step_recipe(run: Runner, p: Params, out: Path) -> dict:
+    shards_of(out)
+    res = run.worker("recipe", p, out)
+    t = res["metrics"]
+    if not all(math.isfinite(t.get(k, float("nan"))) for k in ("rmse", "tta_rmse")):
+        raise StepError(f"non-finite RMSE {t.get('rmse')} / TTA {t.get('tta_rmse')}", res)
+    if p.epochs >= 3 and not t["rmse"] < t["baseline_rmse"]:  # one tiny epoch (the dry run) need not learn
+        raise StepError(f"RMSE {t['rmse']:.4f} is no better than predicting the mean ({t['baseline_rmse']:.4f})", res)
+    return res
+
+
+def _history(run_dir: Path) -> list[dict]:
+    import csv
+
+    with open(run_dir / "history.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def step_short(run: Runner, p: Params, out: Path) -> dict:
+    sh = shards_of(out)
+    common = ["--bs", p.bs, "--arch", p.arch, "--size", p.size, "--device", p.device, "--quiet", "--overwrite"]
+    prec = "fp16" if cuda(p) else "fp32"  # fp16 needs a GPU: the dry run checks the path in fp32
+    res = {}
+    for name, args in ((f"{prec}_epoch", ["--epochs", 1, "--precision", prec]),
+                       ("loader_torch", ["--epochs", 2, "--loader", "torch"])):
+        m = run.fastgal("train", sh, "--out", out / f"run-{name}", *args, *common)
+        hist = _history(out / f"run-{name}")
+        losses = [float(h[k]) for h in hist for k in ("train_loss", "valid_loss")]
+        res[name] = {"rmse": m["rmse"], "losses": losses, "epochs": len(hist), "loader_backend": m["loader_backend"],
+                     "precision": m["precision"], "images_per_s": [float(h["images_per_s"]) for h in hist]}
+        if not all(math.isfinite(v) for v in losses + [m["rmse"]]):
+            raise StepError(f"{name}: a loss is not finite: {losses}", res)
+    if res["loader_torch"]["epochs"] != 2 or res["loader_torch"]["loader_backend"] != "TorchLoader":
+        raise StepError(f"--loader torch ran {res['loader_torch']}", res)
+    return res
+
+
+def _read_csv(path: Path) -> dict:
+    import csv
+
+    with open(path) as f:
+        return {r["id"]: r for r in csv.DictReader(f)}
+
+
+def _max_diff(a: dict, b: dict, cols: list[str]) -> float:
+    return max(abs(float(a[i][c]) - float(b[i][c])) for i in a for c in cols)
+
+
+def step_predict(run: Runner, p: Params, out: Path) -> dict:
+    sh, rd = shards_of(out), out / "run"
+    if not (rd / "metrics.json").is_file():
+        raise Skip("needs step 5's run (OUT/run)")
+    ref = _read_csv(rd / "predictions_valid.csv")
+    cols = [c for c in next(iter(ref.values())) if c.startswith("pred_")]
+    s = run.fastgal("predict", rd, sh, "--split", "valid", "--tta", "--device", p.device, "--out", out / "pred_valid.csv")
+    got = _read_csv(out / "pred_valid.csv")
+    if list(got) != list(ref):
+        raise StepError("predict's ids differ from predictions_valid.csv's (order or set)")
+    jp = out / "jpegs"
+    shutil.rmtree(jp, ignore_errors=True)
+    jp.mkdir()
+    ids = list(ref)[: p.jpegs]  # validation galaxies: their shard predictions are the reference
+    for i in ids:
+        shutil.copy(out / "survey/images" / f"{i}.jpg", jp / f"{i}.jpg")
+    j = run.fastgal("predict", rd, jp, "--tta", "--device", p.device, "--out", out / "pred_jpegs.csv")
+    jrows = _read_csv(out / "pred_jpegs.csv")
+    tta_cols = [c for c in cols if c.startswith("pred_tta_")]
+    res = {"valid": s, "jpegs": j, "n_jpegs": len(ids), "tolerance_dex": p.predict_tol,
+           "valid_vs_predictions_valid_max_abs_dex": _max_diff(got, ref, cols),
+           "jpegs_vs_shards_tta_max_abs_dex": _max_diff({i: jrows[i] for i in ids}, got, tta_cols),
+           "unusable_jpegs": sum(r["status"] != "ok" for r in jrows.values())}
+    worst = max(res["valid_vs_predictions_valid_max_abs_dex"], res["jpegs_vs_shards_tta_max_abs_dex"])
+    if res["unusable_jpegs"] or worst > p.predict_tol:
+        raise StepError(f"predictions differ by up to {worst:.4f} dex (tolerance {p.predict_tol}); "
+                        f"{res['unusable_jpegs']} unusable JPEGs", res)
+    return res
+
+
+# --------------------------------------------------------------------------- workers (in-process work)
+
+def _loaders(p: Params, shards: Path, backend: str, device: str, threads: int):
+    from fastgal.loaders import make_dls
+
+    return make_dls(shards, bs=p.bs, size=p.size, crop=p.crop, device=device, backend=backend, num_threads=threads,
+                    seed=42)
+
+
+def work_decode(p: Params, out: Path) -> dict:
+    """images/s of DALI's decoder alone over the training shards, mixed (GPU) and CPU."""
+    from fastgal.loaders import dali_available
+    from fastgal.util import default_workers
+
+    if not dali_available():
+        raise Skip("NVIDIA DALI is not importable here")
+    from nvidia.dali import Pipeline, fn, types
+
+    spec = _loaders(p, out / "shards", "torch", "cpu", 0).train.spec  # the shard and index lists
+    threads = default_workers()
+
+    def rate(device: str) -> float:
+        pipe = Pipeline(batch_size=p.decode_bs, num_threads=threads, device_id=0 if device == "mixed" else None,
+                        prefetch_queue_depth=2)
+        with pipe:
+            jpg = fn.readers.webdataset(paths=spec.tars, index_paths=spec.idxs, ext=[spec.image_ext])
+            extra = {"jpeg_fancy_upsampling": True} if device == "mixed" else {}  # the chroma upsampling of the CPU
+            pipe.set_outputs(fn.decoders.image(jpg, device=device, output_type=types.RGB, **extra))
+        pipe.build()
+        for _ in range(3):  # pipeline start, decoder allocations
+            pipe.run()
+        t0 = time.perf_counter()
+        for _ in range(p.decode_batches):
+            (imgs,) = pipe.run()
+        if device == "mixed":
+            imgs.as_cpu()  # waits for the GPU's last batch
+        return p.decode_bs * p.decode_batches / (time.perf_counter() - t0)
+
+    res = {"threads": threads, "batch": p.decode_bs, "batches": p.decode_batches, "cpu_images_per_s": round(rate("cpu"), 1)}
+    if cuda(p):
+        res["mixed_images_per_s"] = round(rate("mixed"), 1)
+        res["mixed_vs_cpu"] = round(res["mixed_images_per_s"] / res["cpu_images_per_s"], 2)
+    else:
+        res["mixed_images_per_s"] = None
+        res["note"] = "dry run: no GPU, the CPU decoder only"
+    return res
+
+
+class Pair:
+    """Streaming comparison of two loaders' batches: |delta| histogram (p99, max), signed per-channel means
+    and target equality, in 0-255 units (the normalised tensors times the normalisation std)."""
+
+    BIN = 0.01
+
+    def __init__(self, std):
+        import torch
+
+        self.std = torch.tensor(std, dtype=torch.float64).view(1, 3, 1, 1)
+        self.hist = torch.zeros(int(256 / self.BIN), dtype=torch.float64)
+        self.max, self.sum, self.n, self.targets_equal, self.images = 0.0, torch.zeros(3, dtype=torch.float64), 0, True, 0
+        self.shape_problem = None
+
+    def add(self, a, b):
+        (xa, ya), (xb, yb) = a, b
+        if xa.shape != xb.shape:
+            self.shape_problem = f"shapes {tuple(xa.shape)} vs {tuple(xb.shape)}"
+            return
+        d = (xa.double().cpu() - xb.double().cpu()) * self.std
+        ad = d.abs()
+        self.max = max(self.max, float(ad.max()))
+        self.hist += ad.clamp(max=255.99).float().histc(bins=len(self.hist), min=0, max=256).double()
+        self.sum += d.sum(dim=(0, 2, 3))
+        self.n += d.numel() // 3
+        self.images += len(xa)
+        self.targets_equal &= bool((ya.cpu() == yb.cpu()).all())
+
+    def summary(self, p99_tol: float, mean_tol: float) -> dict:
+        cdf = self.hist.cumsum(0) / max(float(self.hist.sum()), 1.0)
+        p99 = min((int((cdf < 0.99).sum()) + 1) * self.BIN, self.max)
+        means = [round(float(v), 4) for v in self.sum / max(self.n, 1)]
+        problems = [self.shape_problem] if self.shape_problem else []
+        problems += [f"p99 |delta| {p99:.2f} > {p99_tol}"] if p99 > p99_tol else []
+        problems += [f"per-channel mean delta {means} beyond +-{mean_tol}"] if max(map(abs, means)) > mean_tol else []
+        problems += ["targets differ"] if not self.targets_equal else []
+        problems += ["no batches compared"] if not self.images else []
+        return {"images": self.images, "p99_abs": round(p99, 3), "max_abs": round(self.max, 3),
+                "mean_signed_rgb": means, "targets_identical": self.targets_equal, "problems": problems}
+
+
+def _compare(loaders: dict, batches: int, std, p99_tol, mean_tol, on_cuda: dict) -> dict:
+    """Every pair of loaders over their first `batches` batches, zipped (they yield the same samples)."""
+    import itertools
+
+    names = list(loaders)
+    pairs = {(a, b): Pair(std) for a, b in itertools.combinations(names, 2)}
+    for got in itertools.islice(zip(*loaders.values()), batches):
+        got = dict(zip(names, got))
+        for n, (x, y) in got.items():
+            on_cuda[n] = on_cuda.get(n, True) and x.device.type == "cuda" and y.device.type == "cuda"
+        for (a, b), pr in pairs.items():
+            pr.add(got[a], got[b])
+    return {f"{a} vs {b}": pr.summary(p99_tol, mean_tol) for (a, b), pr in pairs.items()}
+
+
+def _channel_means(dl, batches: int, std, mean) -> "np.ndarray":
+    import itertools
+
+    import numpy as np
+
+    rows = [(x.double().cpu().mean(dim=(2, 3)).numpy() * std + mean) for x, _ in itertools.islice(iter(dl), batches)]
+    return np.concatenate(rows)
+
+
+def work_equality(p: Params, out: Path) -> dict:
+    """The three data paths on the same samples (see the module docstring, step 3)."""
+    import gc
+
+    import numpy as np
+
+    from fastgal.loaders import dali_available, tta_loaders
+    from fastgal.util import default_workers
+
+    if not dali_available():
+        raise Skip("NVIDIA DALI is not importable here: no second data path to compare the torch fallback with")
+    sh, threads = out / "shards", default_workers()
+    dls = {"dali_cpu": _loaders(p, sh, "dali", "cpu", threads)}
+    if cuda(p):
+        dls = {"dali_gpu": _loaders(p, sh, "dali", "cuda", threads), **dls}
+    # no worker processes: equality does not depend on them, and spawning 10 loaders' workers costs minutes
+    dls["torch"] = _loaders(p, sh, "torch", p.device, 0)
+    spec = dls["dali_cpu"].valid.spec
+    std, on_cuda, k = spec.std, {}, p.equality_batches
+    comps = {f"valid: {n}": c for n, c in _compare({n: d.valid for n, d in dls.items()}, k, std, p.p99_tol,
+                                                   p.mean_tol, on_cuda).items()}
+    for v in range(8):  # one view's pipelines alive at a time: each holds its threads and GPU buffers
+        views = {n: list(tta_loaders(d.valid))[v] for n, d in dls.items()}
+        comps.update({f"tta {v}: {n}": c for n, c in _compare(views, k, std, p.p99_tol, p.mean_tol, on_cuda).items()})
+        del views
+        gc.collect()
+    if cuda(p):  # the same seed: the same shuffle and the same augmentation draws on either placement
+        comps.update({f"train: {n}": c for n, c in _compare({n: dls[n].train for n in ("dali_gpu", "dali_cpu")}, k, std,
+                                                           p.train_p99_tol, p.mean_tol, on_cuda).items()})
+    # the fallback draws its own augmentations: compare the distribution of per-image channel means
+    a, b = (_channel_means(dls[n].train, k, np.array(std), np.array(spec.mean)) for n in ("dali_cpu", "torch"))
+    diff, se = a.mean(0) - b.mean(0), np.sqrt(a.var(0) / len(a) + b.var(0) / len(b))
+    comps["train: dali_cpu vs torch (distribution)"] = {
+        "images": len(a), "mean_signed_rgb": diff.round(4).tolist(), "standard_error_rgb": se.round(4).tolist(),
+        "problems": [f"channel means differ by {diff.round(2).tolist()}, beyond 4 standard errors + 0.5"]
+        if (np.abs(diff) > 4 * se + 0.5).any() else []}
+    for n in dls:
+        if p.device == "cuda" and n != "dali_cpu" and not on_cuda.get(n):
+            comps.setdefault(f"device: {n}", {"problems": [f"{n} did not hand over CUDA tensors"]})
+    return {"backends": list(dls), "batches_per_graph": k, "bs": p.bs, "outputs_on_cuda": on_cuda,
+            "tolerances": {"p99": p.p99_tol, "mean": p.mean_tol, "train_p99": p.train_p99_tol}, "comparisons": comps}
+
+
+def work_recipe(p: Params, out: Path) -> dict:
+    """The full recipe through fastgal.train.train, in this process, so peak GPU memory can be read."""
+    import torch
+
+    from fastgal.config import TrainConfig
+    from fastgal.train import train
+
+    cfg = TrainConfig(shards=out / "shards", out=out / "run", epochs=p.epochs, bs=p.bs, arch=p.arch, size=p.size,
+                      tta=True, device=p.device, precision="bf16" if cuda(p) else "fp32", quiet=True, overwrite=True)
+    if cuda(p):
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    m = train(cfg)
+    wall = time.perf_counter() - t0
+    hist = _history(out / "run")
+    t = m["targets"][m["target"]]
+    return {"epochs": p.epochs, "bs": p.bs, "precision": m["precision"], "loader_backend": m["loader_backend"],
+            "fit_seconds": m["fit_seconds"], "wall_seconds": round(wall, 2),
+            "images_per_s_per_epoch": [float(h["images_per_s"]) for h in hist],
+            # torch's allocator only: DALI's GPU decode and augmentation buffers are its own pool
+            "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda(p) else None,
+            "metrics": {"rmse": t["rmse"], "tta_rmse": t.get("tta_rmse", float("nan")), "baseline_rmse": t["baseline_rmse"],
+                        "floor_rmse": (m.get("floor") or {}).get("floor_rmse")}}
+
+
+WORKERS = {"decode": work_decode, "equality": work_equality, "recipe": work_recipe}
+RUNNERS = {"env": step_env, "data": step_data, "decode": step_decode, "equality": step_equality, "bench": step_bench,
+           "recipe": step_recipe, "short": step_short, "predict": step_predict}
+
+
+def worker_main(name: str, p: Params, out: Path) -> None:
+    """--worker NAME: the in-process part of a step; a Skip is reported in the result, not as a crash."""
+    try:
+        res = WORKERS[name](p, out)
+    except Skip as e:
+        res = {"skip": str(e)}
+    write_json_atomic(out / "work" / f"{name}.json", res)
+
+
+# --------------------------------------------------------------------------- orchestration
+
+def _children_cpu() -> float:
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def run_step(k: int, name: str, p: Params, out: Path, timeout: float) -> dict:
+    """One step under its timeout; OUT/<k>-<name>.json written as soon as it ends, whatever the verdict."""
+    log = out / "logs" / f"{k}-{name}.log"
+    log.unlink(missing_ok=True)
+    t0, cpu0 = time.monotonic(), _children_cpu()
+    rec = {"step": k, "name": name, "timeout_s": round(timeout, 1), "log": str(log)}
+    try:
+        rec.update(verdict="ok", reason="", result=RUNNERS[name](Runner(log, t0 + timeout), p, out))
+    except Skip as e:
+        rec.update(verdict="skipped", reason=str(e))
+    except StepTimeout as e:
+        rec.update(verdict="timeout", reason=f"{e} ({timeout:.0f} s)")
+    except StepError as e:
+        rec.update(verdict="fail", reason=str(e), result=e.result)
+    except Exception as e:  # a bug in the check itself must not stop the other steps
+        rec.update(verdict="fail", reason=f"{type(e).__name__}: {e}")
+    rec["seconds"] = round(time.monotonic() - t0, 2)
+    rec["cpu_seconds"] = round(_children_cpu() - cpu0, 2)  # of its subprocesses: the load a step puts on a machine
+    write_json_atomic(out / f"{k}-{name}.json", rec)
+    return rec
+
+
+def headline(rec: dict) -> str:
+    """The figure that matters for a step, for the table."""
+    r = rec.get("result") or {}
+    if rec["verdict"] != "ok":
+        return rec["reason"]
+    if rec["name"] == "data":
+        return (f"synth {r['synth']['images_per_s']:,.0f} img/s ({r['synth_wall_s']} s), "
+                f"shard {r['shard']['images_per_s']:,.0f} img/s ({r['shard_wall_s']} s)")
+    if rec["name"] == "decode":
+        gpu = f"mixed {r['mixed_images_per_s']:,.0f} img/s ({r['mixed_vs_cpu']}x), " if r["mixed_images_per_s"] else ""
+        return f"{gpu}cpu {r['cpu_images_per_s']:,.0f} img/s"
+    if rec["name"] == "equality":
+        worst = max((c for c in r["comparisons"].values() if "p99_abs" in c), key=lambda c: c["p99_abs"])
+        return f"{len(r['comparisons'])} comparisons; worst p99 |delta| {worst['p99_abs']}, max {worst['max_abs']}"
+    if rec["name"] == "recipe":
+        m = r["metrics"]
+        return (f"RMSE {m['rmse']:.4f} (TTA {m['tta_rmse']:.4f}) vs mean {m['baseline_rmse']:.4f} vs floor "
+                f"{m['floor_rmse'] or float('nan'):.4f}; fit {r['fit_seconds']} s, "
+                f"{max(r['images_per_s_per_epoch']):,.0f} img/s; peak {r['peak_gpu_memory_gib']} GiB")
+    if rec["name"] == "bench":
+        b = r["bench"]
+        e2e = ", ".join(f"{k} {v:.2f}" for k, v in b.get("e2e", {}).get("ratio_vs_baseline", {}).items())
+        return f"model {b['model']['images_per_s']:,.0f} img/s; e2e x fastai: {e2e}" + (" (no step section)" if "note" in r else "")
+    if rec["name"] == "short":
+        return "; ".join(f"{k}: {v['epochs']} epoch(s), losses finite, {max(v['images_per_s']):,.0f} img/s" for k, v in r.items())
+    if rec["name"] == "predict":
+        return (f"valid max |delta| {r['valid_vs_predictions_valid_max_abs_dex']:.4f} dex, "
+                f"{r['n_jpegs']} JPEGs vs shards {r['jpegs_vs_shards_tta_max_abs_dex']:.4f} dex")
+    return r.get("note", "")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out", type=Path, help="output folder (step JSONs, logs, summary.json, the survey, shards, runs)")
+    ap.add_argument("--dry-run", action="store_true", help="every step on the CPU with tiny sizes")
+    ap.add_argument("--steps", default=",".join(STEPS), help="comma-separated subset, e.g. recipe,predict")
+    ap.add_argument("--timeout", action="append", default=[], metavar="STEP=S", help="a step's timeout, seconds")
+    ap.add_argument("--overwrite", action="store_true", help="empty OUT first")
+    ap.add_argument("--worker", choices=list(WORKERS), help=argparse.SUPPRESS)
+    ap.add_argument("--params", help=argparse.SUPPRESS)
+    for f in fields(Params):
+        ap.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=None, help=f"[{f.default}]")
+    a = ap.parse_args(argv)
+    if a.worker:
+        worker_main(a.worker, Params(**json.loads(a.params)), a.out)
+        return 0
+    # a plain `kill` of the check ends the step running now as well (Runner kills its process group)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    p = replace(Params(), **DRY) if a.dry_run else Params()
+    p = replace(p, **{f.name: getattr(a, f.name) for f in fields(Params) if getattr(a, f.name) is not None})
+    timeouts = {s: DRY_TIMEOUT if a.dry_run else TIMEOUTS[s] for s in STEPS}
+    for t in a.timeout:
+        s, _, v = t.partition("=")
+        if s not in timeouts:
+            ap.error(f"--timeout {t}: no step {s!r} (steps: {', '.join(STEPS)})")
+        timeouts[s] = float(v)
+    chosen = [s.strip() for s in a.steps.split(",") if s.strip()]
+    if set(chosen) - set(STEPS):
+        ap.error(f"--steps: unknown {sorted(set(chosen) - set(STEPS))} (steps: {', '.join(STEPS)})")
+    if a.dry_run:  # one torch thread per process: on 2 busy cores, two threads each run several times slower
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if a.overwrite:
+        shutil.rmtree(a.out, ignore_errors=True)
+    (a.out / "logs").mkdir(parents=True, exist_ok=True)
+    return orchestrate(a.out, p, chosen, timeouts, a.dry_run)
+
+
+def orchestrate(out: Path, p: Params, chosen: list[str], timeouts: dict, dry: bool) -> int:
+    t0 = time.monotonic()
+    recs = []
+    for k, name in enumerate(STEPS):
+        left = p.budget - (time.monotonic() - t0)
+        if name not in chosen:
+            rec = {"step": k, "name": name, "verdict": "skipped", "reason": "not in --steps", "seconds": 0}
+        elif left < 5:
+            rec = {"step": k, "name": name, "verdict": "skipped", "reason": f"--budget {p.budget:.0f} s spent", "seconds": 0}
+        else:
+            print(f"[{k}] {name} (timeout {min(timeouts[name], left):.0f} s) ...", file=sys.stderr, flush=True)
+            rec = run_step(k, name, p, out, min(timeouts[name], left))
+        if rec.get("timeout_s") is None:
+            write_json_atomic(out / f"{k}-{name}.json", rec)
+        recs.append(rec)
+        print(f"[{k}] {name}: {rec['verdict']} {headline(rec)}", file=sys.stderr, flush=True)
+    bad = [r for r in recs if r["verdict"] in ("fail", "timeout")]
+    summary = {"ok": not bad, "dry_run": dry, "wall_seconds": round(time.monotonic() - t0, 1), "params": asdict(p),
+               "timeouts_s": timeouts, "steps": [{k: r[k] for k in ("step", "name", "verdict", "reason", "seconds")}
+                                                 | {"headline": headline(r)} for r in recs]}
+    write_json_atomic(out / "summary.json", summary)
+    print(f"{'step':<12}{'verdict':<9}{'seconds':>8}{'cpu s':>8}  headline / reason")
+    for r in recs:
+        print(f"{r['step']} {r['name']:<10}{r['verdict']:<9}{r['seconds']:>8.1f}{r.get('cpu_seconds', 0):>8.1f}  {headline(r)}")
+    print(f"{'ok' if not bad else 'FAILED'}: {len(recs) - len(bad)} of {len(recs)} steps ok or skipped "
+          f"in {summary['wall_seconds']} s; details in {out}/<step>.json and summary.json")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
