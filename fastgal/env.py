@@ -151,17 +151,25 @@ def diagnose(info: dict) -> list[str]:
         fix = "install nvidia-dali-cuda120 (driver >= 525) instead" if d["cuda_major"] > 12 else "update the driver"
         out.append(f"{d['distribution']} needs an NVIDIA driver >= {MIN_DRIVER[d['cuda_major']]}, and this one is "
                    f"{nv['driver']}: {fix}")
-    torch_major = _major(t["cuda"])
-    if d["importable"] and d["cuda_major"] and torch_major and d["cuda_major"] != torch_major:
-        need = max(MIN_DRIVER.get(d["cuda_major"], 0), MIN_DRIVER.get(torch_major, 0))
-        out.append(f"DALI ({d['distribution']}) and torch (CUDA {t['cuda']}) are built for different CUDA majors: "
-                   f"together they need a driver >= {need} and load two CUDA runtimes; "
-                   f"nvidia-dali-cuda{torch_major}0 matches this torch")
     if not d["importable"]:
         why = "not installed" if not d["distribution"] else f"installed ({d['distribution']}) but does not import: {d['error']}"
         out.append(f"NVIDIA DALI is {why}; fastgal uses its torch fallback loader (--loader auto), "
                    "and --loader dali fails")
     return out
+
+
+def notes(info: dict) -> list[str]:
+    """What works but is worth knowing: DALI and torch built for different CUDA majors (the default install:
+    torch 2.14.1 is CUDA 13, nvidia-dali-cuda120 is CUDA 12) run together on a driver new enough for both,
+    with two CUDA runtimes loaded; the diagnose() warnings say when the driver is too old for either."""
+    t, d = info["torch"], info["dali"]
+    torch_major = _major(t["cuda"])
+    if d["importable"] and d["cuda_major"] and torch_major and d["cuda_major"] != torch_major:
+        need = max(MIN_DRIVER.get(d["cuda_major"], 0), MIN_DRIVER.get(torch_major, 0))
+        return [f"DALI ({d['distribution']}) and torch (CUDA {t['cuda']}) are built for different CUDA majors: "
+                f"together they need a driver >= {need} and load two CUDA runtimes; "
+                f"nvidia-dali-cuda{torch_major}0 matches this torch"]
+    return []
 
 
 def gather() -> dict:
@@ -175,6 +183,7 @@ def gather() -> dict:
         "nvidia": probe_nvidia(), "cores": probe_cores(),
     }
     info["warnings"] = diagnose(info)
+    info["notes"] = notes(info)
     return info
 
 
@@ -215,4 +224,5 @@ def format_table(info: dict) -> str:
     ]
     lines = [f"{k:<16}{v}" for k, v in rows]
     lines += [f"warning: {w}" for w in info["warnings"]] or ["no warnings"]
+    lines += [f"note: {n}" for n in info["notes"]]
     return "\n".join(lines)

@@ -37,7 +37,11 @@ ARCHS = {name: getattr(xresnet, name) for name in ("xresnet18", "xresnet34", "xr
 def resolve_device(name: str) -> torch.device:
     """--device auto|cpu|cuda[:k] -> a torch device; a one-line error when CUDA is asked for but absent."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        from .env import warn_if_gpu_unused
+
+        warn_if_gpu_unused(device)  # one line on stderr when an NVIDIA device is there but unusable
+        return device
     if name == "cuda" or name.startswith("cuda:"):
         if not torch.cuda.is_available():
             raise ValueError("--device cuda but no CUDA GPU is visible to torch; use --device cpu or auto")
