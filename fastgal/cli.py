@@ -303,30 +303,14 @@ def info(out, as_json):
 
         fastgal info shards/synth
     """
-    from .manifest import verify
+    from .manifest import format_info, info_summary, verify
 
     with _user_errors():
         res = verify(out)
-    m = res["manifest"]
-    summary = {"out": str(out), "ok": res["ok"], "problems": res["problems"], "counts": m["counts"],
-               "rejects_by_reason": m["rejects_by_reason"], "targets": m["target_stats"],
-               "image": m["image"], "pixel_stats": m["pixel_stats"], "split": m["split"],
-               "shards": {s: len(v) for s, v in m["shards"].items()}, "bytes": res["bytes"],
-               "source": m["source"], "fastgal_version": m["fastgal_version"]}
     if as_json:
-        _echo_json(summary)
+        _echo_json(info_summary(out, res))
     else:
-        c = m["counts"]
-        click.echo(f"{out}: {m['format']} v{m['format_version']} from {m['source']['catalog']}")
-        click.echo(f"  rows {c['catalog_rows']} = train {c['train']} + valid {c['valid']} + rejected {c['rejected']}"
-                   f"  ({', '.join(f'{k} {v}' for k, v in m['rejects_by_reason'].items()) or 'no rejects'})")
-        click.echo(f"  shards: {', '.join(f'{s} {len(v)}' for s, v in m['shards'].items())}, {res['bytes'] / 1e6:,.1f} MB")
-        for t, st in m["target_stats"].items():
-            click.echo(f"  {t}: mean {st['mean']:.4f} std {st['std']:.4f} range [{st['min']:.3f}, {st['max']:.3f}] (train)")
-        ps = m["pixel_stats"]
-        click.echo(f"  images {m['image']['size']} precrop {m['image']['precrop']}; centre {ps['region']} px mean "
-                   f"{[round(x, 2) for x in ps['mean']]} std {[round(x, 2) for x in ps['std']]}")
-        click.echo("  verified: sha256s, indexes and counts match" if res["ok"] else f"  {len(res['problems'])} problem(s)")
+        click.echo(format_info(out, res))
     if not res["ok"]:
         raise click.ClickException(f"{out} failed verification: {res['problems'][0]}"
                                    + (f" (+{len(res['problems']) - 1} more)" if len(res["problems"]) > 1 else "")
@@ -361,22 +345,10 @@ def download(as_json, **kw):
     except KeyboardInterrupt:
         click.echo("interrupted before any cutout was fetched; nothing to resume yet", err=True)
         sys.exit(130)
-    c = res.counts
     if as_json:
-        _echo_json({"out": str(res.out), "catalog": res.n, "catalog_source": res.catalog_source, "counts": c,
-                    "flagged_mostly_black": res.flagged_black, "stopped_by_interrupt": res.interrupted,
-                    "seconds": round(res.seconds, 2), "notes": res.notes,
-                    "report": str(res.out / "download-report.csv")})
+        _echo_json(res.summary())
     else:
-        for note in res.notes:
-            click.echo(f"note: {note}")
-        click.echo(f"catalog: {res.n} galaxies from {res.catalog_source} -> {res.out / 'data' / 'master.csv'}")
-        click.echo("cutouts: " + ", ".join(f"{c[s]} {s}" for s in c if c[s] or s in ("ok", "failed"))
-                   + f" = {sum(c.values())} of {res.n}"
-                   + (f"; {res.flagged_black} flagged mostly-black" if res.flagged_black else ""))
-        click.echo(f"report: {res.out / 'download-report.csv'} ({res.seconds:.1f}s, {res.fetched_per_s:.1f} cutouts/s)")
-        if c["failed"] or c["invalid-image"] or c["interrupted"]:
-            click.echo("re-run the same command to retry what is missing; finished images are kept")
+        click.echo(res.format())
     if res.interrupted:
         sys.exit(130)
 

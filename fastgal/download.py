@@ -293,6 +293,25 @@ class DownloadResult:
         fetched = self.counts.get("ok", 0) + self.counts.get("not-found", 0)
         return fetched / max(self.seconds, 1e-9)
 
+    def summary(self) -> dict:
+        """`fastgal download --json`."""
+        return {"out": str(self.out), "catalog": self.n, "catalog_source": self.catalog_source, "counts": self.counts,
+                "flagged_mostly_black": self.flagged_black, "stopped_by_interrupt": self.interrupted,
+                "seconds": round(self.seconds, 2), "notes": self.notes, "report": str(self.out / "download-report.csv")}
+
+    def format(self) -> str:
+        """`fastgal download`'s human summary."""
+        c = self.counts
+        lines = [f"note: {note}" for note in self.notes]
+        lines.append(f"catalog: {self.n} galaxies from {self.catalog_source} -> {self.out / 'data' / 'master.csv'}")
+        lines.append("cutouts: " + ", ".join(f"{c[s]} {s}" for s in c if c[s] or s in ("ok", "failed"))
+                     + f" = {sum(c.values())} of {self.n}"
+                     + (f"; {self.flagged_black} flagged mostly-black" if self.flagged_black else ""))
+        lines.append(f"report: {self.out / 'download-report.csv'} ({self.seconds:.1f}s, {self.fetched_per_s:.1f} cutouts/s)")
+        if c["failed"] or c["invalid-image"] or c["interrupted"]:
+            lines.append("re-run the same command to retry what is missing; finished images are kept")
+        return "\n".join(lines)
+
 
 def _earlier_not_found(report: Path) -> set[str]:
     """objIDs an earlier run found outside the footprint (a permanent 404): not asked again."""

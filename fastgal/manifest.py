@@ -197,6 +197,30 @@ def verify(folder) -> dict:
     return {"ok": not problems, "problems": problems, "samples": counts, "bytes": total_bytes, "manifest": m}
 
 
+def info_summary(out, res: dict) -> dict:
+    """`fastgal info --json`: the check (verify's result) and the manifest's summary."""
+    m = res["manifest"]
+    return {"out": str(out), "ok": res["ok"], "problems": res["problems"], "counts": m["counts"],
+            "rejects_by_reason": m["rejects_by_reason"], "targets": m["target_stats"], "image": m["image"],
+            "pixel_stats": m["pixel_stats"], "split": m["split"], "shards": {s: len(v) for s, v in m["shards"].items()},
+            "bytes": res["bytes"], "source": m["source"], "fastgal_version": m["fastgal_version"]}
+
+
+def format_info(out, res: dict) -> str:
+    """`fastgal info`'s human summary."""
+    m, c, ps = res["manifest"], res["manifest"]["counts"], res["manifest"]["pixel_stats"]
+    lines = [f"{out}: {m['format']} v{m['format_version']} from {m['source']['catalog']}",
+             f"  rows {c['catalog_rows']} = train {c['train']} + valid {c['valid']} + rejected {c['rejected']}"
+             f"  ({', '.join(f'{k} {v}' for k, v in m['rejects_by_reason'].items()) or 'no rejects'})",
+             f"  shards: {', '.join(f'{s} {len(v)}' for s, v in m['shards'].items())}, {res['bytes'] / 1e6:,.1f} MB"]
+    lines += [f"  {t}: mean {st['mean']:.4f} std {st['std']:.4f} range [{st['min']:.3f}, {st['max']:.3f}] (train)"
+              for t, st in m["target_stats"].items()]
+    lines += [f"  images {m['image']['size']} precrop {m['image']['precrop']}; centre {ps['region']} px mean "
+              f"{[round(x, 2) for x in ps['mean']]} std {[round(x, 2) for x in ps['std']]}",
+              "  verified: sha256s, indexes and counts match" if res["ok"] else f"  {len(res['problems'])} problem(s)"]
+    return "\n".join(lines)
+
+
 def _count_problems(folder: Path, c: dict, counts: dict) -> list[str]:
     """The samples found and rejects.csv against the manifest's counts."""
     problems = []
