@@ -14,6 +14,8 @@ Three sections, each over the same shards, batch size and geometry:
   e2e      a short fit (a set number of batches, validation skipped) of the real Learner with each loader;
            images/s, the ratio to the peer, and data_bound_fraction = e2e images/s / model images/s
            (1.0: the data path keeps up with the model; 0.3: the model waits 70% of the time).
+  shuffle  --epochs full epochs of each training loader's sample order: epoch-to-epoch rank correlation,
+           co-batch recurrence vs chance, time to the first batch, DDP ranks' sets (bench_shuffle.py).
 
 Every figure is best of --repeats timed windows of --batches batches, each window after --warmup
 batches that are not timed (worker start-up, DALI pipeline build, cudnn autotune). Machines are noisy,
@@ -37,7 +39,7 @@ import torch
 from .config import BenchConfig, to_jsonable
 from .loaders import fork_safe
 
-SECTIONS = ("loaders", "model", "e2e")
+SECTIONS = ("loaders", "model", "e2e", "shuffle")
 PEER = "fastai"  # the baseline name in the JSON and the table
 
 
@@ -48,7 +50,7 @@ def parse_what(what: str) -> list[str]:
         return list(SECTIONS)
     bad = sorted(parts - set(SECTIONS))
     if bad:
-        raise ValueError(f"--what {bad[0]!r} is not a section; use loaders, model, e2e or all (comma-separated)")
+        raise ValueError(f"--what {bad[0]!r} is not a section; use loaders, model, e2e, shuffle or all (comma-separated)")
     return [s for s in SECTIONS if s in parts]
 
 
@@ -336,6 +338,9 @@ def bench(cfg: BenchConfig) -> dict:
         out["loaders"] = {"baseline": base, "results": res, "ratio_vs_baseline": _ratios(res, base),
                           "skipped": dict(skipped)}
 
+    if "shuffle" in what:
+        out["shuffle"] = _shuffle(cfg, shards, manifest, crop, device, threads, log)
+
     if "model" in what or "e2e" in what:
         from fastai.callback.progress import CSVLogger
         from fastai.data.core import DataLoaders
@@ -368,6 +373,25 @@ def bench(cfg: BenchConfig) -> dict:
                               "data_bound_fraction": {k: round(v["images_per_s"] / m, 4) for k, v in res.items()},
                               "skipped": dict(skipped)}
     return out
+
+
+def _shuffle(cfg: BenchConfig, shards: Path, manifest: dict, crop: int, device, threads: int, log) -> dict:
+    """The shuffle section over the training loaders `fastgal train` builds, in measurement mode."""
+    from .bench_shuffle import STREAM_VARIANTS, shuffle_section
+    from .loaders import dali_available, make_dls
+
+    if cfg.epochs < 2 or cfg.ranks < 1:
+        raise ValueError("--epochs must be >= 2 (the shuffle section compares consecutive epochs) and --ranks >= 1")
+
+    def make(backend, shard_id, num_shards, **spec):
+        dls = make_dls(shards, bs=cfg.bs, size=cfg.size, crop=crop, device=device, backend=backend, num_threads=threads,
+                       seed=cfg.seed, shard_id=shard_id, num_shards=num_shards, manifest=manifest)
+        return dls.train.new(with_pos=True, **spec)
+
+    names = (["dali", *STREAM_VARIANTS] if dali_available() else []) + ["torch"]
+    res = shuffle_section(make, names, manifest["counts"]["train"], cfg.epochs, cfg.ranks, log)
+    res["skipped"] = {} if dali_available() else {"dali": "NVIDIA DALI is not importable here"}
+    return res
 
 
 def _machine(device: torch.device) -> dict:
@@ -424,4 +448,21 @@ def format_table(res: dict) -> str:
         e = res["e2e"]
         block(f"e2e: Learner.fit ({res['config']['arch']}) with each loader; fraction = e2e / model images/s",
               e, ("data-bound fraction", e["data_bound_fraction"]))
+    if "shuffle" in res:
+        lines += _shuffle_table(res["shuffle"])
     return "\n".join(lines)
+
+
+def _shuffle_table(sh: dict) -> list[str]:
+    lines = ["", f"shuffle: {sh['epochs']} epochs, {sh['ranks']} rank(s); per consecutive epochs: Spearman of places, "
+                 "co-batch recurrence x chance (uniform: 0 and 1)",
+             f"  {'loader':<27}{'Spearman':>10}{'co-batch':>10}{'1st batch s':>13}{'images/s':>10}"]
+    for name, r in sh["results"].items():
+        lines.append(f"  {name:<27}{max(r['spearman'], key=abs):>10.4f}{max(r['cobatch_ratio']):>10.2f}"
+                     f"{r['time_to_first_batch_s'][0]:>13.3f}{min(r['images_per_s']):>10,.0f}")
+        if "rank_set_new_fraction" in r:
+            lines.append(f"  {'':<27}ranks: steps {r['steps_per_rank']}, on several ranks "
+                         f"{r['samples_on_several_ranks']}, new per epoch {r['rank_set_new_fraction']}")
+    for name, why in sh.get("skipped", {}).items():
+        lines.append(f"  {name:<27}skipped ({why})")
+    return lines
