@@ -342,7 +342,6 @@ def bench(cfg: BenchConfig) -> dict:
         out["shuffle"] = _shuffle(cfg, shards, manifest, crop, device, threads, log)
 
     if "model" in what or "e2e" in what:
-        from fastai.callback.progress import CSVLogger
         from fastai.data.core import DataLoaders
 
         with tempfile.TemporaryDirectory(prefix="fastgal-bench-") as tmp:
@@ -350,7 +349,6 @@ def bench(cfg: BenchConfig) -> dict:
                 learn = make_learner(dls, arch=cfg.arch, targets=targets, target_mean=tmean, target_std=tstd,
                                      path=Path(tmp), precision=precision, channels_last=device.type == "cuda",
                                      quiet=True)
-                learn.remove_cb(CSVLogger)  # no history file from a timing run
                 learn.metrics = []  # validation is skipped anyway
                 return learn
 

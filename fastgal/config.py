@@ -123,6 +123,7 @@ class TrainConfig:
     workers: int = opt(0, "Loader threads; 0 = all cores.")
     channels_last: bool = opt(True, "on a GPU", cli=False)
     overwrite: bool = opt(False, "Replace an earlier run in --out.")
+    resume: bool = opt(False, "Continue the interrupted run in --out from its last finished epoch (same settings).")
     quiet: bool = opt(False, QUIET, short="-q")
 
 
