@@ -455,8 +455,12 @@ def _shuffle_table(sh: dict) -> list[str]:
     lines = ["", f"shuffle: {sh['epochs']} epochs, {sh['ranks']} rank(s); per consecutive epochs: Spearman of places, "
                  "co-batch recurrence x chance (uniform: 0 and 1)",
              f"  {'loader':<27}{'Spearman':>10}{'co-batch':>10}{'1st batch s':>13}{'images/s':>10}"]
+    def worst(vals, key=None):  # None: no sample read in two consecutive epochs by the same rank
+        vals = [v for v in vals if v is not None]
+        return max(vals, key=key) if vals else float("nan")
+
     for name, r in sh["results"].items():
-        lines.append(f"  {name:<27}{max(r['spearman'], key=abs):>10.4f}{max(r['cobatch_ratio']):>10.2f}"
+        lines.append(f"  {name:<27}{worst(r['spearman'], abs):>10.4f}{worst(r['cobatch_ratio']):>10.2f}"
                      f"{r['time_to_first_batch_s'][0]:>13.3f}{min(r['images_per_s']):>10,.0f}")
         if "rank_set_new_fraction" in r:
             lines.append(f"  {'':<27}ranks: steps {r['steps_per_rank']}, on several ranks "

@@ -70,6 +70,8 @@ def cobatch_ratio(a: list[np.ndarray], b: list[np.ndarray]) -> float:
     (M - 1) / (bs - 1) for M samples in full batches."""
     _, _, la, lb = _common(a, b)
     m = len(la)
+    if m < 2:  # no samples in common (a DDP rank's stream reader moved on to another part)
+        return float("nan")
     together_a, chance = _pairs(la), _pairs(lb) / (m * (m - 1.0))
     if together_a == 0 or chance == 0:
         return float("nan")
@@ -102,9 +104,10 @@ def measure(loaders: list, n: int, epochs: int) -> dict:
         "steps_per_rank": [[len(s[e]) for s in seqs] for e in range(epochs)],
         "spearman": [], "cobatch_ratio": [],
     }
-    for e in range(epochs - 1):
-        res["spearman"].append(round(float(np.mean([spearman(s[e], s[e + 1]) for s in seqs])), 4))
-        res["cobatch_ratio"].append(round(float(np.mean([cobatch_ratio(s[e], s[e + 1]) for s in seqs])), 4))
+    for e in range(epochs - 1):  # mean over the ranks; None where no rank read a sample twice
+        for key, f in (("spearman", spearman), ("cobatch_ratio", cobatch_ratio)):
+            vals = [v for v in (f(s[e], s[e + 1]) for s in seqs) if not np.isnan(v)]
+            res[key].append(round(float(np.mean(vals)), 4) if vals else None)
     if len(loaders) > 1:
         sets = [[np.concatenate(s[e]) for s in seqs] for e in range(epochs)]  # epoch -> rank -> samples
         res["samples_on_several_ranks"] = [int(sum(map(len, r)) - len(np.unique(np.concatenate(r)))) for r in sets]
