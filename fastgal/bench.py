@@ -339,7 +339,9 @@ def bench(cfg: BenchConfig) -> dict:
                           "skipped": dict(skipped)}
 
     if "shuffle" in what:
-        out["shuffle"] = _shuffle(cfg, shards, manifest, crop, device, threads, log)
+        from .bench_shuffle import shuffle_bench
+
+        out["shuffle"] = shuffle_bench(cfg, shards, manifest, crop, device, threads, log)
 
     if "model" in what or "e2e" in what:
         from fastai.data.core import DataLoaders
@@ -371,25 +373,6 @@ def bench(cfg: BenchConfig) -> dict:
                               "data_bound_fraction": {k: round(v["images_per_s"] / m, 4) for k, v in res.items()},
                               "skipped": dict(skipped)}
     return out
-
-
-def _shuffle(cfg: BenchConfig, shards: Path, manifest: dict, crop: int, device, threads: int, log) -> dict:
-    """The shuffle section over the training loaders `fastgal train` builds, in measurement mode."""
-    from .bench_shuffle import STREAM_VARIANTS, shuffle_section
-    from .loaders import dali_available, make_dls
-
-    if cfg.epochs < 2 or cfg.ranks < 1:
-        raise ValueError("--epochs must be >= 2 (the shuffle section compares consecutive epochs) and --ranks >= 1")
-
-    def make(backend, shard_id, num_shards, **spec):
-        dls = make_dls(shards, bs=cfg.bs, size=cfg.size, crop=crop, device=device, backend=backend, num_threads=threads,
-                       seed=cfg.seed, shard_id=shard_id, num_shards=num_shards, manifest=manifest)
-        return dls.train.new(with_pos=True, **spec)
-
-    names = (["dali", *STREAM_VARIANTS] if dali_available() else []) + ["torch"]
-    res = shuffle_section(make, names, manifest["counts"]["train"], cfg.epochs, cfg.ranks, log)
-    res["skipped"] = {} if dali_available() else {"dali": "NVIDIA DALI is not importable here"}
-    return res
 
 
 def _machine(device: torch.device) -> dict:
@@ -447,24 +430,7 @@ def format_table(res: dict) -> str:
         block(f"e2e: Learner.fit ({res['config']['arch']}) with each loader; fraction = e2e / model images/s",
               e, ("data-bound fraction", e["data_bound_fraction"]))
     if "shuffle" in res:
-        lines += _shuffle_table(res["shuffle"])
+        from .bench_shuffle import shuffle_table
+
+        lines += shuffle_table(res["shuffle"])
     return "\n".join(lines)
-
-
-def _shuffle_table(sh: dict) -> list[str]:
-    lines = ["", f"shuffle: {sh['epochs']} epochs, {sh['ranks']} rank(s); per consecutive epochs: Spearman of places, "
-                 "co-batch recurrence x chance (uniform: 0 and 1)",
-             f"  {'loader':<27}{'Spearman':>10}{'co-batch':>10}{'1st batch s':>13}{'images/s':>10}"]
-    def worst(vals, key=None):  # None: no sample read in two consecutive epochs by the same rank
-        vals = [v for v in vals if v is not None]
-        return max(vals, key=key) if vals else float("nan")
-
-    for name, r in sh["results"].items():
-        lines.append(f"  {name:<27}{worst(r['spearman'], abs):>10.4f}{worst(r['cobatch_ratio']):>10.2f}"
-                     f"{r['time_to_first_batch_s'][0]:>13.3f}{min(r['images_per_s']):>10,.0f}")
-        if "rank_set_new_fraction" in r:
-            lines.append(f"  {'':<27}ranks: steps {r['steps_per_rank']}, on several ranks "
-                         f"{r['samples_on_several_ranks']}, new per epoch {r['rank_set_new_fraction']}")
-    for name, why in sh.get("skipped", {}).items():
-        lines.append(f"  {name:<27}skipped ({why})")
-    return lines

@@ -132,3 +132,42 @@ def shuffle_section(make, backends: list[str], n: int, epochs: int, ranks: int, 
             r = results[name]
             log(f"  shuffle {name}: spearman {r['spearman']}, co-batch x chance {r['cobatch_ratio']}")
     return {"epochs": epochs, "ranks": ranks, "n_train": n, "results": results}
+
+
+def shuffle_bench(cfg, shards: Path, manifest: dict, crop: int, device, threads: int, log) -> dict:
+    """The shuffle section over the training loaders `fastgal train` builds, in measurement mode."""
+    from .loaders import dali_available, make_dls
+
+    if cfg.epochs < 2 or cfg.ranks < 1:
+        raise ValueError("--epochs must be >= 2 (the shuffle section compares consecutive epochs) and --ranks >= 1")
+
+    def make(backend, shard_id, num_shards, **spec):
+        dls = make_dls(shards, bs=cfg.bs, size=cfg.size, crop=crop, device=device, backend=backend, num_threads=threads,
+                       seed=cfg.seed, shard_id=shard_id, num_shards=num_shards, manifest=manifest)
+        return dls.train.new(with_pos=True, **spec)
+
+    names = (["dali", *STREAM_VARIANTS] if dali_available() else []) + ["torch"]
+    res = shuffle_section(make, names, manifest["counts"]["train"], cfg.epochs, cfg.ranks, log)
+    res["skipped"] = {} if dali_available() else {"dali": "NVIDIA DALI is not importable here"}
+    return res
+
+
+def shuffle_table(sh: dict) -> list[str]:
+    """The section's lines in `fastgal bench`'s human summary."""
+    lines = ["", f"shuffle: {sh['epochs']} epochs, {sh['ranks']} rank(s); per consecutive epochs: Spearman of places, "
+                 "co-batch recurrence x chance (uniform: 0 and 1)",
+             f"  {'loader':<27}{'Spearman':>10}{'co-batch':>10}{'1st batch s':>13}{'images/s':>10}"]
+
+    def worst(vals, key=None):  # None: no sample read in two consecutive epochs by the same rank
+        vals = [v for v in vals if v is not None]
+        return max(vals, key=key) if vals else float("nan")
+
+    for name, r in sh["results"].items():
+        lines.append(f"  {name:<27}{worst(r['spearman'], abs):>10.4f}{worst(r['cobatch_ratio']):>10.2f}"
+                     f"{r['time_to_first_batch_s'][0]:>13.3f}{min(r['images_per_s']):>10,.0f}")
+        if "rank_set_new_fraction" in r:
+            lines.append(f"  {'':<27}ranks: steps {r['steps_per_rank']}, on several ranks "
+                         f"{r['samples_on_several_ranks']}, new per epoch {r['rank_set_new_fraction']}")
+    for name, why in sh.get("skipped", {}).items():
+        lines.append(f"  {name:<27}skipped ({why})")
+    return lines

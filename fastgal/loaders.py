@@ -45,7 +45,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from .pipeline import READER, PipeSpec
 from .config import RECIPE
 from .order import EpochPlan, EpochSource, ShardIndex
-from .shards import index_keys, load_manifest, shard_files, training_crop
+from .shards import INDEX_VERSION, index_keys, load_manifest, shard_files, training_crop
 from .util import default_workers
 
 
@@ -358,6 +358,9 @@ def loader_for(
     img_side = min(manifest["image"]["size"])
     if size > region or region > img_side:
         raise ValueError(f"crop sizes do not fit: image {img_side}px, region {region}px, model input {size}px")
+    if manifest.get("index_format", INDEX_VERSION) != INDEX_VERSION:  # absent: shards from before it was recorded
+        raise ValueError(f"{shards}: index files of format {manifest['index_format']!r}, this fastgal reads "
+                         f"{INDEX_VERSION}; re-shard with `fastgal shard ... --overwrite`")
     tars, idxs = shard_files(shards, manifest, split)
     ps = manifest["pixel_stats"]
     order_seed = seed  # the same on every rank: they share one permutation out

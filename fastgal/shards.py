@@ -436,6 +436,8 @@ def shard(cfg: ShardConfig) -> ShardResult:
                        "rejected": len(rejects)},
             "rejects_by_reason": dict(sorted(Counter(r for r, _ in rejects.values()).items())),
             "shards": entries,
+            # the training reader seeks every sample through the .idx files (fastgal.order): their format
+            "index_format": INDEX_VERSION,
             "image": {"size": list(size), "precrop": cfg.precrop, "channels": 3},
             "pixel_stats": {"region": region, "mean": mean, "std": std},
         }
