@@ -44,7 +44,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from .pipeline import READER, PipeSpec
 from .config import RECIPE
-from .order import EpochPlan, EpochSource, ShardIndex
+from .order import EpochBatches, EpochPlan, EpochSource, ShardIndex
 from .shards import INDEX_VERSION, index_keys, load_manifest, shard_files, training_crop
 from .util import default_workers
 
@@ -240,23 +240,6 @@ class _ShardSamples(torch.utils.data.Dataset):
         y = torch.from_numpy(self.index.targets(i).copy())
         out = (transform(img, self.spec, draw or None), y)
         return out + (i,) if self.spec.with_pos else out
-
-
-class EpochBatches(torch.utils.data.Sampler):
-    """The torch fallback's batch sampler: EpochPlan's batches for the loader's epoch, each key carrying
-    its sample's draws, so workers need no random state of their own."""
-
-    def __init__(self, loader: "TorchLoader"):
-        self.loader = loader
-
-    def __len__(self):
-        return len(self.loader)
-
-    def __iter__(self):
-        plan, epoch = self.loader.plan, self.loader.epoch
-        d = plan.draws(epoch)
-        for pos in plan.batches(epoch):
-            yield [(int(i), float(d.angle[i]), float(d.pos_x[i]), float(d.pos_y[i]), int(d.mirror[i])) for i in pos]
 
 
 @lru_cache(maxsize=8)

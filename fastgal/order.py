@@ -26,6 +26,7 @@ import mmap
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from .shards import read_index
 
@@ -127,3 +128,20 @@ class EpochSource:
             jpegs, y = self.index.batch(pos)
             out = (jpegs, y, d.angle[pos], d.pos_x[pos], d.pos_y[pos], d.mirror[pos])
             yield out + ((pos.astype(np.int64),) if self.with_pos else ())
+
+
+class EpochBatches(torch.utils.data.Sampler):
+    """The torch fallback's batch sampler: EpochPlan's batches for the loader's epoch, each key carrying
+    its sample's draws, so workers need no random state of their own."""
+
+    def __init__(self, loader):  # a loaders.TorchLoader: its plan and epoch at the time of iter()
+        self.loader = loader
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        plan, epoch = self.loader.plan, self.loader.epoch
+        d = plan.draws(epoch)
+        for pos in plan.batches(epoch):
+            yield [(int(i), float(d.angle[i]), float(d.pos_x[i]), float(d.pos_y[i]), int(d.mirror[i])) for i in pos]

@@ -80,8 +80,9 @@ def define(spec: PipeSpec, source=None):
     gpu = spec.device == "gpu"
     train = spec.kind == "train"
     if train and spec.reader == "index":
+        # a graph declared only to be inspected still needs a source: an empty one stands in
         jpg, y, angle, pos_x, pos_y, mirror, *pos = fn.external_source(
-            source=source, num_outputs=6 + spec.with_pos, batch=True,
+            source=() if source is None else source, num_outputs=6 + spec.with_pos, batch=True,
             dtype=[dtypes.UINT8, dtypes.FLOAT, dtypes.FLOAT, dtypes.FLOAT, dtypes.FLOAT, dtypes.INT32]
             + [dtypes.INT64] * spec.with_pos)
     elif spec.reader in ("index", "stream"):
