@@ -14,6 +14,8 @@ Three sections, each over the same shards, batch size and geometry:
   e2e      a short fit (a set number of batches, validation skipped) of the real Learner with each loader;
            images/s, the ratio to the peer, and data_bound_fraction = e2e images/s / model images/s
            (1.0: the data path keeps up with the model; 0.3: the model waits 70% of the time).
+  shuffle  --epochs full epochs of each training loader's sample order: epoch-to-epoch rank correlation,
+           co-batch recurrence vs chance, time to the first batch, DDP ranks' sets (bench_shuffle.py).
 
 Every figure is best of --repeats timed windows of --batches batches, each window after --warmup
 batches that are not timed (worker start-up, DALI pipeline build, cudnn autotune). Machines are noisy,
@@ -37,7 +39,7 @@ import torch
 from .config import BenchConfig, to_jsonable
 from .loaders import fork_safe
 
-SECTIONS = ("loaders", "model", "e2e")
+SECTIONS = ("loaders", "model", "e2e", "shuffle")
 PEER = "fastai"  # the baseline name in the JSON and the table
 
 
@@ -48,7 +50,7 @@ def parse_what(what: str) -> list[str]:
         return list(SECTIONS)
     bad = sorted(parts - set(SECTIONS))
     if bad:
-        raise ValueError(f"--what {bad[0]!r} is not a section; use loaders, model, e2e or all (comma-separated)")
+        raise ValueError(f"--what {bad[0]!r} is not a section; use loaders, model, e2e, shuffle or all (comma-separated)")
     return [s for s in SECTIONS if s in parts]
 
 
@@ -336,8 +338,12 @@ def bench(cfg: BenchConfig) -> dict:
         out["loaders"] = {"baseline": base, "results": res, "ratio_vs_baseline": _ratios(res, base),
                           "skipped": dict(skipped)}
 
+    if "shuffle" in what:
+        from .bench_shuffle import shuffle_bench
+
+        out["shuffle"] = shuffle_bench(cfg, shards, manifest, crop, device, threads, log)
+
     if "model" in what or "e2e" in what:
-        from fastai.callback.progress import CSVLogger
         from fastai.data.core import DataLoaders
 
         with tempfile.TemporaryDirectory(prefix="fastgal-bench-") as tmp:
@@ -345,7 +351,6 @@ def bench(cfg: BenchConfig) -> dict:
                 learn = make_learner(dls, arch=cfg.arch, targets=targets, target_mean=tmean, target_std=tstd,
                                      path=Path(tmp), precision=precision, channels_last=device.type == "cuda",
                                      quiet=True)
-                learn.remove_cb(CSVLogger)  # no history file from a timing run
                 learn.metrics = []  # validation is skipped anyway
                 return learn
 
@@ -424,4 +429,8 @@ def format_table(res: dict) -> str:
         e = res["e2e"]
         block(f"e2e: Learner.fit ({res['config']['arch']}) with each loader; fraction = e2e / model images/s",
               e, ("data-bound fraction", e["data_bound_fraction"]))
+    if "shuffle" in res:
+        from .bench_shuffle import shuffle_table
+
+        lines += shuffle_table(res["shuffle"])
     return "\n".join(lines)

@@ -125,6 +125,7 @@ class TrainConfig:
     workers: int = opt(0, "Loader threads; 0 = all cores.")
     channels_last: bool = opt(True, "on a GPU", cli=False)
     overwrite: bool = opt(False, "Replace an earlier run in --out.")
+    resume: bool = opt(False, "Continue the interrupted run in --out from its last finished epoch (same settings).")
     quiet: bool = opt(False, QUIET, short="-q")
 
 
@@ -200,7 +201,7 @@ class BenchConfig:
     """`fastgal bench`: loaders / model / end-to-end training speed, as ratios to fastai's PIL pipeline."""
 
     shards: Path = opt(Path("shards/synth"), argument=True)
-    what: str = opt("all", "Sections, comma-separated: loaders, model, e2e (e2e also runs model), all.")
+    what: str = opt("all", "Sections, comma-separated: loaders, model, e2e (e2e also runs model), shuffle, all.")
     batches: int = opt(20, "Timed batches per window.")
     warmup: int = opt(2, "Untimed batches before each window (worker start, pipeline build, autotune).")
     repeats: int = opt(3, "Windows per backend; the best is reported.")
@@ -210,6 +211,8 @@ class BenchConfig:
     arch: str = opt(RECIPE.arch, "Model for the model and e2e sections.")
     device: str = opt("auto", choices=DEVICES)
     workers: int = opt(0, "Loader threads/processes for every backend; 0 = all cores.")
+    epochs: int = opt(2, "Full epochs the shuffle section reads per loader (>= 2).")
+    ranks: int = opt(1, "Shuffle section: DDP ranks to simulate (loaders with shard_id 0..K-1).")
     images: Path | None = opt(None, "JPEG folder for the fastai peer [default: the manifest's source.images].")
     catalog: Path | None = opt(None, "Catalog CSV for the fastai peer [default: the manifest's source.catalog].")
     seed: int = opt(42)

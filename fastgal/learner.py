@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from fastai.callback.core import Callback
 from fastai.callback.fp16 import MixedPrecision
-from fastai.callback.progress import CSVLogger, ProgressCallback
+from fastai.callback.progress import ProgressCallback
 from fastai.callback.schedule import *  # noqa: F401,F403  (patches fit_one_cycle, lr_find onto Learner)
 from fastai.callback.tracker import SaveModelCallback, TrackerCallback
 from fastai.learner import Learner
@@ -162,15 +162,12 @@ class StderrProgress(Callback):
 
 
 def make_learner(dls, *, arch: str, targets: list[str], target_mean, target_std, path, precision: str = "fp32",
-                 channels_last: bool = False, quiet: bool = False, history: str = "history_raw.csv",
-                 writer: bool = True) -> Learner:
-    """The seed's Learner with fastgal's callbacks (CSV log, best-epoch weights, progress, AMP).
-
-    writer=False (DDP ranks other than 0) leaves out the callbacks that write files.
-    """
+                 channels_last: bool = False, quiet: bool = False) -> Learner:
+    """The seed's Learner with fastgal's callbacks (epoch timings, progress, AMP). It writes no files:
+    train adds the best-epoch weights and the epoch checkpoint (which holds the history rows)."""
     model = make_model(arch, len(targets), target_mean, target_std)
     # fastai exposes each callback by name: learn.epoch_stats, learn.stderr_progress, ...
-    cbs = [EpochStats(), StderrProgress(quiet)] + ([CSVLogger(fname=history)] if writer else [])
+    cbs = [EpochStats(), StderrProgress(quiet)]
     learn = Learner(
         dls, model, loss_func=rmse_loss, opt_func=ranger, metrics=target_metrics(targets), path=path,
         model_dir=".", cbs=cbs,
@@ -215,17 +212,133 @@ class DDP(Callback):
 
 
 class BestEpoch(SaveModelCallback):
-    """SaveModelCallback without its print to stdout (stdout carries results only)."""
+    """SaveModelCallback without its print to stdout (stdout carries results only), writing atomically,
+    and passing over the epochs a resumed fit skips (EpochCheckpoint restores `best` for them)."""
+
+    def before_epoch(self):
+        self.skipped = False
+
+    def after_cancel_epoch(self):  # fit(start_epoch=k) cancels the epochs before k
+        self.skipped = True
 
     def after_epoch(self):
+        if self.skipped:
+            return
         TrackerCallback.after_epoch(self)  # sets self.new_best
         if self.new_best:
             self._save(self.fname)
+
+    def _save(self, name):
+        from fastai.learner import save_model
+
+        from .util import atomic_path
+
+        with atomic_path(self.path / self.model_dir / f"{name}.pth") as tmp:
+            save_model(tmp, self.model, None, with_opt=False)
 
 
 def best_epoch_callback(monitor: str) -> SaveModelCallback:
     """Keep the weights of the epoch with the lowest validation RMSE and reload them after fit."""
     return BestEpoch(monitor=monitor, comp=np.less, fname="best", with_opt=False)  # lower RMSE is better
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
+class EpochSeed(Callback):
+    """Every epoch's randomness from (seed, epoch): the training loader reads epoch `epoch`'s order and
+    augmentation draws (set_epoch), and torch's global generator (anything in the model that draws) is
+    re-seeded, so an epoch is the same whether the run got there in one go or was resumed."""
+
+    order = 5  # before fastai's SkipToEpoch (70) cancels a skipped epoch: harmless there, needed after it
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def before_epoch(self):
+        self.dls.train.set_epoch(self.epoch)
+        torch.manual_seed(epoch_seed(self.seed, self.epoch))
+
+
+class EpochCheckpoint(Callback):
+    """After every trained epoch, the run so far in one file, written atomically: the weights, the optimizer
+    state (fastai's Optimizer.state_dict: ranger's moments, Lookahead's slow weights and step count), the
+    fp16 GradScaler, the epoch, and what the epochs logged (history rows, per-batch losses, the smoothed
+    loss, the best value so far). The one-cycle schedule needs no state of its own: fastai computes the
+    lr and momentum of every batch from the position in the fit (epoch / n_epoch + batch / n_iter).
+
+    resume: such a checkpoint, read back, for fit_one_cycle(..., start_epoch=its epoch + 1). fastai's
+    SkipToEpoch cancels the epochs before that; this callback restores the model, the optimizer and
+    what those epochs had logged. `meta` is saved with every checkpoint (settings, lr_find's result).
+    """
+
+    order = 65  # after the Recorder (50), BestEpoch and EpochStats (60) have finished with an epoch
+
+    def __init__(self, path, tracker: TrackerCallback, meta: dict, resume: dict | None = None, writer: bool = True):
+        self.file, self.tracker, self.meta, self.resume, self.writer = path, tracker, meta, resume, writer
+        self.rows: list[dict] = []
+
+    def before_fit(self):
+        self.active = not (hasattr(self.learn, "lr_finder") or hasattr(self.learn, "gather_preds"))
+        if not self.active:
+            return
+        self.rows = []
+        st = self.resume
+        if st is None:
+            return
+        from fastai.torch_core import get_model
+
+        get_model(self.model).load_state_dict(st["model"])
+        self.opt.load_state_dict(st["opt"])
+        scaler = getattr(self.learn, "scaler", None)
+        if scaler is not None and st["scaler"] is not None:
+            scaler.load_state_dict(st["scaler"])
+        rec = self.recorder
+        rec.losses, rec.lrs, rec.iters = list(map(torch.tensor, st["losses"])), list(st["lrs"]), list(st["iters"])
+        rec.smooth_loss.count, rec.smooth_loss.val = st["smooth_loss"]
+        self.tracker.best = st["best"]
+        self.rows = list(st["rows"])
+
+    def before_epoch(self):
+        self.trained = False
+
+    def before_train(self):
+        self.trained = True
+
+    def after_epoch(self):
+        if not (self.active and self.trained):  # a skipped epoch (resume) or lr_find's
+            return
+        rec = self.recorder
+        row = {k: v for k, v in zip(rec.metric_names, rec.log) if k != "time"}
+        stats = self.learn.epoch_stats.rows[-1]
+        self.rows.append({**row, "seconds": stats["seconds"], "images_per_s": stats["images_per_s"]})
+        if self.writer:
+            self._save()
+
+    def _save(self):
+        from fastai.torch_core import get_model
+
+        from .util import atomic_path
+
+        scaler = getattr(self.learn, "scaler", None)
+        rec = self.recorder
+        state = {**self.meta, "epoch": self.epoch, "rows": self.rows,
+                 "model": get_model(self.model).state_dict(), "opt": self.opt.state_dict(),
+                 "scaler": scaler.state_dict() if scaler is not None else None,
+                 "losses": [float(v) for v in rec.losses], "lrs": list(rec.lrs), "iters": list(rec.iters),
+                 "smooth_loss": (rec.smooth_loss.count, rec.smooth_loss.val), "best": float(self.tracker.best)}
+        with atomic_path(self.file) as tmp:
+            torch.save(state, tmp)
+
+
+def read_checkpoint(path, device) -> dict | None:
+    """An EpochCheckpoint's content (tensors on `device`), or None where there is none yet."""
+    from pathlib import Path
+
+    if not Path(path).is_file():
+        return None
+    return torch.load(path, map_location=device, weights_only=False)  # our own file: optimizer state holds fastai Ls
 
 
 # --------------------------------------------------------------------------- model.pt

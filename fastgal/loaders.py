@@ -9,6 +9,13 @@ Learner reads, `(x, y)` on the learner's device, and exposes what fastai asks of
 `len()` (= batches actually yielded per epoch, which the one-cycle schedule relies on), `bs`, `n`,
 `device`/`to()`, `one_batch()`, `new()` (get_preds), `n_inp`, plus `show_batch()`.
 
+Training epochs (both backends): an exact permutation per epoch from (seed, epoch), shared out to DDP
+ranks like DistributedSampler, with per-sample augmentation draws from (seed + rank, epoch)
+(fastgal.order). The loader reads epoch 0, 1, 2, ... on successive complete passes; `set_epoch(e)`
+pins the next one (train sets it from fastai's epoch, so a resumed run reads what it would have).
+Validation and TTA read in file order. `new(with_pos=True)` (measurement mode, bench --what shuffle)
+yields `(x, y, positions)`, positions being the samples' places in the split's file order.
+
 Backends, chosen by `backend`:
   "dali"  - fastgal.pipeline graphs through DALI's PyTorch iterator (CPU or GPU placement).
   "torch" - a fallback for machines without DALI (e.g. macOS): the same shards read by random access
@@ -24,7 +31,6 @@ from __future__ import annotations
 import gc
 import math
 import os
-import random
 from contextlib import contextmanager
 from dataclasses import replace
 from functools import lru_cache
@@ -38,7 +44,8 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from .pipeline import READER, PipeSpec
 from .config import RECIPE
-from .manifest import load_manifest, read_index, shard_files, training_crop
+from .manifest import INDEX_VERSION, index_keys, load_manifest, shard_files, training_crop
+from .order import EpochBatches, EpochPlan, EpochSource, ShardIndex
 from .util import default_workers
 
 
@@ -78,8 +85,24 @@ class _Adapter:
         self.spec, self.n, self.drop_last = spec, n, drop_last
         self.device = torch.device(device)
         self.bs = spec.batch_size
+        self.epoch = 0  # the training epoch the next complete pass reads
 
-    # samples this process sees per epoch (DALI splits n into num_shards contiguous parts)
+    def set_epoch(self, epoch: int) -> None:
+        """Read epoch `epoch`'s order and draws next (DistributedSampler.set_epoch's role)."""
+        self.epoch = int(epoch)
+
+    @property
+    def exact(self) -> bool:
+        """True where fastgal.order decides the order: training through the index reader (always for torch)."""
+        return self.spec.kind == "train" and (self.spec.reader == "index" or isinstance(self, TorchLoader))
+
+    @property
+    def plan(self) -> EpochPlan:
+        sp = self.spec
+        return EpochPlan(n=self.n, bs=self.bs, order_seed=sp.order_seed, aug_seed=sp.seed, shard_id=sp.shard_id,
+                         num_shards=sp.num_shards, max_rotate=sp.max_rotate, p_rotate=sp.p_rotate)
+
+    # samples this process sees per epoch (the stream reader splits n into num_shards contiguous parts)
     @property
     def n_local(self) -> int:
         k, i = self.spec.num_shards, self.spec.shard_id
@@ -111,14 +134,15 @@ class _Adapter:
             kind = "valid" if shuffle is False and self.spec.kind == "train" else self.spec.kind
         spec = replace(self.spec, kind=kind, stages={}, **kwargs)
         dl = type(self)(spec, self.n, self.device, drop_last=self.drop_last if drop_last is None else drop_last)
+        dl.epoch = self.epoch
         return dl
 
     def close(self) -> None:
         """Release what iteration built (a DALI pipeline, worker processes); the loader stays usable."""
 
-    def _move(self, x, y):
+    def _move(self, x, y, *pos):
         nb = self.device.type == "cuda"
-        return x.to(self.device, non_blocking=nb), y.to(self.device, non_blocking=nb)
+        return (x.to(self.device, non_blocking=nb), y.to(self.device, non_blocking=nb), *pos)
 
     def show_batch(self, max_n: int = 16, path: str | Path | None = None, target_names=None, ncols: int = 4):
         """Denormalised images of one batch with their targets, as a PNG at `path` (plots.image_grid)."""
@@ -140,23 +164,30 @@ class DALILoader(_Adapter):
         super().__init__(spec, n, device, drop_last)
         self._it = None
         self._clean = False  # True when the iterator sits at an epoch boundary
+        self._index = None  # the index reader's ShardIndex, parsed on first use
+        self._keys = None  # measurement mode on the stream reader: key -> position
 
     def close(self) -> None:
         self._it, self._clean = None, False
 
-    def _iterator(self):
+    def _iterator(self, source=None):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         from .pipeline import build
 
-        pipe = build(replace(self.spec, stages={}))
+        pipe = build(replace(self.spec, stages={}), source)
         pipe.build()
+        names = ["x", "y"] + ["pos"] * self.spec.with_pos
+        # the index reader ends its epoch by StopIteration from its source; the stream reader by its size
         return DALIGenericIterator(
-            [pipe], ["x", "y"], reader_name=READER, auto_reset=False,
+            [pipe], names, reader_name=None if source else READER, auto_reset=False,
             last_batch_policy=LastBatchPolicy.DROP if self.drop_last else LastBatchPolicy.PARTIAL,
         )
 
     def __iter__(self):
+        if self.exact:
+            yield from self._exact_epoch()
+            return
         # DALI ignores reset() mid-epoch (lr_find cancels fit mid-epoch, one_batch() stops after one):
         # a half-read iterator is thrown away and a fresh pipeline starts the next epoch cleanly.
         if self._it is None or not self._clean:
@@ -167,37 +198,48 @@ class DALILoader(_Adapter):
             if i >= n:  # a rank with one sample more than the others: skip its extra batch
                 continue
             d = batch[0]
-            yield self._move(d["x"], d["y"])
+            yield self._move(d["x"], d["y"], *([self._positions(d["pos"])] if self.spec.with_pos else []))
         self._it.reset()
         self._clean = True
 
+    def _exact_epoch(self):
+        """One epoch of the index reader: a pipeline built for it (its source is this epoch's batches),
+        so nothing prefetched for one epoch can leak into another, whatever stopped the last one."""
+        if self._index is None:
+            self._index = ShardIndex(self.spec.tars, self.spec.idxs, self.spec.image_ext, self.spec.target_ext)
+        self._it = None  # release the previous epoch's pipeline before building the next
+        self._it = self._iterator(EpochSource(self._index, self.plan, self.epoch, self.spec.with_pos))
+        for batch in self._it:
+            d = batch[0]
+            yield self._move(d["x"], d["y"], *([d["pos"]] if self.spec.with_pos else []))
+        self._it = None
+        self.epoch += 1
+
+    def _positions(self, info: torch.Tensor) -> torch.Tensor:
+        """Stream reader's source_info ("tar:offset:key.jpg", zero-padded bytes) -> positions in file order."""
+        if self._keys is None:
+            self._keys = {k: i for i, k in enumerate(index_keys(self.spec.idxs))}
+        names = (bytes(r).rstrip(b"\0").decode().rsplit(":", 1)[1] for r in info.numpy().astype(np.uint8))
+        return torch.tensor([self._keys[nm.split(".", 1)[0]] for nm in names])
+
 
 class _ShardSamples(torch.utils.data.Dataset):
-    """Map-style view of shards through their DALI index files: sample i -> (jpg bytes, targets)."""
+    """Map-style view of a split through its index files. Key: a position (file order: valid, tta), or
+    (position, angle, pos_x, pos_y, mirror) for training, the draws coming from EpochBatches."""
 
     def __init__(self, spec: PipeSpec):
         self.spec = spec
-        self.entries = []
-        for tar, idx in zip(spec.tars, spec.idxs):
-            self.entries += [(tar, *c[spec.image_ext], *c[spec.target_ext]) for _, c in read_index(idx)]
-        self._files: dict[str, object] = {}
+        self.index = ShardIndex(spec.tars, spec.idxs, spec.image_ext, spec.target_ext)
 
     def __len__(self):
-        return len(self.entries)
+        return len(self.index)
 
-    def _read(self, tar, off, size):
-        f = self._files.get(tar)
-        if f is None:  # one handle per worker process
-            f = self._files[tar] = open(tar, "rb")
-        f.seek(off)
-        return f.read(size)
-
-    def __getitem__(self, i):
-        tar, img_off, img_size, y_off, y_size = self.entries[i]
-        data = torch.frombuffer(bytearray(self._read(tar, img_off, img_size)), dtype=torch.uint8)
-        img = decode_jpeg(data, mode=ImageReadMode.RGB)
-        y = torch.from_numpy(np.frombuffer(self._read(tar, y_off, y_size), "<f4").copy())
-        return transform(img, self.spec), y
+    def __getitem__(self, key):
+        i, *draw = key if isinstance(key, tuple) else (key,)
+        img = decode_jpeg(torch.from_numpy(self.index.jpeg(i).copy()), mode=ImageReadMode.RGB)
+        y = torch.from_numpy(self.index.targets(i).copy())
+        out = (transform(img, self.spec, draw or None), y)
+        return out + (i,) if self.spec.with_pos else out
 
 
 @lru_cache(maxsize=8)
@@ -206,18 +248,17 @@ def _norm(mean: tuple, std: tuple) -> tuple[torch.Tensor, torch.Tensor]:
     return (torch.tensor(mean, dtype=torch.float32).view(3, 1, 1), torch.tensor(std, dtype=torch.float32).view(3, 1, 1))
 
 
-def transform(img: torch.Tensor, spec: PipeSpec) -> torch.Tensor:
-    """The pipeline's transforms in torchvision v2 functional ops; CHW uint8 in, CHW float out."""
+def transform(img: torch.Tensor, spec: PipeSpec, draw=None) -> torch.Tensor:
+    """The pipeline's transforms in torchvision v2 functional ops; CHW uint8 in, CHW float out.
+    draw: a training sample's (angle, pos_x, pos_y, mirror), fastgal.order's draws, as DALI gets them."""
     if not spec.precropped:
         img = F.center_crop(img, [spec.crop, spec.crop])
     if spec.kind == "train":
-        angle = 90.0 * random.randrange(4)
-        if random.random() < spec.p_rotate:
-            angle += random.uniform(-spec.max_rotate, spec.max_rotate)
+        angle, pos_x, pos_y, mirror = draw
         img = F.rotate(img, angle, interpolation=F.InterpolationMode.BILINEAR, fill=0)
         h = img.shape[-1] - spec.size
-        img = F.crop(img, round(random.random() * h), round(random.random() * h), spec.size, spec.size)
-        if random.random() < 0.5:
+        img = F.crop(img, round(pos_y * h), round(pos_x * h), spec.size, spec.size)
+        if mirror:
             img = F.horizontal_flip(img)
     else:
         img = F.center_crop(img, [spec.size, spec.size])
@@ -227,12 +268,6 @@ def transform(img: torch.Tensor, spec: PipeSpec) -> torch.Tensor:
                 img = F.horizontal_flip(img)
     mean, std = _norm(tuple(spec.mean), tuple(spec.std))
     return (img.float() - mean) / std
-
-
-def _seed_worker(worker_id):
-    s = torch.initial_seed() % 2**32
-    random.seed(s)
-    np.random.seed(s)
 
 
 def worker_context(device, num_workers: int) -> dict:
@@ -254,14 +289,17 @@ class TorchLoader(_Adapter):
     def __init__(self, spec: PipeSpec, n: int, device, drop_last: bool):
         super().__init__(spec, n, device, drop_last)
         ds = _ShardSamples(spec)
-        if spec.num_shards > 1:  # the same contiguous split DALI makes, so DDP ranks agree
-            a, b = n * spec.shard_id // spec.num_shards, n * (spec.shard_id + 1) // spec.num_shards
-            ds = torch.utils.data.Subset(ds, range(a, b))
+        if spec.kind == "train":
+            batching = {"batch_sampler": EpochBatches(self)}
+        else:
+            if spec.num_shards > 1:  # the same contiguous split DALI's stream reader makes
+                a, b = n * spec.shard_id // spec.num_shards, n * (spec.shard_id + 1) // spec.num_shards
+                ds = torch.utils.data.Subset(ds, range(a, b))
+            batching = {"batch_size": self.bs, "drop_last": drop_last}
         g = torch.Generator()
-        g.manual_seed(spec.seed)
+        g.manual_seed(spec.seed)  # iter() draws a worker seed from it: never from torch's global generator
         self._dl = torch.utils.data.DataLoader(
-            ds, batch_size=self.bs, shuffle=spec.kind == "train", drop_last=drop_last,
-            num_workers=spec.num_threads, worker_init_fn=_seed_worker, generator=g,
+            ds, num_workers=spec.num_threads, generator=g, **batching,
             pin_memory=torch.device(device).type == "cuda", **worker_context(device, spec.num_threads),
         )
 
@@ -269,9 +307,11 @@ class TorchLoader(_Adapter):
         with fork_safe():  # iter() forks the workers (on a CPU)
             it = iter(self._dl)
         n = len(self)
-        for i, (x, y) in enumerate(it):
+        for i, b in enumerate(it):
             if i < n:  # see DALILoader: equal step counts across DDP ranks
-                yield self._move(x, y)
+                yield self._move(*b)
+        if self.exact:
+            self.epoch += 1
 
 
 def pick_backend(backend: str, device) -> str:
@@ -301,17 +341,21 @@ def loader_for(
     img_side = min(manifest["image"]["size"])
     if size > region or region > img_side:
         raise ValueError(f"crop sizes do not fit: image {img_side}px, region {region}px, model input {size}px")
+    if manifest.get("index_format", INDEX_VERSION) != INDEX_VERSION:  # absent: shards from before it was recorded
+        raise ValueError(f"{shards}: index files of format {manifest['index_format']!r}, this fastgal reads "
+                         f"{INDEX_VERSION}; re-shard with `fastgal shard ... --overwrite`")
     tars, idxs = shard_files(shards, manifest, split)
     ps = manifest["pixel_stats"]
+    order_seed = seed  # the same on every rank: they share one permutation out
     if kind == "train":
-        seed += shard_id  # each DDP rank its own shuffle and augmentation draws; evaluation stays deterministic
+        seed += shard_id  # each DDP rank its own augmentation draws; evaluation stays deterministic
     spec = PipeSpec(
         kind=kind, tars=[str(t) for t in tars], idxs=[str(i) for i in idxs],
         mean=ps["mean"] if mean is None else mean, std=ps["std"] if std is None else std,
         target_ext=manifest["components"]["targets"],
         image_ext=manifest["components"]["image"], batch_size=bs, size=size, crop=region, precropped=bool(precrop),
         device="gpu" if device.type == "cuda" else "cpu", device_id=(device.index or 0) if device.type == "cuda" else None,
-        num_threads=num_threads, seed=seed, shard_id=shard_id, num_shards=num_shards,
+        num_threads=num_threads, seed=seed, order_seed=order_seed, shard_id=shard_id, num_shards=num_shards,
     )
     return cls(spec, manifest["counts"][split], device, drop_last=drop_last)
 

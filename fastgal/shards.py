@@ -41,7 +41,7 @@ import numpy as np
 from . import __version__
 from .catalog import SPLIT_METHOD, check_rows, json_value, read_catalog, split_order
 from .config import ShardConfig
-from .manifest import FORMAT, FORMAT_VERSION, index_count, index_text, is_shard_file
+from .manifest import FORMAT, FORMAT_VERSION, INDEX_VERSION, index_count, index_text, is_shard_file
 from .util import (Progress, check_jpeg, check_out, chunks, default_workers, imap_ordered, remove_stale,
                    sha256_file, temp_dir, worker_pool, write_json_atomic)
 
@@ -410,6 +410,8 @@ def _manifest(cfg: ShardConfig, rows: _Rows, done: _Written, geo: Geometry) -> d
                    "rejected": len(rows.rejects)},
         "rejects_by_reason": dict(sorted(Counter(r for r, _ in rows.rejects.values()).items())),
         "shards": done.entries,
+        # the training reader seeks every sample through the .idx files (fastgal.order): their format
+        "index_format": INDEX_VERSION,
         "image": {"size": list(geo.stored), "precrop": cfg.precrop, "channels": 3, "crop": cfg.crop},
         "pixel_stats": pixel_stats,
     }

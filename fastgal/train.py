@@ -1,6 +1,7 @@
 """Fit orchestration and the run folder: the seed recipe on fastgal shards.
 
     fastgal train shards/synth --out runs/r1 --epochs 7 --lr 1e-2 --bs 128 --lr-find --tta
+    fastgal train shards/synth --out runs/r1 --epochs 7 --lr 1e-2 --bs 128 --lr-find --tta --resume   # after a kill
 
 Stages (train() runs them in order): setup (manifest, targets, crop, device, precision, ranks, the
 run folder) -> loaders -> learner -> fit (lr_find, fit_one_cycle) -> history -> validation
@@ -12,6 +13,7 @@ Run folder (metrics.json is written last: its presence means the run finished):
     loss.png, lr_find.png  (lr_find.png with --lr-find; the suggested lr is printed)
     show_batch.png         a training batch as the model sees it (denormalised)
     model.pt               weights + what predict needs (learner.save_checkpoint)
+    checkpoint.pth         while training: the state after the last finished epoch, for --resume (removed at the end)
     predictions_valid.csv  id, true_<t>, pred_<t> (and pred_tta_<t> with --tta)
     pred_vs_true.png       with the 1:1 line and RMSE/NMAD
     metrics.json           RMSE, NMAD, bias, R2, TTA RMSE, predict-the-training-mean RMSE, timings
@@ -19,10 +21,15 @@ Run folder (metrics.json is written last: its presence means the run finished):
 Distributed: launched by `torchrun --nproc_per_node=K -m fastgal train ...`, each rank reads its part
 of the training shards (DALI shard_id/num_shards) and trains a DistributedDataParallel model (the DDP
 callback in learner.py); every rank validates on all of the validation set; rank 0 writes the run folder.
+
+Resume: every epoch's order, augmentation draws and global RNG state derive from (seed, epoch) (loaders,
+EpochSeed), and EpochCheckpoint saves the state after each epoch, so `--resume` continues with fastai's
+fit_one_cycle(start_epoch=k) and ends where an uninterrupted run would have.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -38,12 +45,18 @@ from fastai.torch_core import set_seed
 
 from . import __version__
 from .config import TrainConfig, to_jsonable
-from .learner import DDP, best_epoch_callback, make_learner, resolve_device, resolve_precision, save_checkpoint
+from .learner import (DDP, EpochCheckpoint, EpochSeed, best_epoch_callback, make_learner, read_checkpoint,
+                      resolve_device, resolve_precision, save_checkpoint)
 from .loaders import make_dls, thread_budget, tta_loaders
 from .diagnostics import summarise
 from .manifest import index_keys, load_manifest, read_column, shard_files, training_crop
 from .plots import loss_curves, lr_find_plot, mzr_plot, pred_vs_true, residuals
 from .util import write_bytes_atomic, write_json_atomic
+
+CHECKPOINT = "checkpoint.pth"
+# config.json entries a --resume must not change: the TrainConfig fields but these, and what they resolved to
+NOT_SETTINGS = {"shards", "out", "overwrite", "resume", "quiet", "workers", "device"}
+RESOLVED = ("crop", "targets", "precision", "loader_backend", "world_size", "n_train", "n_valid", "shards_sha256")
 
 RECIPE_TEXT = ("xresnet(n_out, sa=True, act_cls=Mish) + ranger + RMSE loss, fit_one_cycle; "
                "CropPad 144 -> RandomCrop 112 -> dihedral + rotate 10 deg (p=0.75) -> Normalize")
@@ -147,14 +160,38 @@ def setup(cfg: TrainConfig) -> Setup:
     rank, world, device = _init_distributed(cfg, device)
     out = Path(cfg.out) if cfg.out else default_run_dir(cfg.shards)
     if rank == 0:
-        if (out / "config.json").exists() and not cfg.overwrite:
-            raise ValueError(f"{out} already holds a run; pass --overwrite or choose another --out")
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").unlink(missing_ok=True)  # a stale "finished" marker must not survive a re-run
+        _prepare_out(cfg, out)
     ts = manifest["target_stats"]
     return Setup(cfg=cfg, manifest=manifest, targets=targets, target_mean=[ts[t]["mean"] for t in targets],
                  target_std=[ts[t]["std"] or 1.0 for t in targets], crop=crop, device=device, precision=precision,
                  rank=rank, world=world, out=out)
+
+
+def _prepare_out(cfg: TrainConfig, out: Path) -> None:
+    """A fresh run folder, or (--resume) the interrupted run's, left as it is."""
+    if cfg.resume:
+        if cfg.overwrite:
+            raise ValueError("--resume continues the run in --out and --overwrite replaces it: pass one of them")
+        if not (out / "config.json").is_file():
+            raise ValueError(f"{out} holds no run to resume; drop --resume to start one")
+        if (out / "metrics.json").is_file():
+            raise ValueError(f"{out} holds a finished run, there is nothing to resume; pass --overwrite to train it again")
+        return
+    if (out / "config.json").exists() and not cfg.overwrite:
+        raise ValueError(f"{out} already holds a run; pass --overwrite, --resume (to continue an interrupted one) "
+                         "or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in ("metrics.json", CHECKPOINT, "best.pth"):  # a finished marker or an old state must not survive
+        (out / stale).unlink(missing_ok=True)
+
+
+def _check_resume(out: Path, config: dict) -> None:
+    """--resume: the settings must be the interrupted run's, or the result would be neither run."""
+    old = json.loads((out / "config.json").read_text())
+    for k in [*(k for k in TrainConfig.__dataclass_fields__ if k not in NOT_SETTINGS), *RESOLVED]:
+        if old.get(k) != config.get(k):
+            raise ValueError(f"--resume: {out} was trained with {k} = {old.get(k)!r}, not {config.get(k)!r}; "
+                             "resume with the same settings, or train into a new --out")
 
 
 def loaders(s: Setup):
@@ -186,7 +223,13 @@ def write_config(s: Setup, dls) -> dict:
         "n_train": s.manifest["counts"]["train"], "n_valid": s.manifest["counts"]["valid"],
         "versions": _versions(), "gpu": torch.cuda.get_device_name(s.device) if s.device.type == "cuda" else None,
         "recipe": RECIPE_TEXT, "train_seed_per_rank": seeds,
+        "shards_sha256": hashlib.sha256("".join(e["sha256"] for sp in ("train", "valid")
+                                                for e in s.manifest["shards"][sp]).encode()).hexdigest(),
     }
+    if c.resume:
+        if s.writer:
+            _check_resume(s.out, config)
+        return config  # the interrupted run's config.json and show_batch.png stay
     if s.writer:
         write_json_atomic(s.out / "config.json", config)
         dls.train.show_batch(max_n=16, path=s.out / "show_batch.png", target_names=s.targets)
@@ -197,16 +240,21 @@ def learner(s: Setup, dls):
     learn = make_learner(dls, arch=s.cfg.arch, targets=s.targets, target_mean=s.target_mean, target_std=s.target_std,
                          path=s.out, precision=s.precision,
                          channels_last=s.cfg.channels_last and s.device.type == "cuda",
-                         quiet=s.cfg.quiet or not s.writer, writer=s.writer)
+                         quiet=s.cfg.quiet or not s.writer)
+    learn.add_cb(EpochSeed(dls.train.spec.seed))
     if s.world > 1:
         learn.add_cb(DDP(s.device))
     return learn
 
 
-def fit(s: Setup, learn) -> dict:
-    """lr_find (optional) then fit_one_cycle; returns what metrics.json adds about the fit."""
-    result: dict = {}
-    if s.cfg.lr_find:
+def fit(s: Setup, learn) -> tuple[dict, list[dict]]:
+    """lr_find (optional) then fit_one_cycle, from the last finished epoch with --resume; returns what
+    metrics.json adds about the fit and the history rows of every epoch."""
+    state = read_checkpoint(s.out / CHECKPOINT, s.device) if s.cfg.resume else None
+    result: dict = {"resumed_from_epoch": state["epoch"] + 1 if state else None}
+    if state:
+        result["lr_find_suggested"] = state["lr_find_suggested"]
+    elif s.cfg.lr_find:
         sug = learn.lr_find(show_plot=False, num_it=s.cfg.lr_find_iters)
         result["lr_find_suggested"] = float(sug.valley)
         if s.writer:
@@ -214,10 +262,11 @@ def fit(s: Setup, learn) -> dict:
             lr_find_plot(rec.lrs, [float(v) for v in rec.losses], float(sug.valley), s.out / "lr_find.png")
         if not s.cfg.quiet:
             print(f"lr_find: suggested lr (valley) {sug.valley:.2e}; training with --lr {s.cfg.lr:g}", file=sys.stderr)
-    t_fit = time.perf_counter()
+    best = best_epoch_callback(s.monitor)
+    ckpt = EpochCheckpoint(s.out / CHECKPOINT, best, {"lr_find_suggested": result.get("lr_find_suggested")},
+                           resume=state, writer=s.writer)
     # on every rank: fastai saves on rank 0 only, and its load() after fit is a collective barrier
-    learn.fit_one_cycle(s.cfg.epochs, s.cfg.lr, cbs=[best_epoch_callback(s.monitor)])
-    result["fit_seconds"] = round(time.perf_counter() - t_fit, 2)
+    learn.fit_one_cycle(s.cfg.epochs, s.cfg.lr, cbs=[best, ckpt], start_epoch=result["resumed_from_epoch"] or 0)
     if s.world > 1:
         import torch.distributed as dist
 
@@ -226,18 +275,13 @@ def fit(s: Setup, learn) -> dict:
         dist.barrier()
         dist.destroy_process_group()
         os.environ["WORLD_SIZE"] = "1"
-    return result
+    return result, ckpt.rows
 
 
-def write_history(s: Setup, learn) -> pd.DataFrame:
-    """history.csv: fastai's CSVLogger rows + our per-epoch seconds and images/s; loss.png."""
-    raw = s.out / "history_raw.csv"
-    hist = pd.read_csv(raw)
-    raw.unlink(missing_ok=True)
-    hist = hist[[c for c in hist.columns if c != "time"]]
-    hist["epoch"] = range(len(hist))
-    es = pd.DataFrame(learn.epoch_stats.rows[-len(hist):])
-    hist["seconds"], hist["images_per_s"] = es["seconds"].values, es["images_per_s"].values
+def write_history(s: Setup, learn, rows: list[dict]) -> pd.DataFrame:
+    """history.csv from the epoch checkpoint's rows (every epoch, also those of an interrupted process): train
+    loss, valid loss, per-target RMSE, seconds, images/s; loss.png."""
+    hist = pd.DataFrame(rows)
     write_bytes_atomic(s.out / "history.csv", hist.to_csv(index=False).encode())
     rec, n_it = learn.recorder, len(learn.dls.train)
     loss_curves(np.arange(len(rec.losses)), [float(v) for v in rec.losses],
@@ -300,7 +344,6 @@ def save_model(s: Setup, learn) -> None:
                     pixel_std=s.manifest["pixel_stats"]["std"], size=s.cfg.size, crop=s.crop,
                     precrop=img.get("precrop"), image_size=img["size"], precision=s.precision,
                     channels_last=s.cfg.channels_last and s.device.type == "cuda")
-    (s.out / "best.pth").unlink(missing_ok=True)  # SaveModelCallback's copy; model.pt holds the same weights
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -310,10 +353,10 @@ def train(cfg: TrainConfig) -> dict:
     dls = loaders(s)
     config = write_config(s, dls)
     learn = learner(s, dls)
-    fitted = fit(s, learn)
+    fitted, rows = fit(s, learn)
     if not s.writer:
         return {}
-    hist = write_history(s, learn)
+    hist = write_history(s, learn, rows)
     ids, targs, preds, tta = predict_valid(s, learn, dls)
     per_target = score(s, targs, preds, tta)
     save_model(s, learn)
@@ -321,6 +364,7 @@ def train(cfg: TrainConfig) -> dict:
     metrics = {
         **{k: v for k, v in per_target[t0].items() if not isinstance(v, (list, dict))}, "target": t0, "targets": per_target,
         "floor": synth_floor(s.manifest), "epochs": cfg.epochs, "best_epoch": int(np.argmin(hist[s.monitor].values)),
+        "fit_seconds": round(float(hist["seconds"].sum()), 2),  # every epoch's, whichever process ran it
         "n_train": s.manifest["counts"]["train"], "n_valid": len(ids),
         **fitted, "wall_seconds": round(time.perf_counter() - t_start, 2),
         "train_images_per_s": round(float(hist["images_per_s"].mean()) * s.world, 2),  # all ranks together
@@ -328,6 +372,8 @@ def train(cfg: TrainConfig) -> dict:
         "device": str(s.device), "precision": s.precision, "loader_backend": config["loader_backend"],
     }
     write_json_atomic(s.out / "metrics.json", metrics)
+    for done in (CHECKPOINT, "best.pth"):  # the run is finished: model.pt holds the best weights
+        (s.out / done).unlink(missing_ok=True)
     return metrics
 
 

@@ -1,0 +1,173 @@
+"""`fastgal bench --what shuffle`: how well each training loader shuffles, epoch after epoch.
+
+    fastgal bench shards/synth --what shuffle --epochs 2 --ranks 2 --json
+
+Reads --epochs full epochs of sample positions from each training loader, built the way `fastgal train`
+builds it (make_dls: same backend, batch size, threads, seed), in measurement mode (each batch also
+carries its samples' positions in the split's file order; the training path is not changed by it):
+  dali, torch        what training uses: the index reader (fastgal.order), exact permutation per epoch
+  dali-stream...     DALI's WebDataset reader with its shuffle buffer (the reader training used before),
+                     as is, with shuffle_after_epoch (a new tar order every epoch), and with a 16k buffer
+and reports, per pair of consecutive epochs:
+  spearman           rank correlation of a sample's place in epoch e and in epoch e+1 (0: unrelated)
+  cobatch_ratio      P(two samples share a batch in e+1 | they shared one in e), divided by the same
+                     probability for a uniform random permutation (1: no memory of the last epoch)
+and per epoch: time to the first batch, images/s, steps per rank; with --ranks K > 1 (K loaders with
+shard_id 0..K-1, as K DDP processes would build them): samples seen by more than one rank, the share of
+the data covered, and how much of each rank's set is new from one epoch to the next.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+# DALI's WebDataset reader in the settings one could try instead of the index reader
+STREAM_VARIANTS = {
+    "dali-stream": dict(reader="stream"),  # the buffer of 4 batches training used before
+    "dali-stream+epoch": dict(reader="stream", shuffle_after_epoch=True),
+    "dali-stream+epoch+fill16k": dict(reader="stream", shuffle_after_epoch=True, shuffle_buffer=16384),
+}
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    r = np.empty(len(x), np.float64)
+    r[np.argsort(x, kind="stable")] = np.arange(len(x))
+    return r
+
+
+def _common(a: list[np.ndarray], b: list[np.ndarray]):
+    """For the samples read in both epochs: (place in a, place in b, batch in a, batch in b)."""
+    ia, ib = np.concatenate(a), np.concatenate(b)
+    ba = np.repeat(np.arange(len(a)), [len(x) for x in a])
+    bb = np.repeat(np.arange(len(b)), [len(x) for x in b])
+    _, pa, pb = np.intersect1d(ia, ib, return_indices=True)
+    return pa, pb, ba[pa], bb[pb]
+
+
+def spearman(a: list[np.ndarray], b: list[np.ndarray]) -> float:
+    """Rank correlation between the places the samples of both epochs have in each (batches in order)."""
+    pa, pb, _, _ = _common(a, b)
+    if len(pa) < 3:
+        return float("nan")
+    return float(np.corrcoef(_ranks(pa), _ranks(pb))[0, 1])
+
+
+def _pairs(*labels: np.ndarray) -> float:
+    """Ordered pairs of samples that share every given label: sum of c * (c - 1) over the groups."""
+    code = labels[0].astype(np.int64)
+    for lab in labels[1:]:
+        code = code * (int(lab.max()) + 1) + lab
+    _, c = np.unique(code, return_counts=True)
+    return float(np.sum(c * (c - 1.0)))
+
+
+def cobatch_ratio(a: list[np.ndarray], b: list[np.ndarray]) -> float:
+    """P(same batch in b | same batch in a) / P(same batch in b) for a uniformly random pair.
+
+    For a uniform random permutation b the two are equal (ratio 1) whatever a was; b = a gives
+    (M - 1) / (bs - 1) for M samples in full batches."""
+    _, _, la, lb = _common(a, b)
+    m = len(la)
+    if m < 2:  # no samples in common (a DDP rank's stream reader moved on to another part)
+        return float("nan")
+    together_a, chance = _pairs(la), _pairs(lb) / (m * (m - 1.0))
+    if together_a == 0 or chance == 0:
+        return float("nan")
+    return float(_pairs(la, lb) / together_a / chance)
+
+
+def read_epochs(dl, epochs: int) -> tuple[list[list[np.ndarray]], list[float], list[float]]:
+    """(positions batch by batch, seconds to the first batch, images/s) for each of `epochs` full passes."""
+    out, first, rate = [], [], []
+    for _ in range(epochs):
+        batches, t0, t_first = [], time.perf_counter(), None
+        for _x, _y, pos in dl:
+            if t_first is None:
+                t_first = time.perf_counter() - t0
+            batches.append(np.asarray(pos).astype(np.int64).ravel())
+        dt = time.perf_counter() - t0
+        out.append(batches)
+        first.append(round(t_first if t_first is not None else float("nan"), 4))
+        rate.append(round(sum(len(b) for b in batches) / dt, 1))
+    return out, first, rate
+
+
+def measure(loaders: list, n: int, epochs: int) -> dict:
+    """The section's figures for one backend; loaders: one per simulated rank, in measurement mode."""
+    per_rank = [read_epochs(dl, epochs) for dl in loaders]
+    seqs = [p[0] for p in per_rank]  # rank -> epoch -> batches
+    res = {
+        "time_to_first_batch_s": per_rank[0][1],  # epoch 0 includes building the pipeline / starting workers
+        "images_per_s": per_rank[0][2],
+        "steps_per_rank": [[len(s[e]) for s in seqs] for e in range(epochs)],
+        "spearman": [], "cobatch_ratio": [],
+    }
+    for e in range(epochs - 1):  # mean over the ranks; None where no rank read a sample twice
+        for key, f in (("spearman", spearman), ("cobatch_ratio", cobatch_ratio)):
+            vals = [v for v in (f(s[e], s[e + 1]) for s in seqs) if not np.isnan(v)]
+            res[key].append(round(float(np.mean(vals)), 4) if vals else None)
+    if len(loaders) > 1:
+        sets = [[np.concatenate(s[e]) for s in seqs] for e in range(epochs)]  # epoch -> rank -> samples
+        res["samples_on_several_ranks"] = [int(sum(map(len, r)) - len(np.unique(np.concatenate(r)))) for r in sets]
+        res["coverage"] = [round(len(np.unique(np.concatenate(r))) / n, 4) for r in sets]
+        res["rank_set_new_fraction"] = [
+            [round(1 - len(np.intersect1d(sets[e][k], sets[e + 1][k])) / max(1, len(sets[e + 1][k])), 4)
+             for k in range(len(loaders))] for e in range(epochs - 1)]
+    return res
+
+
+def shuffle_section(make, backends: list[str], n: int, epochs: int, ranks: int, log=None) -> dict:
+    """make(backend, shard_id, num_shards, **spec) -> a training loader in measurement mode."""
+    results = {}
+    for name in backends:
+        spec = STREAM_VARIANTS.get(name, {})
+        backend = "dali" if name.startswith("dali") else name
+        dls = [make(backend, r, ranks, **spec) for r in range(ranks)]
+        results[name] = {"reader": spec.get("reader", "index"), **measure(dls, n, epochs)}
+        for dl in dls:
+            dl.close()
+        if log:
+            r = results[name]
+            log(f"  shuffle {name}: spearman {r['spearman']}, co-batch x chance {r['cobatch_ratio']}")
+    return {"epochs": epochs, "ranks": ranks, "n_train": n, "results": results}
+
+
+def shuffle_bench(cfg, shards: Path, manifest: dict, crop: int, device, threads: int, log) -> dict:
+    """The shuffle section over the training loaders `fastgal train` builds, in measurement mode."""
+    from .loaders import dali_available, make_dls
+
+    if cfg.epochs < 2 or cfg.ranks < 1:
+        raise ValueError("--epochs must be >= 2 (the shuffle section compares consecutive epochs) and --ranks >= 1")
+
+    def make(backend, shard_id, num_shards, **spec):
+        dls = make_dls(shards, bs=cfg.bs, size=cfg.size, crop=crop, device=device, backend=backend, num_threads=threads,
+                       seed=cfg.seed, shard_id=shard_id, num_shards=num_shards, manifest=manifest)
+        return dls.train.new(with_pos=True, **spec)
+
+    names = (["dali", *STREAM_VARIANTS] if dali_available() else []) + ["torch"]
+    res = shuffle_section(make, names, manifest["counts"]["train"], cfg.epochs, cfg.ranks, log)
+    res["skipped"] = {} if dali_available() else {"dali": "NVIDIA DALI is not importable here"}
+    return res
+
+
+def shuffle_table(sh: dict) -> list[str]:
+    """The section's lines in `fastgal bench`'s human summary."""
+    lines = ["", f"shuffle: {sh['epochs']} epochs, {sh['ranks']} rank(s); per consecutive epochs: Spearman of places, "
+                 "co-batch recurrence x chance (uniform: 0 and 1)",
+             f"  {'loader':<27}{'Spearman':>10}{'co-batch':>10}{'1st batch s':>13}{'images/s':>10}"]
+
+    def worst(vals, key=None):  # None: no sample read in two consecutive epochs by the same rank
+        vals = [v for v in vals if v is not None]
+        return max(vals, key=key) if vals else float("nan")
+
+    for name, r in sh["results"].items():
+        lines.append(f"  {name:<27}{worst(r['spearman'], abs):>10.4f}{worst(r['cobatch_ratio']):>10.2f}"
+                     f"{r['time_to_first_batch_s'][0]:>13.3f}{min(r['images_per_s']):>10,.0f}")
+        if "rank_set_new_fraction" in r:
+            lines.append(f"  {'':<27}ranks: steps {r['steps_per_rank']}, on several ranks "
+                         f"{r['samples_on_several_ranks']}, new per epoch {r['rank_set_new_fraction']}")
+    for name, why in sh.get("skipped", {}).items():
+        lines.append(f"  {name:<27}skipped ({why})")
+    return lines
