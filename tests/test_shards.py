@@ -28,7 +28,8 @@ from fastgal.manifest import index_text, load_manifest, read_index, shard_files,
 from fastgal.shards import REASONS
 
 MANIFEST_KEYS = ["format", "format_version", "fastgal_version", "source", "id_col", "targets", "target_stats",
-                 "components", "split", "order_seed", "counts", "rejects_by_reason", "shards", "image", "pixel_stats"]
+                 "components", "split", "order_seed", "counts", "rejects_by_reason", "shards", "index_format", "image",
+                 "pixel_stats"]
 
 
 def read_rejects(out) -> list[dict]:
