@@ -199,6 +199,7 @@ def test_torchrun_ddp_on_cpu(small_shards, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.fallback
 def test_demo_runs_the_main_job(tmp_path):
     """fastgal demo: synth -> shard -> train -> report, with the RMSE, baseline and floor printed."""
     out = tmp_path / "demo"
