@@ -65,6 +65,17 @@ def index_text(tar_path) -> str:
     return f"{INDEX_VERSION} {len(bundles)}\n" + "".join(line + "\n" for line in lines)
 
 
+def make_index(tar_path, idx_path) -> None:
+    """Write the DALI index beside a tar: DALI's own wds2idx when importable, else index_text()."""
+    try:
+        from wds2idx import IndexCreator  # ships with nvidia-dali (Linux)
+    except ImportError:  # macOS has no DALI wheels: same format from our own reader
+        Path(idx_path).write_text(index_text(tar_path))
+        return
+    with IndexCreator(str(tar_path), str(idx_path), verbose=False) as ic:
+        ic.create_index()
+
+
 def read_index(idx_path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
     """A DALI index, in sample order: [(key, {ext: (offset, size)})]. Lines are `ext offset size
     filename` repeated per component; the key is the filename before its first dot."""

@@ -41,7 +41,7 @@ import numpy as np
 from . import __version__
 from .catalog import SPLIT_METHOD, check_rows, json_value, read_catalog, split_order
 from .config import ShardConfig
-from .manifest import FORMAT, FORMAT_VERSION, INDEX_VERSION, index_count, index_text, is_shard_file
+from .manifest import FORMAT, FORMAT_VERSION, INDEX_VERSION, index_count, is_shard_file, make_index
 from .util import (Progress, check_jpeg, check_out, chunks, default_workers, imap_ordered, remove_stale,
                    sha256_file, temp_dir, worker_pool, write_json_atomic)
 
@@ -177,17 +177,6 @@ def modal_size(paths: list[str], pool, workers: int) -> tuple[int, int] | None:
 
 
 # --------------------------------------------------------------------------- tars and indexes
-
-def make_index(tar_path, idx_path) -> None:
-    """Write the DALI index beside a tar: DALI's own wds2idx when importable, else index_text()."""
-    try:
-        from wds2idx import IndexCreator  # ships with nvidia-dali (Linux)
-    except ImportError:  # macOS has no DALI wheels: same format from our own reader
-        Path(idx_path).write_text(index_text(tar_path))
-        return
-    with IndexCreator(str(tar_path), str(idx_path), verbose=False) as ic:
-        ic.create_index()
-
 
 def _tar_writer(f):
     from webdataset import TarWriter

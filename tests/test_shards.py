@@ -179,7 +179,7 @@ def test_index_is_dalis_own(survey_shards, tmp_path, monkeypatch):
     """fastgal's own index (used where DALI is missing) is byte for byte what DALI's wds2idx writes."""
     from wds2idx import IndexCreator
 
-    from fastgal.shards import make_index
+    from fastgal.manifest import make_index
 
     for tar in sorted(survey_shards.glob("*.tar")):
         with IndexCreator(str(tar), str(tmp_path / "dali.idx"), verbose=False) as ic:
