@@ -256,3 +256,17 @@ def test_a_quiet_run_prints_nothing_on_stderr(small_shards, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stderr == ""
     assert "RMSE" in proc.stdout
+
+
+def test_train_refuses_index_files_of_another_format(small_shards, tmp_path):
+    """The training reader seeks through the .idx files: a manifest that records another index format is refused."""
+    import shutil
+
+    sh = tmp_path / "sh"
+    shutil.copytree(small_shards, sh)
+    man = json.loads((sh / "manifest.json").read_text())
+    man["index_format"] = "v9.9"
+    (sh / "manifest.json").write_text(json.dumps(man))
+    res = run_cli("train", sh, "--out", tmp_path / "r", "--epochs", 1, "--bs", 32, "--size", 56, ok=False)
+    assert res.exit_code != 0 and "v9.9" in res.output and "re-shard" in res.output
+    assert len(res.output.strip().splitlines()) == 1
