@@ -4,7 +4,7 @@
     fastgal shard /tmp/bench_s/data/master.csv /tmp/bench_s/images /tmp/bench_sh --quiet
     fastgal bench /tmp/bench_sh --what loaders --bs 64 --batches 20 --json
 
-Three sections, each over the same shards, batch size and geometry:
+Five sections; loaders, model, e2e and shuffle read the same shards, batch size and geometry:
   loaders  images/s of the training loaders alone: DALI, the torch fallback, and the peer the project
            claims to beat, fastai's PIL DataBlock pipeline reading the original JPEGs the way the seed
            recipe did (CropPad 144 -> RandomCrop 112 item tfms, dihedral + rotate batch tfms, Normalize).
@@ -16,6 +16,9 @@ Three sections, each over the same shards, batch size and geometry:
            (1.0: the data path keeps up with the model; 0.3: the model waits 70% of the time).
   shuffle  --epochs full epochs of each training loader's sample order: epoch-to-epoch rank correlation,
            co-batch recurrence vs chance, time to the first batch, DDP ranks' sets (bench_shuffle.py).
+  step     the host cost of one training step with the arithmetic taken out, fastgal's Learner against
+           stock fastai's in the same run: ms, aten ops and would-be device syncs per phase (bench_step.py).
+           Needs no shards (their targets are used when the folder has a manifest).
 
 Every figure is best of --repeats timed windows of --batches batches, each window after --warmup
 batches that are not timed (worker start-up, DALI pipeline build, cudnn autotune). Machines are noisy,
@@ -36,10 +39,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import BenchConfig, to_jsonable
+from .config import RECIPE, BenchConfig, to_jsonable
 from .loaders import fork_safe
 
-SECTIONS = ("loaders", "model", "e2e", "shuffle")
+SECTIONS = ("loaders", "model", "e2e", "step", "shuffle")
 PEER = "fastai"  # the baseline name in the JSON and the table
 
 
@@ -50,7 +53,7 @@ def parse_what(what: str) -> list[str]:
         return list(SECTIONS)
     bad = sorted(parts - set(SECTIONS))
     if bad:
-        raise ValueError(f"--what {bad[0]!r} is not a section; use loaders, model, e2e, shuffle or all (comma-separated)")
+        raise ValueError(f"--what {bad[0]!r} is not a section; use loaders, model, e2e, step, shuffle or all (comma-separated)")
     return [s for s in SECTIONS if s in parts]
 
 
@@ -284,17 +287,22 @@ def bench(cfg: BenchConfig) -> dict:
     if min(cfg.batches, cfg.bs, cfg.repeats) < 1 or cfg.warmup < 0:
         raise ValueError("--batches, --bs and --repeats must be >= 1 and --warmup >= 0")
     shards = Path(cfg.shards)
-    manifest = load_manifest(shards)  # one-line ValueError on a bad folder
-    crop = training_crop(manifest, cfg.crop)
+    manifest = None
+    if what != ["step"] or (shards / "manifest.json").is_file():
+        manifest = load_manifest(shards)  # one-line ValueError on a bad folder
+    crop = training_crop(manifest, cfg.crop) if manifest else None
     device = resolve_device(cfg.device)
     precision = resolve_precision("auto", device)
     threads = cfg.workers or default_workers()
     log = _Log(cfg.quiet)
     torch.manual_seed(cfg.seed)
 
-    targets = list(manifest["targets"])
-    ts = manifest["target_stats"]
-    tmean, tstd = [ts[t]["mean"] for t in targets], [ts[t]["std"] or 1.0 for t in targets]
+    if manifest:
+        targets = list(manifest["targets"])
+        ts = manifest["target_stats"]
+        tmean, tstd = [ts[t]["mean"] for t in targets], [ts[t]["std"] or 1.0 for t in targets]
+    else:  # the step section alone, without shards: the recipe's one target at a typical scale
+        targets, tmean, tstd = [RECIPE.target], [8.9], [0.2]
     window = dict(batches=cfg.batches, warmup=cfg.warmup, repeats=cfg.repeats, device=device, log=log)
 
     backends: dict[str, object] = {}  # name -> DataLoaders (built once, shared by loaders and e2e)
@@ -325,7 +333,7 @@ def bench(cfg: BenchConfig) -> dict:
         "shards": str(shards), "sections": what,
         "config": {**to_jsonable(cfg), "crop": crop, "workers": threads, "precision": precision, "device": str(device)},
         "machine": _machine(device),
-        "n_train": manifest["counts"]["train"],
+        "n_train": manifest["counts"]["train"] if manifest else None,
         "note": "best of repeats; compare ratios within one run, not absolute figures across machines or runs",
     }
 
@@ -350,7 +358,7 @@ def bench(cfg: BenchConfig) -> dict:
             def learner(dls):
                 learn = make_learner(dls, arch=cfg.arch, targets=targets, target_mean=tmean, target_std=tstd,
                                      path=Path(tmp), precision=precision, channels_last=device.type == "cuda",
-                                     quiet=True)
+                                     quiet=True, opt=cfg.opt, compile=cfg.compile)
                 learn.metrics = []  # validation is skipped anyway
                 return learn
 
@@ -372,6 +380,12 @@ def bench(cfg: BenchConfig) -> dict:
                 out["e2e"] = {"baseline": base, "results": res, "ratio_vs_baseline": _ratios(res, base),
                               "data_bound_fraction": {k: round(v["images_per_s"] / m, 4) for k, v in res.items()},
                               "skipped": dict(skipped)}
+
+    if "step" in what:
+        from .bench_step import bench_step
+
+        out["step"] = bench_step(cfg, device=device, precision=precision, targets=targets, tmean=tmean, tstd=tstd,
+                                 log=log)
     return out
 
 
@@ -398,11 +412,14 @@ def format_table(res: dict) -> str:
     """The human summary printed on stdout."""
     c = res["config"]
     hw = res["machine"]["gpu"] or f"{res['machine']['usable_cpus']} CPUs"
-    lines = [f"fastgal bench {res['shards']}: {res['n_train']} train samples, bs {c['bs']}, crop {c['crop']} -> "
-             f"{c['size']} px, {c['device']} ({hw}), "
-             f"{c['workers']} loader threads",
-             f"best of {c['repeats']} windows of {c['batches']} batches after {c['warmup']} warm-up; "
-             f"load average {res['machine'].get('load_avg_1min', '?')} at the end"]
+    if res["n_train"] is None:  # the step section alone, without shards
+        lines = [f"fastgal bench: {c['device']} ({hw}), best of {c['repeats']} windows of {c['batches']} steps after "
+                 f"{c['warmup']} warm-up; load average {res['machine'].get('load_avg_1min', '?')} at the end"]
+    else:
+        lines = [f"fastgal bench {res['shards']}: {res['n_train']} train samples, bs {c['bs']}, crop {c['crop']} -> "
+                 f"{c['size']} px, {c['device']} ({hw}), {c['workers']} loader threads",
+                 f"best of {c['repeats']} windows of {c['batches']} batches after {c['warmup']} warm-up; "
+                 f"load average {res['machine'].get('load_avg_1min', '?')} at the end"]
 
     def block(title, sec, extra=None):
         base = sec["baseline"]
@@ -429,6 +446,10 @@ def format_table(res: dict) -> str:
         e = res["e2e"]
         block(f"e2e: Learner.fit ({res['config']['arch']}) with each loader; fraction = e2e / model images/s",
               e, ("data-bound fraction", e["data_bound_fraction"]))
+    if "step" in res:
+        from .bench_step import step_table
+
+        lines += step_table(res["step"])
     if "shuffle" in res:
         from .bench_shuffle import shuffle_table
 

@@ -63,6 +63,11 @@ QUIET = "No progress on stderr."
 WORKERS = "Processes; 0 = all cores."
 DEVICES = ["auto", "cpu", "cuda"]
 LOADERS = ["auto", "dali", "torch"]
+OPTIMIZERS = ["ranger", "fastai-ranger"]
+OPT_HELP = ("ranger: fastai's ranger computed over flat buffers, ~12 tensor ops a step (the same results); "
+            "fastai-ranger: fastai's own, ~20 per parameter tensor.")
+COMPILE_HELP = ("torch.compile the model (off by default; on a GPU, measure it first with "
+                "`fastgal bench --what model,step --compile`).")
 
 
 @dataclass
@@ -127,6 +132,8 @@ class TrainConfig:
     overwrite: bool = opt(False, "Replace an earlier run in --out.")
     resume: bool = opt(False, "Continue the interrupted run in --out from its last finished epoch (same settings).")
     quiet: bool = opt(False, QUIET, short="-q")
+    compile: bool = opt(False, COMPILE_HELP)
+    opt: str = opt("ranger", OPT_HELP, choices=OPTIMIZERS)  # last: the field's name shadows opt() below it
 
 
 @dataclass
@@ -198,17 +205,19 @@ class PredictConfig:
 
 @dataclass
 class BenchConfig:
-    """`fastgal bench`: loaders / model / end-to-end training speed, as ratios to fastai's PIL pipeline."""
+    """`fastgal bench`: loaders / model / end-to-end training speed, as ratios to fastai's PIL pipeline, and the
+    host cost of a training step against stock fastai's."""
 
     shards: Path = opt(Path("shards/synth"), argument=True)
-    what: str = opt("all", "Sections, comma-separated: loaders, model, e2e (e2e also runs model), shuffle, all.")
+    what: str = opt("all", "Sections, comma-separated: loaders, model, e2e (e2e also runs model), step "
+                           "(the host cost of a training step, fastgal vs stock fastai), shuffle, all.")
     batches: int = opt(20, "Timed batches per window.")
     warmup: int = opt(2, "Untimed batches before each window (worker start, pipeline build, autotune).")
     repeats: int = opt(3, "Windows per backend; the best is reported.")
     bs: int = opt(RECIPE.bs, "Batch size.")
     size: int = opt(RECIPE.size, "Random crop the model sees.")
     crop: int | None = opt(None, "Centre region crops are drawn from [default: the shards' own].")
-    arch: str = opt(RECIPE.arch, "Model for the model and e2e sections.")
+    arch: str = opt(RECIPE.arch, "Model for the model, e2e and step sections.")
     device: str = opt("auto", choices=DEVICES)
     workers: int = opt(0, "Loader threads/processes for every backend; 0 = all cores.")
     epochs: int = opt(2, "Full epochs the shuffle section reads per loader (>= 2).")
@@ -217,6 +226,9 @@ class BenchConfig:
     catalog: Path | None = opt(None, "Catalog CSV for the fastai peer [default: the manifest's source.catalog].")
     seed: int = opt(42)
     quiet: bool = opt(False, QUIET, short="-q")
+    compile: bool = opt(False, COMPILE_HELP)
+    opt: str = opt("ranger", "Optimizer of fastgal's learner in every section (the step section's peer is always "
+                   "fastai's ranger).", choices=OPTIMIZERS)  # last: the field's name shadows opt() below it
 
 
 @dataclass

@@ -9,6 +9,11 @@ Everything is stock fastai, extended with callbacks rather than a custom loop. O
 the seed: the network ends in a fixed `Denormalize` layer (out * std + mean of the training
 targets), so it starts predicting the mean instead of 0 for a ~8.9 dex target. The loss and the
 metrics are still the seed's RMSE in the targets' own units (dex).
+
+The training step does less host work than stock fastai's, with the same results (what bounds a
+GPU at this model size): `--opt ranger` is fastai's ranger over flat buffers (ranger.py), and the
+Learner is loop.py's FastgalLearner with a DeviceRecorder (the loss read from the device every
+SYNC_EVERY steps). `make_learner(..., stock=True)` builds stock fastai's (the bench's peer).
 """
 
 from __future__ import annotations
@@ -25,9 +30,11 @@ from fastai.callback.schedule import *  # noqa: F401,F403  (patches fit_one_cycl
 from fastai.callback.tracker import SaveModelCallback, TrackerCallback
 from fastai.learner import Learner
 from fastai.metrics import AccumMetric
-from fastai.optimizer import ranger
 from fastai.vision.models import xresnet
 from torch import nn
+
+from .loop import SYNC_EVERY, DeviceAccumMetric, DeviceRecorder, FastgalLearner
+from .ranger import optimizer
 
 MODEL_FORMAT = 1  # model.pt's layout; load_checkpoint refuses any other
 
@@ -82,6 +89,7 @@ class Denormalize(nn.Module):
 
 
 def make_model(arch: str, n_out: int, mean, std) -> nn.Module:
+    """xresnet(n_out, sa=True, act_cls=Mish) + Denormalize (out * std + mean)."""
     if arch not in ARCHS:
         raise ValueError(f"unknown --arch {arch!r}; choose one of {', '.join(ARCHS)}")
     body = ARCHS[arch](n_out=n_out, sa=True, act_cls=nn.Mish)
@@ -95,9 +103,13 @@ def _col_rmse(j):
     return f
 
 
-def target_metrics(targets: list[str]):
-    """Exact per-target RMSE over the whole validation set (not a mean of batch RMSEs)."""
-    return [AccumMetric(_col_rmse(j), flatten=False, name=f"rmse_{t}") for j, t in enumerate(targets)]
+def target_metrics(targets: list[str], on_device: bool = True):
+    """Exact per-target RMSE over the whole validation set (not a mean of batch RMSEs).
+
+    on_device=False: fastai's AccumMetric, which reads every batch back to the CPU."""
+    cls = DeviceAccumMetric if on_device else AccumMetric
+    return [cls(_col_rmse(j), flatten=False, name=f"rmse_{t}") for j, t in enumerate(targets)]
+
 
 
 class EpochStats(Callback):
@@ -141,10 +153,19 @@ class StderrProgress(Callback):
     def before_train(self):
         self.trained = True
 
+    def before_fit(self):
+        self._loss, self._loss_src = None, None
+
     def after_batch(self):
         if self.quiet or not self.tty or not self.training:
             return
-        sys.stderr.write(f"\r\x1b[K  epoch {self.epoch + 1}/{self.n_epoch}  batch {self.iter + 1}/{self.n_iter}  loss {self.smooth_loss:.4f}")
+        # The recorder refreshes learn.smooth_loss (a CPU tensor) when it reads the device, every
+        # SYNC_EVERY batches; format it only when it changed, never forcing a read of its own.
+        sl = getattr(self.learn, "smooth_loss", None)
+        if sl is not self._loss_src and getattr(self.learn.recorder, "reads", 1):
+            self._loss_src, self._loss = sl, float(sl)
+        loss = f"  loss {self._loss:.4f}" if self._loss is not None else ""
+        sys.stderr.write(f"\r\x1b[K  epoch {self.epoch + 1}/{self.n_epoch}  batch {self.iter + 1}/{self.n_iter}{loss}")
         sys.stderr.flush()
 
     def after_epoch(self):
@@ -162,16 +183,31 @@ class StderrProgress(Callback):
 
 
 def make_learner(dls, *, arch: str, targets: list[str], target_mean, target_std, path, precision: str = "fp32",
-                 channels_last: bool = False, quiet: bool = False) -> Learner:
+                 channels_last: bool = False, quiet: bool = False, opt: str = "ranger", compile: bool = False,
+                 model: nn.Module | None = None, stock: bool = False, sync_every: int = SYNC_EVERY) -> Learner:
     """The seed's Learner with fastgal's callbacks (epoch timings, progress, AMP). It writes no files:
-    train adds the best-epoch weights and the epoch checkpoint (which holds the history rows)."""
-    model = make_model(arch, len(targets), target_mean, target_std)
+    train adds the best-epoch weights and the epoch checkpoint (which holds the history rows).
+
+    opt: 'ranger' (fastgal's flat-buffer Ranger) or 'fastai-ranger' (fastai's own).
+    compile: torch.compile the model in place (nn.Module.compile: state_dict keys are unchanged).
+    model: instead of make_model's (bench --what step passes a thin one). stock=True: fastai's own Learner,
+    Recorder and AccumMetric, which read the loss/predictions back to the CPU every batch (the peer
+    of `fastgal bench --what step`).
+    """
+    opt_func = optimizer(opt)
+    if model is None:
+        model = make_model(arch, len(targets), target_mean, target_std)
+    if compile:
+        model.compile()
     # fastai exposes each callback by name: learn.epoch_stats, learn.stderr_progress, ...
     cbs = [EpochStats(), StderrProgress(quiet)]
-    learn = Learner(
-        dls, model, loss_func=rmse_loss, opt_func=ranger, metrics=target_metrics(targets), path=path,
-        model_dir=".", cbs=cbs,
+    learn = (Learner if stock else FastgalLearner)(
+        dls, model, loss_func=rmse_loss, opt_func=opt_func, metrics=target_metrics(targets, on_device=not stock),
+        path=path, model_dir=".", cbs=cbs,
     )
+    if not stock:
+        learn.remove_cb(learn.recorder)
+        learn.add_cb(DeviceRecorder(every=sync_every))
     learn.remove_cb(ProgressCallback)  # its bars go to stdout; StderrProgress replaces them
     learn.logger = lambda *a, **k: None  # the Recorder's table; we print our own summary
     if precision == "bf16":

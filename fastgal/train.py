@@ -240,7 +240,7 @@ def learner(s: Setup, dls):
     learn = make_learner(dls, arch=s.cfg.arch, targets=s.targets, target_mean=s.target_mean, target_std=s.target_std,
                          path=s.out, precision=s.precision,
                          channels_last=s.cfg.channels_last and s.device.type == "cuda",
-                         quiet=s.cfg.quiet or not s.writer)
+                         quiet=s.cfg.quiet or not s.writer, opt=s.cfg.opt, compile=s.cfg.compile)
     learn.add_cb(EpochSeed(dls.train.spec.seed))
     if s.world > 1:
         learn.add_cb(DDP(s.device))

@@ -32,7 +32,7 @@ def _check_section(sec, names):
 
 def test_bench_all_sections_json(small_shards):
     res = json.loads(run_cli("bench", small_shards, "--what", "all", "--json", *TINY).stdout)  # stdout only: warnings go to stderr
-    assert res["sections"] == ["loaders", "model", "e2e", "shuffle"]
+    assert res["sections"] == ["loaders", "model", "e2e", "step", "shuffle"]
     # the fastai peer reads the survey's JPEGs through the manifest's source paths
     _check_section(res["loaders"], BACKENDS)
     assert res["loaders"]["baseline"] == "fastai"
@@ -63,7 +63,7 @@ def test_bench_without_source_images_falls_back_to_torch(small_shards, tmp_path)
 
 def test_bench_user_errors(small_shards, tmp_path):
     res = run_cli("bench", small_shards, "--what", "speed", *TINY, ok=False)
-    assert res.exit_code != 0 and "loaders, model, e2e" in res.output
+    assert res.exit_code != 0 and "loaders, model, e2e, step" in res.output
     res = run_cli("bench", tmp_path, *TINY, ok=False)
     assert res.exit_code != 0 and "manifest.json" in res.output
     res = run_cli("bench", small_shards, "--images", tmp_path / "nope", *TINY, ok=False)
