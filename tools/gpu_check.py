@@ -463,13 +463,16 @@ def work_recipe(p: Params, out: Path) -> dict:
     wall = time.perf_counter() - t0
     hist = _history(out / "run")
     t = m["targets"][m["target"]]
+    ref = (m.get("floor") or {}).get("observable_reference_rmse")
     return {"epochs": p.epochs, "bs": p.bs, "precision": m["precision"], "loader_backend": m["loader_backend"],
             "fit_seconds": m["fit_seconds"], "wall_seconds": round(wall, 2),
             "images_per_s_per_epoch": [float(h["images_per_s"]) for h in hist],
             # torch's allocator only: DALI's GPU decode and augmentation buffers are its own pool
             "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda(p) else None,
             "metrics": {"rmse": t["rmse"], "tta_rmse": t.get("tta_rmse", float("nan")), "baseline_rmse": t["baseline_rmse"],
-                        "floor_rmse": (m.get("floor") or {}).get("floor_rmse")}}
+                        "floor_rmse": (m.get("floor") or {}).get("floor_rmse"),
+                        # accuracy against what the images can reveal (issue 12): 1.0 = the tabular reference
+                        "reference_rmse": ref, "rmse_over_reference": round(t["rmse"] / ref, 3) if ref else None}}
 
 
 WORKERS = {"decode": work_decode, "equality": work_equality, "recipe": work_recipe}
@@ -534,7 +537,7 @@ def headline(rec: dict) -> str:
     if rec["name"] == "recipe":
         m = r["metrics"]
         return (f"RMSE {m['rmse']:.4f} (TTA {m['tta_rmse']:.4f}) vs mean {m['baseline_rmse']:.4f} vs floor "
-                f"{m['floor_rmse'] or float('nan'):.4f}; fit {r['fit_seconds']} s, "
+                f"{m['floor_rmse'] or float('nan'):.4f}, {m.get('rmse_over_reference')}x the observable reference; fit {r['fit_seconds']} s, "
                 f"{max(r['images_per_s_per_epoch']):,.0f} img/s; peak {r['peak_gpu_memory_gib']} GiB")
     if rec["name"] == "bench":
         b = r["bench"]
