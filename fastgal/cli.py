@@ -193,9 +193,16 @@ def train(as_json, **kw):
     data path on NVIDIA DALI (GPU decode when there is one). Writes config.json, history.csv,
     loss.png, model.pt, predictions_valid.csv, pred_vs_true.png and metrics.json into --out.
 
+    --head gaussian: the network predicts a mean and a sigma per galaxy and trains with the Gaussian
+    negative log-likelihood; predictions get sigma_<target>, metrics.json the calibration (fraction
+    within 1 and 2 sigma against 68.3% and 95.4%) and the run coverage.png. With --tta the spread of
+    the 8 views is a second sigma (sigma_tta_<target>) for either head.
+
     Example:
 
+    \b
         fastgal train shards/synth --out runs/r1 --epochs 7 --lr-find --tta
+        fastgal train shards/synth --out runs/g1 --head gaussian --tta
     """
     from .train import train as run_train
 
@@ -215,12 +222,21 @@ def _print_metrics(m: dict) -> None:
     for t, v in m["targets"].items():
         tta = f"{v['tta_rmse']:.4f}" if "tta_rmse" in v else "-"
         click.echo(f"{t:<14}{v['rmse']:>8.4f}{v['nmad']:>8.4f}{v['bias']:>+9.4f}{v['r2']:>7.3f}{tta:>10}{v['baseline_rmse']:>15.4f}")
+    for t, v in m["targets"].items():
+        for key, what in (("calibration", "sigma"), ("tta_calibration", "TTA spread")):
+            if key in v:
+                click.echo(f"{t}: {_calibration_line(v[key], what)}")
     if m.get("floor"):
         f = m["floor"]
         click.echo(f"synthetic survey: observable reference RMSE {f['observable_reference_rmse']:.4f} dex (what the "
                    f"images show), latent floor {f['floor_rmse']:.4f} dex (an oracle knowing mass and SFR)")
     click.echo(f"{m['epochs']} epochs in {m['fit_seconds']:.1f}s, {m['train_images_per_s']:.0f} train images/s "
                f"({m['device']}, {m['precision']}, {m['loader_backend']}); best epoch {m['best_epoch']}")
+
+
+def _calibration_line(c: dict, what: str) -> str:
+    return (f"{what} (median {c['median_sigma']:.4f}): within 1 sigma {c['within_1sigma']:.1%} (Gaussian 68.3%), "
+            f"within 2 sigma {c['within_2sigma']:.1%} (95.4%), RMS z {c['rms_z']:.2f}")
 
 
 @cli.command()
@@ -359,8 +375,9 @@ def predict(as_json, **kw):
     """Apply a trained run to a shard folder or a folder of JPEG cutouts.
 
     Writes a CSV with one row per input: id, predictions (pred_<target>, pred_tta_<target> with
-    --tta), the true values when the shards have them, and for JPEG folders a status/reason for
-    files that could not be used.
+    --tta), sigma_<target> from a --head gaussian model, sigma_tta_<target> (the 8 views' spread)
+    with --tta, the true values when the shards have them, and for JPEG folders a status/reason
+    for files that could not be used. On shards it reports the calibration of each sigma.
 
     Example:
 
@@ -382,6 +399,9 @@ def predict(as_json, **kw):
     for t, d in diag.items():
         click.echo(f"  {t} ({d['prediction']}): RMSE {d['rmse']:.4f}  NMAD {d['nmad']:.4f}  bias {d['bias']:+.4f}  "
                    f"outliers {d['outlier_fraction']:.1%}")
+        for key, what in (("calibration", "sigma"), ("tta_calibration", "TTA spread")):
+            if key in d:
+                click.echo(f"    {_calibration_line(d[key], what)}")
 
 
 @cli.command()

@@ -29,6 +29,8 @@ from fastai.optimizer import ranger
 from fastai.vision.models import xresnet
 from torch import nn
 
+from . import heads
+
 MODEL_FORMAT = 1  # model.pt's layout; load_checkpoint refuses any other
 
 ARCHS = {name: getattr(xresnet, name) for name in ("xresnet18", "xresnet34", "xresnet50", "xresnet18_deep", "xresnet34_deep")}
@@ -81,10 +83,13 @@ class Denormalize(nn.Module):
         return x.float() * self.std + self.mean
 
 
-def make_model(arch: str, n_out: int, mean, std) -> nn.Module:
+def make_model(arch: str, n_out: int, mean, std, head: str = "rmse") -> nn.Module:
+    """n_out targets; head "gaussian" doubles the body's outputs into a mean and a log σ each (heads.py)."""
     if arch not in ARCHS:
         raise ValueError(f"unknown --arch {arch!r}; choose one of {', '.join(ARCHS)}")
-    body = ARCHS[arch](n_out=n_out, sa=True, act_cls=nn.Mish)
+    body = ARCHS[arch](n_out=heads.n_outputs(head, n_out), sa=True, act_cls=nn.Mish)
+    if head == "gaussian":
+        return nn.Sequential(body, heads.GaussianHead(Denormalize(mean, std), std))
     return nn.Sequential(body, Denormalize(mean, std))
 
 
@@ -162,14 +167,15 @@ class StderrProgress(Callback):
 
 
 def make_learner(dls, *, arch: str, targets: list[str], target_mean, target_std, path, precision: str = "fp32",
-                 channels_last: bool = False, quiet: bool = False) -> Learner:
+                 channels_last: bool = False, quiet: bool = False, head: str = "rmse") -> Learner:
     """The seed's Learner with fastgal's callbacks (epoch timings, progress, AMP). It writes no files:
-    train adds the best-epoch weights and the epoch checkpoint (which holds the history rows)."""
-    model = make_model(arch, len(targets), target_mean, target_std)
+    train adds the best-epoch weights and the epoch checkpoint (which holds the history rows).
+    head "gaussian": Gaussian NLL loss; the metrics stay the RMSE of the means (columns 0..k-1)."""
+    model = make_model(arch, len(targets), target_mean, target_std, head=head)
     # fastai exposes each callback by name: learn.epoch_stats, learn.stderr_progress, ...
     cbs = [EpochStats(), StderrProgress(quiet)]
     learn = Learner(
-        dls, model, loss_func=rmse_loss, opt_func=ranger, metrics=target_metrics(targets), path=path,
+        dls, model, loss_func=heads.gaussian_nll if head == "gaussian" else rmse_loss, opt_func=ranger, metrics=target_metrics(targets), path=path,
         model_dir=".", cbs=cbs,
     )
     learn.remove_cb(ProgressCallback)  # its bars go to stdout; StderrProgress replaces them
@@ -369,7 +375,8 @@ def load_checkpoint(run, device="cpu") -> tuple[nn.Module, dict]:
     version = ckpt.get("format_version") if isinstance(ckpt, dict) else None
     if version != MODEL_FORMAT:
         raise ValueError(f"{path} is not a fastgal model (format {version}); this fastgal reads format {MODEL_FORMAT}")
-    model = make_model(ckpt["arch"], len(ckpt["targets"]), ckpt["target_mean"], ckpt["target_std"])
+    ckpt.setdefault("head", "rmse")  # model.pt files from before --head
+    model = make_model(ckpt["arch"], len(ckpt["targets"]), ckpt["target_mean"], ckpt["target_std"], head=ckpt["head"])
     model.load_state_dict(ckpt["state_dict"])
     meta = {k: v for k, v in ckpt.items() if k != "state_dict"}
     return model.to(device).eval(), meta
@@ -385,7 +392,8 @@ def inference_settings(meta: dict, device) -> tuple[torch.dtype | None, bool]:
 
 
 def inference(model: nn.Module, meta: dict, device):
-    """x -> float32 predictions, computed the way training computed them (inference_settings)."""
+    """x -> float32 model outputs, computed the way training computed them (inference_settings): (B, k)
+    predictions, or for a gaussian head (B, 2k) means then log σ; heads.split(out, k) gives (means, σ)."""
     dtype, channels_last = inference_settings(meta, device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
