@@ -51,8 +51,9 @@ def loss_curves(train_iters, train_losses, epoch_iters, valid_rmse, out: Path, t
     ax.set_yscale("log")
     if lax is not ax:
         lax.set_ylabel(loss_name)
-        lax.legend(loc="upper center")
-    ax.legend()
+    # one legend for both axes, drawn on the top one
+    lines = [ln for a in dict.fromkeys((lax, ax)) for ln in a.get_lines()]
+    lax.legend(lines, [ln.get_label() for ln in lines])
     ax.set_title(title or "loss")
     fig.tight_layout()
     fig.savefig(out, dpi=100)

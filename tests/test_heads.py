@@ -120,7 +120,8 @@ def test_train_gaussian_head_writes_sigma_calibration_and_coverage(gaussian_run,
     assert t["calibration"]["within_1sigma"] == pytest.approx(float((z <= 1).mean()), abs=1e-3)
     assert t["calibration"]["within_2sigma"] == pytest.approx(float((z <= 2).mean()), abs=1e-3)
     zt = (pred.pred_tta_metallicity - pred.true_metallicity).abs() / pred.sigma_tta_metallicity
-    assert t["tta_calibration"]["rms_z"] == pytest.approx(float(np.sqrt((zt**2).mean())), rel=1e-2)
+    # (the CSV rounds to 1e-5 dex, and a 1-epoch model's views can agree that closely: compare fractions)
+    assert t["tta_calibration"]["within_2sigma"] == pytest.approx(float((zt <= 2).mean()), abs=0.02)
     # the validation metric is still the RMSE of the mean, so history.csv reads the same for both heads
     assert t["rmse"] == pytest.approx(float(np.sqrt((d**2).mean())), abs=1e-4)
     hist = pd.read_csv(run / "history.csv")
