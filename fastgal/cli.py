@@ -193,16 +193,13 @@ def train(as_json, **kw):
     data path on NVIDIA DALI (GPU decode when there is one). Writes config.json, history.csv,
     loss.png, model.pt, predictions_valid.csv, pred_vs_true.png and metrics.json into --out.
 
-    --head gaussian: the network predicts a mean and a sigma per galaxy and trains with the Gaussian
-    negative log-likelihood; predictions get sigma_<target>, metrics.json the calibration (fraction
-    within 1 and 2 sigma against 68.3% and 95.4%) and the run coverage.png. With --tta the spread of
-    the 8 views is a second sigma (sigma_tta_<target>) for either head.
+    --head gaussian predicts a mean and a sigma per galaxy (Gaussian NLL loss): sigma_<target>, the
+    calibration in metrics.json (within 1 and 2 sigma vs 68.3%, 95.4%) and coverage.png. --tta adds
+    the 8 views' spread as a second sigma (sigma_tta_<target>) for either head.
 
     Example:
 
-    \b
-        fastgal train shards/synth --out runs/r1 --epochs 7 --lr-find --tta
-        fastgal train shards/synth --out runs/g1 --head gaussian --tta
+        fastgal train shards/synth --out runs/r1 --lr-find --tta --head gaussian
     """
     from .train import train as run_train
 
@@ -223,9 +220,7 @@ def _print_metrics(m: dict) -> None:
         tta = f"{v['tta_rmse']:.4f}" if "tta_rmse" in v else "-"
         click.echo(f"{t:<14}{v['rmse']:>8.4f}{v['nmad']:>8.4f}{v['bias']:>+9.4f}{v['r2']:>7.3f}{tta:>10}{v['baseline_rmse']:>15.4f}")
     for t, v in m["targets"].items():
-        for key, what in (("calibration", "sigma"), ("tta_calibration", "TTA spread")):
-            if key in v:
-                click.echo(f"{t}: {_calibration_line(v[key], what)}")
+        _echo_calibration(v, f"{t}: ")
     if m.get("floor"):
         f = m["floor"]
         click.echo(f"synthetic survey: observable reference RMSE {f['observable_reference_rmse']:.4f} dex (what the "
@@ -234,9 +229,11 @@ def _print_metrics(m: dict) -> None:
                f"({m['device']}, {m['precision']}, {m['loader_backend']}); best epoch {m['best_epoch']}")
 
 
-def _calibration_line(c: dict, what: str) -> str:
-    return (f"{what} (median {c['median_sigma']:.4f}): within 1 sigma {c['within_1sigma']:.1%} (Gaussian 68.3%), "
-            f"within 2 sigma {c['within_2sigma']:.1%} (95.4%), RMS z {c['rms_z']:.2f}")
+def _echo_calibration(d: dict, prefix: str) -> None:
+    for c, what in ((d.get("calibration"), "sigma"), (d.get("tta_calibration"), "TTA spread")):
+        if c:
+            click.echo(f"{prefix}{what} (median {c['median_sigma']:.4f}): within 1 sigma {c['within_1sigma']:.1%} "
+                       f"(Gaussian 68.3%), within 2 sigma {c['within_2sigma']:.1%} (95.4%), RMS z {c['rms_z']:.2f}")
 
 
 @cli.command()
@@ -399,9 +396,7 @@ def predict(as_json, **kw):
     for t, d in diag.items():
         click.echo(f"  {t} ({d['prediction']}): RMSE {d['rmse']:.4f}  NMAD {d['nmad']:.4f}  bias {d['bias']:+.4f}  "
                    f"outliers {d['outlier_fraction']:.1%}")
-        for key, what in (("calibration", "sigma"), ("tta_calibration", "TTA spread")):
-            if key in d:
-                click.echo(f"    {_calibration_line(d[key], what)}")
+        _echo_calibration(d, "    ")
 
 
 @cli.command()

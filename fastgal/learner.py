@@ -8,7 +8,8 @@
 Everything is stock fastai, extended with callbacks rather than a custom loop. One addition to
 the seed: the network ends in a fixed `Denormalize` layer (out * std + mean of the training
 targets), so it starts predicting the mean instead of 0 for a ~8.9 dex target. The loss and the
-metrics are still the seed's RMSE in the targets' own units (dex).
+metrics are still the seed's RMSE in the targets' own units (dex). head="gaussian" (heads.py) adds a
+log σ per target and trains on the Gaussian NLL; the metrics stay the RMSE of the means.
 """
 
 from __future__ import annotations
