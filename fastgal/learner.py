@@ -175,8 +175,9 @@ def make_learner(dls, *, arch: str, targets: list[str], target_mean, target_std,
     model = make_model(arch, len(targets), target_mean, target_std, head=head)
     # fastai exposes each callback by name: learn.epoch_stats, learn.stderr_progress, ...
     cbs = [EpochStats(), StderrProgress(quiet)]
+    loss = heads.gaussian_nll if head == "gaussian" else rmse_loss
     learn = Learner(
-        dls, model, loss_func=heads.gaussian_nll if head == "gaussian" else rmse_loss, opt_func=ranger, metrics=target_metrics(targets), path=path,
+        dls, model, loss_func=loss, opt_func=ranger, metrics=target_metrics(targets), path=path,
         model_dir=".", cbs=cbs,
     )
     learn.remove_cb(ProgressCallback)  # its bars go to stdout; StderrProgress replaces them

@@ -190,6 +190,7 @@ def _prepare_out(cfg: TrainConfig, out: Path) -> None:
 def _check_resume(out: Path, config: dict) -> None:
     """--resume: the settings must be the interrupted run's, or the result would be neither run."""
     old = json.loads((out / "config.json").read_text())
+    old.setdefault("head", "rmse")  # a run interrupted before --head existed
     for k in [*(k for k in TrainConfig.__dataclass_fields__ if k not in NOT_SETTINGS), *RESOLVED]:
         if old.get(k) != config.get(k):
             raise ValueError(f"--resume: {out} was trained with {k} = {old.get(k)!r}, not {config.get(k)!r}; "
@@ -376,7 +377,7 @@ def train(cfg: TrainConfig) -> dict:
     save_model(s, learn)
     t0 = s.targets[0]
     metrics = {
-        **{k: v for k, v in per_target[t0].items() if not isinstance(v, (list, dict))}, "target": t0, "head": cfg.head, "targets": per_target,
+        **{k: v for k, v in per_target[t0].items() if not isinstance(v, (list, dict))}, "target": t0, "targets": per_target, "head": cfg.head,
         "floor": synth_floor(s.manifest), "epochs": cfg.epochs, "best_epoch": int(np.argmin(hist[s.monitor].values)),
         "fit_seconds": round(float(hist["seconds"].sum()), 2),  # every epoch's, whichever process ran it
         "n_train": s.manifest["counts"]["train"], "n_valid": len(ids),
