@@ -22,6 +22,7 @@ from pathlib import Path
 import click
 
 from . import __version__
+from .diagnostics import calibration_lines, format_metrics
 from .config import (BenchConfig, DemoConfig, DownloadConfig, EnvConfig, PredictConfig, ShardConfig, SynthConfig,
                      TrainConfig)
 
@@ -193,9 +194,13 @@ def train(as_json, **kw):
     data path on NVIDIA DALI (GPU decode when there is one). Writes config.json, history.csv,
     loss.png, model.pt, predictions_valid.csv, pred_vs_true.png and metrics.json into --out.
 
+    --head gaussian predicts a mean and a sigma per galaxy (Gaussian NLL loss): sigma_<target>, the
+    calibration in metrics.json (within 1 and 2 sigma vs 68.3%, 95.4%) and coverage.png. --tta adds
+    the 8 views' spread as a second sigma (sigma_tta_<target>) for either head.
+
     Example:
 
-        fastgal train shards/synth --out runs/r1 --epochs 7 --lr-find --tta
+        fastgal train shards/synth --out runs/r1 --lr-find --tta --head gaussian
     """
     from .train import train as run_train
 
@@ -206,21 +211,7 @@ def train(as_json, **kw):
     if as_json:
         _echo_json(m)
     else:
-        _print_metrics(m)
-
-
-def _print_metrics(m: dict) -> None:
-    """The final summary table on stdout."""
-    click.echo(f"{'target':<14}{'RMSE':>8}{'NMAD':>8}{'bias':>9}{'R2':>7}{'TTA RMSE':>10}{'mean-baseline':>15}")
-    for t, v in m["targets"].items():
-        tta = f"{v['tta_rmse']:.4f}" if "tta_rmse" in v else "-"
-        click.echo(f"{t:<14}{v['rmse']:>8.4f}{v['nmad']:>8.4f}{v['bias']:>+9.4f}{v['r2']:>7.3f}{tta:>10}{v['baseline_rmse']:>15.4f}")
-    if m.get("floor"):
-        f = m["floor"]
-        click.echo(f"synthetic survey: observable reference RMSE {f['observable_reference_rmse']:.4f} dex (what the "
-                   f"images show), latent floor {f['floor_rmse']:.4f} dex (an oracle knowing mass and SFR)")
-    click.echo(f"{m['epochs']} epochs in {m['fit_seconds']:.1f}s, {m['train_images_per_s']:.0f} train images/s "
-               f"({m['device']}, {m['precision']}, {m['loader_backend']}); best epoch {m['best_epoch']}")
+        click.echo(format_metrics(m))
 
 
 @cli.command()
@@ -245,7 +236,7 @@ def demo(as_json, **kw):
     if as_json:
         _echo_json(m)
         return
-    _print_metrics(m)
+    click.echo(format_metrics(m))
     t = m["targets"][m["target"]]
     click.echo(f"validation RMSE {t['rmse']:.4f} dex vs predict-the-mean {t['baseline_rmse']:.4f} dex "
                f"vs observable reference {m['survey_reference_rmse']:.4f} dex (latent floor "
@@ -359,8 +350,9 @@ def predict(as_json, **kw):
     """Apply a trained run to a shard folder or a folder of JPEG cutouts.
 
     Writes a CSV with one row per input: id, predictions (pred_<target>, pred_tta_<target> with
-    --tta), the true values when the shards have them, and for JPEG folders a status/reason for
-    files that could not be used.
+    --tta), sigma_<target> from a --head gaussian model, sigma_tta_<target> (the 8 views' spread)
+    with --tta, the true values when the shards have them, and for JPEG folders a status/reason
+    for files that could not be used. On shards it reports the calibration of each sigma.
 
     Example:
 
@@ -382,6 +374,8 @@ def predict(as_json, **kw):
     for t, d in diag.items():
         click.echo(f"  {t} ({d['prediction']}): RMSE {d['rmse']:.4f}  NMAD {d['nmad']:.4f}  bias {d['bias']:+.4f}  "
                    f"outliers {d['outlier_fraction']:.1%}")
+        for line in calibration_lines(d, "    "):
+            click.echo(line)
 
 
 @cli.command()
@@ -392,7 +386,9 @@ def bench(as_json, **kw):
     loaders: images/s of the DALI loader, the torch fallback and fastai's DataBlock over the
     original JPEGs (the seed recipe's data path, the peer). model: forward + backward of the
     learner's model on synthetic batches. e2e: a short Learner.fit with each loader, and its
-    data-bound fraction (e2e / model images/s). Machines are noisy: read the ratios.
+    data-bound fraction (e2e / model images/s). step: the host cost of a training step (ms, aten
+    ops, device syncs) against stock fastai's. shuffle: each loader's sample order across epochs.
+    Machines are noisy: read the ratios.
 
     Example:
 

@@ -119,7 +119,11 @@ class TrainConfig:
     targets: list[str] | None = opt(None, "Target name(s); default: all in the manifest.", flag="--target", multiple=True)
     lr_find: bool = opt(False, "Run fastai's lr_find first; writes lr_find.png.")
     lr_find_iters: int = opt(100, "Batches lr_find tries.")  # fastai's default
-    tta: bool = opt(False, "Also predict with the 8 dihedral views averaged.")
+    tta: bool = opt(False, "Also predict with the 8 dihedral views averaged; their spread is a second sigma "
+                    "(sigma_tta_<t>).")
+    head: str = opt("rmse", "rmse: the seed's point estimate and RMSE loss. gaussian: a mean and a sigma per "
+                    "galaxy (sigma_<t>), Gaussian NLL loss; validation RMSE of the mean picks the best epoch.",
+                    choices=["rmse", "gaussian"])
     mass_col: str = opt("lgm_tot_p50", "Catalog column of log stellar mass for the mass-metallicity check "
                         "(mzr.png); skipped when the shards' rows lack it.")
     seed: int = opt(42)
@@ -196,7 +200,7 @@ class PredictConfig:
     input: Path = opt(Path("shards/synth"), argument=True)
     out: Path | None = opt(None, "CSV [default: RUN/predictions_<INPUT>.csv].")
     split: str = opt("valid", "Which shards, when INPUT is a shard folder.", choices=["valid", "train", "all"])
-    tta: bool = opt(False, "Average the 8 dihedral views.")
+    tta: bool = opt(False, "Average the 8 dihedral views; their spread is written as sigma_tta_<t>.")
     bs: int = opt(256)
     device: str = opt("auto", choices=DEVICES)
     loader: str = opt("auto", choices=LOADERS)

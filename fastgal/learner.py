@@ -8,7 +8,8 @@
 Everything is stock fastai, extended with callbacks rather than a custom loop. One addition to
 the seed: the network ends in a fixed `Denormalize` layer (out * std + mean of the training
 targets), so it starts predicting the mean instead of 0 for a ~8.9 dex target. The loss and the
-metrics are still the seed's RMSE in the targets' own units (dex).
+metrics are still the seed's RMSE in the targets' own units (dex). head="gaussian" (heads.py) adds a
+log σ per target and trains on the Gaussian NLL; the metrics stay the RMSE of the means.
 
 The training step does less host work than stock fastai's, with the same results (what bounds a
 GPU at this model size): `--opt ranger` is fastai's ranger over flat buffers (ranger.py), and the
@@ -33,6 +34,7 @@ from fastai.metrics import AccumMetric
 from fastai.vision.models import xresnet
 from torch import nn
 
+from . import heads
 from .loop import SYNC_EVERY, DeviceAccumMetric, DeviceRecorder, FastgalLearner
 from .ranger import optimizer
 
@@ -88,11 +90,13 @@ class Denormalize(nn.Module):
         return x.float() * self.std + self.mean
 
 
-def make_model(arch: str, n_out: int, mean, std) -> nn.Module:
-    """xresnet(n_out, sa=True, act_cls=Mish) + Denormalize (out * std + mean)."""
+def make_model(arch: str, n_out: int, mean, std, head: str = "rmse") -> nn.Module:
+    """n_out targets; head "gaussian" doubles the body's outputs into a mean and a log σ each (heads.py)."""
     if arch not in ARCHS:
         raise ValueError(f"unknown --arch {arch!r}; choose one of {', '.join(ARCHS)}")
-    body = ARCHS[arch](n_out=n_out, sa=True, act_cls=nn.Mish)
+    body = ARCHS[arch](n_out=heads.n_outputs(head, n_out), sa=True, act_cls=nn.Mish)
+    if head == "gaussian":
+        return nn.Sequential(body, heads.GaussianHead(Denormalize(mean, std), std))
     return nn.Sequential(body, Denormalize(mean, std))
 
 
@@ -184,7 +188,7 @@ class StderrProgress(Callback):
 
 def make_learner(dls, *, arch: str, targets: list[str], target_mean, target_std, path, precision: str = "fp32",
                  channels_last: bool = False, quiet: bool = False, opt: str = "ranger", compile: bool = False,
-                 model: nn.Module | None = None, stock: bool = False, sync_every: int = SYNC_EVERY) -> Learner:
+                 model: nn.Module | None = None, stock: bool = False, sync_every: int = SYNC_EVERY, head: str = "rmse") -> Learner:
     """The seed's Learner with fastgal's callbacks (epoch timings, progress, AMP). It writes no files:
     train adds the best-epoch weights and the epoch checkpoint (which holds the history rows).
 
@@ -192,17 +196,19 @@ def make_learner(dls, *, arch: str, targets: list[str], target_mean, target_std,
     compile: torch.compile the model in place (nn.Module.compile: state_dict keys are unchanged).
     model: instead of make_model's (bench --what step passes a thin one). stock=True: fastai's own Learner,
     Recorder and AccumMetric, which read the loss/predictions back to the CPU every batch (the peer
-    of `fastgal bench --what step`).
+    of `fastgal bench --what step`). head "gaussian": Gaussian NLL loss; the metrics stay the RMSE of
+    the means (columns 0..k-1).
     """
     opt_func = optimizer(opt)
     if model is None:
-        model = make_model(arch, len(targets), target_mean, target_std)
+        model = make_model(arch, len(targets), target_mean, target_std, head=head)
     if compile:
         model.compile()
     # fastai exposes each callback by name: learn.epoch_stats, learn.stderr_progress, ...
     cbs = [EpochStats(), StderrProgress(quiet)]
+    loss = heads.gaussian_nll if head == "gaussian" else rmse_loss
     learn = (Learner if stock else FastgalLearner)(
-        dls, model, loss_func=rmse_loss, opt_func=opt_func, metrics=target_metrics(targets, on_device=not stock),
+        dls, model, loss_func=loss, opt_func=opt_func, metrics=target_metrics(targets, on_device=not stock),
         path=path, model_dir=".", cbs=cbs,
     )
     if not stock:
@@ -405,7 +411,8 @@ def load_checkpoint(run, device="cpu") -> tuple[nn.Module, dict]:
     version = ckpt.get("format_version") if isinstance(ckpt, dict) else None
     if version != MODEL_FORMAT:
         raise ValueError(f"{path} is not a fastgal model (format {version}); this fastgal reads format {MODEL_FORMAT}")
-    model = make_model(ckpt["arch"], len(ckpt["targets"]), ckpt["target_mean"], ckpt["target_std"])
+    ckpt.setdefault("head", "rmse")  # model.pt files from before --head
+    model = make_model(ckpt["arch"], len(ckpt["targets"]), ckpt["target_mean"], ckpt["target_std"], head=ckpt["head"])
     model.load_state_dict(ckpt["state_dict"])
     meta = {k: v for k, v in ckpt.items() if k != "state_dict"}
     return model.to(device).eval(), meta
@@ -421,7 +428,8 @@ def inference_settings(meta: dict, device) -> tuple[torch.dtype | None, bool]:
 
 
 def inference(model: nn.Module, meta: dict, device):
-    """x -> float32 predictions, computed the way training computed them (inference_settings)."""
+    """x -> float32 model outputs, computed the way training computed them (inference_settings): (B, k)
+    predictions, or for a gaussian head (B, 2k) means then log σ; heads.split(out, k) gives (means, σ)."""
     dtype, channels_last = inference_settings(meta, device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)

@@ -1,4 +1,5 @@
-"""PNG figures a person can open: sample cutouts, loss curves, lr_find, predicted vs true, residuals, MZR.
+"""PNG figures a person can open: sample cutouts, loss curves, lr_find, predicted vs true, residuals, MZR,
+the coverage of predicted uncertainties.
 
 A leaf module: it takes arrays and paths, never pipelines or learners.
 """
@@ -36,16 +37,23 @@ def image_grid(images: list[np.ndarray], labels: list[str], out: Path | None, nc
     return Path(out)
 
 
-def loss_curves(train_iters, train_losses, epoch_iters, valid_rmse, out: Path, title: str = "") -> Path:
-    """Training loss per batch (smoothed by fastai) and validation RMSE per epoch."""
+def loss_curves(train_iters, train_losses, epoch_iters, valid_rmse, out: Path, title: str = "",
+                loss_name: str = "RMSE") -> Path:
+    """Training loss per batch (smoothed by fastai) and validation RMSE per epoch. A loss other than the
+    RMSE (the gaussian head's NLL, which goes negative) gets its own linear axis on the right."""
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(train_iters, train_losses, label="train loss (RMSE, smoothed)", lw=1)
+    lax = ax if loss_name == "RMSE" else ax.twinx()
+    lax.plot(train_iters, train_losses, label=f"train loss ({loss_name}, smoothed)", lw=1, color="C0")
     if len(valid_rmse):
-        ax.plot(epoch_iters, valid_rmse, "o-", label="valid RMSE")
+        ax.plot(epoch_iters, valid_rmse, "o-", label="valid RMSE", color="C1")
     ax.set_xlabel("batch")
     ax.set_ylabel("dex")
     ax.set_yscale("log")
-    ax.legend()
+    if lax is not ax:
+        lax.set_ylabel(loss_name)
+    # one legend for both axes, drawn on the top one
+    lines = [ln for a in dict.fromkeys((lax, ax)) for ln in a.get_lines()]
+    lax.legend(lines, [ln.get_label() for ln in lines])
     ax.set_title(title or "loss")
     fig.tight_layout()
     fig.savefig(out, dpi=100)
@@ -146,6 +154,30 @@ def mzr_plot(mass, true, pred, fits: dict, out: Path) -> Path:
         ax.set_title(f"{'true' if key == 'true' else 'predicted'} metallicity")
         ax.legend(loc="lower right", fontsize=8)
     axes[0].set_ylabel("12 + log(O/H)")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def coverage_plot(abs_z: dict, out: Path, k_max: float = 3.0) -> Path:
+    """Observed fraction of |error| / sigma <= k against k, for each named sigma ({label: |z| per galaxy}),
+    beside a Gaussian's erf(k / sqrt 2): a curve below it is overconfident, above it underconfident."""
+    from math import erf, sqrt
+
+    k = np.linspace(0, k_max, 121)
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot(k, [erf(v / sqrt(2)) for v in k], "k--", lw=1, label="Gaussian expectation")
+    for label, z in abs_z.items():
+        z = np.sort(np.asarray(z, np.float64))
+        ax.plot(k, np.searchsorted(z, k, side="right") / max(len(z), 1), lw=1.5, label=label)
+    for v in (1, 2):
+        ax.axvline(v, color="0.8", lw=0.8, zorder=0)
+    ax.set_xlim(0, k_max)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("k  (|predicted - true| <= k sigma)")
+    ax.set_ylabel("fraction of galaxies")
+    ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)

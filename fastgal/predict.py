@@ -8,6 +8,11 @@ training pixel statistics (inputs are normalised with those, never with the new 
 the crop geometry. Shards go through the same DALI valid/tta graphs as training; a JPEG folder
 goes through the torch path with the same centre crops. Every input ends up in the output:
 JPEGs that cannot be used get a row with an empty prediction and the reason.
+
+Uncertainties: a gaussian-head model adds sigma_<t>, its σ for the prediction beside it (for a JPEG
+folder with --tta, the mean over the 8 views of the σ each view got). --tta adds sigma_tta_<t>, the
+spread of the 8 views' predictions, for either head. On shards (which know the truth) diagnose()
+reports the calibration of each.
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from .config import PredictConfig
-from .diagnostics import summarise
+from .diagnostics import calibration, summarise
+from .heads import split, view_stats
 from .learner import inference, load_checkpoint, resolve_device
 from .loaders import loader_for, thread_budget, transform, tta_loaders, worker_context
 from .pipeline import PipeSpec
@@ -30,7 +36,7 @@ from .util import jpeg_problem, write_bytes_atomic
 
 
 def _run(forward, batches) -> tuple[np.ndarray, np.ndarray]:
-    """(predictions, targets) over a loader."""
+    """(model outputs, targets) over a loader."""
     preds, ys = [], []
     for x, y in batches:
         preds.append(forward(x).cpu())
@@ -44,26 +50,36 @@ def predict_shards(cfg: PredictConfig, forward, ckpt, device) -> pd.DataFrame:
         raise ValueError(f"{cfg.input} holds {manifest['image']['size']} px images (precrop {manifest['image'].get('precrop')}) "
                          f"but the model was trained on {ckpt['image_size']} (precrop {ckpt.get('precrop')}); re-shard to match")
     splits = ["train", "valid"] if cfg.split == "all" else [cfg.split]
-    frames = []
-    for split in splits:
-        if manifest["counts"][split] == 0:
+    frames, k = [], len(ckpt["targets"])
+    for part in splits:
+        if manifest["counts"][part] == 0:
             continue
         # the eval graph over this split, normalised with the model's training statistics
-        dl = loader_for(cfg.input, manifest, split, kind="valid", bs=cfg.bs, size=ckpt["size"], crop=ckpt["crop"],
+        dl = loader_for(cfg.input, manifest, part, kind="valid", bs=cfg.bs, size=ckpt["size"], crop=ckpt["crop"],
                         device=device, backend=cfg.loader, num_threads=thread_budget(cfg.workers),
                         mean=ckpt["pixel_mean"], std=ckpt["pixel_std"])
-        pred, ys = _run(forward, dl)
-        df = pd.DataFrame({"id": index_keys(dl.spec.idxs), "split": split})
+        out, ys = _run(forward, dl)
+        df = pd.DataFrame({"id": index_keys(dl.spec.idxs), "split": part})
         for j, t in enumerate(manifest["targets"]):
             df[f"true_{t}"] = ys[:, j]
-        for j, t in enumerate(ckpt["targets"]):
-            df[f"pred_{t}"] = pred[:, j]
+        cols = dict(zip(("pred", "sigma"), split(out, k)))
         if cfg.tta:
-            tta = np.mean([_run(forward, v)[0] for v in tta_loaders(dl)], axis=0)
-            for j, t in enumerate(ckpt["targets"]):
-                df[f"pred_tta_{t}"] = tta[:, j]
+            cols["pred_tta"], cols["sigma_tta"] = view_stats([split(_run(forward, v)[0], k)[0] for v in tta_loaders(dl)])
+        _add_columns(df, cols, ckpt["targets"])
         frames.append(df)
     return pd.concat(frames, ignore_index=True)
+
+
+def _add_columns(df: pd.DataFrame, cols: dict, targets: list[str], bad=None) -> None:
+    """{"pred": (N, k), "sigma": ... or None, ...} -> df columns pred_<t>, sigma_<t>, ... (NaN where bad)."""
+    for name, a in cols.items():
+        if a is None:
+            continue
+        for j, t in enumerate(targets):
+            col = a[:, j].astype(np.float64)
+            if bad is not None:
+                col[bad] = np.nan
+            df[f"{name}_{t}"] = col
 
 
 class _Files(torch.utils.data.Dataset):
@@ -102,19 +118,21 @@ def predict_images(cfg: PredictConfig, forward, ckpt, device) -> pd.DataFrame:
     workers = min(thread_budget(cfg.workers), 4)
     dl = torch.utils.data.DataLoader(_Files(files, specs, ckpt["image_size"]), batch_size=cfg.bs, num_workers=workers,
                                      **worker_context(device, workers))
-    preds, status = [], [""] * len(files)
+    k, status = len(ckpt["targets"]), [""] * len(files)
+    parts: dict[str, list] = {"pred": [], "sigma": [], "sigma_tta": []}
     for x, idx, why in dl:
         b, v = x.shape[:2]
-        preds.append(forward(x.flatten(0, 1).to(device)).cpu().view(b, v, -1).mean(1))  # mean over views
-        for k, w in zip(idx.tolist(), why):
-            status[k] = w
-    pred = torch.cat(preds).numpy()
+        mu, sigma = split(forward(x.flatten(0, 1).to(device)).view(b, v, -1), k)  # (b, views, k)
+        parts["pred"].append(mu.mean(1))  # mean over views
+        parts["sigma"].append(sigma.mean(1) if sigma is not None else None)
+        parts["sigma_tta"].append(mu.std(1) if cfg.tta else None)
+        for i, w in zip(idx.tolist(), why):
+            status[i] = w
+    # with --tta the 8 views' mean is the only prediction here: pred_tta_<t>
+    cols = {("pred_tta" if n == "pred" and cfg.tta else n): np.concatenate(a) if a[0] is not None else None
+            for n, a in parts.items()}
     df = pd.DataFrame({"id": [p.stem for p in files], "file": [str(p) for p in files]})
-    bad = np.array([bool(s) for s in status])
-    for j, t in enumerate(ckpt["targets"]):
-        col = pred[:, j].astype(np.float64)
-        col[bad] = np.nan
-        df[f"pred{'_tta' if cfg.tta else ''}_{t}"] = col
+    _add_columns(df, cols, ckpt["targets"], bad=np.array([bool(s) for s in status]))
     df["status"] = ["ok" if not s else s.split(":")[0] for s in status]
     df["reason"] = [s.split(": ", 1)[1] if ": " in s else "" for s in status]
     return df
@@ -122,13 +140,19 @@ def predict_images(cfg: PredictConfig, forward, ckpt, device) -> pd.DataFrame:
 
 def diagnose(df: pd.DataFrame) -> dict:
     """Where the input knew the truth (shards): diagnostics.summarise per target, of the TTA prediction
-    when there is one."""
+    when there is one; the calibration of sigma_<t> (against pred_<t>) and of sigma_tta_<t> (against
+    pred_tta_<t>) where the model or --tta gave them."""
     out = {}
     for c in [c for c in df.columns if c.startswith("true_")]:
         t = c[5:]
         p = f"pred_tta_{t}" if f"pred_tta_{t}" in df else f"pred_{t}"
-        if p in df:
-            out[t] = {"prediction": p, **summarise(df[c].to_numpy(), df[p].to_numpy())}
+        if p not in df:
+            continue
+        true = df[c].to_numpy()
+        out[t] = {"prediction": p, **summarise(true, df[p].to_numpy())}
+        for key, pc, sc in (("calibration", f"pred_{t}", f"sigma_{t}"), ("tta_calibration", f"pred_tta_{t}", f"sigma_tta_{t}")):
+            if pc in df and sc in df:
+                out[t][key] = calibration(true, df[pc].to_numpy(), df[sc].to_numpy())
     return out
 
 

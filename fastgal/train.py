@@ -14,9 +14,10 @@ Run folder (metrics.json is written last: its presence means the run finished):
     show_batch.png         a training batch as the model sees it (denormalised)
     model.pt               weights + what predict needs (learner.save_checkpoint)
     checkpoint.pth         while training: the state after the last finished epoch, for --resume (removed at the end)
-    predictions_valid.csv  id, true_<t>, pred_<t> (and pred_tta_<t> with --tta)
+    predictions_valid.csv  id, true_<t>, pred_<t>, sigma_<t> (--head gaussian); pred_tta_<t>, sigma_tta_<t> (--tta)
     pred_vs_true.png       with the 1:1 line and RMSE/NMAD
-    metrics.json           RMSE, NMAD, bias, R2, TTA RMSE, predict-the-training-mean RMSE, timings
+    coverage.png           where there is a sigma: observed fraction of |error| within k sigma vs a Gaussian's
+    metrics.json           RMSE, NMAD, bias, R2, TTA RMSE, predict-the-training-mean RMSE, calibration, timings
 
 Distributed: launched by `torchrun --nproc_per_node=K -m fastgal train ...`, each rank reads its part
 of the training shards (DALI shard_id/num_shards) and trains a DistributedDataParallel model (the DDP
@@ -45,12 +46,13 @@ from fastai.torch_core import set_seed
 
 from . import __version__
 from .config import TrainConfig, to_jsonable
+from .heads import split, view_stats
 from .learner import (DDP, EpochCheckpoint, EpochSeed, best_epoch_callback, make_learner, read_checkpoint,
                       resolve_device, resolve_precision, save_checkpoint)
 from .loaders import make_dls, thread_budget, tta_loaders
-from .diagnostics import summarise
+from .diagnostics import calibration, summarise
 from .manifest import index_keys, load_manifest, read_column, shard_files, training_crop
-from .plots import loss_curves, lr_find_plot, mzr_plot, pred_vs_true, residuals
+from .plots import coverage_plot, loss_curves, lr_find_plot, mzr_plot, pred_vs_true, residuals
 from .util import write_bytes_atomic, write_json_atomic
 
 CHECKPOINT = "checkpoint.pth"
@@ -188,6 +190,7 @@ def _prepare_out(cfg: TrainConfig, out: Path) -> None:
 def _check_resume(out: Path, config: dict) -> None:
     """--resume: the settings must be the interrupted run's, or the result would be neither run."""
     old = json.loads((out / "config.json").read_text())
+    old.setdefault("head", "rmse")  # a run interrupted before --head existed
     for k in [*(k for k in TrainConfig.__dataclass_fields__ if k not in NOT_SETTINGS), *RESOLVED]:
         if old.get(k) != config.get(k):
             raise ValueError(f"--resume: {out} was trained with {k} = {old.get(k)!r}, not {config.get(k)!r}; "
@@ -240,7 +243,8 @@ def learner(s: Setup, dls):
     learn = make_learner(dls, arch=s.cfg.arch, targets=s.targets, target_mean=s.target_mean, target_std=s.target_std,
                          path=s.out, precision=s.precision,
                          channels_last=s.cfg.channels_last and s.device.type == "cuda",
-                         quiet=s.cfg.quiet or not s.writer, opt=s.cfg.opt, compile=s.cfg.compile)
+                         quiet=s.cfg.quiet or not s.writer, opt=s.cfg.opt, compile=s.cfg.compile,
+                         head=s.cfg.head)
     learn.add_cb(EpochSeed(dls.train.spec.seed))
     if s.world > 1:
         learn.add_cb(DDP(s.device))
@@ -255,7 +259,8 @@ def fit(s: Setup, learn) -> tuple[dict, list[dict]]:
     if state:
         result["lr_find_suggested"] = state["lr_find_suggested"]
     elif s.cfg.lr_find:
-        sug = learn.lr_find(show_plot=False, num_it=s.cfg.lr_find_iters)
+        # fastai stops lr_find when the loss passes 4x its best: meaningless for an NLL that goes negative
+        sug = learn.lr_find(show_plot=False, num_it=s.cfg.lr_find_iters, stop_div=s.cfg.head == "rmse")
         result["lr_find_suggested"] = float(sug.valley)
         if s.writer:
             rec = learn.recorder
@@ -286,47 +291,56 @@ def write_history(s: Setup, learn, rows: list[dict]) -> pd.DataFrame:
     rec, n_it = learn.recorder, len(learn.dls.train)
     loss_curves(np.arange(len(rec.losses)), [float(v) for v in rec.losses],
                 [(i + 1) * n_it for i in range(len(hist))], hist[s.monitor].values, s.out / "loss.png",
-                title=f"{s.cfg.arch}, {s.cfg.epochs} epochs, lr {s.cfg.lr:g}, bs {s.cfg.bs}")
+                title=f"{s.cfg.arch}, {s.cfg.epochs} epochs, lr {s.cfg.lr:g}, bs {s.cfg.bs}",
+                loss_name="Gaussian NLL" if s.cfg.head == "gaussian" else "RMSE")
     return hist
 
 
-def predict_valid(s: Setup, learn, dls) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray | None]:
-    """(ids, targets, predictions, TTA predictions or None) on the validation set in file order;
-    writes predictions_valid.csv."""
+def predict_valid(s: Setup, learn, dls) -> tuple[list[str], np.ndarray, dict]:
+    """(ids, targets, estimates) on the validation set in file order; estimates: "pred", and where they
+    exist "sigma" (gaussian head), "tta" and "sigma_tta" (the 8 views' mean and spread), else None.
+    Writes predictions_valid.csv."""
     vdl = dls.valid.new(shuffle=False, drop_last=False)
-    preds, targs = learn.get_preds(dl=vdl)
-    preds, targs = preds.float().numpy(), targs.float().numpy()
+    out, targs = learn.get_preds(dl=vdl)
+    targs, k = targs.float().numpy(), len(s.targets)
+    est = dict(zip(("pred", "sigma"), split(out, k)), tta=None, sigma_tta=None)
     ids = index_keys(vdl.spec.idxs)
-    if len(ids) != len(preds):
-        raise RuntimeError(f"{len(preds)} predictions for {len(ids)} validation ids: shards and index disagree")
-    tta = None
+    if len(ids) != len(est["pred"]):
+        raise RuntimeError(f"{len(est['pred'])} predictions for {len(ids)} validation ids: shards and index disagree")
     if s.cfg.tta:
-        tta = np.mean([learn.get_preds(dl=d)[0].float().numpy() for d in tta_loaders(dls.valid)], axis=0)
+        est["tta"], est["sigma_tta"] = view_stats([split(learn.get_preds(dl=d)[0], k)[0] for d in tta_loaders(dls.valid)])
     table = {"id": ids}
     for j, t in enumerate(s.targets):
-        table[f"true_{t}"], table[f"pred_{t}"] = targs[:, j], preds[:, j]
-        if tta is not None:
-            table[f"pred_tta_{t}"] = tta[:, j]
+        table[f"true_{t}"] = targs[:, j]
+        for name in ("pred", "sigma", "tta", "sigma_tta"):  # pred_<t> sigma_<t> pred_tta_<t> sigma_tta_<t>
+            if est[name] is not None:
+                table[f"{'pred_tta' if name == 'tta' else name}_{t}"] = est[name][:, j]
     write_bytes_atomic(s.out / "predictions_valid.csv",
                        pd.DataFrame(table).to_csv(index=False, float_format="%.5f").encode())
-    return ids, targs, preds, tta
+    return ids, targs, est
 
 
-def score(s: Setup, targs, preds, tta) -> dict:
+def score(s: Setup, targs, est: dict) -> dict:
     """Per-target metrics and diagnostics (diagnostics.py: bias and scatter in bins, outliers, and the
     mass-metallicity relation when the shards' catalog rows carry --mass-col); the PNGs."""
     vdl = s.valid_files
     mass = read_column(*vdl, s.cfg.mass_col) if s.cfg.mass_col else None
     has_mass = mass is not None and np.isfinite(mass).sum() > 10
-    per_target = {}
+    preds, tta, sigma, sigma_tta = est["pred"], est["tta"], est["sigma"], est["sigma_tta"]
+    per_target, curves = {}, {}
     for j, t in enumerate(s.targets):
         true, pred = targs[:, j], preds[:, j]
-        d = summarise(true, pred, mass=mass if has_mass and j == 0 else None)
+        d = summarise(true, pred, mass=mass if has_mass and j == 0 else None,
+                      sigma=sigma[:, j] if sigma is not None else None)
         m = {**regression_metrics(true, pred), "outlier_fraction": d["outlier_fraction"],
              "baseline_rmse": float(np.sqrt(np.mean((true - s.target_mean[j]) ** 2)))}  # the training mean
         if tta is not None:
             m["tta_rmse"] = float(np.sqrt(np.mean((tta[:, j] - true) ** 2)))
-        m.update({k: d[k] for k in ("by_true", "by_pred", "mzr") if k in d})
+            m["tta_calibration"] = calibration(true, tta[:, j], sigma_tta[:, j])
+            curves[f"{t}: TTA spread"] = np.abs(tta[:, j] - true) / sigma_tta[:, j]
+        if sigma is not None:
+            curves[f"{t}: model sigma"] = np.abs(pred - true) / sigma[:, j]
+        m.update({k: d[k] for k in ("by_true", "by_pred", "mzr", "calibration") if k in d})
         per_target[t] = m
         suffix = "" if j == 0 else f"_{t}"
         pred_vs_true(true, pred, s.out / f"pred_vs_true{suffix}.png", name=t,
@@ -334,6 +348,8 @@ def score(s: Setup, targs, preds, tta) -> dict:
         residuals(true, pred, s.out / f"residuals{suffix}.png", name=t)
         if "mzr" in d:
             mzr_plot(mass, true, pred, d["mzr"], s.out / "mzr.png")
+    if curves:
+        coverage_plot(curves, s.out / "coverage.png")
     return per_target
 
 
@@ -343,7 +359,7 @@ def save_model(s: Setup, learn) -> None:
                     target_std=s.target_std, pixel_mean=s.manifest["pixel_stats"]["mean"],
                     pixel_std=s.manifest["pixel_stats"]["std"], size=s.cfg.size, crop=s.crop,
                     precrop=img.get("precrop"), image_size=img["size"], precision=s.precision,
-                    channels_last=s.cfg.channels_last and s.device.type == "cuda")
+                    channels_last=s.cfg.channels_last and s.device.type == "cuda", head=s.cfg.head)
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -357,12 +373,12 @@ def train(cfg: TrainConfig) -> dict:
     if not s.writer:
         return {}
     hist = write_history(s, learn, rows)
-    ids, targs, preds, tta = predict_valid(s, learn, dls)
-    per_target = score(s, targs, preds, tta)
+    ids, targs, est = predict_valid(s, learn, dls)
+    per_target = score(s, targs, est)
     save_model(s, learn)
     t0 = s.targets[0]
     metrics = {
-        **{k: v for k, v in per_target[t0].items() if not isinstance(v, (list, dict))}, "target": t0, "targets": per_target,
+        **{k: v for k, v in per_target[t0].items() if not isinstance(v, (list, dict))}, "target": t0, "targets": per_target, "head": cfg.head,
         "floor": synth_floor(s.manifest), "epochs": cfg.epochs, "best_epoch": int(np.argmin(hist[s.monitor].values)),
         "fit_seconds": round(float(hist["seconds"].sum()), 2),  # every epoch's, whichever process ran it
         "n_train": s.manifest["counts"]["train"], "n_valid": len(ids),

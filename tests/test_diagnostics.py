@@ -69,6 +69,10 @@ def test_calibration_of_right_and_wrong_sigmas():
     assert c["rms_z"] == pytest.approx(1.0, abs=0.03)
     c = calibration(true, pred, sigma / 2)  # overconfident
     assert c["within_1sigma"] < 0.45 and c["rms_z"] == pytest.approx(2.0, abs=0.06)
+    # a zero sigma (8 TTA views that agree exactly) is left out and counted, never an Infinity in metrics.json
+    c = calibration(true[:4], pred[:4], [0.1, 0.0, np.inf, 0.2])
+    assert c["n"] == 2 and c["n_no_sigma"] == 2 and np.isfinite(c["rms_z"])
+    assert calibration(true[:2], pred[:2], [0.0, 0.0])["rms_z"] is None
 
 
 def test_plots_are_pngs_a_person_can_open(tmp_path):
