@@ -379,9 +379,13 @@ def test_ctrl_c_in_a_real_process(httpserver_threaded, tmp_path):
     """SIGINT to `python -m fastgal download`: exit 130, a full report, no .part; then resume."""
     names = [f"good{i % 3 + 1}" for i in range(30)]
     sky = FakeSkyServer(httpserver_threaded, names)
-    slow = sky.cutout
+    slow, release = sky.cutout, threading.Event()
 
     def slow_cutout(request):
+        # after 6 cutouts the server holds every request until the test has sent SIGINT, so the download
+        # cannot finish first however late a loaded machine schedules this process
+        if sky.cutout_requests() >= 6:
+            release.wait(30)
         time.sleep(0.1)
         return slow(request)
 
@@ -393,11 +397,14 @@ def test_ctrl_c_in_a_real_process(httpserver_threaded, tmp_path):
     cmd = [sys.executable, "-m", "fastgal", "download", str(out), "--catalog", str(cat), "--base-url", sky.base_url,
            "--workers", "2", "--rate", "0", "--timeout", "5", "--quiet"]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 60
     while sky.cutout_requests() < 6 and time.monotonic() < deadline and p.poll() is None:
         time.sleep(0.02)
+    assert sky.cutout_requests() >= 6, "the download made no progress in 60 s"
     p.send_signal(signal.SIGINT)
-    stdout, stderr = p.communicate(timeout=30)
+    time.sleep(0.5)  # the signal lands while requests are held, then they finish (or are abandoned)
+    release.set()
+    stdout, stderr = p.communicate(timeout=60)
     assert p.returncode == 130, (stdout, stderr)
     rep = read_report(out)
     assert len(rep) == 30 and set(rep.status) <= {"ok", "interrupted"}
