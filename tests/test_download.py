@@ -396,7 +396,10 @@ def test_ctrl_c_in_a_real_process(httpserver_threaded, tmp_path):
     cat = sky.catalog_csv(tmp_path / "cat.csv")
     cmd = [sys.executable, "-m", "fastgal", "download", str(out), "--catalog", str(cat), "--base-url", sky.base_url,
            "--workers", "2", "--rate", "0", "--timeout", "5", "--quiet"]
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # SIGINT's default handler in the child even when this suite runs in a background job, whose children
+    # inherit SIGINT ignored (POSIX: a non-interactive shell's `cmd &`), and Python then keeps it ignored
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 60
     while sky.cutout_requests() < 6 and time.monotonic() < deadline and p.poll() is None:
         time.sleep(0.02)
