@@ -205,9 +205,14 @@ def test_demo_runs_the_main_job(tmp_path):
     out = tmp_path / "demo"
     res = run_cli("demo", "--out", out, "--n", 200, "--epochs", 1, "--device", "cpu", "--quiet")
     assert "predict-the-mean" in res.output and "floor" in res.output
-    for p in ("survey/synth.json", "shards/manifest.json", "run/metrics.json", "run/pred_vs_true.png"):
+    # what the README's output layout promises of the main job (the demo trains with --tta: a TTA spread)
+    for p in ("survey/synth.json", "shards/manifest.json", "run/metrics.json", "run/pred_vs_true.png",
+              "run/residuals.png", "run/mzr.png", "run/coverage.png", "run/loss.png", "run/predictions_valid.csv"):
         assert (out / p).is_file(), p
     m = json.loads((out / "demo.json").read_text())
+    t = m["targets"][m["target"]]
+    assert {"by_true", "by_pred", "mzr", "tta_calibration"} <= set(t) and "sigma_tta_metallicity" in (
+        out / "run/predictions_valid.csv").read_text().splitlines()[0]
     assert m["n_train"] + m["n_valid"] == 200 and m["preset"]["arch"] == "xresnet18" and m["preset"]["size"] == 56
     assert m["survey_floor_rmse"] > 0 and m["rmse"] > 0
     assert run_cli("demo", "--out", out, "--n", 50, ok=False).exit_code != 0  # refuses without --overwrite
