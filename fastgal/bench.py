@@ -16,14 +16,12 @@ Five sections; loaders, model, e2e and shuffle read the same shards, batch size 
            (1.0: the data path keeps up with the model; 0.3: the model waits 70% of the time).
   shuffle  --epochs full epochs of each training loader's sample order: epoch-to-epoch rank correlation,
            co-batch recurrence vs chance, time to the first batch, DDP ranks' sets (bench_shuffle.py).
-  step     the host cost of one training step with the arithmetic taken out, fastgal's Learner against
-           stock fastai's in the same run: ms, aten ops and would-be device syncs per phase (bench_step.py).
-           Needs no shards (their targets are used when the folder has a manifest).
+  step     the host cost of a training step, fastgal's Learner against stock fastai's: ms, aten ops and
+           would-be device syncs per phase (bench_step.py; needs no shards).
 
-Every figure is best of --repeats timed windows of --batches batches, each window after --warmup
-batches that are not timed (worker start-up, DALI pipeline build, cudnn autotune). Machines are noisy,
-so compare the ratios of one run, not absolute figures across runs. Nothing in the package imports
-this module: bench observes, it is not part of the training path.
+Every figure is the best of --repeats windows of --batches batches, each after --warmup untimed ones
+(worker start-up, pipeline build, autotune). Compare the ratios of one run, not figures across runs.
+bench observes: nothing in the package imports it.
 """
 
 from __future__ import annotations
@@ -277,19 +275,17 @@ def _ratios(results: dict, base: str) -> dict:
 
 def bench(cfg: BenchConfig) -> dict:
     """Run the requested sections; return the JSON-ready result (see the module docstring)."""
-    from .learner import make_learner
+    from .learner import make_learner, resolve_device, resolve_precision
     from .loaders import dali_available, make_dls
     from .manifest import load_manifest, training_crop
-    from .learner import resolve_device, resolve_precision
     from .util import default_workers
 
     what = parse_what(cfg.what)
     if min(cfg.batches, cfg.bs, cfg.repeats) < 1 or cfg.warmup < 0:
         raise ValueError("--batches, --bs and --repeats must be >= 1 and --warmup >= 0")
     shards = Path(cfg.shards)
-    manifest = None
-    if what != ["step"] or (shards / "manifest.json").is_file():
-        manifest = load_manifest(shards)  # one-line ValueError on a bad folder
+    step_only = what == ["step"] and not (shards / "manifest.json").is_file()  # the step section needs no shards
+    manifest = None if step_only else load_manifest(shards)  # one-line ValueError on a bad folder
     crop = training_crop(manifest, cfg.crop) if manifest else None
     device = resolve_device(cfg.device)
     precision = resolve_precision("auto", device)
@@ -412,14 +408,11 @@ def format_table(res: dict) -> str:
     """The human summary printed on stdout."""
     c = res["config"]
     hw = res["machine"]["gpu"] or f"{res['machine']['usable_cpus']} CPUs"
-    if res["n_train"] is None:  # the step section alone, without shards
-        lines = [f"fastgal bench: {c['device']} ({hw}), best of {c['repeats']} windows of {c['batches']} steps after "
-                 f"{c['warmup']} warm-up; load average {res['machine'].get('load_avg_1min', '?')} at the end"]
-    else:
-        lines = [f"fastgal bench {res['shards']}: {res['n_train']} train samples, bs {c['bs']}, crop {c['crop']} -> "
-                 f"{c['size']} px, {c['device']} ({hw}), {c['workers']} loader threads",
-                 f"best of {c['repeats']} windows of {c['batches']} batches after {c['warmup']} warm-up; "
-                 f"load average {res['machine'].get('load_avg_1min', '?')} at the end"]
+    lines = [] if res["n_train"] is None else [  # None: the step section alone, without shards
+        f"fastgal bench {res['shards']}: {res['n_train']} train samples, bs {c['bs']}, crop {c['crop']} -> "
+        f"{c['size']} px, {c['workers']} loader threads"]
+    lines.append(f"{c['device']} ({hw}); best of {c['repeats']} windows of {c['batches']} batches after {c['warmup']} "
+                 f"warm-up; load average {res['machine'].get('load_avg_1min', '?')} at the end")
 
     def block(title, sec, extra=None):
         base = sec["baseline"]
