@@ -203,14 +203,7 @@ def step_bench(run: Runner, p: Params, out: Path) -> dict:
     sh = shards_of(out)
     args = ["bench", sh, "--device", p.device, "--bs", p.bs, "--size", p.size, "--arch", p.arch,
             "--batches", p.bench_batches, "--warmup", p.bench_warmup, "--repeats", p.bench_repeats, "--quiet"]
-    try:
-        return {"what": "step,model,loaders,e2e", "bench": run.fastgal(*args, "--what", "step,model,loaders,e2e")}
-    except StepError as e:
-        if "'step'" not in str(e):
-            raise
-    # the installed fastgal has no `step` section yet: the rest, and say so
-    return {"what": "model,loaders,e2e", "note": "this fastgal's bench refuses --what step; ran model,loaders,e2e",
-            "bench": run.fastgal(*args, "--what", "model,loaders,e2e")}
+    return {"what": "step,model,loaders,e2e", "bench": run.fastgal(*args, "--what", "step,model,loaders,e2e")}
 
 
 def step_recipe(run: Runner, p: Params, out: Path) -> dict:
@@ -542,7 +535,7 @@ def headline(rec: dict) -> str:
     if rec["name"] == "bench":
         b = r["bench"]
         e2e = ", ".join(f"{k} {v:.2f}" for k, v in b.get("e2e", {}).get("ratio_vs_baseline", {}).items())
-        return f"model {b['model']['images_per_s']:,.0f} img/s; e2e x fastai: {e2e}" + (" (no step section)" if "note" in r else "")
+        return f"model {b['model']['images_per_s']:,.0f} img/s; e2e x fastai: {e2e}"
     if rec["name"] == "short":
         return "; ".join(f"{k}: {v['epochs']} epoch(s), losses finite, {max(v['images_per_s']):,.0f} img/s" for k, v in r.items())
     if rec["name"] == "predict":
