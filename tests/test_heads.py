@@ -178,3 +178,11 @@ def test_default_head_writes_no_model_sigma(small_run, small_shards, tmp_path):
     got = pd.read_csv(out, dtype={"id": str})
     assert not [c for c in got.columns if c.startswith("sigma")] and "calibration" not in summary["diagnostics"]["metallicity"]
     assert np.allclose(got.pred_metallicity, pred.pred_metallicity, atol=2e-4)
+
+
+def test_split_refuses_outputs_that_fit_neither_head():
+    """A model whose output width is neither k (rmse) nor 2k (gaussian) is an inconsistent model.pt: say so."""
+    mu, sigma = split(np.zeros((2, 2), np.float32), 2)
+    assert mu.shape == (2, 2) and sigma is None
+    with pytest.raises(ValueError, match="3 columns for 2 targets"):
+        split(np.zeros((2, 3), np.float32), 2)
