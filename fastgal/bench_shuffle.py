@@ -19,6 +19,7 @@ the data covered, and how much of each rank's set is new from one epoch to the n
 
 from __future__ import annotations
 
+import gc
 import time
 
 import numpy as np
@@ -94,9 +95,8 @@ def read_epochs(dl, epochs: int) -> tuple[list[list[np.ndarray]], list[float], l
     return out, first, rate
 
 
-def measure(loaders: list, n: int, epochs: int) -> dict:
-    """The section's figures for one backend; loaders: one per simulated rank, in measurement mode."""
-    per_rank = [read_epochs(dl, epochs) for dl in loaders]
+def measure(per_rank: list, n: int, epochs: int) -> dict:
+    """The section's figures for one backend; per_rank: read_epochs' result for each simulated rank."""
     seqs = [p[0] for p in per_rank]  # rank -> epoch -> batches
     res = {
         "time_to_first_batch_s": per_rank[0][1],  # epoch 0 includes building the pipeline / starting workers
@@ -108,13 +108,13 @@ def measure(loaders: list, n: int, epochs: int) -> dict:
         for key, f in (("spearman", spearman), ("cobatch_ratio", cobatch_ratio)):
             vals = [v for v in (f(s[e], s[e + 1]) for s in seqs) if not np.isnan(v)]
             res[key].append(round(float(np.mean(vals)), 4) if vals else None)
-    if len(loaders) > 1:
+    if len(per_rank) > 1:
         sets = [[np.concatenate(s[e]) for s in seqs] for e in range(epochs)]  # epoch -> rank -> samples
         res["samples_on_several_ranks"] = [int(sum(map(len, r)) - len(np.unique(np.concatenate(r)))) for r in sets]
         res["coverage"] = [round(len(np.unique(np.concatenate(r))) / n, 4) for r in sets]
         res["rank_set_new_fraction"] = [
             [round(1 - len(np.intersect1d(sets[e][k], sets[e + 1][k])) / max(1, len(sets[e + 1][k])), 4)
-             for k in range(len(loaders))] for e in range(epochs - 1)]
+             for k in range(len(per_rank))] for e in range(epochs - 1)]
     return res
 
 
@@ -124,10 +124,16 @@ def shuffle_section(make, backends: list[str], n: int, epochs: int, ranks: int, 
     for name in backends:
         spec = STREAM_VARIANTS.get(name, {})
         backend = "dali" if name.startswith("dali") else name
-        dls = [make(backend, r, ranks, **spec) for r in range(ranks)]
-        results[name] = {"reader": spec.get("reader", "index"), **measure(dls, n, epochs)}
-        for dl in dls:
+        per_rank = []
+        for r in range(ranks):  # one rank at a time, each released before the next is built: DALI's reader
+            # reserves ~1 MB of address space per sample of shuffle buffer (15 GiB at 16k), and while that is
+            # mapped, fork() for the torch backend's workers fails with ENOMEM on a 24 GiB machine
+            dl = make(backend, r, ranks, **spec)
+            per_rank.append(read_epochs(dl, epochs))
             dl.close()
+            del dl
+            gc.collect()  # a DALI pipeline sits in reference cycles: collect it now, not at some later fork
+        results[name] = {"reader": spec.get("reader", "index"), **measure(per_rank, n, epochs)}
         if log:
             r = results[name]
             log(f"  shuffle {name}: spearman {r['spearman']}, co-batch x chance {r['cobatch_ratio']}")

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from conftest import dali_importable, run_cli
-from fastgal.bench_shuffle import cobatch_ratio, spearman
+from fastgal.bench_shuffle import cobatch_ratio, shuffle_section, spearman
 from fastgal.loaders import make_dls
 
 BACKENDS = [pytest.param("dali", marks=pytest.mark.dali), "torch"]
@@ -125,6 +125,34 @@ def test_bench_shuffle_section(small_shards):
 
 
 @pytest.mark.slow
+def test_shuffle_section_holds_one_loader_at_a_time():
+    """Each simulated rank's loader is read, closed and collected before the next is built: a DALI reader with
+    a 16k shuffle buffer maps ~15 GiB, and two of them alive made the torch backend's fork() fail (ENOMEM)."""
+    live, seen = set(), []
+
+    class Loader:
+        def __init__(self, rank, ranks):
+            self.rank, self.ranks, self.me = rank, ranks, object()
+            self.cycle = self  # as a DALI pipeline: only the cycle collector frees it
+            live.add(id(self.me))
+
+        def __iter__(self):
+            seen.append(len(live))
+            order = np.arange(self.rank, 64, self.ranks)
+            for b in _batches(order, 8):
+                yield None, None, b
+
+        def close(self):
+            pass
+
+        def __del__(self):
+            live.discard(id(self.me))
+
+    res = shuffle_section(lambda backend, r, k, **spec: Loader(r, k), ["torch", "dali-stream"], 64, 2, 3)
+    assert seen and max(seen) == 1, f"loaders alive at once while one was read: {seen}"
+    assert res["results"]["torch"]["coverage"] == [0.75, 0.75]  # 3 ranks x 2 batches of 8 of the 64 samples
+
+
 def test_ddp_ranks_read_disjoint_equal_parts_every_epoch(small_shards, tmp_path):
     """Two gloo processes under torchrun build their loaders as `fastgal train` does (tests/ddp_epochs.py)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
