@@ -41,6 +41,38 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason=why))
 
 
+# What this process may keep mapped between tests. The suite peaks at ~2.6 GiB of private writable mappings;
+# a test that leaves DALI pipelines alive can leave 15 GiB per pipeline (a 16k shuffle buffer), and past ~24 GiB
+# every later fork() fails with ENOMEM under the kernel's heuristic overcommit (CI, 2026-11-29).
+MAPPED_LIMIT_GIB = 8.0
+
+
+def _private_writable_gib() -> float | None:
+    try:
+        with open("/proc/self/maps") as f:
+            rows = [line.split(None, 2) for line in f]
+    except OSError:  # not Linux: nothing to check
+        return None
+    return sum(int(b, 16) - int(a, 16) for (a, b), perms in ((r[0].split("-"), r[1]) for r in rows)
+               if perms.startswith("rw") and perms[3] == "p") / 2**30
+
+
+@pytest.fixture(autouse=True)
+def leaves_no_big_mappings():
+    """Fail the test that leaves this process holding more than MAPPED_LIMIT_GIB (after a collection, so only
+    what is still referenced counts): the tests after it would fail to fork, far from the cause."""
+    yield
+    gib = _private_writable_gib()
+    if gib is not None and gib > MAPPED_LIMIT_GIB:
+        import gc
+
+        gc.collect()
+        gib = _private_writable_gib()
+        assert gib <= MAPPED_LIMIT_GIB, (
+            f"this test left {gib:.1f} GiB of private writable mappings in the test process (limit "
+            f"{MAPPED_LIMIT_GIB} GiB): something it built (a DALI pipeline?) is still referenced; close and release it")
+
+
 def run_cli(*args, ok: bool = True):
     """Invoke the fastgal CLI in-process, as a user would, and check the exit code."""
     res = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
