@@ -1,6 +1,6 @@
 """Accuracy against the floor: a learning curve on the synthetic survey with the CPU preset (#12).
 
-    .venv/bin/python benchmarks/bench_accuracy.py --work /tmp/fg_acc --ns 3000,12000,30000 --save acc.json
+    .venv/bin/python benchmarks/bench_accuracy.py --work /tmp/fg_acc --ns 3000,12000,30000 --save acc.json --plot learning_curve.png
 
 For each N runs `fastgal demo --out WORK/nN --n N` in a fresh process, as a person would: the CPU
 preset (xresnet18 at 56 px from a 72 px crop of 112 px cutouts, 8 epochs, bs 64, one-cycle lr 1e-2,
@@ -9,7 +9,8 @@ TTA), the predict-the-mean baseline, and the survey's two references (floor.py):
 reference (a gradient-boosted model given what the renderer makes visible: what the images can
 reveal) and the latent floor (scatter about E[Z | mass, SFR], which a cutout cannot reach because it
 cannot show distance). Reports RMSE / reference for each N. A finished N is reused (its demo.json).
-Prints each command on stderr, a markdown table on stderr and one JSON line on stdout; --save writes it too.
+Prints each command on stderr, a markdown table on stderr and one JSON line on stdout; --save writes it too,
+and --plot a PNG of RMSE against N beside both references.
 """
 
 import argparse
@@ -59,12 +60,43 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def plot(rows: list[dict], out: Path) -> Path:
+    """RMSE (and TTA RMSE) against N on a log axis, with the mean baseline, observable reference and latent floor."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # a file, never a window
+    import matplotlib.pyplot as plt
+
+    ns = [r["n"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(ns, [r["rmse"] for r in rows], "o-", label="validation RMSE")
+    if all(r["tta_rmse"] is not None for r in rows):
+        ax.plot(ns, [r["tta_rmse"] for r in rows], "s--", label="with 8-view TTA")
+    for key, label, style in (("baseline_rmse", "predict the mean", ":"),
+                              ("reference_rmse", "observable reference (what the images show)", "-."),
+                              ("floor_rmse", "latent floor (knowing mass and SFR)", "--")):
+        ax.plot(ns, [r[key] for r in rows], style, color="grey", label=label)
+    ax.set_xscale("log")
+    ax.set_xticks(ns, [f"{n:,}" for n in ns])
+    ax.minorticks_off()
+    ax.set_xlabel("galaxies in the survey (80% train)")
+    ax.set_ylabel("RMSE of 12+log(O/H) [dex]")
+    r0 = rows[0]
+    ax.set_title(f"learning curve: {r0['arch']} at {r0['size']} px, {r0['epochs']} epochs")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", type=Path, required=True, help="one demo folder per N goes here (reused if finished)")
     ap.add_argument("--ns", default="3000,12000,30000", help="survey sizes, comma-separated")
     ap.add_argument("--epochs", type=int, default=None, help="override the CPU preset's 8 epochs")
     ap.add_argument("--save", type=Path, default=None, help="also write the JSON here")
+    ap.add_argument("--plot", type=Path, default=None, help="write the learning curve as a PNG here")
     a = ap.parse_args()
     rows = [row(n, run_demo(a.work, n, a.epochs)) for n in (int(s) for s in a.ns.split(","))]
     print(table(rows), file=sys.stderr)
@@ -72,6 +104,8 @@ def main():
     print(line)
     if a.save:
         a.save.write_text(line + "\n")
+    if a.plot:
+        print(f"wrote {plot(rows, a.plot)}", file=sys.stderr)
 
 
 if __name__ == "__main__":
