@@ -83,3 +83,29 @@ def test_nothing_in_the_package_imports_bench():
             continue
         src = py.read_text()
         assert "from .bench" not in src and "fastgal.bench" not in src, py.name
+
+
+def test_bench_accuracy_rows_table_and_plot(tmp_path):
+    """benchmarks/bench_accuracy.py's arithmetic on constructed demo.json contents, and its PNG."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_accuracy.py"
+    spec = importlib.util.spec_from_file_location("bench_accuracy", path)
+    acc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(acc)
+
+    def demo(rmse, n):
+        return {"targets": {"metallicity": {"rmse": rmse, "tta_rmse": rmse - 0.001, "bias": 0.01, "nmad": 0.09,
+                                            "outlier_fraction": 0.02, "baseline_rmse": 0.2}},
+                "target": "metallicity", "survey_reference_rmse": 0.1, "survey_floor_rmse": 0.08,
+                "preset": {"epochs": 8, "arch": "xresnet18", "size": 56}, "n_train": n * 4 // 5,
+                "n_valid": n // 5, "fit_seconds": 1.0}
+
+    rows = [acc.row(n, demo(r, n)) for n, r in ((1000, 0.12), (4000, 0.11))]
+    assert [r["rmse_over_reference"] for r in rows] == [1.2, 1.1]
+    assert [r["rmse_over_floor"] for r in rows] == [1.5, 1.375]
+    lines = acc.table(rows).splitlines()
+    assert len(lines) == 4 and lines[3].startswith("| 4,000 | 3200 / 800 | 0.1100 | 0.1090 |")
+    png = acc.plot(rows, tmp_path / "curve.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
