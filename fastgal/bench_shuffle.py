@@ -7,7 +7,8 @@ builds it (make_dls: same backend, batch size, threads, seed), in measurement mo
 carries its samples' positions in the split's file order; the training path is not changed by it):
   dali, torch        what training uses: the index reader (fastgal.order), exact permutation per epoch
   dali-stream...     DALI's WebDataset reader with its shuffle buffer (the reader training used before),
-                     as is, with shuffle_after_epoch (a new tar order every epoch), and with a 16k buffer
+                     as is, with shuffle_after_epoch (a new tar order every epoch), and with a 16k buffer (at most a
+                     rank's share of the data)
 and reports, per pair of consecutive epochs:
   spearman           rank correlation of a sample's place in epoch e and in epoch e+1 (0: unrelated)
   cobatch_ratio      P(two samples share a batch in e+1 | they shared one in e), divided by the same
@@ -122,18 +123,22 @@ def shuffle_section(make, backends: list[str], n: int, epochs: int, ranks: int, 
     """make(backend, shard_id, num_shards, **spec) -> a training loader in measurement mode."""
     results = {}
     for name in backends:
-        spec = STREAM_VARIANTS.get(name, {})
+        spec = dict(STREAM_VARIANTS.get(name, {}))
+        if spec.get("shuffle_buffer"):  # a buffer never holds more than a rank's part of the data, and DALI's
+            # reader maps ~1 MB of address space per sample of buffer (15 GiB at 16k): no more than is needed
+            spec["shuffle_buffer"] = min(spec["shuffle_buffer"], -(-n // ranks))
         backend = "dali" if name.startswith("dali") else name
         per_rank = []
-        for r in range(ranks):  # one rank at a time, each released before the next is built: DALI's reader
-            # reserves ~1 MB of address space per sample of shuffle buffer (15 GiB at 16k), and while that is
-            # mapped, fork() for the torch backend's workers fails with ENOMEM on a 24 GiB machine
+        for r in range(ranks):  # one rank at a time, each released before the next is built: while a large
+            # buffer is mapped, fork() (the torch backend's workers) can fail with ENOMEM on a 24 GiB machine
             dl = make(backend, r, ranks, **spec)
             per_rank.append(read_epochs(dl, epochs))
             dl.close()
             del dl
             gc.collect()  # a DALI pipeline sits in reference cycles: collect it now, not at some later fork
         results[name] = {"reader": spec.get("reader", "index"), **measure(per_rank, n, epochs)}
+        if "shuffle_buffer" in spec:
+            results[name]["shuffle_buffer"] = spec["shuffle_buffer"]
         if log:
             r = results[name]
             log(f"  shuffle {name}: spearman {r['spearman']}, co-batch x chance {r['cobatch_ratio']}")
@@ -152,7 +157,8 @@ def shuffle_bench(cfg, shards: Path, manifest: dict, crop: int, device, threads:
                        seed=cfg.seed, shard_id=shard_id, num_shards=num_shards, manifest=manifest)
         return dls.train.new(with_pos=True, **spec)
 
-    names = (["dali", *STREAM_VARIANTS] if dali_available() else []) + ["torch"]
+    # torch first: its workers fork before any DALI reader has mapped its buffers into this process
+    names = ["torch"] + (["dali", *STREAM_VARIANTS] if dali_available() else [])
     res = shuffle_section(make, names, manifest["counts"]["train"], cfg.epochs, cfg.ranks, log)
     res["skipped"] = {} if dali_available() else {"dali": "NVIDIA DALI is not importable here"}
     return res

@@ -120,6 +120,8 @@ def test_bench_shuffle_section(small_shards):
             assert r["steps_per_rank"] == [[(n // 2) // 16] * 2] * 3
             assert r["samples_on_several_ranks"] == [0, 0, 0]
             assert all(0 < f < 1 for pair in r["rank_set_new_fraction"] for f in pair)
+    if dali_importable():  # the 16k buffer capped at a rank's share: more could never fill, and costs ~1 MB a sample
+        assert sh["results"]["dali-stream+epoch+fill16k"]["shuffle_buffer"] == -(-n // 2)
     assert "Spearman" in run_cli("bench", small_shards, "--what", "shuffle", "--bs", 16, "--size", 56,
                                  "--workers", 1, "--quiet").output
 
@@ -148,8 +150,11 @@ def test_shuffle_section_holds_one_loader_at_a_time():
         def __del__(self):
             live.discard(id(self.me))
 
-    res = shuffle_section(lambda backend, r, k, **spec: Loader(r, k), ["torch", "dali-stream"], 64, 2, 3)
+    specs = []
+    res = shuffle_section(lambda backend, r, k, **spec: specs.append(spec) or Loader(r, k),
+                          ["torch", "dali-stream+epoch+fill16k"], 64, 2, 3)
     assert seen and max(seen) == 1, f"loaders alive at once while one was read: {seen}"
+    assert specs[-1]["shuffle_buffer"] == 22  # 16k capped at a rank's share, ceil(64 / 3)
     assert res["results"]["torch"]["coverage"] == [0.75, 0.75]  # 3 ranks x 2 batches of 8 of the 64 samples
 
 
