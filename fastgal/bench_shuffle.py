@@ -135,7 +135,7 @@ def shuffle_section(make, backends: list[str], n: int, epochs: int, ranks: int, 
             per_rank.append(read_epochs(dl, epochs))
             dl.close()
             del dl
-            gc.collect()  # a DALI pipeline sits in reference cycles: collect it now, not at some later fork
+            gc.collect()  # drop the Python side now; DALI may still free the buffers later (hence the cap above)
         results[name] = {"reader": spec.get("reader", "index"), **measure(per_rank, n, epochs)}
         if "shuffle_buffer" in spec:
             results[name]["shuffle_buffer"] = spec["shuffle_buffer"]
