@@ -126,7 +126,6 @@ def test_bench_shuffle_section(small_shards):
                                  "--workers", 1, "--quiet").output
 
 
-@pytest.mark.slow
 def test_shuffle_section_holds_one_loader_at_a_time():
     """Each simulated rank's loader is read, closed and collected before the next is built: a DALI reader with
     a 16k shuffle buffer maps ~15 GiB, and two of them alive made the torch backend's fork() fail (ENOMEM)."""
@@ -135,7 +134,7 @@ def test_shuffle_section_holds_one_loader_at_a_time():
     class Loader:
         def __init__(self, rank, ranks):
             self.rank, self.ranks, self.me = rank, ranks, object()
-            self.cycle = self  # as a DALI pipeline: only the cycle collector frees it
+            self.cycle = self  # in a reference cycle: only the collector frees it, so release must collect
             live.add(id(self.me))
 
         def __iter__(self):
@@ -158,6 +157,7 @@ def test_shuffle_section_holds_one_loader_at_a_time():
     assert res["results"]["torch"]["coverage"] == [0.75, 0.75]  # 3 ranks x 2 batches of 8 of the 64 samples
 
 
+@pytest.mark.slow
 def test_ddp_ranks_read_disjoint_equal_parts_every_epoch(small_shards, tmp_path):
     """Two gloo processes under torchrun build their loaders as `fastgal train` does (tests/ddp_epochs.py)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
