@@ -42,19 +42,25 @@ def pytest_collection_modifyitems(config, items):
 
 
 # What this process may keep mapped between tests. The suite peaks at ~2.6 GiB of private writable mappings;
-# a test that leaves DALI pipelines alive can leave 15 GiB per pipeline (a 16k shuffle buffer), and past ~24 GiB
+# a DALI reader with a 16k shuffle buffer maps 15 GiB, not always freed with its pipeline, and past ~24 GiB
 # every later fork() fails with ENOMEM under the kernel's heuristic overcommit (CI, 2026-11-29).
 MAPPED_LIMIT_GIB = 8.0
 
 
-def _private_writable_gib() -> float | None:
+def private_writable_gib() -> float | None:
+    """This process's private writable mappings (what fork() must be able to commit), or None off Linux."""
     try:
         with open("/proc/self/maps") as f:
-            rows = [line.split(None, 2) for line in f]
-    except OSError:  # not Linux: nothing to check
+            lines = f.readlines()
+    except OSError:
         return None
-    return sum(int(b, 16) - int(a, 16) for (a, b), perms in ((r[0].split("-"), r[1]) for r in rows)
-               if perms.startswith("rw") and perms[3] == "p") / 2**30
+    total = 0
+    for line in lines:  # "start-end perms offset dev inode path"
+        span, perms = line.split(None, 2)[:2]
+        if perms[:2] == "rw" and perms[3] == "p":
+            start, end = span.split("-")
+            total += int(end, 16) - int(start, 16)
+    return total / 2**30
 
 
 @pytest.fixture(autouse=True)
@@ -62,15 +68,16 @@ def leaves_no_big_mappings():
     """Fail the test that leaves this process holding more than MAPPED_LIMIT_GIB (after a collection, so only
     what is still referenced counts): the tests after it would fail to fork, far from the cause."""
     yield
-    gib = _private_writable_gib()
+    gib = private_writable_gib()
     if gib is not None and gib > MAPPED_LIMIT_GIB:
         import gc
 
         gc.collect()
-        gib = _private_writable_gib()
+        gib = private_writable_gib()
         assert gib <= MAPPED_LIMIT_GIB, (
             f"this test left {gib:.1f} GiB of private writable mappings in the test process (limit "
-            f"{MAPPED_LIMIT_GIB} GiB): something it built (a DALI pipeline?) is still referenced; close and release it")
+            f"{MAPPED_LIMIT_GIB} GiB): something it built is still referenced, or not yet freed (a DALI reader's buffers "
+            f"can outlive its pipeline); release it, or keep its buffers small")
 
 
 def run_cli(*args, ok: bool = True):

@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import dali_importable, run_cli
+from conftest import dali_importable, private_writable_gib, run_cli
 from fastgal.bench_shuffle import cobatch_ratio, shuffle_section, spearman
 from fastgal.loaders import make_dls
 
@@ -155,6 +155,21 @@ def test_shuffle_section_holds_one_loader_at_a_time():
     assert seen and max(seen) == 1, f"loaders alive at once while one was read: {seen}"
     assert specs[-1]["shuffle_buffer"] == 22  # 16k capped at a rank's share, ceil(64 / 3)
     assert res["results"]["torch"]["coverage"] == [0.75, 0.75]  # 3 ranks x 2 batches of 8 of the 64 samples
+
+
+def test_the_mapping_guard_sees_a_private_mapping():
+    """conftest's guard (fail a test that leaves > 8 GiB mapped) measures what fork() must commit."""
+    import mmap
+
+    before = private_writable_gib()
+    if before is None:
+        pytest.skip("no /proc/self/maps here")
+    m = mmap.mmap(-1, 2**30, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # 1 GiB, never touched
+    try:
+        assert abs(private_writable_gib() - before - 1.0) < 0.05
+    finally:
+        m.close()
+    assert abs(private_writable_gib() - before) < 0.05
 
 
 @pytest.mark.slow
