@@ -28,20 +28,20 @@ from __future__ import annotations
 
 import os
 import platform
-import sys
 import tempfile
 import time
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .bench_common import PEER, SyntheticLoader, sync
 from .config import RECIPE, BenchConfig, to_jsonable
 from .loaders import fork_safe
 
 SECTIONS = ("loaders", "model", "e2e", "step", "shuffle")
-PEER = "fastai"  # the baseline name in the JSON and the table
 
 
 def parse_what(what: str) -> list[str]:
@@ -53,23 +53,6 @@ def parse_what(what: str) -> list[str]:
     if bad:
         raise ValueError(f"--what {bad[0]!r} is not a section; use loaders, model, e2e, step, shuffle or all (comma-separated)")
     return [s for s in SECTIONS if s in parts]
-
-
-class _Log:
-    """Progress lines on stderr, only on a terminal (stdout carries the results)."""
-
-    def __init__(self, quiet: bool):
-        self.on = not quiet and sys.stderr.isatty()
-
-    def __call__(self, msg: str) -> None:
-        if self.on:
-            sys.stderr.write(msg + "\n")
-            sys.stderr.flush()
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)  # GPU work is asynchronous: time what has finished
 
 
 def _cycle(dl):
@@ -91,45 +74,17 @@ def time_loader(dl, *, batches: int, warmup: int, repeats: int, device: torch.de
             it = _cycle(dl)
             for _ in range(warmup):
                 next(it)
-            _sync(device)
+            sync(device)
             n, t0 = 0, time.perf_counter()
             for _ in range(batches):
                 x, _y = next(it)
                 n += len(x)
-            _sync(device)
+            sync(device)
             rates.append(n / (time.perf_counter() - t0))
-            it.close()  # drop the half-read epoch (DALILoader rebuilds its pipeline on the next iter)
+            it.close()  # drop the half-read epoch (the DALI backend builds a pipeline per pass)
         if log:
             log(f"  loaders {name}: repeat {r + 1}/{repeats} {rates[-1]:,.1f} images/s")
     return rates
-
-
-class _SyntheticLoader:
-    """One batch of the right shape, already on the device, yielded over and over: no data path at all."""
-
-    n_inp = 1
-
-    def __init__(self, x, y, n_batches: int):
-        self.x, self.y, self.n_batches = x, y, n_batches
-        self.bs, self.n, self.device = len(x), len(x) * n_batches, x.device
-
-    def __len__(self):
-        return self.n_batches
-
-    def __iter__(self):
-        for _ in range(self.n_batches):
-            yield self.x, self.y
-
-    def to(self, device):
-        self.device = torch.device(device)
-        self.x, self.y = self.x.to(self.device), self.y.to(self.device)
-        return self
-
-    def one_batch(self):
-        return self.x, self.y
-
-    def new(self, *a, **k):
-        return self
 
 
 def _window_callback(batches: int, warmup: int, device: torch.device):
@@ -140,7 +95,7 @@ def _window_callback(batches: int, warmup: int, device: torch.device):
         order = 100  # after the optimiser step and every other callback's after_batch
 
         def _start(self):
-            _sync(device)
+            sync(device)
             self.t0 = time.perf_counter()
 
         def before_fit(self):
@@ -158,7 +113,7 @@ def _window_callback(batches: int, warmup: int, device: torch.device):
                 return
             self.n_img += len(self.yb[0])
             if self.seen == warmup + batches:
-                _sync(device)
+                sync(device)
                 self.seconds = time.perf_counter() - self.t0
                 raise CancelFitException()
 
@@ -194,16 +149,9 @@ class _Targets:
         return np.asarray([row[c] for c in self.cols], dtype=np.float32)
 
 
-def train_ids(shards: Path, manifest: dict, split: str) -> list[str]:
-    """Sample keys of a split in file order, read from the DALI index files (no tar access needed)."""
-    from .manifest import index_keys, shard_files
-
-    return index_keys(shard_files(shards, manifest, split)[1])
-
-
-def fastai_source(cfg: BenchConfig, manifest: dict) -> tuple[Path | None, Path | None, str | None]:
+def fastai_source(cfg: BenchConfig, shards) -> tuple[Path | None, Path | None, str | None]:
     """(images folder, catalog, None) for the peer pipeline, or (None, None, why it cannot run)."""
-    src = manifest.get("source", {})
+    src = shards.manifest.get("source", {})
     images = Path(cfg.images) if cfg.images else Path(src.get("images", ""))
     catalog = Path(cfg.catalog) if cfg.catalog else Path(src.get("catalog", ""))
     if cfg.images and not images.is_dir():
@@ -217,7 +165,7 @@ def fastai_source(cfg: BenchConfig, manifest: dict) -> tuple[Path | None, Path |
     return images, catalog, None
 
 
-def fastai_dls(shards: Path, manifest: dict, images: Path, catalog: Path, *, bs: int, size: int, crop: int,
+def fastai_dls(shards, images: Path, catalog: Path, *, bs: int, size: int, crop: int,
                device: torch.device, workers: int, seed: int):
     """The seed recipe's data path: fastai DataBlock over the original JPEGs, PIL item tfms, batch tfms on device.
 
@@ -231,23 +179,22 @@ def fastai_dls(shards: Path, manifest: dict, images: Path, catalog: Path, *, bs:
     from fastai.vision.augment import CropPad, RandomCrop, aug_transforms
     from fastai.vision.data import ImageBlock
 
-    id_col, targets = manifest["id_col"], list(manifest["targets"])
+    id_col, targets = shards.manifest["id_col"], shards.targets
     cat = pd.read_csv(catalog, dtype={id_col: str}, usecols=[id_col, *targets])
     cat = cat.drop_duplicates(id_col).set_index(id_col)
-    tr, va = train_ids(shards, manifest, "train"), train_ids(shards, manifest, "valid")
+    tr, va = shards.split("train").keys, shards.split("valid").keys
     missing = [i for i in tr + va if i not in cat.index]
     if missing:
         raise ValueError(f"{catalog} lacks {len(missing)} of the shards' ids (e.g. {missing[0]}); pass the catalog the shards were made from")
     df = cat.loc[tr + va, targets].reset_index().rename(columns={id_col: "_id"})
     df["is_valid"] = [False] * len(tr) + [True] * len(va)
-    ps = manifest["pixel_stats"]
-    mean, std = torch.tensor(ps["mean"]) / 255, torch.tensor(ps["std"]) / 255
+    mean, std = torch.tensor(shards.pixel_mean) / 255, torch.tensor(shards.pixel_std) / 255
     dblock = DataBlock(
         blocks=(ImageBlock, RegressionBlock(n_out=len(targets))),
         get_x=ColReader("_id", pref=f"{images}{os.sep}", suff=".jpg"), get_y=_Targets(targets),
         splitter=ColSplitter("is_valid"),
         item_tfms=[CropPad(crop), RandomCrop(size)],
-        batch_tfms=[*aug_transforms(do_flip=True, flip_vert=True, max_rotate=10.0, p_affine=0.75, max_zoom=1.0,
+        batch_tfms=[*aug_transforms(do_flip=True, flip_vert=True, max_rotate=RECIPE.max_rotate, p_affine=RECIPE.p_rotate, max_zoom=1.0,
                                     max_lighting=0.0, max_warp=0.0, pad_mode="zeros"),
                     Normalize.from_stats(mean, std)],
     )
@@ -275,28 +222,28 @@ def _ratios(results: dict, base: str) -> dict:
 
 def bench(cfg: BenchConfig) -> dict:
     """Run the requested sections; return the JSON-ready result (see the module docstring)."""
-    from .learner import make_learner, resolve_device, resolve_precision
-    from .loaders import dali_available, make_dls
-    from .manifest import load_manifest, training_crop
-    from .util import default_workers
+    from .device import resolve_device, resolve_precision
+    from .learner import make_learner
+    from .model import make_model
+    from .loaders import dali_available, dataloaders
+    from .manifest import Shards
+    from .util import Progress, default_workers
 
     what = parse_what(cfg.what)
     if min(cfg.batches, cfg.bs, cfg.repeats) < 1 or cfg.warmup < 0:
         raise ValueError("--batches, --bs and --repeats must be >= 1 and --warmup >= 0")
-    shards = Path(cfg.shards)
-    step_only = what == ["step"] and not (shards / "manifest.json").is_file()  # the step section needs no shards
-    manifest = None if step_only else load_manifest(shards)  # one-line ValueError on a bad folder
-    crop = training_crop(manifest, cfg.crop) if manifest else None
+    step_only = what == ["step"] and not (Path(cfg.shards) / "manifest.json").is_file()  # the step section needs no shards
+    shards = None if step_only else Shards(cfg.shards)  # one-line ValueError on a bad folder
+    crop = shards.crop(cfg.crop) if shards else None
     device = resolve_device(cfg.device)
     precision = resolve_precision("auto", device)
     threads = cfg.workers or default_workers()
-    log = _Log(cfg.quiet)
+    log = partial(Progress(quiet=cfg.quiet).line, tty_only=True)  # progress lines on a terminal; stdout carries the results
     torch.manual_seed(cfg.seed)
 
-    if manifest:
-        targets = list(manifest["targets"])
-        ts = manifest["target_stats"]
-        tmean, tstd = [ts[t]["mean"] for t in targets], [ts[t]["std"] or 1.0 for t in targets]
+    if shards:
+        targets = shards.targets
+        tmean, tstd = shards.target_stats()
     else:  # the step section alone, without shards: the recipe's one target at a typical scale
         targets, tmean, tstd = [RECIPE.target], [8.9], [0.2]
     window = dict(batches=cfg.batches, warmup=cfg.warmup, repeats=cfg.repeats, device=device, log=log)
@@ -307,29 +254,28 @@ def bench(cfg: BenchConfig) -> dict:
     def get_backends():
         if backends or skipped:
             return backends
-        common = dict(bs=cfg.bs, size=cfg.size, crop=crop, device=device, num_threads=threads, seed=cfg.seed,
-                      manifest=manifest)
-        images, catalog, why = fastai_source(cfg, manifest)
+        common = dict(bs=cfg.bs, size=cfg.size, crop=crop, device=device, threads=threads, seed=cfg.seed)
+        images, catalog, why = fastai_source(cfg, shards)
         if why:
             skipped[PEER] = why
         else:
             log(f"building the fastai DataBlock over {images}")
             with _quiet_fastai():
-                backends[PEER] = fastai_dls(shards, manifest, images, catalog, bs=cfg.bs, size=cfg.size,
+                backends[PEER] = fastai_dls(shards, images, catalog, bs=cfg.bs, size=cfg.size,
                                             crop=crop, device=device,
                                             workers=threads, seed=cfg.seed)
         if dali_available():
-            backends["dali"] = make_dls(shards, backend="dali", **common)
+            backends["dali"] = dataloaders(shards, backend="dali", **common)
         else:
             skipped["dali"] = "NVIDIA DALI is not importable here"
-        backends["torch"] = make_dls(shards, backend="torch", **common)
+        backends["torch"] = dataloaders(shards, backend="torch", **common)
         return backends
 
     out: dict = {
-        "shards": str(shards), "sections": what,
+        "shards": str(cfg.shards), "sections": what,
         "config": {**to_jsonable(cfg), "crop": crop, "workers": threads, "precision": precision, "device": str(device)},
         "machine": _machine(device),
-        "n_train": manifest["counts"]["train"] if manifest else None,
+        "n_train": len(shards.split("train")) if shards else None,
         "note": "best of repeats; compare ratios within one run, not absolute figures across machines or runs",
     }
 
@@ -345,14 +291,14 @@ def bench(cfg: BenchConfig) -> dict:
     if "shuffle" in what:
         from .bench_shuffle import shuffle_bench
 
-        out["shuffle"] = shuffle_bench(cfg, shards, manifest, crop, device, threads, log)
+        out["shuffle"] = shuffle_bench(cfg, shards, crop, device, threads, log)
 
     if "model" in what or "e2e" in what:
         from fastai.data.core import DataLoaders
 
         with tempfile.TemporaryDirectory(prefix="fastgal-bench-") as tmp:
             def learner(dls):
-                learn = make_learner(dls, arch=cfg.arch, targets=targets, target_mean=tmean, target_std=tstd,
+                learn = make_learner(dls, make_model(cfg.arch, len(targets), tmean, tstd), targets=targets,
                                      path=Path(tmp), precision=precision, channels_last=device.type == "cuda",
                                      quiet=True, opt=cfg.opt, compile=cfg.compile)
                 learn.metrics = []  # validation is skipped anyway
@@ -361,7 +307,7 @@ def bench(cfg: BenchConfig) -> dict:
             # e2e needs the model figure for its data-bound fraction, so it always runs the model section
             x = torch.randn(cfg.bs, 3, cfg.size, cfg.size, device=device)
             y = torch.tensor(tmean, device=device).repeat(cfg.bs, 1) + 0.1 * torch.randn(cfg.bs, len(targets), device=device)
-            syn = DataLoaders(_SyntheticLoader(x, y, cfg.warmup + cfg.batches), _SyntheticLoader(x, y, 1),
+            syn = DataLoaders(SyntheticLoader(x, y, cfg.warmup + cfg.batches), SyntheticLoader(x, y, 1),
                               path=tmp, device=device)
             rates = time_fit(learner(syn), name=cfg.arch, section="model", **window)
             out["model"] = {"arch": cfg.arch, "precision": precision, "batch_shape": [cfg.bs, 3, cfg.size, cfg.size],
@@ -386,17 +332,13 @@ def bench(cfg: BenchConfig) -> dict:
 
 
 def _machine(device: torch.device) -> dict:
-    from . import __version__
+    from .env import versions
 
+    v = versions()
     m = {"cpus": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-         "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-         "fastgal": __version__, "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
-    try:
-        import nvidia.dali
-
-        m["dali"] = nvidia.dali.__version__
-    except Exception:
-        m["dali"] = None
+         "platform": platform.platform(), "python": v["python"], "torch": v["torch"],
+         "fastgal": v["fastgal"], "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+         "dali": v["nvidia.dali"]}
     try:
         m["load_avg_1min"] = round(os.getloadavg()[0], 2)  # other jobs on the machine skew absolute figures
     except OSError:

@@ -2,13 +2,15 @@
 
     fastgal bench shards/synth --what shuffle --epochs 2 --ranks 2 --json
 
-Reads --epochs full epochs of sample positions from each training loader, built the way `fastgal train`
-builds it (make_dls: same backend, batch size, threads, seed), in measurement mode (each batch also
-carries its samples' positions in the split's file order; the training path is not changed by it):
-  dali, torch        what training uses: the index reader (fastgal.order), exact permutation per epoch
-  dali-stream...     DALI's WebDataset reader with its shuffle buffer (the reader training used before),
-                     as is, with shuffle_after_epoch (a new tar order every epoch), and with a 16k buffer (at most a
-                     rank's share of the data)
+Reads --epochs full epochs of sample positions (places in the split's file order) from each training
+loader, built the way `fastgal train` builds it (loaders.dataloaders: same backend, batch size, threads,
+seed):
+  dali, torch        what training uses: the loader's plan (fastgal.order), an exact permutation per epoch;
+                     the positions are the plan's, checked against the targets the loader delivered
+  dali-stream...     DALI's WebDataset reader with its shuffle buffer (the reader training used before), built
+                     here (the training path has no such reader): as is, with shuffle_after_epoch (a new tar
+                     order every epoch), and with a 16k buffer (at most a rank's share of the data); positions
+                     from each sample's source_info
 and reports, per pair of consecutive epochs:
   spearman           rank correlation of a sample's place in epoch e and in epoch e+1 (0: unrelated)
   cobatch_ratio      P(two samples share a batch in e+1 | they shared one in e), divided by the same
@@ -24,6 +26,9 @@ import gc
 import time
 
 import numpy as np
+
+from .config import RECIPE
+from .geometry import TRAIN
 
 # DALI's WebDataset reader in the settings one could try instead of the index reader
 STREAM_VARIANTS = {
@@ -145,21 +150,87 @@ def shuffle_section(make, backends: list[str], n: int, epochs: int, ranks: int, 
     return {"epochs": epochs, "ranks": ranks, "n_train": n, "results": results}
 
 
-def shuffle_bench(cfg, shards: Path, manifest: dict, crop: int, device, threads: int, log) -> dict:
-    """The shuffle section over the training loaders `fastgal train` builds, in measurement mode."""
-    from .loaders import dali_available, make_dls
+class _WithPositions:
+    """A training Loader's batches with the positions its plan read, (x, y, positions); the targets it
+    delivered are checked against the split's at those positions, so the figures are what was read."""
+
+    def __init__(self, dl):
+        self.dl = dl
+
+    def __iter__(self):
+        batches = self.dl.batches()
+        for (_x, y), pos in zip(self.dl, batches):
+            if not np.array_equal(y.cpu().numpy(), self.dl.split.batch(pos)[1]):
+                raise RuntimeError(f"the {self.dl.backend} loader did not deliver its plan's samples")
+            yield _x, y, pos
+
+    def close(self):
+        self.dl.close()
+
+
+class _Stream:
+    """DALI's WebDataset reader over a split (buffer shuffle; draws from DALI's generators), feeding the
+    training graph's augmentation, as the training loader was before the index reader; (x, y, positions)."""
+
+    def __init__(self, split, geometry, *, bs, threads, seed, rank, world, shuffle_buffer=0, shuffle_after_epoch=False):
+        from nvidia.dali import fn
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+        import nvidia.dali.types as dtypes
+
+        from .pipeline import PipeSpec, augment, pipeline
+
+        self.split, self.steps = split, (len(split) // world) // bs  # the index reader's equal steps per rank
+        spec = PipeSpec(view=TRAIN, geometry=geometry, batch_size=bs, num_threads=threads, seed=seed + rank)
+        self.pipe = pipeline(spec)
+        with self.pipe:
+            jpg, y = fn.readers.webdataset(
+                paths=list(split.tars), index_paths=list(split.idxs), ext=[split.image_ext, split.target_ext],
+                dtypes=[dtypes.UINT8, dtypes.FLOAT], missing_component_behavior="error", name="Reader",
+                random_shuffle=True, initial_fill=shuffle_buffer or 4 * bs, shuffle_after_epoch=shuffle_after_epoch,
+                shard_id=rank, num_shards=world, seed=seed + rank)
+            info = fn.pad(fn.get_property(jpg, key="source_info"), fill_value=0)  # "tar:offset:key.jpg", padded
+            r = RECIPE.max_rotate
+            angle = (fn.random.uniform(values=[0.0, 90.0, 180.0, 270.0])
+                     + fn.random.uniform(range=(-r, r)) * fn.random.coin_flip(probability=RECIPE.p_rotate))
+            x, y = augment(spec, jpg, y, angle, fn.random.uniform(range=(0.0, 1.0)), fn.random.uniform(range=(0.0, 1.0)),
+                           fn.random.coin_flip(probability=0.5))
+            self.pipe.set_outputs(x, y, info)
+        self.pipe.build()
+        self._it = DALIGenericIterator([self.pipe], ["x", "y", "info"], reader_name="Reader", auto_reset=False,
+                                       last_batch_policy=LastBatchPolicy.DROP)
+        self._keys = {k: i for i, k in enumerate(split.keys)}
+
+    def __iter__(self):
+        for i, b in enumerate(self._it):
+            if i < self.steps:  # a rank with one sample more than the others: skip its extra batch
+                d = b[0]
+                names = (bytes(row).rstrip(b"\0").decode().rsplit(":", 1)[1] for row in d["info"].numpy().astype(np.uint8))
+                yield d["x"], d["y"], np.array([self._keys[nm.split(".", 1)[0]] for nm in names])
+        self._it.reset()
+
+    def close(self):
+        self._it = self.pipe = None
+
+
+def shuffle_bench(cfg, shards, crop: int, device, threads: int, log) -> dict:
+    """The shuffle section over the training loaders `fastgal train` builds (shards: a manifest.Shards)."""
+    from .loaders import dali_available, dataloaders
 
     if cfg.epochs < 2 or cfg.ranks < 1:
         raise ValueError("--epochs must be >= 2 (the shuffle section compares consecutive epochs) and --ranks >= 1")
 
     def make(backend, shard_id, num_shards, **spec):
-        dls = make_dls(shards, bs=cfg.bs, size=cfg.size, crop=crop, device=device, backend=backend, num_threads=threads,
-                       seed=cfg.seed, shard_id=shard_id, num_shards=num_shards, manifest=manifest)
-        return dls.train.new(with_pos=True, **spec)
+        dls = dataloaders(shards, bs=cfg.bs, size=cfg.size, crop=crop, device=device, backend=backend, threads=threads,
+                          seed=cfg.seed, rank=shard_id, world=num_shards)
+        if spec.pop("reader", "index") == "index":
+            return _WithPositions(dls.train)
+        t = dls.train
+        return _Stream(t.split, t.geometry, bs=cfg.bs, threads=threads, seed=cfg.seed, rank=shard_id, world=num_shards,
+                       **spec)
 
     # torch first: its workers fork before any DALI reader has mapped its buffers into this process
     names = ["torch"] + (["dali", *STREAM_VARIANTS] if dali_available() else [])
-    res = shuffle_section(make, names, manifest["counts"]["train"], cfg.epochs, cfg.ranks, log)
+    res = shuffle_section(make, names, len(shards.split("train")), cfg.epochs, cfg.ranks, log)
     res["skipped"] = {} if dali_available() else {"dali": "NVIDIA DALI is not importable here"}
     return res
 

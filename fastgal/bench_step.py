@@ -26,7 +26,7 @@ import torch
 from fastai.vision.models import xresnet
 from torch import nn
 
-from .bench import PEER, _SyntheticLoader, _sync
+from .bench_common import PEER, SyntheticLoader, sync
 from .config import RECIPE, BenchConfig
 from .loaders import fork_safe
 
@@ -34,10 +34,24 @@ STEP_WIDTH = 1 / 16  # channel scale of the thin model: xresnet34 keeps its 118 
 STEP_BATCH = (8, 3, 32, 32)  # tiny synthetic inputs: what is timed is Python, dispatch and fastai, not arithmetic
 COUNT_STEPS = 60  # steps of the counting pass: 10 Lookahead syncs (k=6) and 3 loss reads (every 20)
 SYNC_METHODS = ("item", "cpu", "tolist", "numpy", "__bool__", "__float__", "__int__")  # each one waits for a GPU
-STEP_CONFIGS = {  # name -> make_learner options; "fastai" is the peer: stock fastai's ranger, Recorder, AccumMetric
-    "fastgal": {"stock": False},
-    PEER: {"opt": "fastai-ranger", "stock": True},
+STEP_CONFIGS = {  # name -> optimizer; "fastai" is the peer: stock fastai's Learner, ranger, Recorder, AccumMetric
+    "fastgal": {},
+    PEER: {"opt": "fastai-ranger"},
 }
+
+
+def stock_learner(dls, model, *, targets, path, precision="fp32", channels_last=False):
+    """The peer: stock fastai's Learner, `ranger`, Recorder and AccumMetric (which read the loss and the
+    predictions back to the CPU every batch), with fastgal's callbacks (learner.dress), as train's would be."""
+    from fastai.learner import Learner
+    from fastai.optimizer import ranger
+
+    from .learner import dress
+    from .model import rmse_loss, target_metrics
+
+    learn = Learner(dls, model, loss_func=rmse_loss, opt_func=ranger, metrics=target_metrics(targets, on_device=False),
+                    path=path, model_dir=".")
+    return dress(learn, precision=precision, channels_last=channels_last, quiet=True)
 
 
 
@@ -59,7 +73,7 @@ class _ThinXResNet(xresnet.XResNet):
 def thin_model(arch: str, n_out: int, mean, std, width: float = STEP_WIDTH) -> nn.Module:
     """make_model's network with every channel count scaled by `width`: the same layer graph and parameter
     tensors (what the host works through per step), a fraction of the arithmetic."""
-    from .learner import ARCHS, Denormalize
+    from .model import ARCHS, Denormalize
 
     if arch not in ARCHS:
         raise ValueError(f"unknown --arch {arch!r}; choose one of {', '.join(ARCHS)}")
@@ -173,7 +187,7 @@ def _step_window(probe: _StepProbe, *, warmup: int, steps: int, device: torch.de
                 self._start()
 
         def _start(self):
-            _sync(device)
+            sync(device)
             self.active, self.t0, self.p0 = True, time.perf_counter(), dict(probe.seconds)
             if count:
                 self.syncs, self.sites, self.per_step, self.prev, self.reads0 = {}, {}, [], 0, self._reads()
@@ -189,7 +203,7 @@ def _step_window(probe: _StepProbe, *, warmup: int, steps: int, device: torch.de
             if count:
                 self.mode.__exit__(None, None, None)
                 self._sync_cm.__exit__(None, None, None)
-            _sync(device)
+            sync(device)
             secs = time.perf_counter() - self.t0
             self.active = False
             self.result = {"seconds": secs, "phases": {k: probe.seconds[k] - self.p0[k] for k in probe.seconds}}
@@ -221,7 +235,8 @@ def bench_step(cfg: BenchConfig, *, device: torch.device, precision: str, target
     """The `step` section: fastgal's and stock fastai's training step, host cost per phase, ops and syncs."""
     from fastai.data.core import DataLoaders
 
-    from .learner import best_epoch_callback, make_learner
+    from .callbacks import best_epoch_callback
+    from .learner import make_learner
     from .loop import SYNC_EVERY
 
     threads = torch.get_num_threads()
@@ -234,17 +249,21 @@ def bench_step(cfg: BenchConfig, *, device: torch.device, precision: str, target
                                                                                          device=device)
 
             def dls(n_batches):
-                return DataLoaders(_SyntheticLoader(x, y, n_batches), _SyntheticLoader(x, y, 1), path=tmp,
+                return DataLoaders(SyntheticLoader(x, y, n_batches), SyntheticLoader(x, y, 1), path=tmp,
                                    device=device)
 
             learners, probes = {}, {}
-            for name, kw in STEP_CONFIGS.items():
-                kw = {"opt": cfg.opt, **kw}
+            for name in STEP_CONFIGS:
                 (Path(tmp) / name).mkdir()
-                learn = make_learner(dls(1), arch=cfg.arch, targets=targets, target_mean=tmean, target_std=tstd,
-                                     path=Path(tmp) / name, precision=precision,
-                                     channels_last=device.type == "cuda", quiet=True, compile=cfg.compile,
-                                     model=thin_model(cfg.arch, len(targets), tmean, tstd), **kw)
+                model = thin_model(cfg.arch, len(targets), tmean, tstd)
+                common = dict(targets=targets, path=Path(tmp) / name, precision=precision,
+                              channels_last=device.type == "cuda")
+                if name == PEER:
+                    if cfg.compile:
+                        model.compile()
+                    learn = stock_learner(dls(1), model, **common)
+                else:
+                    learn = make_learner(dls(1), model, quiet=True, compile=cfg.compile, opt=cfg.opt, **common)
                 learn.create_opt()  # fit_one_cycle keeps it: the probe wraps this optimizer's zero_grad
                 learners[name], probes[name] = learn, _StepProbe(learn)
             monitor = f"rmse_{targets[0]}"

@@ -22,9 +22,8 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .diagnostics import calibration_lines, format_metrics
-from .config import (BenchConfig, DemoConfig, DownloadConfig, EnvConfig, PredictConfig, ShardConfig, SynthConfig,
-                     TrainConfig)
+from .report import calibration_lines, format_info, format_metrics, info_summary
+from .config import BenchConfig, DemoConfig, DownloadConfig, PredictConfig, ShardConfig, SynthConfig, TrainConfig
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -294,7 +293,7 @@ def info(out, as_json):
 
         fastgal info shards/synth
     """
-    from .manifest import format_info, info_summary, verify
+    from .manifest import verify
 
     with _user_errors():
         res = verify(out)
@@ -406,8 +405,8 @@ def bench(as_json, **kw):
 
 
 @cli.command()
-@options(EnvConfig, json_help="Print the report as JSON.")
-def env(as_json, **kw):
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def env(as_json):
     """Versions, the NVIDIA driver and GPUs, whether torch can use them, and what will not work.
 
     python, torch (+ its CUDA), torchvision, fastai, DALI (+ its CUDA flavour), nvImageCodec,
@@ -420,7 +419,6 @@ def env(as_json, **kw):
     """
     from .env import format_table, gather
 
-    config(EnvConfig, kw)  # no options yet; built like every command's, so one added later is used
     info = gather()
     if as_json:
         _echo_json(info)

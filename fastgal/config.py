@@ -5,7 +5,7 @@
 
 `Recipe` holds the published recipe's geometry and training defaults; every command's defaults
 (and so every CLI default: cli.py generates its options from these fields) come from it. Each
-field's metadata is its CLI help: `opt(default, "help")`, plus `flag=` (another long name), `short=`, `choices=`, `argument=True`,
+field's metadata is its CLI help: `option(default, "help")`, plus `flag=` (another long name), `short=`, `choices=`, `argument=True`,
 `multiple=True`, `cli=False` where the option differs from the plain `--field-name VALUE`.
 The final config is saved next to what a command wrote (synth.json, manifest.json, a run's
 config.json), so every output says exactly how it was made.
@@ -22,7 +22,7 @@ def to_jsonable(cfg) -> dict:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
 
 
-def opt(default=None, help: str = "", *, factory=None, **cli):
+def option(default=None, help: str = "", *, factory=None, **cli):
     """A config field with its CLI metadata (see the module docstring)."""
     meta = {"help": help, **cli}
     if factory is not None:
@@ -64,6 +64,7 @@ WORKERS = "Processes; 0 = all cores."
 DEVICES = ["auto", "cpu", "cuda"]
 LOADERS = ["auto", "dali", "torch"]
 OPTIMIZERS = ["ranger", "fastai-ranger"]
+HEADS = ["rmse", "gaussian"]
 OPT_HELP = ("ranger: fastai's ranger computed over flat buffers, ~12 tensor ops a step (the same results); "
             "fastai-ranger: fastai's own, ~20 per parameter tensor.")
 COMPILE_HELP = ("torch.compile the model (off by default; on a GPU, measure it first with "
@@ -74,100 +75,100 @@ COMPILE_HELP = ("torch.compile the model (off by default; on a GPU, measure it f
 class SynthConfig:
     """`fastgal synth`: the embedded synthetic SDSS-like survey."""
 
-    out: Path = opt(Path("data/synth"), argument=True)
-    n: int = opt(2000, "Number of galaxies.")
-    seed: int = opt(0)
-    size: int = opt(RECIPE.image, "Cutout width/height in pixels.")
-    workers: int = opt(0, WORKERS)
-    jpeg_quality: int = opt(75, "close to what SkyServer's getjpeg serves", cli=False)
-    overwrite: bool = opt(False, "Replace the survey in a non-empty OUT.")
-    quiet: bool = opt(False, QUIET, short="-q")
+    out: Path = option(Path("data/synth"), argument=True)
+    n: int = option(2000, "Number of galaxies.")
+    seed: int = option(0)
+    size: int = option(RECIPE.image, "Cutout width/height in pixels.")
+    workers: int = option(0, WORKERS)
+    jpeg_quality: int = option(75, "close to what SkyServer's getjpeg serves", cli=False)
+    overwrite: bool = option(False, "Replace the survey in a non-empty OUT.")
+    quiet: bool = option(False, QUIET, short="-q")
 
 
 @dataclass
 class ShardConfig:
     """`fastgal shard`: catalog + JPEGs -> WebDataset tars + DALI indexes + manifest.json + rejects.csv."""
 
-    catalog: Path = opt(Path("data/synth/data/master.csv"), argument=True)
-    images: Path = opt(Path("data/synth/images"), argument=True)
-    out: Path = opt(Path("shards/synth"), argument=True)
-    id_col: str = opt("objID", "Id column (kept exact, never a float).")
-    targets: list[str] = opt(help="Target column; repeat for several (stored in this order).",
+    catalog: Path = option(Path("data/synth/data/master.csv"), argument=True)
+    images: Path = option(Path("data/synth/images"), argument=True)
+    out: Path = option(Path("shards/synth"), argument=True)
+    id_col: str = option("objID", "Id column (kept exact, never a float).")
+    targets: list[str] = option(help="Target column; repeat for several (stored in this order).",
                              factory=lambda: [RECIPE.target], flag="--target", multiple=True)
-    valid_pct: float = opt(RECIPE.valid_pct, "Validation fraction (fastai RandomSplitter semantics).")
-    seed: int = opt(RECIPE.split_seed, "Seed of the split and the sample order.")
-    shard_size: int = opt(5000, "Samples per tar.")  # ~50-100 MB of 224 px cutouts
-    precrop: int | None = opt(None, "Store the centre PX x PX crop (JPEG q95) instead of the original bytes.")
-    crop: int = opt(RECIPE.crop, "The training crop region: smaller images are rejected; pixel stats use it.")
-    workers: int = opt(0, WORKERS)
-    overwrite: bool = opt(False, "Replace the shards in an OUT that has them.")
-    quiet: bool = opt(False, QUIET, short="-q")
+    valid_pct: float = option(RECIPE.valid_pct, "Validation fraction (fastai RandomSplitter semantics).")
+    seed: int = option(RECIPE.split_seed, "Seed of the split and the sample order.")
+    shard_size: int = option(5000, "Samples per tar.")  # ~50-100 MB of 224 px cutouts
+    precrop: int | None = option(None, "Store the centre PX x PX crop (JPEG q95) instead of the original bytes.")
+    crop: int = option(RECIPE.crop, "The training crop region: smaller images are rejected; pixel stats use it.")
+    workers: int = option(0, WORKERS)
+    overwrite: bool = option(False, "Replace the shards in an OUT that has them.")
+    quiet: bool = option(False, QUIET, short="-q")
 
 
 @dataclass
 class TrainConfig:
     """`fastgal train`: the seed recipe. xresnet34(sa, Mish) + ranger + RMSE, fit_one_cycle(7, 1e-2), bs 128."""
 
-    shards: Path = opt(Path("shards/synth"), argument=True)
-    out: Path | None = opt(None, "Run folder [default: runs/<shards>-<time>].")
-    epochs: int = opt(RECIPE.epochs)
-    lr: float = opt(RECIPE.lr, "Peak learning rate of fit_one_cycle.")
-    bs: int = opt(RECIPE.bs, "Batch size (per process).")
-    arch: str = opt(RECIPE.arch, "xresnet18|xresnet34|xresnet50 (sa=True, Mish).")
-    size: int = opt(RECIPE.size, "Random crop the model sees.")
-    crop: int | None = opt(None, "Centre region crops are drawn from [default: the shards' own, from manifest.json].")
-    targets: list[str] | None = opt(None, "Target name(s); default: all in the manifest.", flag="--target", multiple=True)
-    lr_find: bool = opt(False, "Run fastai's lr_find first; writes lr_find.png.")
-    lr_find_iters: int = opt(100, "Batches lr_find tries.")  # fastai's default
-    tta: bool = opt(False, "Also predict with the 8 dihedral views averaged; their spread is a second sigma "
+    shards: Path = option(Path("shards/synth"), argument=True)
+    out: Path | None = option(None, "Run folder [default: runs/<shards>-<time>].")
+    epochs: int = option(RECIPE.epochs)
+    lr: float = option(RECIPE.lr, "Peak learning rate of fit_one_cycle.")
+    bs: int = option(RECIPE.bs, "Batch size (per process).")
+    arch: str = option(RECIPE.arch, "xresnet18|xresnet34|xresnet50 (sa=True, Mish).")
+    size: int = option(RECIPE.size, "Random crop the model sees.")
+    crop: int | None = option(None, "Centre region crops are drawn from [default: the shards' own, from manifest.json].")
+    targets: list[str] | None = option(None, "Target name(s); default: all in the manifest.", flag="--target", multiple=True)
+    lr_find: bool = option(False, "Run fastai's lr_find first; writes lr_find.png.")
+    lr_find_iters: int = option(100, "Batches lr_find tries.")  # fastai's default
+    tta: bool = option(False, "Also predict with the 8 dihedral views averaged; their spread is a second sigma "
                     "(sigma_tta_<t>).")
-    head: str = opt("rmse", "rmse: the seed's point estimate and RMSE loss. gaussian: a mean and a sigma per "
+    head: str = option("rmse", "rmse: the seed's point estimate and RMSE loss. gaussian: a mean and a sigma per "
                     "galaxy (sigma_<t>), Gaussian NLL loss; validation RMSE of the mean picks the best epoch.",
-                    choices=["rmse", "gaussian"])
-    mass_col: str = opt("lgm_tot_p50", "Catalog column of log stellar mass for the mass-metallicity check "
+                    choices=HEADS)
+    mass_col: str = option("lgm_tot_p50", "Catalog column of log stellar mass for the mass-metallicity check "
                         "(mzr.png); skipped when the shards' rows lack it.")
-    seed: int = opt(42)
-    device: str = opt("auto", choices=DEVICES)
-    precision: str = opt("auto", "auto = bf16 on GPUs that have it, else fp16; fp32 on a CPU.",
+    seed: int = option(42)
+    device: str = option("auto", choices=DEVICES)
+    precision: str = option("auto", "auto = bf16 on GPUs that have it, else fp16; fp32 on a CPU.",
                          choices=["auto", "bf16", "fp16", "fp32"])
-    loader: str = opt("auto", "Data path: DALI, or the webdataset + torchvision fallback.", choices=LOADERS)
-    workers: int = opt(0, "Loader threads; 0 = all cores.")
-    channels_last: bool = opt(True, "on a GPU", cli=False)
-    overwrite: bool = opt(False, "Replace an earlier run in --out.")
-    resume: bool = opt(False, "Continue the interrupted run in --out from its last finished epoch (same settings).")
-    quiet: bool = opt(False, QUIET, short="-q")
-    compile: bool = opt(False, COMPILE_HELP)
-    opt: str = opt("ranger", OPT_HELP, choices=OPTIMIZERS)  # last: the field's name shadows opt() below it
+    loader: str = option("auto", "Data path: DALI, or the webdataset + torchvision fallback.", choices=LOADERS)
+    workers: int = option(0, "Loader threads; 0 = all cores.")
+    channels_last: bool = option(True, "on a GPU", cli=False)
+    overwrite: bool = option(False, "Replace an earlier run in --out.")
+    resume: bool = option(False, "Continue the interrupted run in --out from its last finished epoch (same settings).")
+    quiet: bool = option(False, QUIET, short="-q")
+    compile: bool = option(False, COMPILE_HELP)
+    opt: str = option("ranger", OPT_HELP, choices=OPTIMIZERS)
 
 
 @dataclass
 class DownloadConfig:
     """`fastgal download`: the SkyServer sample query and the cutout downloader."""
 
-    out: Path = opt(Path("data/sdss"), argument=True)
-    sql: Path | None = opt(None, "SQL file to run instead of the reference sample's query (fastgal/metallicity_sample.sql).")
-    catalog: Path | None = opt(None, "CSV with objID, ra, dec, [petroR90_r], targets: skip the query.")
-    release: str = opt("dr17", "SDSS data release.")
-    base_url: str = opt("https://skyserver.sdss.org", "SkyServer host (a mirror, a test server).")
-    limit: int | None = opt(None, "Only the first N galaxies (by objID for the query).")
-    size: int = opt(RECIPE.image, "Cutout width/height in pixels (64-2048; SkyServer clamps outside it).")
-    scale: float | str = opt("auto", "arcsec/pixel (0.015-60), or auto: frame each galaxy by --frame "
+    out: Path = option(Path("data/sdss"), argument=True)
+    sql: Path | None = option(None, "SQL file to run instead of the reference sample's query (fastgal/metallicity_sample.sql).")
+    catalog: Path | None = option(None, "CSV with objID, ra, dec, [petroR90_r], targets: skip the query.")
+    release: str = option("dr17", "SDSS data release.")
+    base_url: str = option("https://skyserver.sdss.org", "SkyServer host (a mirror, a test server).")
+    limit: int | None = option(None, "Only the first N galaxies (by objID for the query).")
+    size: int = option(RECIPE.image, "Cutout width/height in pixels (64-2048; SkyServer clamps outside it).")
+    scale: float | str = option("auto", "arcsec/pixel (0.015-60), or auto: frame each galaxy by --frame "
                              "(0.396 without a petroR90_r).", type="scale")
-    frame: str = opt("original", "--scale auto's frame: original = 2 x petroR90_r / 0.396 (about 5.05 x "
+    frame: str = option("original", "--scale auto's frame: original = 2 x petroR90_r / 0.396 (about 5.05 x "
                      "petroR90_r, the published study's), 4r90 = 4 x petroR90_r.", choices=list(FRAMES))
-    fallback_scale: float = opt(NATIVE_SCALE, "auto without a usable petroR90_r: SDSS's native pixel", cli=False)
-    workers: int = opt(4, "Download threads, each with its own keep-alive connection.")
-    rate: float = opt(4.0, "Requests/s over all threads (SkyServer is shared); 0 = no limit.")
-    retries: int = opt(5, "Retries after the first try, per cutout; per query only where nothing ran "
+    fallback_scale: float = option(NATIVE_SCALE, "auto without a usable petroR90_r: SDSS's native pixel", cli=False)
+    workers: int = option(4, "Download threads, each with its own keep-alive connection.")
+    rate: float = option(4.0, "Requests/s over all threads (SkyServer is shared); 0 = no limit.")
+    retries: int = option(5, "Retries after the first try, per cutout; per query only where nothing ran "
                        "(connection errors, 502/503/504, 429 with Retry-After), never a SQL error.")
-    timeout: float = opt(30.0, "Seconds per request (connect, and between bytes).")
-    query_timeout: float = opt(660.0, "Seconds to wait for the SQL answer; more than SkyServer's own 600 s "
+    timeout: float = option(30.0, "Seconds per request (connect, and between bytes).")
+    query_timeout: float = option(660.0, "Seconds to wait for the SQL answer; more than SkyServer's own 600 s "
                                "limit, so a slow query ends with the server's message, not a client timeout.")
-    backoff: float = opt(0.5, "Base of the exponential backoff, seconds (retry n waits ~backoff * 2**n + jitter).")
-    backoff_max: float = opt(60.0, cli=False)
-    retry_after_max: float = opt(120.0, "cap on a server's Retry-After", cli=False)
-    row_cap: int = opt(500_000, "SkyServer's SqlSearch row limit; a capped result is split by objID", cli=False)
-    quiet: bool = opt(False, QUIET, short="-q")
+    backoff: float = option(0.5, "Base of the exponential backoff, seconds (retry n waits ~backoff * 2**n + jitter).")
+    backoff_max: float = option(60.0, cli=False)
+    retry_after_max: float = option(120.0, "cap on a server's Retry-After", cli=False)
+    row_cap: int = option(500_000, "SkyServer's SqlSearch row limit; a capped result is split by objID", cli=False)
+    quiet: bool = option(False, QUIET, short="-q")
 
 
 @dataclass
@@ -177,14 +178,14 @@ class DemoConfig:
     GPU preset: the seed's full recipe (RECIPE). CPU preset: CPU_RECIPE.
     """
 
-    out: Path = opt(Path("runs/demo"))
-    n: int | None = opt(None, "Galaxies [default: 3000 on a CPU, 30000 on a GPU].")
-    epochs: int | None = opt(None, "[default: 8 on a CPU, 7 on a GPU].")
-    seed: int = opt(0)
-    device: str = opt("auto", choices=DEVICES)
-    loader: str = opt("auto", "Data path for training.", choices=LOADERS)
-    overwrite: bool = opt(False, "Replace an earlier demo in OUT.")
-    quiet: bool = opt(False, QUIET, short="-q")
+    out: Path = option(Path("runs/demo"))
+    n: int | None = option(None, "Galaxies [default: 3000 on a CPU, 30000 on a GPU].")
+    epochs: int | None = option(None, "[default: 8 on a CPU, 7 on a GPU].")
+    seed: int = option(0)
+    device: str = option("auto", choices=DEVICES)
+    loader: str = option("auto", "Data path for training.", choices=LOADERS)
+    overwrite: bool = option(False, "Replace an earlier demo in OUT.")
+    quiet: bool = option(False, QUIET, short="-q")
 
     def preset(self, gpu: bool) -> dict:
         r = RECIPE if gpu else CPU_RECIPE
@@ -196,15 +197,15 @@ class DemoConfig:
 class PredictConfig:
     """`fastgal predict`: a trained run applied to shards or a folder of JPEG cutouts."""
 
-    run: Path = opt(Path("runs/demo/run"), argument=True)
-    input: Path = opt(Path("shards/synth"), argument=True)
-    out: Path | None = opt(None, "CSV [default: RUN/predictions_<INPUT>.csv].")
-    split: str = opt("valid", "Which shards, when INPUT is a shard folder.", choices=["valid", "train", "all"])
-    tta: bool = opt(False, "Average the 8 dihedral views; their spread is written as sigma_tta_<t>.")
-    bs: int = opt(256)
-    device: str = opt("auto", choices=DEVICES)
-    loader: str = opt("auto", choices=LOADERS)
-    workers: int = opt(0, "0 = all cores.")
+    run: Path = option(Path("runs/demo/run"), argument=True)
+    input: Path = option(Path("shards/synth"), argument=True)
+    out: Path | None = option(None, "CSV [default: RUN/predictions_<INPUT>.csv].")
+    split: str = option("valid", "Which shards, when INPUT is a shard folder.", choices=["valid", "train", "all"])
+    tta: bool = option(False, "Average the 8 dihedral views; their spread is written as sigma_tta_<t>.")
+    bs: int = option(256)
+    device: str = option("auto", choices=DEVICES)
+    loader: str = option("auto", choices=LOADERS)
+    workers: int = option(0, "0 = all cores.")
 
 
 @dataclass
@@ -212,32 +213,24 @@ class BenchConfig:
     """`fastgal bench`: loaders / model / end-to-end training speed, as ratios to fastai's PIL pipeline, and the
     host cost of a training step against stock fastai's."""
 
-    shards: Path = opt(Path("shards/synth"), argument=True)
-    what: str = opt("all", "Sections, comma-separated: loaders, model, e2e (e2e also runs model), step "
+    shards: Path = option(Path("shards/synth"), argument=True)
+    what: str = option("all", "Sections, comma-separated: loaders, model, e2e (e2e also runs model), step "
                            "(the host cost of a training step, fastgal vs stock fastai), shuffle, all.")
-    batches: int = opt(20, "Timed batches per window.")
-    warmup: int = opt(2, "Untimed batches before each window (worker start, pipeline build, autotune).")
-    repeats: int = opt(3, "Windows per backend; the best is reported.")
-    bs: int = opt(RECIPE.bs, "Batch size.")
-    size: int = opt(RECIPE.size, "Random crop the model sees.")
-    crop: int | None = opt(None, "Centre region crops are drawn from [default: the shards' own].")
-    arch: str = opt(RECIPE.arch, "Model for the model, e2e and step sections.")
-    device: str = opt("auto", choices=DEVICES)
-    workers: int = opt(0, "Loader threads/processes for every backend; 0 = all cores.")
-    epochs: int = opt(2, "Full epochs the shuffle section reads per loader (>= 2).")
-    ranks: int = opt(1, "Shuffle section: DDP ranks to simulate (loaders with shard_id 0..K-1).")
-    images: Path | None = opt(None, "JPEG folder for the fastai peer [default: the manifest's source.images].")
-    catalog: Path | None = opt(None, "Catalog CSV for the fastai peer [default: the manifest's source.catalog].")
-    seed: int = opt(42)
-    quiet: bool = opt(False, QUIET, short="-q")
-    compile: bool = opt(False, COMPILE_HELP)
-    opt: str = opt("ranger", "Optimizer of fastgal's learner in every section (the step section's peer is always "
-                   "fastai's ranger).", choices=OPTIMIZERS)  # last: the field's name shadows opt() below it
-
-
-@dataclass
-class EnvConfig:
-    """`fastgal env`: versions, the NVIDIA driver and GPUs, whether torch can use them, and warnings.
-
-    No options beyond `--json` (which cli.options adds): it only reports.
-    """
+    batches: int = option(20, "Timed batches per window.")
+    warmup: int = option(2, "Untimed batches before each window (worker start, pipeline build, autotune).")
+    repeats: int = option(3, "Windows per backend; the best is reported.")
+    bs: int = option(RECIPE.bs, "Batch size.")
+    size: int = option(RECIPE.size, "Random crop the model sees.")
+    crop: int | None = option(None, "Centre region crops are drawn from [default: the shards' own].")
+    arch: str = option(RECIPE.arch, "Model for the model, e2e and step sections.")
+    device: str = option("auto", choices=DEVICES)
+    workers: int = option(0, "Loader threads/processes for every backend; 0 = all cores.")
+    epochs: int = option(2, "Full epochs the shuffle section reads per loader (>= 2).")
+    ranks: int = option(1, "Shuffle section: DDP ranks to simulate (loaders with shard_id 0..K-1).")
+    images: Path | None = option(None, "JPEG folder for the fastai peer [default: the manifest's source.images].")
+    catalog: Path | None = option(None, "Catalog CSV for the fastai peer [default: the manifest's source.catalog].")
+    seed: int = option(42)
+    quiet: bool = option(False, QUIET, short="-q")
+    compile: bool = option(False, COMPILE_HELP)
+    opt: str = option("ranger", "Optimizer of fastgal's learner in every section (the step section's peer is always "
+                   "fastai's ranger).", choices=OPTIMIZERS)

@@ -14,9 +14,9 @@ from pathlib import Path
 
 
 from .config import DemoConfig, ShardConfig, SynthConfig, TrainConfig
+from .device import resolve_device
 from .shards import shard
 from .synth import synth
-from .learner import resolve_device
 from .train import train
 from .util import write_json_atomic
 

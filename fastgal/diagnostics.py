@@ -7,7 +7,7 @@ and (for a model that predicts sigma) calibration.
 
 A CNN regressor pulls the extremes toward the mean: bins of the *true* value show it as a bias that
 changes sign across the range (positive at low Z, negative at high Z), which the overall bias hides.
-Bins of the *predicted* value are what a catalogue user conditions on. A leaf module: numpy only.
+Bins of the *predicted* value are what a catalogue user conditions on. A leaf module: numpy and scipy.
 """
 
 from __future__ import annotations
@@ -15,15 +15,23 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from scipy.stats import median_abs_deviation
 
-NMAD_K = 1.4826  # NMAD = 1.4826 * median|d - median(d)|: the standard deviation for Gaussian d
 OUTLIER_NMAD = 3.0  # |d - median(d)| > 3 NMAD is an outlier
 MZR_DEGREE = 2  # Tremonti+04 fit a 2nd-order polynomial in log M* over the star-forming sample
 
 
 def nmad(d) -> float:
+    """1.4826 * median|d - median(d)|: the standard deviation for Gaussian d, robust to outliers."""
     d = np.asarray(d, np.float64)
-    return float(NMAD_K * np.median(np.abs(d - np.median(d)))) if len(d) else math.nan
+    return float(median_abs_deviation(d, scale="normal")) if len(d) else math.nan
+
+
+def r2(true, pred) -> float:
+    """The coefficient of determination, 1 - SS_res / SS_tot (NaN for a constant truth)."""
+    true, pred = np.asarray(true, np.float64), np.asarray(pred, np.float64)
+    ss_tot = float(np.sum((true - true.mean()) ** 2))
+    return float(1 - np.sum((pred - true) ** 2) / ss_tot) if ss_tot > 0 else float("nan")
 
 
 def scatter(d) -> dict:
@@ -98,37 +106,10 @@ def calibration(true, pred, sigma) -> dict:
 def summarise(true, pred, mass=None, sigma=None, n_bins: int = 8) -> dict:
     """Everything above for one target, JSON-ready. mass: log M* per galaxy (NaN where unknown)."""
     true, pred = np.asarray(true, np.float64), np.asarray(pred, np.float64)
-    out = {**scatter(pred - true), "by_true": binned(true, pred, "true", n_bins),
+    out = {**scatter(pred - true), "r2": r2(true, pred), "by_true": binned(true, pred, "true", n_bins),
            "by_pred": binned(true, pred, "pred", n_bins)}
     if mass is not None and np.isfinite(np.asarray(mass, np.float64)).sum() > MZR_DEGREE + 2:
         out["mzr"] = {"true": mzr(mass, true), "pred": mzr(mass, pred)}
     if sigma is not None:
         out["calibration"] = calibration(true, pred, sigma)
     return out
-
-
-def format_metrics(m: dict) -> str:
-    """metrics.json as the summary `fastgal train` and `demo` print on stdout."""
-    lines = [f"{'target':<14}{'RMSE':>8}{'NMAD':>8}{'bias':>9}{'R2':>7}{'TTA RMSE':>10}{'mean-baseline':>15}"]
-    for t, v in m["targets"].items():
-        tta = f"{v['tta_rmse']:.4f}" if "tta_rmse" in v else "-"
-        lines.append(f"{t:<14}{v['rmse']:>8.4f}{v['nmad']:>8.4f}{v['bias']:>+9.4f}{v['r2']:>7.3f}{tta:>10}{v['baseline_rmse']:>15.4f}")
-    for t, v in m["targets"].items():
-        lines += calibration_lines(v, f"{t}: ")
-    if m.get("floor"):
-        f = m["floor"]
-        lines.append(f"synthetic survey: observable reference RMSE {f['observable_reference_rmse']:.4f} dex (what the "
-                     f"images show), latent floor {f['floor_rmse']:.4f} dex (an oracle knowing mass and SFR)")
-    lines.append(f"{m['epochs']} epochs in {m['fit_seconds']:.1f}s, {m['train_images_per_s']:.0f} train images/s "
-                 f"({m['device']}, {m['precision']}, {m['loader_backend']}); best epoch {m['best_epoch']}")
-    return "\n".join(lines)
-
-
-def calibration_lines(d: dict, prefix: str) -> list[str]:
-    """One line per sigma estimate (the head's, the TTA spread's) that d's calibration has."""
-    lines = []
-    for c, what in ((d.get("calibration"), "sigma"), (d.get("tta_calibration"), "TTA spread")):
-        if c and c["within_1sigma"] is not None:
-            lines.append(f"{prefix}{what} (median {c['median_sigma']:.4f}): within 1 sigma {c['within_1sigma']:.1%} "
-                         f"(Gaussian 68.3%), within 2 sigma {c['within_2sigma']:.1%} (95.4%), RMS z {c['rms_z']:.2f}")
-    return lines

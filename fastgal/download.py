@@ -59,8 +59,6 @@ def validate(cfg: DownloadConfig) -> None:
     if cfg.scale != "auto" and not (isinstance(cfg.scale, (int, float)) and MIN_SCALE <= cfg.scale <= MAX_SCALE):
         raise ValueError(f"--scale must be 'auto' or {MIN_SCALE:g}..{MAX_SCALE:g} arcsec/pixel (SkyServer clamps "
                          f"outside it), got {cfg.scale!r}")
-    if cfg.frame not in FRAMES:
-        raise ValueError(f"--frame must be one of {', '.join(FRAMES)}, got {cfg.frame!r}")
     if cfg.workers < 1:
         raise ValueError(f"--workers must be at least 1, got {cfg.workers}")
     if cfg.retries < 0 or cfg.rate < 0 or cfg.timeout <= 0 or cfg.query_timeout <= 0:

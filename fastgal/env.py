@@ -14,6 +14,7 @@ No DALI or fastai import at module level: `--device auto` calls `warn_if_gpu_unu
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata as md
 import platform
 import re
@@ -30,6 +31,7 @@ DALI_DISTS = {"nvidia-dali-cuda110": 11, "nvidia-dali-cuda120": 12, "nvidia-dali
 NVIMGCODEC_DISTS = ("nvidia-nvimgcodec-cu12", "nvidia-nvimgcodec-cu13", "nvidia-nvimgcodec-cu11")
 PROC_VERSION = Path("/proc/driver/nvidia/version")
 PROC_GPUS = Path("/proc/driver/nvidia/gpus")
+VERSIONED = ("fastai", "nvidia.dali", "webdataset", "torchvision", "numpy")  # versions() beyond fastgal, python, torch
 
 
 # --------------------------------------------------------------------------- probes
@@ -40,6 +42,23 @@ def dist_version(name: str) -> str | None:
         return md.version(name)
     except md.PackageNotFoundError:
         return None
+
+
+def versions() -> dict:
+    """What this process runs on, as config.json and `fastgal bench` record it: fastgal, python, torch and
+    each module of VERSIONED as it reports itself when imported (None where it does not import: DALI
+    blocked or absent). Unlike the probes below, which `fastgal env` uses, it imports what it names."""
+    import torch
+
+    from . import __version__
+
+    v = {"fastgal": __version__, "python": platform.python_version(), "torch": torch.__version__}
+    for mod in VERSIONED:
+        try:
+            v[mod] = importlib.import_module(mod).__version__
+        except Exception:  # ImportError, or a broken install's OSError
+            v[mod] = None
+    return v
 
 
 def probe_nvidia() -> dict:

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .diagnostics import nmad
+
 # generator 2 (original framing); `python -c "from fastgal.synth import make_catalog; from fastgal.floor
 # import observable_reference; print(observable_reference(make_catalog(200_000, 12345)))"` -> 0.1012
 OBSERVABLE_REFERENCE = {"rmse": 0.1012, "generator_version": 2, "n": 200_000, "seed": 12345,
@@ -50,7 +52,7 @@ def floor_stats(cat: dict, generator_version: int, sigma_hidden: float) -> dict:
     return {
         "observable_reference_rmse": OBSERVABLE_REFERENCE["rmse"],
         "floor_rmse": float(np.sqrt(np.mean(res**2))),
-        "floor_nmad": float(1.4826 * np.median(np.abs(res - np.median(res)))),
+        "floor_nmad": nmad(res),
         "mean_baseline_rmse": float(np.std(m)),
         "sigma_hidden_latent": sigma_hidden,
         "observable_reference": OBSERVABLE_REFERENCE,

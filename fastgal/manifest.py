@@ -1,8 +1,8 @@
-"""Reading a shard folder: manifest.json, the DALI index files, the shard lists, and `fastgal info`.
+"""Reading a shard folder back: manifest.json, the DALI index files, a split's samples, and `fastgal info`'s check.
 
-    from fastgal.manifest import load_manifest, shard_files
-    m = load_manifest("shards/synth")
-    tars, idxs = shard_files("shards/synth", m, "train")
+    from fastgal.manifest import Shards
+    sh = Shards("shards/synth")              # manifest.json, read and checked once
+    valid = sh.split("valid")                # its index files, parsed once: keys, offsets, random access
 
 shards.py writes what this module reads (and imports its format helpers from here: the flow is
 shards -> manifest, never back). A DALI index (the wds2idx `v1.2` format) is a header line
@@ -12,7 +12,9 @@ shards -> manifest, never back). A DALI index (the wds2idx `v1.2` format) is a h
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
+import mmap
 import re
 import tarfile
 from pathlib import Path
@@ -87,28 +89,6 @@ def read_index(idx_path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
     return out
 
 
-def index_keys(idx_paths) -> list[str]:
-    """Sample keys in the order a sequential reader (DALI's valid graph) delivers them."""
-    return [key for idx in idx_paths for key, _ in read_index(idx)]
-
-
-def read_column(tars, idxs, column: str, meta_ext: str = "json") -> np.ndarray:
-    """One catalog column of every sample, in file order, from the samples' json (the catalog row the
-    shards carry): float, NaN where the column is missing, empty or not a number."""
-    out = []
-    for tar, idx in zip(tars, idxs):
-        with open(tar, "rb") as f:
-            for _, comp in read_index(idx):
-                off, size = comp[meta_ext]
-                f.seek(off)
-                v = json.loads(f.read(size)).get(column)
-                try:
-                    out.append(float(v))
-                except (TypeError, ValueError):
-                    out.append(float("nan"))
-    return np.asarray(out, np.float64)
-
-
 def index_count(idx_path) -> int:
     head = Path(idx_path).read_text().split("\n", 1)[0].split()
     if len(head) != 2 or head[0] != INDEX_VERSION:
@@ -156,22 +136,140 @@ def load_manifest(folder) -> dict:
 def training_crop(manifest: dict, asked: int | None = None) -> int:
     """The centre region training crops are drawn from: the one the shards were made for (their
     pixel statistics are over it). `asked` (a --crop) must agree: other statistics would be wrong."""
-    made = manifest["image"].get("crop") or manifest["pixel_stats"]["region"]
-    if manifest["image"].get("precrop"):
-        made = manifest["image"]["precrop"]
+    made = manifest["image"]["precrop"] or manifest["image"]["crop"]
     if asked is not None and asked != made:
         raise ValueError(f"--crop {asked} but the shards were made for a {made} px crop region (their pixel statistics "
                          f"are over it); drop --crop, or re-shard with `fastgal shard ... --crop {asked}`")
     return made
 
 
-def shard_files(folder, manifest: dict, split: str) -> tuple[list[str], list[str]]:
-    """(tar paths, index paths) of one split, in manifest order, as strings for DALI."""
-    if split not in manifest["shards"]:
-        raise ValueError(f"no split {split!r} in {Path(folder) / 'manifest.json'} (has {sorted(manifest['shards'])})")
-    folder = Path(folder)
-    entries = manifest["shards"][split]
-    return [str(folder / e["file"]) for e in entries], [str(folder / e["index"]) for e in entries]
+class Shards:
+    """A finished shard folder, its manifest read and checked once; `split(name)` parses that split's
+    index files once and hands out the same Split to everything that asks."""
+
+    def __init__(self, folder):
+        self.folder = Path(folder)
+        self.manifest = load_manifest(self.folder)  # one-line ValueError on a bad folder
+        fmt = self.manifest.get("index_format")
+        if fmt != INDEX_VERSION:
+            raise ValueError(f"{self.folder}: index files of format {fmt!r}, this fastgal reads {INDEX_VERSION}; "
+                             "re-shard with `fastgal shard ... --overwrite`")
+        self._splits: dict[str, Split] = {}
+
+    @property
+    def targets(self) -> list[str]:
+        return list(self.manifest["targets"])
+
+    @property
+    def precrop(self) -> int | None:
+        return self.manifest["image"]["precrop"]
+
+    @property
+    def image_size(self) -> list[int]:
+        return list(self.manifest["image"]["size"])
+
+    @property
+    def pixel_mean(self) -> list[float]:
+        return list(self.manifest["pixel_stats"]["mean"])
+
+    @property
+    def pixel_std(self) -> list[float]:
+        return list(self.manifest["pixel_stats"]["std"])
+
+    def crop(self, asked: int | None = None) -> int:
+        return training_crop(self.manifest, asked)
+
+    def target_stats(self) -> tuple[list[float], list[float]]:
+        """(mean, std) of each target over the training split (std 1 where it is 0)."""
+        ts = self.manifest["target_stats"]
+        return [ts[t]["mean"] for t in self.targets], [ts[t]["std"] or 1.0 for t in self.targets]
+
+    def sha256(self) -> str:
+        """One hash over every shard's sha256 (train, then valid): which data a run saw."""
+        return hashlib.sha256("".join(e["sha256"] for sp in ("train", "valid")
+                                      for e in self.manifest["shards"][sp]).encode()).hexdigest()
+
+    def split(self, name: str) -> "Split":
+        if name not in self._splits:
+            if name not in self.manifest["shards"]:
+                raise ValueError(f"no split {name!r} in {self.folder / 'manifest.json'} (has {sorted(self.manifest['shards'])})")
+            self._splits[name] = Split(self, name)
+        return self._splits[name]
+
+
+class Split:
+    """One split of a shard folder: its tars and the parsed DALI index (every sample's key and the byte
+    offsets of its image, targets and json), read once. Random access by position (file order) goes
+    through memory-mapped tars, mapped lazily once per process and dropped when pickled to a worker, so a
+    sample is a slice of the page cache: no system call per read, nothing copied until a decoder takes it.
+
+        sp = Shards("shards/synth").split("valid")
+        jpegs, y = sp.batch(range(8)); sp.keys[:3]; sp.all_targets(); sp.column("lgm_tot_p50")
+    """
+
+    def __init__(self, shards: Shards, name: str):
+        self.shards, self.name = shards, name
+        m = shards.manifest
+        entries = m["shards"][name]
+        self.tars = [str(shards.folder / e["file"]) for e in entries]
+        self.idxs = [str(shards.folder / e["index"]) for e in entries]
+        comp = m["components"]
+        self.image_ext, self.target_ext, self.meta_ext = comp["image"], comp["targets"], comp["meta"]
+        keys, rows = [], []
+        for t, idx in enumerate(self.idxs):
+            for key, c in read_index(idx):
+                keys.append(key)
+                rows.append((t, *c[self.image_ext], *c[self.target_ext], *c[self.meta_ext]))
+        self.keys: list[str] = keys
+        a = np.asarray(rows, dtype=np.int64).reshape(-1, 7)
+        self.tar, self.img_off, self.img_size, self.y_off, self.y_size, self.meta_off, self.meta_size = a.T
+        self.ntargets = len(m["targets"])
+        if len(a) and int(self.y_size[0]) != 4 * self.ntargets:
+            raise ValueError(f"{self.idxs[0]}: targets of {int(self.y_size[0])} bytes, the manifest lists "
+                             f"{self.ntargets} float32 target(s); re-shard with `fastgal shard ... --overwrite`")
+        self._maps: dict[int, mmap.mmap] = {}
+        self._columns: dict[str, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getstate__(self):
+        return {**self.__dict__, "_maps": {}}  # a worker maps the files itself
+
+    def _map(self, t: int) -> mmap.mmap:
+        m = self._maps.get(t)
+        if m is None:
+            with open(self.tars[t], "rb") as f:
+                m = self._maps[t] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        return m
+
+    def jpeg(self, i: int) -> np.ndarray:
+        return np.frombuffer(self._map(int(self.tar[i])), np.uint8, int(self.img_size[i]), int(self.img_off[i]))
+
+    def target(self, i: int) -> np.ndarray:
+        return np.frombuffer(self._map(int(self.tar[i])), "<f4", self.ntargets, int(self.y_off[i]))
+
+    def batch(self, pos) -> tuple[list[np.ndarray], np.ndarray]:
+        """(a JPEG byte array per sample, targets as a (len(pos), ntargets) float32 array)."""
+        return [self.jpeg(i) for i in pos], np.stack([self.target(i) for i in pos])
+
+    def all_targets(self) -> np.ndarray:
+        """Every sample's targets, (n, ntargets) float32, in file order."""
+        return self.batch(range(len(self)))[1] if len(self) else np.zeros((0, self.ntargets), np.float32)
+
+    def column(self, name: str) -> np.ndarray:
+        """One catalog column of every sample, in file order, from the samples' json (the catalog row the
+        shards carry), read through the parsed index: float, NaN where missing, empty or not a number."""
+        if name not in self._columns:
+            out = np.full(len(self), np.nan)
+            for i in range(len(self)):
+                raw = self._map(int(self.tar[i]))[int(self.meta_off[i]):int(self.meta_off[i] + self.meta_size[i])]
+                try:
+                    out[i] = float(json.loads(raw).get(name))
+                except (TypeError, ValueError):
+                    pass
+            self._columns[name] = out
+        return self._columns[name]
 
 
 # --------------------------------------------------------------------------- fastgal info
@@ -206,30 +304,6 @@ def verify(folder) -> dict:
             counts[split] += n
     problems += _count_problems(folder, m["counts"], counts)
     return {"ok": not problems, "problems": problems, "samples": counts, "bytes": total_bytes, "manifest": m}
-
-
-def info_summary(out, res: dict) -> dict:
-    """`fastgal info --json`: the check (verify's result) and the manifest's summary."""
-    m = res["manifest"]
-    return {"out": str(out), "ok": res["ok"], "problems": res["problems"], "counts": m["counts"],
-            "rejects_by_reason": m["rejects_by_reason"], "targets": m["target_stats"], "image": m["image"],
-            "pixel_stats": m["pixel_stats"], "split": m["split"], "shards": {s: len(v) for s, v in m["shards"].items()},
-            "bytes": res["bytes"], "source": m["source"], "fastgal_version": m["fastgal_version"]}
-
-
-def format_info(out, res: dict) -> str:
-    """`fastgal info`'s human summary."""
-    m, c, ps = res["manifest"], res["manifest"]["counts"], res["manifest"]["pixel_stats"]
-    lines = [f"{out}: {m['format']} v{m['format_version']} from {m['source']['catalog']}",
-             f"  rows {c['catalog_rows']} = train {c['train']} + valid {c['valid']} + rejected {c['rejected']}"
-             f"  ({', '.join(f'{k} {v}' for k, v in m['rejects_by_reason'].items()) or 'no rejects'})",
-             f"  shards: {', '.join(f'{s} {len(v)}' for s, v in m['shards'].items())}, {res['bytes'] / 1e6:,.1f} MB"]
-    lines += [f"  {t}: mean {st['mean']:.4f} std {st['std']:.4f} range [{st['min']:.3f}, {st['max']:.3f}] (train)"
-              for t, st in m["target_stats"].items()]
-    lines += [f"  images {m['image']['size']} precrop {m['image']['precrop']}; centre {ps['region']} px mean "
-              f"{[round(x, 2) for x in ps['mean']]} std {[round(x, 2) for x in ps['std']]}",
-              "  verified: sha256s, indexes and counts match" if res["ok"] else f"  {len(res['problems'])} problem(s)"]
-    return "\n".join(lines)
 
 
 def _count_problems(folder: Path, c: dict, counts: dict) -> list[str]:

@@ -1,11 +1,12 @@
-"""Each training epoch's sample order and augmentation draws, from (seed, epoch) alone, and the
-random-access reader both loader backends feed from.
+"""Each training epoch's sample order and augmentation draws, from (seed, epoch) alone; the file order
+evaluation reads.
 
-    from fastgal.order import EpochPlan, ShardIndex
-    index = ShardIndex(["shards/synth/train-000000.tar"], ["shards/synth/train-000000.idx"])
-    plan = EpochPlan(n=len(index), bs=128, order_seed=42, aug_seed=42, shard_id=0, num_shards=1)
+    from fastgal.manifest import Shards
+    from fastgal.order import EpochPlan
+    train = Shards("shards/synth").split("train")
+    plan = EpochPlan(n=len(train), bs=128, order_seed=42, aug_seed=42, shard_id=0, num_shards=1)
     for pos in plan.batches(epoch=3):          # this rank's positions, one full batch at a time
-        jpegs, targets = index.batch(pos)      # bytes straight from the tars (memory-mapped)
+        jpegs, targets = train.batch(pos)      # bytes straight from the tars (memory-mapped)
 
 Why not DALI's own WebDataset reader for training: it reads the tars in their stored order and shuffles
 only inside a buffer (4 batches), so consecutive epochs are nearly the same sequence and a batch is drawn
@@ -22,13 +23,11 @@ on how many loader threads or workers run, nor on whether the run was interrupte
 
 from __future__ import annotations
 
-import mmap
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
-from .manifest import read_index
+from .config import RECIPE
 
 
 @dataclass(frozen=True)
@@ -49,8 +48,8 @@ class EpochPlan:
     aug_seed: int  # seed + rank: each rank its own augmentation draws
     shard_id: int = 0
     num_shards: int = 1
-    max_rotate: float = 10.0
-    p_rotate: float = 0.75
+    max_rotate: float = RECIPE.max_rotate
+    p_rotate: float = RECIPE.p_rotate
 
     def positions(self, epoch: int) -> np.ndarray:
         """This rank's samples for one epoch, in reading order (n // num_shards of them)."""
@@ -74,74 +73,6 @@ class EpochPlan:
                      pos_y=rng.random(n, dtype=np.float32), mirror=(rng.random(n) < 0.5).astype(np.int32))
 
 
-class ShardIndex:
-    """Random access to one split's samples through its DALI index files: position -> (JPEG bytes, targets).
-
-    The tars are memory-mapped once per process (opened lazily, dropped when pickled to a worker), so a
-    sample is a slice of the page cache: no system call per read, and nothing is copied until a decoder
-    takes the bytes.
-    """
-
-    def __init__(self, tars, idxs, image_ext: str = "jpg", target_ext: str = "target.f32"):
-        self.tars = [str(t) for t in tars]
-        rows = []
-        for t, idx in enumerate(idxs):
-            rows += [(t, *c[image_ext], *c[target_ext]) for _, c in read_index(idx)]
-        a = np.asarray(rows, dtype=np.int64).reshape(-1, 5)
-        self.tar, self.img_off, self.img_size, self.y_off, self.y_size = a.T
-        self.ntargets = int(self.y_size[0]) // 4 if len(a) else 0
-        self._maps: dict[int, mmap.mmap] = {}
-
-    def __len__(self) -> int:
-        return len(self.tar)
-
-    def __getstate__(self):
-        return {**self.__dict__, "_maps": {}}  # a worker maps the files itself
-
-    def _map(self, t: int) -> mmap.mmap:
-        m = self._maps.get(t)
-        if m is None:
-            with open(self.tars[t], "rb") as f:
-                m = self._maps[t] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        return m
-
-    def jpeg(self, i: int) -> np.ndarray:
-        return np.frombuffer(self._map(int(self.tar[i])), np.uint8, int(self.img_size[i]), int(self.img_off[i]))
-
-    def targets(self, i: int) -> np.ndarray:
-        return np.frombuffer(self._map(int(self.tar[i])), "<f4", self.ntargets, int(self.y_off[i]))
-
-    def batch(self, pos) -> tuple[list[np.ndarray], np.ndarray]:
-        """(a JPEG byte array per sample, targets as a (len(pos), ntargets) float32 array)."""
-        return [self.jpeg(i) for i in pos], np.stack([self.targets(i) for i in pos])
-
-
-class EpochSource:
-    """One epoch of batches for DALI's external_source: (jpegs, targets, angle, pos_x, pos_y, mirror[, pos])."""
-
-    def __init__(self, index: ShardIndex, plan: EpochPlan, epoch: int, with_pos: bool = False):
-        self.index, self.plan, self.epoch, self.with_pos = index, plan, epoch, with_pos
-
-    def __iter__(self):
-        d = self.plan.draws(self.epoch)
-        for pos in self.plan.batches(self.epoch):
-            jpegs, y = self.index.batch(pos)
-            out = (jpegs, y, d.angle[pos], d.pos_x[pos], d.pos_y[pos], d.mirror[pos])
-            yield out + ((pos.astype(np.int64),) if self.with_pos else ())
-
-
-class EpochBatches(torch.utils.data.Sampler):
-    """The torch fallback's batch sampler: EpochPlan's batches for the loader's epoch, each key carrying
-    its sample's draws, so workers need no random state of their own."""
-
-    def __init__(self, loader):  # a loaders.TorchLoader: its plan and epoch at the time of iter()
-        self.loader = loader
-
-    def __len__(self):
-        return len(self.loader)
-
-    def __iter__(self):
-        plan, epoch = self.loader.plan, self.loader.epoch
-        d = plan.draws(epoch)
-        for pos in plan.batches(epoch):
-            yield [(int(i), float(d.angle[i]), float(d.pos_x[i]), float(d.pos_y[i]), int(d.mirror[i])) for i in pos]
+def file_order(n: int, bs: int) -> list[np.ndarray]:
+    """Evaluation's batches: every sample once, in file order, the last batch short where n % bs."""
+    return [np.arange(i, min(i + bs, n)) for i in range(0, n, bs)]

@@ -18,7 +18,6 @@ from fastai.optimizer import Optimizer, debias, ranger
 from fastcore.foundation import L
 from torch import nn
 
-from .config import OPTIMIZERS  # ranger (fastgal's Ranger), fastai-ranger (fastai's own)
 
 
 def _dense(t: torch.Tensor) -> bool:
@@ -121,6 +120,42 @@ class _FlatPlan:
                 v.zero_()
 
 
+def _radam_scalars(mom, sqr_mom, step):
+    """radam_step's scalars: (debias1, debias2, v or None when the update is not rectified)."""
+    debias1 = debias(mom, 1 - mom, step)
+    debias2 = debias(sqr_mom, 1 - sqr_mom, step)
+    r_inf = 2 / (1 - sqr_mom) - 1
+    r = r_inf - 2 * step * sqr_mom**step / (1 - sqr_mom**step)
+    v = math.sqrt(((r - 4) * (r - 2) * r_inf) / ((r_inf - 4) * (r_inf - 2) * r)) if r > 5 else None
+    return debias1, debias2, v
+
+
+def _radam(params, grads, grad_avg, sqr_avg, decay, step, lr, mom, sqr_mom, eps, wd, beta):
+    """One step of fastai's RAdam, op for op, over lists of tensors (torch._foreach_*): weight_decay on
+    `decay` (the do_wd ones among params, or views of them), average_grad(dampening=True),
+    average_sqr_grad(dampening=True), radam_step at `step` (already counted by step_stat).
+
+    The flat plan passes one-element lists (each op then runs once over a whole buffer); the fallback
+    passes the parameters themselves."""
+    if decay:
+        torch._foreach_mul_(decay, 1 - lr * wd)
+    torch._foreach_mul_(grad_avg, mom)
+    torch._foreach_add_(grad_avg, grads, alpha=1 - mom)
+    torch._foreach_mul_(sqr_avg, sqr_mom)
+    torch._foreach_addcmul_(sqr_avg, grads, grads, value=1 - sqr_mom)
+    debias1, debias2, v = _radam_scalars(mom, sqr_mom, step)
+    if v is not None:
+        denom = torch._foreach_div(sqr_avg, debias2)
+        torch._foreach_sqrt_(denom)
+        if eps:
+            torch._foreach_add_(denom, eps)
+        if beta:
+            denom = [nn.functional.softplus(d, beta) for d in denom]
+        torch._foreach_addcdiv_(params, grad_avg, denom, value=-lr * v / debias1)
+    else:
+        torch._foreach_add_(params, grad_avg, alpha=-lr / debias1)
+
+
 class Ranger(Optimizer):
     """fastai's `ranger` (RAdam wrapped in Lookahead), the same optimizer stepped with a few big tensor ops.
 
@@ -131,12 +166,13 @@ class Ranger(Optimizer):
     wd 0.01, k 6, alpha 0.5). fastai runs ~20 ops per parameter tensor per step (2,442 for xresnet34).
     Here, on the first step the parameters and the optimizer state become views into one flat buffer
     each (`_FlatPlan`); a step copies the gradients into a flat buffer (one multi-tensor copy) and runs
-    ~9 ops over the whole buffer per parameter group (3 more for the Lookahead sync every k steps): one
-    kernel each on a GPU. zero_grad then drops those gradients (None, as torch's optimizers do), so the
-    next backward writes fresh ones instead of adding into zeros, one kernel less per parameter; a
-    parameter left without a gradient counts as a zero gradient, as in fastai, which zeroes in place.
-    Where the layout does not fit (parameters that never had a gradient, e.g. frozen ones; mixed
-    dtypes) the step runs the same arithmetic as multi-tensor `torch._foreach_*` calls.
+    ~9 ops over the whole buffer per parameter group (3 more for the Lookahead sync every k steps). The
+    arithmetic is written once, over lists of tensors (`_radam`, torch._foreach_* ops): the flat plan hands
+    it one-element lists, the whole buffer each. zero_grad then drops those gradients (None, as torch's
+    optimizers do), so the next backward writes fresh ones instead of adding into zeros, one kernel less
+    per parameter; a parameter left without a gradient counts as a zero gradient, as in fastai, which
+    zeroes in place. Where the layout does not fit (parameters that never had a gradient, e.g. frozen
+    ones; mixed dtypes) `_radam` gets the parameters themselves as its lists.
 
     Why a fastai Optimizer subclass and not OptimWrapper(torch.optim.RAdam): Learner.create_opt marks
     norm and bias parameters `do_wd=False` (and BN `force_train`) in the optimizer's per-parameter
@@ -187,60 +223,39 @@ class Ranger(Optimizer):
         self.count += 1
         if self.count % self.k == 0:  # Lookahead: slow += alpha * (fast - slow); fast = slow
             if plan is not None:
-                diff = plan.P - plan.W
-                plan.W.add_(diff, alpha=self.alpha)
-                plan.P.copy_(plan.W)
+                fast, slow = [plan.P], [plan.W]
             else:
                 fast = [p for pg in self.param_lists for p in pg]
                 slow = [p for pg in self.slow_weights for p in pg]
-                diff = torch._foreach_sub(fast, slow)
-                torch._foreach_add_(slow, diff, alpha=self.alpha)
-                torch._foreach_copy_(fast, slow)
+            diff = torch._foreach_sub(fast, slow)
+            torch._foreach_add_(slow, diff, alpha=self.alpha)
+            torch._foreach_copy_(fast, slow)
 
     @staticmethod
     def _hypers(h):
         return (float(h[k]) for k in ("lr", "mom", "sqr_mom", "eps", "wd", "beta"))
 
-    @staticmethod
-    def _radam_scalars(mom, sqr_mom, step):
-        """radam_step's scalars: (debias1, debias2, v or None when the update is not rectified)."""
-        debias1 = debias(mom, 1 - mom, step)
-        debias2 = debias(sqr_mom, 1 - sqr_mom, step)
-        r_inf = 2 / (1 - sqr_mom) - 1
-        r = r_inf - 2 * step * sqr_mom**step / (1 - sqr_mom**step)
-        v = math.sqrt(((r - 4) * (r - 2) * r_inf) / ((r_inf - 4) * (r_inf - 2) * r)) if r > 5 else None
-        return debias1, debias2, v
-
     def _flat_step(self, plan: _FlatPlan):
+        """Each group's slice of the flat buffers as one-element lists: one tensor op per step of the update."""
         one = len(plan.groups) == 1
         for (start, mid, end), pg, h in zip(plan.groups, self.param_lists, self.hypers):
             if end == start:
                 continue
             lr, mom, sqr_mom, eps, wd, beta = self._hypers(h)
             sl = slice(start, end)
-            P, G, A, S = (t if one else t[sl] for t in (plan.P, plan.G, plan.A, plan.S))
-            if wd != 0 and mid > start:  # weight_decay, where do_wd
-                plan.P[start:mid].mul_(1 - lr * wd)
-            A.mul_(mom).add_(G, alpha=1 - mom)  # average_grad(dampening=True)
-            S.mul_(sqr_mom).addcmul_(G, G, value=1 - sqr_mom)  # average_sqr_grad(dampening=True)
+            P, G, A, S = ([t] if one else [t[sl]] for t in (plan.P, plan.G, plan.A, plan.S))
+            decay = [plan.P[start:mid]] if wd != 0 and mid > start else []  # the do_wd parameters come first
             step = self.state[pg[0]].get("step", 0) + 1  # step_stat (one count per group in a plan)
             for p in pg:
                 self.state[p]["step"] = step
-            debias1, debias2, v = self._radam_scalars(mom, sqr_mom, step)
-            if v is not None:
-                denom = (S / debias2).sqrt_()
-                if eps:
-                    denom.add_(eps)
-                if beta:
-                    denom = nn.functional.softplus(denom, beta)
-                P.addcdiv_(A, denom, value=-lr * v / debias1)
-            else:
-                P.add_(A, alpha=-lr / debias1)
+            _radam(P, G, A, S, decay, step, lr, mom, sqr_mom, eps, wd, beta)
 
     def _foreach_step(self, ps, all_grads, h):
+        """The parameters one by one (as lists), bucketed by their step count (all of them in one bucket,
+        unless some skipped steps)."""
         lr, mom, sqr_mom, eps, wd, beta = self._hypers(h)
         states = [self.state.setdefault(p, {}) for p in ps]
-        buckets: dict[int, list[int]] = {}  # parameters at the same step (all of them, unless some skipped steps)
+        buckets: dict[int, list[int]] = {}
         for i, (p, st) in enumerate(zip(ps, states)):
             if "grad_avg" not in st:
                 st["grad_avg"], st["sqr_avg"] = torch.zeros_like(all_grads[i]), torch.zeros_like(all_grads[i])
@@ -248,31 +263,12 @@ class Ranger(Optimizer):
         for step, idx in buckets.items():
             sub = [ps[i] for i in idx]
             sts = [states[i] for i in idx]
-            grads = [all_grads[i] for i in idx]
-            grad_avg = [st["grad_avg"] for st in sts]
-            sqr_avg = [st["sqr_avg"] for st in sts]
-            if wd != 0:
-                decay = [p for p, st in zip(sub, sts) if st.get("do_wd", True)]
-                if decay:
-                    torch._foreach_mul_(decay, 1 - lr * wd)
-            torch._foreach_mul_(grad_avg, mom)
-            torch._foreach_add_(grad_avg, grads, alpha=1 - mom)
-            torch._foreach_mul_(sqr_avg, sqr_mom)
-            torch._foreach_addcmul_(sqr_avg, grads, grads, value=1 - sqr_mom)
+            decay = [p for p, st in zip(sub, sts) if st.get("do_wd", True)] if wd != 0 else []
             step += 1
             for st in sts:
                 st["step"] = step
-            debias1, debias2, v = self._radam_scalars(mom, sqr_mom, step)
-            if v is not None:
-                denom = torch._foreach_div(sqr_avg, debias2)
-                torch._foreach_sqrt_(denom)
-                if eps:
-                    torch._foreach_add_(denom, eps)
-                if beta:
-                    denom = [nn.functional.softplus(d, beta) for d in denom]
-                torch._foreach_addcdiv_(sub, grad_avg, denom, value=-lr * v / debias1)
-            else:
-                torch._foreach_add_(sub, grad_avg, alpha=-lr / debias1)
+            _radam(sub, [all_grads[i] for i in idx], [st["grad_avg"] for st in sts], [st["sqr_avg"] for st in sts],
+                   decay, step, lr, mom, sqr_mom, eps, wd, beta)
 
     def zero_grad(self):
         """Drops the gradients of the parameters a flat plan covers (the next backward writes fresh ones
@@ -311,10 +307,7 @@ class Ranger(Optimizer):
 
 
 def optimizer(name: str):
-    """The opt_func for --opt: 'ranger' (fastgal's foreach Ranger) or 'fastai-ranger' (fastai's own)."""
-    if name == "ranger":
-        return Ranger
-    if name == "fastai-ranger":
-        return ranger
-    raise ValueError(f"--opt must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
+    """The opt_func for --opt (config.OPTIMIZERS): 'ranger' (fastgal's flat-buffer Ranger) or 'fastai-ranger'
+    (fastai's own)."""
+    return {"ranger": Ranger, "fastai-ranger": ranger}[name]
 

@@ -23,6 +23,7 @@ last, so a folder without manifest.json is unfinished.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -190,7 +191,8 @@ def _tar_writer(f):
 
 class _SplitWriter:
     """Writes one split's samples into name-000000.tar, name-000001.tar, ... of shard_size samples,
-    indexing and hashing each tar as it is closed."""
+    indexing and hashing each tar as it is closed. A context manager: leaving it on an error (a full
+    disk, Ctrl-C) drops the open tar unfinished (abort)."""
 
     def __init__(self, folder: Path, name: str, shard_size: int):
         self.folder, self.name, self.shard_size = folder, name, shard_size
@@ -227,6 +229,23 @@ class _SplitWriter:
         if self._tw is not None:
             self._finish()
         return self.entries, self.rows
+
+    def abort(self) -> None:
+        """Close the open tar, if any, unfinished and ignoring errors: on a full disk its end blocks cannot be
+        written either, and a tar stream left open would try again when garbage-collected, after the error
+        was reported ("Exception ignored ... write to closed file"). The temp folder goes with the run."""
+        tw, f = self._tw, self._f
+        self._f = self._tw = None
+        for close in (tw.close, f.close) if tw is not None else ():
+            with contextlib.suppress(Exception):  # the first error is the one to report
+                close()
+
+    def __enter__(self) -> "_SplitWriter":
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is not None:
+            self.abort()
 
 
 def write_rejects(path: Path, rejects: dict, ids: list[str]) -> None:
@@ -334,18 +353,18 @@ def _write_splits(tmp: Path, rows: _Rows, order: dict, geo: Geometry, cfg: Shard
     done = _Written(entries={}, rows={}, sums=[0] * 6)
     with Progress(sum(map(len, order.values())), "shard", cfg.quiet, unit="img") as prog:
         for name, positions in order.items():
-            writer = _SplitWriter(tmp, name, cfg.shard_size)
             tasks = [([(p, rows.path(p)) for p in part], geo) for part in chunks(positions, 32)]
-            for res in imap_ordered(_check_chunk, tasks, pool, 4 * workers):
-                for c in res:
-                    if c.reason:
-                        rows.rejects[c.pos] = (c.reason, c.detail)
-                        continue
-                    writer.write(rows.sample(c.pos, c.data), c.pos)
-                    if name == "train":
-                        done.sums = [a + b for a, b in zip(done.sums, c.sums)]
-                prog.update(len(res))
-            done.entries[name], done.rows[name] = writer.close()
+            with _SplitWriter(tmp, name, cfg.shard_size) as writer:
+                for res in imap_ordered(_check_chunk, tasks, pool, 4 * workers):
+                    for c in res:
+                        if c.reason:
+                            rows.rejects[c.pos] = (c.reason, c.detail)
+                            continue
+                        writer.write(rows.sample(c.pos, c.data), c.pos)
+                        if name == "train":
+                            done.sums = [a + b for a, b in zip(done.sums, c.sums)]
+                    prog.update(len(res))
+                done.entries[name], done.rows[name] = writer.close()
     return done
 
 

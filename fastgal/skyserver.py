@@ -180,17 +180,19 @@ class RateLimiter:
         self._next = 0.0
         self._lock = threading.Lock()
 
-    def acquire(self) -> None:
+    def acquire(self) -> float | None:
+        """Wait for the next token; its time (time.monotonic()), or None without a rate limit."""
         if self.stop.is_set():
             raise Interrupted()
         if not self.interval:
-            return
+            return None
         with self._lock:
             now = time.monotonic()
             t = max(now, self._next)
             self._next = t + self.interval
         if t > now and self.stop.wait(t - now):  # an interruptible sleep
             raise Interrupted()
+        return t
 
     def pause(self, seconds: float) -> None:
         with self._lock:

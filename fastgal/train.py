@@ -12,7 +12,7 @@ Run folder (metrics.json is written last: its presence means the run finished):
     history.csv            per epoch: train loss, valid loss, valid RMSE per target, seconds, images/s
     loss.png, lr_find.png  (lr_find.png with --lr-find; the suggested lr is printed)
     show_batch.png         a training batch as the model sees it (denormalised)
-    model.pt               weights + what predict needs (learner.save_checkpoint)
+    model.pt               weights + what predict needs (checkpoint.save_checkpoint)
     checkpoint.pth         while training: the state after the last finished epoch, for --resume (removed at the end)
     predictions_valid.csv  id, true_<t>, pred_<t>, sigma_<t> (--head gaussian); pred_tta_<t>, sigma_tta_<t> (--tta)
     pred_vs_true.png       with the 1:1 line and RMSE/NMAD
@@ -21,7 +21,7 @@ Run folder (metrics.json is written last: its presence means the run finished):
 
 Distributed: launched by `torchrun --nproc_per_node=K -m fastgal train ...`, each rank reads its part
 of the training shards (DALI shard_id/num_shards) and trains a DistributedDataParallel model (the DDP
-callback in learner.py); every rank validates on all of the validation set; rank 0 writes the run folder.
+callback in callbacks.py); every rank validates on all of the validation set; rank 0 writes the run folder.
 
 Resume: every epoch's order, augmentation draws and global RNG state derive from (seed, epoch) (loaders,
 EpochSeed), and EpochCheckpoint saves the state after each epoch, so `--resume` continues with fastai's
@@ -30,10 +30,8 @@ fit_one_cycle(start_epoch=k) and ends where an uninterrupted run would have.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import platform
 import sys
 import time
 from dataclasses import dataclass
@@ -44,15 +42,18 @@ import pandas as pd
 import torch
 from fastai.torch_core import set_seed
 
-from . import __version__
-from .config import TrainConfig, to_jsonable
-from .heads import split, view_stats
-from .learner import (DDP, EpochCheckpoint, EpochSeed, best_epoch_callback, make_learner, read_checkpoint,
-                      resolve_device, resolve_precision, save_checkpoint)
-from .loaders import make_dls, thread_budget, tta_loaders
+from .callbacks import DDP, EpochCheckpoint, EpochSeed, best_epoch_callback, read_checkpoint
+from .checkpoint import inference, save_checkpoint
+from .config import RECIPE, TrainConfig, to_jsonable
+from .device import resolve_device, resolve_precision
 from .diagnostics import calibration, summarise
-from .manifest import index_keys, load_manifest, read_column, shard_files, training_crop
+from .env import versions
+from .learner import make_learner
+from .loaders import dataloaders, thread_budget
+from .manifest import Shards
+from .model import make_model
 from .plots import coverage_plot, loss_curves, lr_find_plot, mzr_plot, pred_vs_true, residuals
+from .predict import predict_split
 from .util import write_bytes_atomic, write_json_atomic
 
 CHECKPOINT = "checkpoint.pth"
@@ -60,8 +61,8 @@ CHECKPOINT = "checkpoint.pth"
 NOT_SETTINGS = {"shards", "out", "overwrite", "resume", "quiet", "workers", "device"}
 RESOLVED = ("crop", "targets", "precision", "loader_backend", "world_size", "n_train", "n_valid", "shards_sha256")
 
-RECIPE_TEXT = ("xresnet(n_out, sa=True, act_cls=Mish) + ranger + RMSE loss, fit_one_cycle; "
-               "CropPad 144 -> RandomCrop 112 -> dihedral + rotate 10 deg (p=0.75) -> Normalize")
+RECIPE_TEXT = (f"xresnet(n_out, sa=True, act_cls=Mish) + ranger + RMSE loss, fit_one_cycle; CropPad {RECIPE.crop} -> "
+               f"RandomCrop {RECIPE.size} -> dihedral + rotate {RECIPE.max_rotate:g} deg (p={RECIPE.p_rotate:g}) -> Normalize")
 
 
 @dataclass
@@ -69,7 +70,7 @@ class Setup:
     """What the stages share: resolved from the config and the shards' manifest."""
 
     cfg: TrainConfig
-    manifest: dict
+    shards: Shards  # manifest.json read once; each split's index parsed once (Shards.split)
     targets: list[str]
     target_mean: list[float]
     target_std: list[float]
@@ -85,24 +86,8 @@ class Setup:
         return self.rank == 0
 
     @property
-    def valid_files(self) -> tuple[list[str], list[str]]:  # (tars, idxs) of the validation split, in file order
-        return shard_files(self.cfg.shards, self.manifest, "valid")
-
-    @property
     def monitor(self) -> str:  # the metric best-epoch selection and loss.png follow
         return f"rmse_{self.targets[0]}"
-
-
-def regression_metrics(true: np.ndarray, pred: np.ndarray) -> dict:
-    d = pred - true
-    ss_res = float(np.sum(d**2))
-    ss_tot = float(np.sum((true - true.mean()) ** 2))
-    return {
-        "rmse": float(np.sqrt(np.mean(d**2))),
-        "nmad": float(1.4826 * np.median(np.abs(d - np.median(d)))),
-        "bias": float(np.mean(d)),
-        "r2": float(1 - ss_res / ss_tot) if ss_tot > 0 else float("nan"),
-    }
 
 
 def synth_floor(manifest: dict) -> dict | None:
@@ -120,8 +105,8 @@ def default_run_dir(shards: Path) -> Path:
 
 # --------------------------------------------------------------------------- stages
 
-def _check_targets(cfg: TrainConfig, manifest: dict) -> list[str]:
-    all_targets = list(manifest["targets"])
+def _check_targets(cfg: TrainConfig, shards: Shards) -> list[str]:
+    all_targets = shards.targets
     targets = cfg.targets or all_targets
     missing = [t for t in targets if t not in all_targets]
     if missing:
@@ -152,21 +137,20 @@ def _init_distributed(cfg: TrainConfig, device: torch.device) -> tuple[int, int,
 
 def setup(cfg: TrainConfig) -> Setup:
     """Check everything that can be wrong before any work starts; prepare the run folder."""
-    manifest = load_manifest(Path(cfg.shards))  # one-line ValueError on a bad folder
-    targets = _check_targets(cfg, manifest)
+    shards = Shards(cfg.shards)  # one-line ValueError on a bad folder
+    targets = _check_targets(cfg, shards)
     if cfg.epochs < 1 or cfg.bs < 1 or cfg.lr <= 0:
         raise ValueError("--epochs and --bs must be positive and --lr > 0")
-    crop = training_crop(manifest, cfg.crop)
+    crop = shards.crop(cfg.crop)
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     rank, world, device = _init_distributed(cfg, device)
     out = Path(cfg.out) if cfg.out else default_run_dir(cfg.shards)
     if rank == 0:
         _prepare_out(cfg, out)
-    ts = manifest["target_stats"]
-    return Setup(cfg=cfg, manifest=manifest, targets=targets, target_mean=[ts[t]["mean"] for t in targets],
-                 target_std=[ts[t]["std"] or 1.0 for t in targets], crop=crop, device=device, precision=precision,
-                 rank=rank, world=world, out=out)
+    tmean, tstd = shards.target_stats()
+    return Setup(cfg=cfg, shards=shards, targets=targets, target_mean=tmean, target_std=tstd, crop=crop, device=device,
+                 precision=precision, rank=rank, world=world, out=out)
 
 
 def _prepare_out(cfg: TrainConfig, out: Path) -> None:
@@ -190,19 +174,17 @@ def _prepare_out(cfg: TrainConfig, out: Path) -> None:
 def _check_resume(out: Path, config: dict) -> None:
     """--resume: the settings must be the interrupted run's, or the result would be neither run."""
     old = json.loads((out / "config.json").read_text())
-    old.setdefault("head", "rmse")  # a run interrupted before --head existed
     for k in [*(k for k in TrainConfig.__dataclass_fields__ if k not in NOT_SETTINGS), *RESOLVED]:
         if old.get(k) != config.get(k):
             raise ValueError(f"--resume: {out} was trained with {k} = {old.get(k)!r}, not {config.get(k)!r}; "
                              "resume with the same settings, or train into a new --out")
 
 
-def loaders(s: Setup):
+def build_loaders(s: Setup):
     """Train loader split across ranks; every rank validates on all of the validation set."""
     set_seed(s.cfg.seed)
-    return make_dls(s.cfg.shards, bs=s.cfg.bs, size=s.cfg.size, crop=s.crop, device=s.device, backend=s.cfg.loader,
-                    num_threads=thread_budget(s.cfg.workers), seed=s.cfg.seed, shard_id=s.rank,
-                    num_shards=s.world, path=s.out, manifest=s.manifest, shard_valid=False)
+    return dataloaders(s.shards, bs=s.cfg.bs, size=s.cfg.size, crop=s.crop, device=s.device, backend=s.cfg.loader,
+                       threads=thread_budget(s.cfg.workers), seed=s.cfg.seed, rank=s.rank, world=s.world, path=s.out)
 
 
 def _per_rank(value) -> list:
@@ -218,16 +200,16 @@ def write_config(s: Setup, dls) -> dict:
     c = s.cfg
     # each rank's training seed (seed + rank: its own shuffle and augmentation draws), recorded so a run
     # shows that its ranks did not all draw the same
-    seeds = _per_rank(dls.train.spec.seed) if s.world > 1 else [dls.train.spec.seed]
+    seed = dls.train.plan.aug_seed
+    seeds = _per_rank(seed) if s.world > 1 else [seed]
     config = {
         **to_jsonable(c), "crop": s.crop, "out": str(s.out), "targets": s.targets, "device": str(s.device),
-        "precision": s.precision, "loader_backend": type(dls.train).__name__,
+        "precision": s.precision, "loader_backend": dls.train.backend,
         "loader_threads": thread_budget(c.workers), "world_size": s.world,
-        "n_train": s.manifest["counts"]["train"], "n_valid": s.manifest["counts"]["valid"],
-        "versions": _versions(), "gpu": torch.cuda.get_device_name(s.device) if s.device.type == "cuda" else None,
+        "n_train": len(dls.train.split), "n_valid": len(dls.valid.split),
+        "versions": versions(), "gpu": torch.cuda.get_device_name(s.device) if s.device.type == "cuda" else None,
         "recipe": RECIPE_TEXT, "train_seed_per_rank": seeds,
-        "shards_sha256": hashlib.sha256("".join(e["sha256"] for sp in ("train", "valid")
-                                                for e in s.manifest["shards"][sp]).encode()).hexdigest(),
+        "shards_sha256": s.shards.sha256(),
     }
     if c.resume:
         if s.writer:
@@ -239,13 +221,12 @@ def write_config(s: Setup, dls) -> dict:
     return config
 
 
-def learner(s: Setup, dls):
-    learn = make_learner(dls, arch=s.cfg.arch, targets=s.targets, target_mean=s.target_mean, target_std=s.target_std,
-                         path=s.out, precision=s.precision,
-                         channels_last=s.cfg.channels_last and s.device.type == "cuda",
-                         quiet=s.cfg.quiet or not s.writer, opt=s.cfg.opt, compile=s.cfg.compile,
-                         head=s.cfg.head)
-    learn.add_cb(EpochSeed(dls.train.spec.seed))
+def build_learner(s: Setup, dls):
+    model = make_model(s.cfg.arch, len(s.targets), s.target_mean, s.target_std, head=s.cfg.head)
+    learn = make_learner(dls, model, targets=s.targets, path=s.out, precision=s.precision,
+                         channels_last=_channels_last(s), quiet=s.cfg.quiet or not s.writer, opt=s.cfg.opt,
+                         compile=s.cfg.compile, head=s.cfg.head)
+    learn.add_cb(EpochSeed(dls.train.plan.aug_seed))
     if s.world > 1:
         learn.add_cb(DDP(s.device))
     return learn
@@ -296,50 +277,37 @@ def write_history(s: Setup, learn, rows: list[dict]) -> pd.DataFrame:
     return hist
 
 
-def predict_valid(s: Setup, learn, dls) -> tuple[list[str], np.ndarray, dict]:
-    """(ids, targets, estimates) on the validation set in file order; estimates: "pred", and where they
-    exist "sigma" (gaussian head), "tta" and "sigma_tta" (the 8 views' mean and spread), else None.
-    Writes predictions_valid.csv."""
-    vdl = dls.valid.new(shuffle=False, drop_last=False)
-    out, targs = learn.get_preds(dl=vdl)
-    targs, k = targs.float().numpy(), len(s.targets)
-    est = dict(zip(("pred", "sigma"), split(out, k)), tta=None, sigma_tta=None)
-    ids = index_keys(vdl.spec.idxs)
-    if len(ids) != len(est["pred"]):
-        raise RuntimeError(f"{len(est['pred'])} predictions for {len(ids)} validation ids: shards and index disagree")
-    if s.cfg.tta:
-        est["tta"], est["sigma_tta"] = view_stats([split(learn.get_preds(dl=d)[0], k)[0] for d in tta_loaders(dls.valid)])
-    table = {"id": ids}
-    for j, t in enumerate(s.targets):
-        table[f"true_{t}"] = targs[:, j]
-        for name in ("pred", "sigma", "tta", "sigma_tta"):  # pred_<t> sigma_<t> pred_tta_<t> sigma_tta_<t>
-            if est[name] is not None:
-                table[f"{'pred_tta' if name == 'tta' else name}_{t}"] = est[name][:, j]
-    write_bytes_atomic(s.out / "predictions_valid.csv",
-                       pd.DataFrame(table).to_csv(index=False, float_format="%.5f").encode())
-    return ids, targs, est
+def predict_valid(s: Setup, learn, dls) -> pd.DataFrame:
+    """The validation set's predictions in file order through predict.predict_split, the path `fastgal
+    predict` takes (computed as training computed: its precision and memory format); writes
+    predictions_valid.csv: id, true_<t>, pred_<t>, and sigma_<t>, pred_tta_<t>, sigma_tta_<t> where they exist."""
+    forward = inference(learn.model.eval(), {"precision": s.precision, "channels_last": _channels_last(s)}, s.device)
+    v = dls.valid
+    df = predict_split(forward, v.split, v.geometry, s.targets, bs=s.cfg.bs, device=s.device, backend=v.backend,
+                       threads=v.threads, tta=s.cfg.tta)
+    write_bytes_atomic(s.out / "predictions_valid.csv", df.to_csv(index=False, float_format="%.5f").encode())
+    return df
 
 
-def score(s: Setup, targs, est: dict) -> dict:
+def score(s: Setup, df: pd.DataFrame) -> dict:
     """Per-target metrics and diagnostics (diagnostics.py: bias and scatter in bins, outliers, and the
     mass-metallicity relation when the shards' catalog rows carry --mass-col); the PNGs."""
-    vdl = s.valid_files
-    mass = read_column(*vdl, s.cfg.mass_col) if s.cfg.mass_col else None
+    mass = s.shards.split("valid").column(s.cfg.mass_col) if s.cfg.mass_col else None
     has_mass = mass is not None and np.isfinite(mass).sum() > 10
-    preds, tta, sigma, sigma_tta = est["pred"], est["tta"], est["sigma"], est["sigma_tta"]
     per_target, curves = {}, {}
     for j, t in enumerate(s.targets):
-        true, pred = targs[:, j], preds[:, j]
-        d = summarise(true, pred, mass=mass if has_mass and j == 0 else None,
-                      sigma=sigma[:, j] if sigma is not None else None)
-        m = {**regression_metrics(true, pred), "outlier_fraction": d["outlier_fraction"],
-             "baseline_rmse": float(np.sqrt(np.mean((true - s.target_mean[j]) ** 2)))}  # the training mean
-        if tta is not None:
-            m["tta_rmse"] = float(np.sqrt(np.mean((tta[:, j] - true) ** 2)))
-            m["tta_calibration"] = calibration(true, tta[:, j], sigma_tta[:, j])
-            curves[f"{t}: TTA spread"] = np.abs(tta[:, j] - true) / sigma_tta[:, j]
+        true, pred = df[f"true_{t}"].to_numpy(), df[f"pred_{t}"].to_numpy()
+        sigma = df[f"sigma_{t}"].to_numpy() if f"sigma_{t}" in df else None
+        d = summarise(true, pred, mass=mass if has_mass and j == 0 else None, sigma=sigma)
+        m = {k: d[k] for k in ("rmse", "nmad", "bias", "r2", "outlier_fraction")}
+        m["baseline_rmse"] = float(np.sqrt(np.mean((true - s.target_mean[j]) ** 2)))  # the training mean
+        if f"pred_tta_{t}" in df:
+            tta, sigma_tta = df[f"pred_tta_{t}"].to_numpy(), df[f"sigma_tta_{t}"].to_numpy()
+            m["tta_rmse"] = float(np.sqrt(np.mean((tta - true) ** 2)))
+            m["tta_calibration"] = calibration(true, tta, sigma_tta)
+            curves[f"{t}: TTA spread"] = np.abs(tta - true) / sigma_tta
         if sigma is not None:
-            curves[f"{t}: model sigma"] = np.abs(pred - true) / sigma[:, j]
+            curves[f"{t}: model sigma"] = np.abs(pred - true) / sigma
         m.update({k: d[k] for k in ("by_true", "by_pred", "mzr", "calibration") if k in d})
         per_target[t] = m
         suffix = "" if j == 0 else f"_{t}"
@@ -353,35 +321,38 @@ def score(s: Setup, targs, est: dict) -> dict:
     return per_target
 
 
+def _channels_last(s: Setup) -> bool:
+    return s.cfg.channels_last and s.device.type == "cuda"
+
+
 def save_model(s: Setup, learn) -> None:
-    img = s.manifest["image"]
+    sh = s.shards
     save_checkpoint(s.out / "model.pt", learn.model, arch=s.cfg.arch, targets=s.targets, target_mean=s.target_mean,
-                    target_std=s.target_std, pixel_mean=s.manifest["pixel_stats"]["mean"],
-                    pixel_std=s.manifest["pixel_stats"]["std"], size=s.cfg.size, crop=s.crop,
-                    precrop=img.get("precrop"), image_size=img["size"], precision=s.precision,
-                    channels_last=s.cfg.channels_last and s.device.type == "cuda", head=s.cfg.head)
+                    target_std=s.target_std, pixel_mean=sh.pixel_mean, pixel_std=sh.pixel_std, size=s.cfg.size,
+                    crop=s.crop, precrop=sh.precrop, image_size=sh.image_size, precision=s.precision,
+                    channels_last=_channels_last(s), head=s.cfg.head)
 
 
 def train(cfg: TrainConfig) -> dict:
     """Train on cfg.shards, write the run folder, return metrics.json's content ({} on ranks > 0)."""
     t_start = time.perf_counter()
     s = setup(cfg)
-    dls = loaders(s)
+    dls = build_loaders(s)
     config = write_config(s, dls)
-    learn = learner(s, dls)
+    learn = build_learner(s, dls)
     fitted, rows = fit(s, learn)
     if not s.writer:
         return {}
     hist = write_history(s, learn, rows)
-    ids, targs, est = predict_valid(s, learn, dls)
-    per_target = score(s, targs, est)
+    preds = predict_valid(s, learn, dls)
+    per_target = score(s, preds)
     save_model(s, learn)
     t0 = s.targets[0]
     metrics = {
         **{k: v for k, v in per_target[t0].items() if not isinstance(v, (list, dict))}, "target": t0, "targets": per_target, "head": cfg.head,
-        "floor": synth_floor(s.manifest), "epochs": cfg.epochs, "best_epoch": int(np.argmin(hist[s.monitor].values)),
+        "floor": synth_floor(s.shards.manifest), "epochs": cfg.epochs, "best_epoch": int(np.argmin(hist[s.monitor].values)),
         "fit_seconds": round(float(hist["seconds"].sum()), 2),  # every epoch's, whichever process ran it
-        "n_train": s.manifest["counts"]["train"], "n_valid": len(ids),
+        "n_train": len(dls.train.split), "n_valid": len(preds),
         **fitted, "wall_seconds": round(time.perf_counter() - t_start, 2),
         "train_images_per_s": round(float(hist["images_per_s"].mean()) * s.world, 2),  # all ranks together
         "world_size": s.world, "steps_per_epoch": len(dls.train),
@@ -391,13 +362,3 @@ def train(cfg: TrainConfig) -> dict:
     for done in (CHECKPOINT, "best.pth"):  # the run is finished: model.pt holds the best weights
         (s.out / done).unlink(missing_ok=True)
     return metrics
-
-
-def _versions() -> dict:
-    v = {"fastgal": __version__, "python": platform.python_version(), "torch": torch.__version__}
-    for mod in ("fastai", "nvidia.dali", "webdataset", "torchvision", "numpy"):
-        try:
-            v[mod] = __import__(mod, fromlist=["__version__"]).__version__
-        except Exception:
-            v[mod] = None
-    return v

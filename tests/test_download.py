@@ -266,14 +266,31 @@ def test_faults_statuses_and_resume(httpserver_threaded, tmp_path):
     assert res2.counts["skipped-existing"] == res.counts["ok"]
 
 
-def test_rate_limit_is_global(httpserver_threaded, tmp_path):
+def test_rate_limit_is_global(httpserver_threaded, tmp_path, monkeypatch):
+    """4 threads, yet 10 requests/s: every request takes a token from one bucket, the tokens are 1/rate apart
+    and each request waits for its token. Checked on the limiter's own schedule (token times), which a loaded
+    machine cannot squeeze the way it can the moments requests reach the server."""
     names = [f"good{i % 3 + 1}" for i in range(8)]
     sky = FakeSkyServer(httpserver_threaded, names)
+    tokens = []  # (limiter, thread, token time, when acquire returned)
+    acquire, entered, two = sky_client.RateLimiter.acquire, set(), threading.Event()
+
+    def recorded(self):
+        entered.add(threading.get_ident())
+        if len(entered) > 1:
+            two.set()
+        two.wait(60)  # the first request waits for a second thread's: the bucket is surely shared by threads
+        t = acquire(self)
+        tokens.append((id(self), threading.get_ident(), t, time.monotonic()))
+        return t
+
+    monkeypatch.setattr(sky_client.RateLimiter, "acquire", recorded)
     res = dl.download(fast_cfg(tmp_path / "o", sky, rate=10, workers=4))
-    assert res.counts["ok"] == 8
-    times = sorted(t for t, o, _ in sky.log if o != "sql")
-    gaps = np.diff(times)
-    assert gaps.min() >= 0.05 and times[-1] - times[0] >= 0.65  # 4 threads, yet ~10 requests/s (7 gaps of 0.1 s)
+    assert res.counts["ok"] == 8 and len(tokens) == sky.cutout_requests() == 8  # a token per request
+    assert len({lim for lim, _, _, _ in tokens}) == 1 and len({th for _, th, _, _ in tokens}) > 1
+    slots = sorted(t for _, _, t, _ in tokens)
+    assert np.diff(slots).min() >= 0.1 - 1e-9 and slots[-1] - slots[0] >= 0.7 - 1e-9  # 7 gaps of 1/rate
+    assert all(back >= t - 1e-6 for _, _, t, back in tokens)  # nobody went before its token
 
 
 def test_framing_follows_the_original_rule_and_reports_clamps(httpserver_threaded, tmp_path):

@@ -164,3 +164,29 @@ def test_warn_if_gpu_unused_is_silent_without_nvidia(tmp_path, monkeypatch, caps
     no_nvidia(tmp_path, monkeypatch)
     assert env.warn_if_gpu_unused(device) is None
     assert capsys.readouterr().err == ""
+
+
+def test_versions_are_what_this_process_imports(monkeypatch):
+    """env.versions(), what `fastgal bench` (machine) and `fastgal train` (config.json) record: fastgal, python,
+    torch and each module of VERSIONED as imported here; None for one that does not import (DALI, blocked)."""
+    import platform
+
+    import fastai
+    import numpy
+    import torch
+
+    import fastgal
+
+    v = env.versions()
+    assert list(v) == ["fastgal", "python", "torch", *env.VERSIONED]
+    assert (v["fastgal"], v["python"], v["torch"]) == (fastgal.__version__, platform.python_version(), torch.__version__)
+    assert v["fastai"] == fastai.__version__ and v["numpy"] == numpy.__version__
+    if dali_importable():
+        import nvidia.dali
+
+        assert v["nvidia.dali"] == nvidia.dali.__version__
+    else:
+        assert v["nvidia.dali"] is None
+    monkeypatch.setattr(env, "VERSIONED", ("numpy", "fastgal_no_such_module"))
+    assert env.versions() == {"fastgal": fastgal.__version__, "python": platform.python_version(),
+                              "torch": torch.__version__, "numpy": numpy.__version__, "fastgal_no_such_module": None}

@@ -48,14 +48,30 @@ def test_dry_run_every_step(tmp_path):
     assert pred["n_jpegs"] == 16 and pred["valid_vs_predictions_valid_max_abs_dex"] <= 0.02
 
 
+# the tool with its env step's command replaced by one that never ends: only the step's timeout ends it,
+# however fast or loaded the machine
+HANGING_ENV = """
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("gpu_check", sys.argv[1])
+tool = sys.modules["gpu_check"] = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(tool)
+def never_ends(run, p, out):
+    run([sys.executable, "-c", "import time; time.sleep(3600)"], "a command that never ends")
+tool.RUNNERS["env"] = never_ends
+sys.exit(tool.main(sys.argv[2:]))
+"""
+
+
 def test_a_failing_step_leaves_the_others(tmp_path):
-    """A step that cannot find what it needs is reported with its reason; the check goes on and says FAILED."""
+    """A step that times out or cannot find what it needs is reported with its reason; the check goes on and
+    says FAILED."""
     out = tmp_path / "check"
-    res = subprocess.run([sys.executable, str(TOOL), str(out), "--dry-run", "--steps", "env,predict",
+    res = subprocess.run([sys.executable, "-c", HANGING_ENV, str(TOOL), str(out), "--dry-run", "--steps", "env,predict",
                           "--timeout", "env=0.5"], capture_output=True, text=True, timeout=300)
     assert res.returncode == 1 and "FAILED" in res.stdout
     recs = {r["name"]: r for r in json.loads((out / "summary.json").read_text())["steps"]}
-    assert recs["env"]["verdict"] == "timeout"
+    assert recs["env"]["verdict"] == "timeout", recs["env"]
+    assert recs["env"]["reason"].startswith("a command that never ends still running at the step's timeout")
     assert recs["predict"]["verdict"] == "skipped" and "step 1" in recs["predict"]["reason"]
     assert recs["recipe"]["verdict"] == "skipped" and recs["recipe"]["reason"] == "not in --steps"
     assert all((out / f"{k}-{n}.json").is_file() for k, n in enumerate(STEPS))

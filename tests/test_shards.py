@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +23,7 @@ from PIL import Image
 
 from conftest import run_cli
 from fastgal.catalog import random_split
-from fastgal.manifest import index_text, load_manifest, read_index, shard_files, verify
+from fastgal.manifest import Shards, index_text, load_manifest, read_index, verify
 from fastgal.shards import REASONS
 
 MANIFEST_KEYS = ["format", "format_version", "fastgal_version", "source", "id_col", "targets", "target_stats",
@@ -92,10 +91,10 @@ def test_round_trip_webdataset(survey, survey_shards):
     import webdataset as wds
 
     cat = pd.read_csv(survey / "data" / "master.csv", dtype=str, keep_default_na=False)
-    m = load_manifest(survey_shards)
+    sh = Shards(survey_shards)
     seen = []
     for split in ("train", "valid"):
-        tars, _ = shard_files(survey_shards, m, split)
+        tars = sh.split(split).tars
         for s in wds.WebDataset(tars, shardshuffle=False, empty_check=True):
             key = s["__key__"]
             seen.append(key)
@@ -113,12 +112,11 @@ def test_round_trip_dali(survey, survey_shards, capfd):
     from nvidia.dali import fn, pipeline_def
     import nvidia.dali.types as dtypes
 
-    m = load_manifest(survey_shards)
+    sh = Shards(survey_shards)
     tars, idxs = [], []
     for split in ("train", "valid"):
-        t, i = shard_files(survey_shards, m, split)
-        tars += t
-        idxs += i
+        tars += sh.split(split).tars
+        idxs += sh.split(split).idxs
     bs = 50
 
     @pipeline_def(batch_size=bs, num_threads=1, device_id=None)
@@ -380,25 +378,81 @@ def test_next_run_removes_a_killed_runs_temp_folder(survey, tmp_path):
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
 
 
+# `fastgal shard ARGS` in a subprocess, after CODE has patched fastgal.shards (what a test cannot set up
+# from outside: a full disk, a moment mid-run); its stdout and stderr as a real run's
+PATCHED_SHARD = """
+import sys
+%s
+from fastgal.cli import main
+main()
+"""
+
+# the first tar is finished (its index written), the run goes on: stop there until killed
+WAIT_AFTER_FIRST_TAR = """
+import time
+import fastgal.shards as shards
+finish = shards._SplitWriter._finish
+def finish_then_wait(self):
+    finish(self)
+    print("a tar is written", flush=True)
+    while True:
+        time.sleep(3600)
+shards._SplitWriter._finish = finish_then_wait
+"""
+
+# a disk with room for ROOM bytes of each tar: the write past it fails as on a full disk
+DISK_FULL = """
+import errno, io, os
+import fastgal.shards as shards
+ROOM = 100_000
+class FullDisk(io.BufferedWriter):
+    def write(self, b):
+        if self.tell() + len(b) > ROOM:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return super().write(b)
+def tar_open(path, mode="r", **kw):
+    return FullDisk(io.FileIO(path, mode)) if mode == "wb" else open(path, mode, **kw)
+shards.open = tar_open
+"""
+
+
+def patched_shard(code: str, *args, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", PATCHED_SHARD % code, *map(str, args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
+
+
 @pytest.mark.slow
 def test_sigkill_mid_run_then_rerun(survey, tmp_path):
-    """A real `fastgal shard` killed with SIGKILL while writing: its pool workers exit without a
-    traceback, and the next run removes the temp folder it left."""
+    """A real `fastgal shard` killed with SIGKILL while writing (its first tar done, the others to come):
+    its pool workers exit without a traceback, and the next run removes the temp folder it left."""
     out = tmp_path / "o"
-    cmd = [sys.executable, "-m", "fastgal", "shard", survey / "data" / "master.csv", survey / "images", out,
-           "--shard-size", 20, "--workers", 2, "--quiet"]
-    proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 60
-    while not list(out.glob(".shard-*/*.tar")):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-        time.sleep(0.005)
+    args = ["shard", survey / "data" / "master.csv", survey / "images", out, "--shard-size", 20, "--workers", 2,
+            "--quiet"]
+    proc = patched_shard(WAIT_AFTER_FIRST_TAR, *args)
+    said = proc.stdout.readline()  # blocks until the run is at that point (or has died: EOF)
+    assert said == b"a tar is written\n", proc.communicate()
     os.kill(proc.pid, signal.SIGKILL)
     _, err = proc.communicate(timeout=60)  # EOF once the orphaned workers are gone too
     assert proc.returncode == -signal.SIGKILL
     assert b"Traceback" not in err and b"BrokenPipe" not in err, err.decode()
     assert [p.name[:7] for p in out.iterdir()] == [".shard-"] and not (out / "manifest.json").exists()
-    run_cli(*cmd[3:])
+    assert sorted(p.name for p in next(out.iterdir()).iterdir()) == ["train-000000.idx", "train-000000.tar"]
+    run_cli(*args)
     assert not list(out.glob(".shard-*")) and verify(out)["ok"]
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(survey, tmp_path):
+    """The disk fills up in the middle of a tar: the one-line error, no temp folder, and no traceback when
+    Python exits from the tar stream left open ("Exception ignored ... write to closed file")."""
+    out = tmp_path / "o"
+    proc = patched_shard(DISK_FULL, "shard", survey / "data" / "master.csv", survey / "images", out, "--workers", 1,
+                         "--quiet", text=True)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1
+    assert "Exception ignored" not in err, err
+    assert err.splitlines() == [f"Error: cannot write {out}: No space left on device; "
+                                "choose a writable folder with free space"], err
+    assert list(out.iterdir()) == []  # the temp folder is gone, and nothing else was written
 
 
 def test_info_and_tampering(survey_shards, tmp_path):

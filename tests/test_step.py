@@ -24,8 +24,9 @@ from torch import nn
 from conftest import run_cli
 from fastgal.bench import format_table
 from fastgal.bench_step import count_syncs, thin_model
-from fastgal.learner import ARCHS, make_learner, make_model, rmse_loss
+from fastgal.learner import dress, make_learner
 from fastgal.loop import DeviceRecorder, FastgalLearner
+from fastgal.model import ARCHS, make_model, rmse_loss, target_metrics
 from fastgal.ranger import Ranger
 
 
@@ -161,13 +162,20 @@ def test_lr_find_restores_weights_with_ranger(tmp_path):
     learn.fit_one_cycle(1, 1e-2)  # and trains afterwards (the plan is rebuilt after lr_find's reload)
 
 
-def _make(tmp_path, name, stock, opt="ranger", sync_every=7):
+def _make(tmp_path, name, stock, sync_every=7):
+    """fastgal's Learner (reading the loss every sync_every steps), or stock fastai's Learner, Recorder and
+    AccumMetric with the same optimizer and callbacks."""
     (tmp_path / name).mkdir()
     torch.manual_seed(0)
     dls = _data(n=96)  # 12 steps an epoch: reads at 7 and at each epoch's end
-    return make_learner(dls, arch="xresnet18", targets=["t"], target_mean=[0.0], target_std=[1.0],
-                        path=tmp_path / name, quiet=True, model=thin_model("xresnet18", 1, [0.0], [1.0]), stock=stock,
-                        opt=opt, sync_every=sync_every)
+    model = thin_model("xresnet18", 1, [0.0], [1.0])
+    if stock:
+        return dress(Learner(dls, model, loss_func=rmse_loss, opt_func=Ranger, path=tmp_path / name, model_dir=".",
+                             metrics=target_metrics(["t"], on_device=False)), quiet=True)
+    learn = make_learner(dls, model, targets=["t"], path=tmp_path / name, quiet=True)
+    learn.remove_cb(learn.recorder)
+    learn.add_cb(DeviceRecorder(every=sync_every))
+    return learn
 
 
 def test_device_recorder_writes_fastais_history(tmp_path):
@@ -253,16 +261,35 @@ def test_bench_step_section(tmp_path):
     assert "fastai / fastgal" in table and "aten ops" in table and "GPU ceiling" in table
 
 
-def test_train_opt_option(small_shards, small_run, tmp_path):
-    """--opt reaches the Learner and config.json (small_run trained with the default, fastgal's ranger)."""
+def test_train_opt_option(small_shards, small_run, tmp_path, monkeypatch):
+    """--opt reaches the Learner and config.json (small_run trained with the default, fastgal's ranger):
+    every optimizer the run makes is fastai's Lookahead(RAdam), and it stepped; an unknown name is refused."""
+    import fastgal.learner
+    from fastai.optimizer import Lookahead
+
     assert json.loads((small_run / "config.json").read_text())["opt"] == "ranger"
+    made, real = [], fastgal.learner.optimizer
+
+    def spy(name):  # the opt_func make_learner gets for --opt, recording each optimizer it makes
+        f = real(name)
+
+        def opt_func(*args, **kwargs):
+            made.append(f(*args, **kwargs))
+            return made[-1]
+
+        return opt_func
+
+    monkeypatch.setattr(fastgal.learner, "optimizer", spy)
     run = tmp_path / "fastai-ranger"
     run_cli("train", small_shards, "--out", run, "--epochs", 1, "--bs", 32, "--arch", "xresnet18", "--size", 56,
             "--quiet", "--opt", "fastai-ranger")
+    assert made and all(type(o) is Lookahead for o in made)  # fastgal's Ranger is not one
+    assert made[-1].count > 0  # and the fit stepped it
     assert json.loads((run / "config.json").read_text())["opt"] == "fastai-ranger"
     assert (run / "metrics.json").is_file() and len(pd.read_csv(run / "history.csv")) == 1
     res = run_cli("train", small_shards, "--out", tmp_path / "x", "--opt", "adam", ok=False)
-    assert res.exit_code != 0 and "ranger" in res.output
+    assert res.exit_code == 2 and not (tmp_path / "x").exists()
+    assert res.output.splitlines()[-1] == "Error: Invalid value for '--opt': 'adam' is not one of 'ranger', 'fastai-ranger'."
 
 
 @pytest.mark.slow

@@ -1,17 +1,14 @@
-"""The DALI pipeline, the fastai adapter and `fastgal train`, on a tiny half-resolution survey.
-
-The CPU geometry is the demo's: 112 px cutouts, crop 72 -> 56 (the seed's 224/144/112 at half scale).
-"""
+"""fastgal.train (`fastgal train`, `fastgal demo`): the run folder, user errors, DDP under torchrun, and
+--resume after a kill, on a tiny half-resolution survey (112 px cutouts, crop 72 -> 56: the seed's
+224/144/112 at half scale)."""
 
 from __future__ import annotations
 
 import json
-
 import os
 import stat
 import subprocess
 import sys
-from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -21,88 +18,16 @@ import torch
 from PIL import Image
 
 from conftest import run_cli
-from fastgal.loaders import make_dls, tta_loaders
-from fastgal.pipeline import PipeSpec, define
 
-GEOM = dict(size=56, crop=72)
-BACKENDS = [pytest.param("dali", marks=pytest.mark.dali), "torch"]
+TRAIN = ("--epochs", "3", "--bs", "32", "--arch", "xresnet18", "--size", "32", "--quiet", "--workers", "1")
 
 
-def test_dali_is_imported_only_where_a_graph_is_built():
-    """Every module imports without DALI (the fallback must be reachable on machines that lack it)."""
-    code = ("import sys, fastgal.cli, fastgal.train, fastgal.predict, fastgal.loaders, fastgal.pipeline, fastgal.demo; "
-            "print(sorted(m for m in sys.modules if m.startswith('nvidia.dali')))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]"
-
-
-def test_the_no_dali_pass_blocks_dali_in_subprocesses_too():
-    """make test's second pass puts tests/nodali first on the path: DALI must fail, the rest of nvidia load."""
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).with_name("nodali"))}
-    code = "import torch\ntry:\n    import nvidia.dali\nexcept ImportError as e:\n    print('blocked:', e)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
-    assert out.startswith("blocked:") and "FASTGAL_NO_DALI" in out
-
-
-@pytest.mark.dali
-@pytest.mark.parametrize("kind", ["train", "valid", "tta"])
-def test_gpu_placement_in_the_declared_graph(kind):
-    """The GPU switch decodes with 'mixed' (its output is already on the GPU) and keeps every later stage
-    and the targets on the GPU; no GPU is needed to declare a graph. The CPU graph has the same stages."""
-    from nvidia.dali import Pipeline
-
-    spec = PipeSpec(kind=kind, tars=["x.tar"], idxs=["x.idx"], mean=[0] * 3, std=[1] * 3, device="gpu", tta_view=5)
-    with Pipeline(batch_size=2, num_threads=1, device_id=0):
-        define(spec)
-    for stage, node in spec.stages.items():
-        assert node.device == "gpu", (stage, node.device)  # a CPU decode + .gpu() would leave "decode" on cpu
-    cpu = PipeSpec(kind=kind, tars=["x.tar"], idxs=["x.idx"], mean=[0] * 3, std=[1] * 3, device="cpu", tta_view=5)
-    with Pipeline(batch_size=2, num_threads=1, device_id=None):
-        define(cpu)
-    assert {n.device for n in cpu.stages.values()} == {"cpu"}
-    assert set(cpu.stages) == set(spec.stages)  # the same graph, only the placement differs
-
-
-@pytest.mark.dali
-def test_dali_and_torch_backends_give_the_same_validation_tensors(small_shards):
-    dd = make_dls(small_shards, bs=32, backend="dali", **GEOM)
-    td = make_dls(small_shards, bs=32, backend="torch", **GEOM)
-    xd, yd = map(torch.cat, zip(*dd.valid))
-    xt, yt = map(torch.cat, zip(*td.valid))
-    assert xd.shape == xt.shape == (len(xd), 3, 56, 56) and yd.shape[1] == 2
-    assert torch.equal(yd, yt)  # same samples, same order
-    # both decode with libjpeg-turbo; allow decoder rounding of 1/255 of a pixel in normalised units
-    std = torch.tensor(dd.manifest["pixel_stats"]["std"]).view(1, 3, 1, 1)
-    assert ((xd - xt).abs() * std).max() <= 1.01
-    for v in (1, 6):
-        a = torch.cat([x for x, _ in next(islice(tta_loaders(dd.valid), v, None))])
-        b = torch.cat([x for x, _ in next(islice(tta_loaders(td.valid), v, None))])
-        assert ((a - b).abs() * std).max() <= 1.01
-        assert not torch.allclose(a, xd)  # a different view
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_len_is_the_number_of_batches_yielded(small_shards, backend):
-    dls = make_dls(small_shards, bs=32, backend=backend, **GEOM)
-    n_train, n_valid = dls.manifest["counts"]["train"], dls.manifest["counts"]["valid"]
-    assert len(dls.train) == n_train // 32 and len(dls.valid) == -(-n_valid // 32)
-    dls.train.one_batch()  # an interrupted epoch (like lr_find's cancel) ...
-    for _ in range(2):  # ... must not shorten the next ones
-        sizes = [len(x) for x, _ in dls.train]
-        assert sizes == [32] * len(dls.train)
-    assert sum(len(x) for x, _ in dls.valid) == n_valid
-    assert dls.train.n == n_train and dls.bs == 32 and dls.device.type == "cpu"
-    x, y = dls.one_batch()
-    assert x.dtype == torch.float32 and abs(float(x.mean())) < 1.5
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_sharded_loaders_split_the_data(small_shards, backend):
-    """DDP ranks (shard_id/num_shards) see disjoint parts that cover the validation set."""
-    parts = [make_dls(small_shards, bs=16, backend=backend, shard_id=r, num_shards=2, **GEOM).valid for r in (0, 1)]
-    ys = [torch.cat([y for _, y in p]) for p in parts]
-    assert [len(y) for y in ys] == [p.n_local for p in parts]
-    assert sum(len(y) for y in ys) == parts[0].n
+def _train(shards, out, *extra, kill_at=None):
+    """`fastgal train` in a subprocess; kill_at=(epoch, batch): SIGKILLed right after that training batch
+    (tests/kill_after.py), a pre-emption at a point fixed in advance rather than a race with the clock."""
+    cmd = [str(Path(__file__).with_name("kill_after.py")), *map(str, kill_at)] if kill_at else ["-m", "fastgal"]
+    return subprocess.run([sys.executable, *cmd, "train", str(shards), "--out", str(out), *TRAIN, *extra],
+                          capture_output=True, text=True, timeout=900)
 
 
 @pytest.mark.slow
@@ -145,7 +70,7 @@ def test_train_writes_the_run_folder(small_shards, tmp_path):
     assert t["by_true"][0]["bias"] == pytest.approx(d[pred.true_metallicity <= t["by_true"][0]["hi"]].mean(), abs=1e-4)
     cfg = json.loads((run / "config.json").read_text())
     # --loader auto on a CPU is the torch fallback (faster there); --crop defaults to the shards' own
-    assert cfg["device"] == "cpu" and cfg["loader_backend"] == "TorchLoader" and cfg["epochs"] == 2
+    assert cfg["device"] == "cpu" and cfg["loader_backend"] == "torch" and cfg["epochs"] == 2
     assert cfg["crop"] == man["image"].get("crop", man["pixel_stats"]["region"]) == 72
     w = torch.load(run / "model.pt", weights_only=False)
     assert w["targets"] == ["metallicity", "lgm_tot_p50"] and len(w["pixel_mean"]) == 3 and w["state_dict"]
@@ -275,3 +200,67 @@ def test_train_refuses_index_files_of_another_format(small_shards, tmp_path):
     res = run_cli("train", sh, "--out", tmp_path / "r", "--epochs", 1, "--bs", 32, "--size", 56, ok=False)
     assert res.exit_code != 0 and "v9.9" in res.output and "re-shard" in res.output
     assert len(res.output.strip().splitlines()) == 1
+
+
+def test_run_records_how_it_computed(small_run):
+    w = torch.load(small_run / "model.pt", weights_only=False)
+    cfg = json.loads((small_run / "config.json").read_text())
+    assert w["precision"] == cfg["precision"] == "fp32" and w["channels_last"] is False
+
+
+@pytest.mark.slow
+def test_ddp_ranks_read_disjoint_equal_parts_every_epoch(small_shards, tmp_path):
+    """Two gloo processes under torchrun build their loaders as `fastgal train` does (tests/ddp_epochs.py)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         str(Path(__file__).with_name("ddp_epochs.py")), str(small_shards), str(tmp_path), "3"],
+        capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    n, bs = ranks[0]["n"], ranks[0]["bs"]
+    for e in range(3):
+        a, b = (set(r["epochs"][e]) for r in ranks)
+        assert not a & b  # disjoint
+        assert [len(r["epochs"][e]) for r in ranks] == [(n // 2) // bs * bs] * 2  # equal steps
+        assert [r["steps"] for r in ranks] == [len(r["epochs"][e]) // bs for r in ranks]
+    assert set(ranks[0]["epochs"][0]) != set(ranks[0]["epochs"][1])  # a new assignment every epoch
+    assert ranks[0]["seed"] != ranks[1]["seed"]  # each rank its own augmentation draws
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loader", [pytest.param("dali", marks=pytest.mark.dali), "torch"])
+def test_a_killed_run_resumes_to_the_same_result(small_shards, tmp_path, loader):
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    p = _train(small_shards, cut, "--loader", loader, kill_at=(1, 2))  # in the second epoch, after its 2nd batch
+    ckpt = cut / "checkpoint.pth"
+    assert p.returncode == -9 and ckpt.exists() and not (cut / "metrics.json").exists(), p.stderr[-2000:]
+    assert torch.load(ckpt, weights_only=False)["epoch"] == 0  # the last finished epoch
+    p = _train(small_shards, cut, "--loader", loader, "--resume")
+    assert p.returncode == 0 and (cut / "metrics.json").exists(), p.stderr[-2000:]
+    p = _train(small_shards, whole, "--loader", loader)
+    assert p.returncode == 0 and (whole / "metrics.json").exists(), p.stderr[-2000:]
+    m_cut, m_whole = (json.loads((d / "metrics.json").read_text()) for d in (cut, whole))
+    assert m_cut["resumed_from_epoch"] == 1 and m_whole["resumed_from_epoch"] is None
+    assert abs(m_cut["rmse"] - m_whole["rmse"]) <= 1e-6
+    h_cut, h_whole = (pd.read_csv(d / "history.csv") for d in (cut, whole))
+    cols = ["epoch", "train_loss", "valid_loss", "rmse_metallicity", "rmse_lgm_tot_p50"]
+    assert np.allclose(h_cut[cols].values, h_whole[cols].values, rtol=0, atol=1e-6)
+    assert not (cut / "checkpoint.pth").exists() and not (cut / "best.pth").exists()  # finished: cleaned up
+
+
+def test_resume_refusals(small_shards, tmp_path):
+    run = tmp_path / "r"
+    res = run_cli("train", small_shards, "--out", run, "--resume", ok=False)
+    assert res.exit_code != 0 and "no run to resume" in res.output
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"epochs": 3, "lr": 0.01}))
+    res = run_cli("train", small_shards, "--out", run, "--size", 56, "--epochs", 3, "--lr", 0.02, "--resume", ok=False)
+    assert res.exit_code != 0 and "lr = 0.01, not 0.02" in res.output and len(res.output.strip().splitlines()) == 1
+    res = run_cli("train", small_shards, "--out", run, "--resume", "--overwrite", ok=False)
+    assert res.exit_code != 0 and "one of them" in res.output
+    (run / "metrics.json").write_text("{}")
+    res = run_cli("train", small_shards, "--out", run, "--resume", ok=False)
+    assert res.exit_code != 0 and "finished" in res.output and "--overwrite" in res.output
+    res = run_cli("train", small_shards, "--out", run, ok=False)
+    assert res.exit_code != 0 and "--resume" in res.output

@@ -45,6 +45,7 @@ except ImportError:  # a checkout that is not installed: use it, and tell the su
     _root = str(Path(__file__).resolve().parents[1])
     sys.path.insert(0, _root)
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [_root, os.environ.get("PYTHONPATH")]))
+from fastgal.config import RECIPE  # noqa: E402
 from fastgal.util import write_json_atomic  # noqa: E402
 
 STEPS = ["env", "data", "decode", "equality", "bench", "recipe", "short", "predict"]
@@ -60,12 +61,12 @@ class Params:
     """Sizes of the GPU run; DRY replaces them for --dry-run. Each is also an option (--n, --bs, ...)."""
 
     n: int = 30000
-    image: int = 224
-    crop: int = 144
-    size: int = 112
-    arch: str = "xresnet34"
-    epochs: int = 7
-    bs: int = 128
+    image: int = RECIPE.image
+    crop: int = RECIPE.crop
+    size: int = RECIPE.size
+    arch: str = RECIPE.arch
+    epochs: int = RECIPE.epochs
+    bs: int = RECIPE.bs
     shard_size: int = 5000
     device: str = "cuda"
     decode_bs: int = 256
@@ -238,7 +239,7 @@ def step_short(run: Runner, p: Params, out: Path) -> dict:
                      "precision": m["precision"], "images_per_s": [float(h["images_per_s"]) for h in hist]}
         if not all(math.isfinite(v) for v in losses + [m["rmse"]]):
             raise StepError(f"{name}: a loss is not finite: {losses}", res)
-    if res["loader_torch"]["epochs"] != 2 or res["loader_torch"]["loader_backend"] != "TorchLoader":
+    if res["loader_torch"]["epochs"] != 2 or res["loader_torch"]["loader_backend"] != "torch":
         raise StepError(f"--loader torch ran {res['loader_torch']}", res)
     return res
 
@@ -287,10 +288,9 @@ def step_predict(run: Runner, p: Params, out: Path) -> dict:
 # --------------------------------------------------------------------------- workers (in-process work)
 
 def _loaders(p: Params, shards: Path, backend: str, device: str, threads: int):
-    from fastgal.loaders import make_dls
+    from fastgal.loaders import dataloaders
 
-    return make_dls(shards, bs=p.bs, size=p.size, crop=p.crop, device=device, backend=backend, num_threads=threads,
-                    seed=42)
+    return dataloaders(shards, bs=p.bs, size=p.size, crop=p.crop, device=device, backend=backend, threads=threads, seed=42)
 
 
 def work_decode(p: Params, out: Path) -> dict:
@@ -302,7 +302,7 @@ def work_decode(p: Params, out: Path) -> dict:
         raise Skip("NVIDIA DALI is not importable here")
     from nvidia.dali import Pipeline, fn, types
 
-    spec = _loaders(p, out / "shards", "torch", "cpu", 0).train.spec  # the shard and index lists
+    spec = _loaders(p, out / "shards", "torch", "cpu", 0).train.split  # the shard and index lists
     threads = default_workers()
 
     def rate(device: str) -> float:
@@ -403,7 +403,7 @@ def work_equality(p: Params, out: Path) -> dict:
 
     import numpy as np
 
-    from fastgal.loaders import dali_available, tta_loaders
+    from fastgal.loaders import dali_available
     from fastgal.util import default_workers
 
     if not dali_available():
@@ -414,12 +414,12 @@ def work_equality(p: Params, out: Path) -> dict:
         dls = {"dali_gpu": _loaders(p, sh, "dali", "cuda", threads), **dls}
     # no worker processes: equality does not depend on them, and spawning 10 loaders' workers costs minutes
     dls["torch"] = _loaders(p, sh, "torch", p.device, 0)
-    spec = dls["dali_cpu"].valid.spec
-    std, on_cuda, k = spec.std, {}, p.equality_batches
+    geo = dls["dali_cpu"].valid.geometry
+    std, on_cuda, k = list(geo.std), {}, p.equality_batches
     comps = {f"valid: {n}": c for n, c in _compare({n: d.valid for n, d in dls.items()}, k, std, p.p99_tol,
                                                    p.mean_tol, on_cuda).items()}
     for v in range(8):  # one view's pipelines alive at a time: each holds its threads and GPU buffers
-        views = {n: list(tta_loaders(d.valid))[v] for n, d in dls.items()}
+        views = {n: d.valid.view_of(v) for n, d in dls.items()}
         comps.update({f"tta {v}: {n}": c for n, c in _compare(views, k, std, p.p99_tol, p.mean_tol, on_cuda).items()})
         del views
         gc.collect()
@@ -427,7 +427,7 @@ def work_equality(p: Params, out: Path) -> dict:
         comps.update({f"train: {n}": c for n, c in _compare({n: dls[n].train for n in ("dali_gpu", "dali_cpu")}, k, std,
                                                            p.train_p99_tol, p.mean_tol, on_cuda).items()})
     # the fallback draws its own augmentations: compare the distribution of per-image channel means
-    a, b = (_channel_means(dls[n].train, k, np.array(std), np.array(spec.mean)) for n in ("dali_cpu", "torch"))
+    a, b = (_channel_means(dls[n].train, k, np.array(std), np.array(geo.mean)) for n in ("dali_cpu", "torch"))
     diff, se = a.mean(0) - b.mean(0), np.sqrt(a.var(0) / len(a) + b.var(0) / len(b))
     comps["train: dali_cpu vs torch (distribution)"] = {
         "images": len(a), "mean_signed_rgb": diff.round(4).tolist(), "standard_error_rgb": se.round(4).tolist(),

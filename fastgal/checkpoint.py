@@ -1,0 +1,78 @@
+"""model.pt: a trained model and everything prediction needs to rebuild and feed it, and how to run it.
+
+    from fastgal.checkpoint import save_checkpoint, load_checkpoint, inference
+    save_checkpoint("runs/r1/model.pt", learn.model, arch="xresnet34", targets=[...], target_mean=[...], ...)
+    model, meta = load_checkpoint("runs/r1")          # a run folder or a model.pt path
+    forward = inference(model, meta, device)          # x -> float32 outputs, as training computed them
+
+The file is a torch.save dict: format_version (MODEL_FORMAT: load_checkpoint refuses any other),
+fastgal_version, the metadata train passes (arch, targets, target and pixel statistics, geometry, head,
+precision, channels_last, ...) and the weights (state_dict, on the CPU). The epoch checkpoint that
+--resume reads (checkpoint.pth) is callbacks.EpochCheckpoint's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import __version__
+from .model import make_model
+from .util import atomic_path
+
+MODEL_FORMAT = 1  # model.pt's layout; load_checkpoint refuses any other
+
+
+def save_checkpoint(path, model: nn.Module, **meta) -> None:
+    """model.pt: the weights and everything prediction needs to rebuild and feed the model (arch, targets,
+    target mean/std, pixel mean/std, size/crop/precrop/image_size), written atomically."""
+    ckpt = {"format_version": MODEL_FORMAT, "fastgal_version": __version__, **meta,
+            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+    with atomic_path(path) as tmp:
+        torch.save(ckpt, tmp)
+
+
+def load_checkpoint(run, device="cpu") -> tuple[nn.Module, dict]:
+    """(model in eval mode on device, metadata) from a run folder or a model.pt path."""
+    path = Path(run) / "model.pt" if Path(run).is_dir() else Path(run)
+    if not path.is_file():
+        raise ValueError(f"no model.pt in {run}; point at a finished `fastgal train` run folder")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # a truncated or foreign file
+        raise ValueError(f"{path} does not load as a fastgal model ({type(e).__name__}); re-run `fastgal train`") from None
+    version = ckpt.get("format_version") if isinstance(ckpt, dict) else None
+    if version != MODEL_FORMAT:
+        raise ValueError(f"{path} is not a fastgal model (format {version}); this fastgal reads format {MODEL_FORMAT}")
+    model = make_model(ckpt["arch"], len(ckpt["targets"]), ckpt["target_mean"], ckpt["target_std"], head=ckpt["head"])
+    model.load_state_dict(ckpt["state_dict"])
+    meta = {k: v for k, v in ckpt.items() if k != "state_dict"}
+    return model.to(device).eval(), meta
+
+
+def inference_settings(meta: dict, device) -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype or None, channels_last) for predicting with a model as it was trained: on CUDA its
+    training precision and memory format (bf16/fp16 autocast, as MixedPrecision ran it); fp32 on a CPU."""
+    if torch.device(device).type != "cuda":
+        return None, False
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(meta.get("precision", "fp32"))
+    return dtype, bool(meta.get("channels_last", False))
+
+
+def inference(model: nn.Module, meta: dict, device):
+    """x -> float32 model outputs, computed the way training computed them (inference_settings): (B, k)
+    predictions, or for a gaussian head (B, 2k) means then log σ; heads.split(out, k) gives (means, σ)."""
+    dtype, channels_last = inference_settings(meta, device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+
+    @torch.no_grad()
+    def forward(x):
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cuda", dtype=dtype or torch.float16, enabled=dtype is not None):
+            return model(x).float()
+
+    return forward

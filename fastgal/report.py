@@ -1,0 +1,60 @@
+"""What the commands print for a person: the summaries of `fastgal train`/`demo`, `predict` and `info`.
+
+    from fastgal.report import format_metrics
+    print(format_metrics(json.load(open("runs/r1/metrics.json"))))
+
+The numbers come from train.py, predict.py and manifest.verify; this module only lays them out.
+"""
+
+from __future__ import annotations
+
+
+def format_metrics(m: dict) -> str:
+    """metrics.json as the summary `fastgal train` and `demo` print on stdout."""
+    lines = [f"{'target':<14}{'RMSE':>8}{'NMAD':>8}{'bias':>9}{'R2':>7}{'TTA RMSE':>10}{'mean-baseline':>15}"]
+    for t, v in m["targets"].items():
+        tta = f"{v['tta_rmse']:.4f}" if "tta_rmse" in v else "-"
+        lines.append(f"{t:<14}{v['rmse']:>8.4f}{v['nmad']:>8.4f}{v['bias']:>+9.4f}{v['r2']:>7.3f}{tta:>10}{v['baseline_rmse']:>15.4f}")
+    for t, v in m["targets"].items():
+        lines += calibration_lines(v, f"{t}: ")
+    if m.get("floor"):
+        f = m["floor"]
+        lines.append(f"synthetic survey: observable reference RMSE {f['observable_reference_rmse']:.4f} dex (what the "
+                     f"images show), latent floor {f['floor_rmse']:.4f} dex (an oracle knowing mass and SFR)")
+    lines.append(f"{m['epochs']} epochs in {m['fit_seconds']:.1f}s, {m['train_images_per_s']:.0f} train images/s "
+                 f"({m['device']}, {m['precision']}, {m['loader_backend']}); best epoch {m['best_epoch']}")
+    return "\n".join(lines)
+
+
+def calibration_lines(d: dict, prefix: str) -> list[str]:
+    """One line per sigma estimate (the head's, the TTA spread's) that d's calibration has."""
+    lines = []
+    for c, what in ((d.get("calibration"), "sigma"), (d.get("tta_calibration"), "TTA spread")):
+        if c and c["within_1sigma"] is not None:
+            lines.append(f"{prefix}{what} (median {c['median_sigma']:.4f}): within 1 sigma {c['within_1sigma']:.1%} "
+                         f"(Gaussian 68.3%), within 2 sigma {c['within_2sigma']:.1%} (95.4%), RMS z {c['rms_z']:.2f}")
+    return lines
+
+
+def info_summary(out, res: dict) -> dict:
+    """`fastgal info --json`: the check (verify's result) and the manifest's summary."""
+    m = res["manifest"]
+    return {"out": str(out), "ok": res["ok"], "problems": res["problems"], "counts": m["counts"],
+            "rejects_by_reason": m["rejects_by_reason"], "targets": m["target_stats"], "image": m["image"],
+            "pixel_stats": m["pixel_stats"], "split": m["split"], "shards": {s: len(v) for s, v in m["shards"].items()},
+            "bytes": res["bytes"], "source": m["source"], "fastgal_version": m["fastgal_version"]}
+
+
+def format_info(out, res: dict) -> str:
+    """`fastgal info`'s human summary."""
+    m, c, ps = res["manifest"], res["manifest"]["counts"], res["manifest"]["pixel_stats"]
+    lines = [f"{out}: {m['format']} v{m['format_version']} from {m['source']['catalog']}",
+             f"  rows {c['catalog_rows']} = train {c['train']} + valid {c['valid']} + rejected {c['rejected']}"
+             f"  ({', '.join(f'{k} {v}' for k, v in m['rejects_by_reason'].items()) or 'no rejects'})",
+             f"  shards: {', '.join(f'{s} {len(v)}' for s, v in m['shards'].items())}, {res['bytes'] / 1e6:,.1f} MB"]
+    lines += [f"  {t}: mean {st['mean']:.4f} std {st['std']:.4f} range [{st['min']:.3f}, {st['max']:.3f}] (train)"
+              for t, st in m["target_stats"].items()]
+    lines += [f"  images {m['image']['size']} precrop {m['image']['precrop']}; centre {ps['region']} px mean "
+              f"{[round(x, 2) for x in ps['mean']]} std {[round(x, 2) for x in ps['std']]}",
+              "  verified: sha256s, indexes and counts match" if res["ok"] else f"  {len(res['problems'])} problem(s)"]
+    return "\n".join(lines)
