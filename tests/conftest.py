@@ -20,6 +20,9 @@ if NO_DALI:
     os.environ["PYTHONPATH"] = os.pathsep.join([_block, *filter(None, [os.environ.get("PYTHONPATH")])])
 
 from click.testing import CliRunner  # noqa: E402
+import torch  # noqa: E402
+from fastai.data.core import DataLoaders  # noqa: E402
+from fastai.data.load import DataLoader  # noqa: E402
 
 from fastgal.cli import cli  # noqa: E402
 
@@ -121,3 +124,12 @@ def small_run(small_shards, tmp_path_factory):
     run_cli("train", small_shards, "--out", run, "--epochs", 1, "--bs", 32, "--arch", "xresnet18",
             "--size", 56, "--tta", "--quiet")
     return run
+
+
+def tiny_regression(n=80, bs=8, seed=0):
+    """A tiny regression (80 samples of 3x8x8, 10 steps per epoch), in a fixed order."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, 8, 8, generator=g)
+    y = x.mean((1, 2, 3))[:, None] * 3 + 0.1 * torch.randn(n, 1, generator=g)
+    items = list(zip(x, y))
+    return DataLoaders(DataLoader(items[:n], bs=bs, shuffle=False), DataLoader(items[:16], bs=bs, shuffle=False))

@@ -237,3 +237,67 @@ def test_resume_refusals(small_shards, tmp_path):
     assert res.exit_code != 0 and "finished" in res.output and "--overwrite" in res.output
     res = run_cli("train", small_shards, "--out", run, ok=False)
     assert res.exit_code != 0 and "--resume" in res.output
+
+
+def test_train_opt_option(small_shards, small_run, tmp_path, monkeypatch):
+    """--opt reaches the Learner and config.json (small_run trained with the default, fastgal's ranger):
+    every optimizer the run makes is fastai's Lookahead(RAdam), and it stepped; an unknown name is refused."""
+    import fastgal.learner
+    from fastai.optimizer import Lookahead
+
+    assert json.loads((small_run / "config.json").read_text())["opt"] == "ranger"
+    made, real = [], fastgal.learner.optimizer
+
+    def spy(name):  # the opt_func make_learner gets for --opt, recording each optimizer it makes
+        f = real(name)
+
+        def opt_func(*args, **kwargs):
+            made.append(f(*args, **kwargs))
+            return made[-1]
+
+        return opt_func
+
+    monkeypatch.setattr(fastgal.learner, "optimizer", spy)
+    run = tmp_path / "fastai-ranger"
+    run_cli("train", small_shards, "--out", run, "--epochs", 1, "--bs", 32, "--arch", "xresnet18", "--size", 56,
+            "--quiet", "--opt", "fastai-ranger")
+    assert made and all(type(o) is Lookahead for o in made)  # fastgal's Ranger is not one
+    assert made[-1].count > 0  # and the fit stepped it
+    assert json.loads((run / "config.json").read_text())["opt"] == "fastai-ranger"
+    assert (run / "metrics.json").is_file() and len(pd.read_csv(run / "history.csv")) == 1
+    res = run_cli("train", small_shards, "--out", tmp_path / "x", "--opt", "adam", ok=False)
+    assert res.exit_code == 2 and not (tmp_path / "x").exists()
+    assert res.output.splitlines()[-1] == "Error: Invalid value for '--opt': 'adam' is not one of 'ranger', 'fastai-ranger'."
+
+
+@pytest.mark.slow
+def test_compile_trains_the_same_run_folder(small_shards, small_run, tmp_path, monkeypatch):
+    """--compile (torch.compile of the model in place): small_run's files, weight keys and columns, close losses.
+
+    Dynamo captures the graphs as with the default backend; they run eagerly here, because inductor's C++
+    code generation takes minutes on 2 cores (tools/gpu_check.py times the real thing on a GPU)."""
+    compiled, real = [], torch.nn.Module.compile
+
+    def compile_eager(self, *args, **kwargs):
+        compiled.append(type(self).__name__)
+        return real(self, *args, **{**kwargs, "backend": "eager"})
+
+    monkeypatch.setattr(torch.nn.Module, "compile", compile_eager)
+    run = tmp_path / "compiled"
+    run_cli("train", small_shards, "--out", run, "--epochs", 1, "--bs", 32, "--arch", "xresnet18", "--size", 56,
+            "--tta", "--quiet", "--compile")  # small_run's command + --compile
+    a, b = small_run, run
+    def written(r):  # test_predict adds predictions_<input>.csv to the shared small_run
+        return sorted(p.name for p in r.iterdir() if not p.name.startswith("predictions_") or p.name.endswith("_valid.csv"))
+
+    assert written(a) == written(b) and "model.pt" in written(b)
+    assert json.loads((b / "config.json").read_text())["compile"] is True and compiled == ["Sequential"]
+    wa, wb = (torch.load(r / "model.pt", weights_only=False)["state_dict"] for r in (a, b))
+    assert list(wa) == list(wb)  # no "_orig_mod." prefix: predict reads it as any run
+    pa, pb = (pd.read_csv(r / "predictions_valid.csv") for r in (a, b))
+    assert list(pa.columns) == list(pb.columns) and len(pa) == len(pb)
+    assert np.isfinite(pb.filter(like="pred_").values).all()
+    ha, hb = (pd.read_csv(r / "history.csv") for r in (a, b))
+    assert list(ha.columns) == list(hb.columns)
+    # the same seed and data: compiled kernels reorder float sums, so close rather than equal
+    np.testing.assert_allclose(hb.train_loss, ha.train_loss, rtol=0.05)
