@@ -75,11 +75,11 @@ def predict_split(forward, split: Split, geometry: Geometry, targets: list[str],
     dl = Loader(split, CENTRE, geometry, bs=bs, device=device, backend=backend, threads=threads)
     k = len(targets)
     out, true = _run(forward, dl)
+    if len(split.keys) != len(out):
+        raise RuntimeError(f"{len(out)} predictions for {len(split.keys)} samples in {split.name}: shards and index disagree")
     est = dict(zip(("pred", "sigma"), split_heads(out, k)))
     if tta:
         est["pred_tta"], est["sigma_tta"] = view_stats([split_heads(_run(forward, v)[0], k)[0] for v in dl.tta()])
-    if len(split.keys) != len(out):
-        raise RuntimeError(f"{len(out)} predictions for {len(split.keys)} samples in {split.name}: shards and index disagree")
     return table(split.keys, targets, est, true, true_names=split.shards.targets)
 
 
