@@ -35,7 +35,7 @@ DEPENDENCY_WARNINGS = [
     (r"numpy\.core is deprecated", r"fastai\.learner"),  # fastai's Learner.load, after fit
     (r"The 'mode\.chained_assignment' option is deprecated", r"fastai\.tabular\.core"),  # pandas 3, at import
     # torchvision 0.29 deprecates its JPEG decoder, which the torch fallback uses: it is libjpeg-turbo, bit
-    # identical to DALI's CPU decoder and PIL (tests/test_gpu_path.py), so it stays until a successor is too
+    # identical to DALI's CPU decoder and PIL (tests/test_loaders.py), so it stays until a successor is too
     (r"The image decoding and encoding capabilities of TorchVision are deprecated", r"torchvision\.io\.image"),
 ]
 

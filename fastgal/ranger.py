@@ -5,7 +5,7 @@
 
 Why: fastai's ranger runs ~20 tensor ops per parameter tensor per step (2,442 for xresnet34, each a
 kernel launch on a GPU, ~6 ms of host time). Here a step is ~12 ops over one flat buffer, with the
-same arithmetic; tests/test_step.py checks the parameters against fastai's within 1e-5 over 30
+same arithmetic; tests/test_ranger.py checks the parameters against fastai's within 1e-5 over 30
 steps, across Lookahead syncs and under a one-cycle schedule.
 """
 
