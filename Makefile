@@ -28,10 +28,11 @@ demo: venv
 # twice: as installed, then with DALI blocked (FASTGAL_NO_DALI=1, see tests/conftest.py), as on a
 # machine without DALI, where every command must still work through the torch fallback. The second pass
 # leaves out the slow tests (subprocess and training runs that do the same on a CPU either way) except
-# those marked `fallback` (the main job itself).
+# those marked `fallback` (the main job itself), and the files marked `dali_agnostic` (code that never
+# reaches a loader backend: the same either way).
 test: venv
 	$(VENV)/bin/python -m pytest -q
-	FASTGAL_NO_DALI=1 $(VENV)/bin/python -m pytest -q -m "not slow or fallback"
+	FASTGAL_NO_DALI=1 $(VENV)/bin/python -m pytest -q -m "(not slow or fallback) and not dali_agnostic"
 
 bench: venv
 	$(VENV)/bin/python benchmarks/bench_synth.py

@@ -13,6 +13,9 @@ from fastgal.bench import format_table
 from fastgal.bench_step import thin_model
 from fastgal.model import ARCHS, make_model
 
+# nothing here depends on whether DALI is installed: the no-DALI pass of `make test` leaves it out
+pytestmark = pytest.mark.dali_agnostic
+
 
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_thin_model_keeps_the_layer_graph(arch):

@@ -35,6 +35,9 @@ import fastgal.skyserver as sky_client
 from fastgal.config import DownloadConfig
 from fastgal.synth import make_catalog
 
+# nothing here depends on whether DALI is installed: the no-DALI pass of `make test` leaves it out
+pytestmark = pytest.mark.dali_agnostic
+
 SQL_PATH = "/dr17/SkyServerWS/SearchTools/SqlSearch"
 JPEG_PATH = "/dr17/SkyServerWS/ImgCutout/getjpeg"
 # ids above 2**53 whose float64 round trip changes them: they must arrive exactly

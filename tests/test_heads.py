@@ -20,6 +20,9 @@ from fastgal.heads import GaussianHead, gaussian_nll, split, view_stats
 from fastgal.checkpoint import load_checkpoint
 from fastgal.model import Denormalize, make_model
 
+# nothing here depends on whether DALI is installed: the no-DALI pass of `make test` leaves it out
+pytestmark = pytest.mark.dali_agnostic
+
 
 def _draw(rng, n):
     """y = 8.9 + 0.3 x + sigma(x) N(0, 1), sigma rising from 0.05 to 0.30 dex across x in [-1, 1]."""

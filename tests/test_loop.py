@@ -15,6 +15,9 @@ from fastgal.loop import DeviceRecorder, FastgalLearner
 from fastgal.model import rmse_loss, target_metrics
 from fastgal.ranger import Ranger
 
+# nothing here depends on whether DALI is installed: the no-DALI pass of `make test` leaves it out
+pytestmark = pytest.mark.dali_agnostic
+
 
 def _make(tmp_path, name, stock, sync_every=7):
     """fastgal's Learner (reading the loss every sync_every steps), or stock fastai's Learner, Recorder and

@@ -14,6 +14,9 @@ from PIL import Image
 import fastgal.manifest as manifest
 from fastgal.manifest import Shards, read_index
 
+# nothing here depends on whether DALI is installed: the no-DALI pass of `make test` leaves it out
+pytestmark = pytest.mark.dali_agnostic
+
 
 def test_a_split_is_its_index_read_once(survey, survey_shards, monkeypatch):
     calls = []

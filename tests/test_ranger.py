@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from fastai.layers import ConvLayer, Flatten
 from fastai.learner import Learner
@@ -14,6 +15,9 @@ from torch import nn
 from conftest import tiny_regression
 from fastgal.model import rmse_loss
 from fastgal.ranger import Ranger
+
+# nothing here depends on whether DALI is installed: the no-DALI pass of `make test` leaves it out
+pytestmark = pytest.mark.dali_agnostic
 
 
 def _model(seed=0):
