@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 
+import fastai.callback.schedule  # noqa: F401  (patches fit_one_cycle and lr_find onto Learner)
 import pytest
 import torch
 from fastai.layers import ConvLayer, Flatten
