@@ -148,7 +148,12 @@ def test_demo_runs_the_main_job(tmp_path):
     assert {"by_true", "by_pred", "mzr", "tta_calibration"} <= set(t) and "sigma_tta_metallicity" in (
         out / "run/predictions_valid.csv").read_text().splitlines()[0]
     assert m["n_train"] + m["n_valid"] == 200 and m["preset"]["arch"] == "xresnet18" and m["preset"]["size"] == 56
-    assert m["survey_floor_rmse"] > 0 and m["rmse"] > 0
+    # the numbers it reports are the run's: RMSE of its predictions, the survey's own references, printed
+    pred = pd.read_csv(out / "run/predictions_valid.csv")
+    assert m["rmse"] == pytest.approx(np.sqrt(np.mean((pred.pred_metallicity - pred.true_metallicity) ** 2)), abs=1e-5)
+    floor = json.loads((out / "survey/synth.json").read_text())["floor"]
+    assert (m["survey_floor_rmse"], m["survey_reference_rmse"]) == (floor["floor_rmse"], floor["observable_reference_rmse"])
+    assert f"validation RMSE {m['rmse']:.4f} dex vs predict-the-mean {t['baseline_rmse']:.4f}" in res.output
     assert run_cli("demo", "--out", out, "--n", 50, ok=False).exit_code != 0  # refuses without --overwrite
 
 
