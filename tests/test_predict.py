@@ -111,3 +111,19 @@ def test_predict_computes_as_training_did():
     assert inference_settings({"precision": "bf16", "channels_last": True}, "cuda") == (torch.bfloat16, True)
     assert inference_settings({"precision": "fp16", "channels_last": False}, "cuda:1") == (torch.float16, False)
     assert inference_settings({"precision": "bf16", "channels_last": True}, "cpu") == (None, False)  # fp32 on a CPU
+
+
+def test_the_table_groups_columns_per_target():
+    """One layout for predictions_valid.csv and `fastgal predict`: per target true, pred, sigma, pred_tta,
+    sigma_tta; NaN for unusable rows; true values of other targets than the model's come first."""
+    from fastgal.predict import table
+
+    est = {"pred": np.array([[1.0, 2.0], [3.0, 4.0]]), "sigma": None, "pred_tta": np.array([[5.0, 6.0], [7.0, 8.0]])}
+    true = np.array([[0.5, 1.5], [2.5, 3.5]], dtype=np.float32)
+    df = table(["a", "b"], ["m", "g"], est, true, split="valid")
+    assert list(df.columns) == ["id", "split", "true_m", "pred_m", "pred_tta_m", "true_g", "pred_g", "pred_tta_g"]
+    assert df.pred_tta_g.tolist() == [6.0, 8.0] and df.true_g.tolist() == [1.5, 3.5]
+    bad = table(["a", "b"], ["m", "g"], est, bad=np.array([False, True]))
+    assert np.isnan(bad.pred_m[1]) and bad.pred_m[0] == 1.0 and "true_m" not in bad
+    other = table(["a", "b"], ["m", "g"], est, true, true_names=["x", "y"])
+    assert list(other.columns)[:3] == ["id", "true_x", "true_y"] and "true_m" not in other
