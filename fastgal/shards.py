@@ -5,8 +5,8 @@
 
 shard() runs the stages in order: check the options; read the catalog and check every row (exact
 id, no duplicate, finite targets); the split and write order (catalog.split_order); the survey's
-cutout size from JPEG headers; every image fully decoded by workers, in write order and a few
-chunks ahead of the tar writer; statistics and the manifest.
+cutout size from JPEG headers; every image fully decoded and checked by workers (cutouts.py), in
+write order and a few chunks ahead of the tar writer; statistics and the manifest.
 
 Layout of OUT (the contract the DALI pipeline reads; manifest.py reads it back):
   train-000000.tar/.idx ...  valid-000000.tar/.idx ...  manifest.json  rejects.csv (row,id,reason,detail)
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import io
 import json
 import math
 import os
@@ -35,23 +34,20 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 
 from . import __version__
 from .catalog import SPLIT_METHOD, check_rows, json_value, read_catalog, split_order
 from .config import ShardConfig
+from .cutouts import ImageRules, check_chunk, modal_size
 from .manifest import FORMAT, FORMAT_VERSION, INDEX_VERSION, index_count, is_shard_file, make_index
-from .util import (Progress, check_jpeg, check_out, chunks, default_workers, imap_ordered, remove_stale,
+from .util import (Progress, check_out, chunks, default_workers, imap_ordered, remove_stale,
                    sha256_file, temp_dir, worker_pool, write_json_atomic)
 
 COMPONENTS = {"image": "jpg", "targets": "target.f32", "meta": "json"}
-PRECROP_QUALITY = 95
 TAR_MTIME = 0  # fixed header fields make the tars byte-reproducible
 TAR_USER = "fastgal"
-BLANK_MAX = 10  # a frame whose brightest pixel is <= this (0-255) is all dark: nothing to learn from
-FLAT_STD = 1.0  # ... and one whose every channel has std below this is a flat placeholder
 TMP_PREFIX = ".shard-"
 
 # Every reason a row can be rejected for. Greyscale and CMYK JPEGs are rejected (not-rgb), not
@@ -71,110 +67,6 @@ REASONS = {
     "wrong-size": "a different size from the survey's usual cutout size (without --precrop)",
     "blank-image": "an all-dark or flat frame",
 }
-
-
-# --------------------------------------------------------------------------- images (workers)
-
-@dataclass(frozen=True)
-class Geometry:
-    """What every image is checked against and measured over."""
-
-    crop: int  # the training crop region: a smaller image is rejected
-    precrop: int | None  # store the centre precrop x precrop instead of the original bytes
-    expect: tuple[int, int] | None  # the survey's (h, w); None: any size (with --precrop)
-    region: int  # the centre region the pixel statistics are over
-    stored: tuple[int, int] | None  # (h, w) of the images as stored in the tars
-
-
-class Checked(NamedTuple):
-    """One catalog row's image: the bytes to store and its pixel sums, or why it is rejected."""
-
-    pos: int  # the row's position in the catalog
-    reason: str | None = None  # a REASONS key, or None for a usable image
-    detail: str = ""
-    data: bytes | None = None
-    sums: tuple[int, ...] | None = None  # per-channel sums, then sums of squares, over the centre region
-
-
-def _moments(im) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel sums and sums of squares of a loaded RGB image (exact ints, from its histogram)."""
-    hist = np.asarray(im.histogram(), np.int64).reshape(3, 256)
-    levels = np.arange(256, dtype=np.int64)
-    return hist @ levels, hist @ (levels * levels)
-
-
-def _blank(im) -> str | None:
-    """Why a decoded frame is blank (all dark, or flat), or None."""
-    vmax = max(hi for _, hi in im.getextrema())
-    if vmax <= BLANK_MAX:
-        return f"all dark (brightest pixel {vmax})"
-    s, ss = _moments(im)
-    mean = s / (im.size[0] * im.size[1])
-    std = np.sqrt(np.maximum(ss / (im.size[0] * im.size[1]) - mean * mean, 0))
-    return f"flat frame (channel std {std.max():.2f})" if np.all(std < FLAT_STD) else None
-
-
-def _centre(im, px: int):
-    """The centre px x px crop of a PIL image."""
-    w, h = im.size
-    top, left = (h - px) // 2, (w - px) // 2
-    return im.crop((left, top, left + px, top + px))
-
-
-def check_image(pos: int, path: str, geo: Geometry) -> Checked:
-    """Read and fully decode one image (util.check_jpeg), then the survey's own checks: size, blank."""
-    try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError:
-        return Checked(pos, "missing-image", f"{path} not found")
-    except OSError as e:
-        return Checked(pos, "missing-image", f"{path}: {e.strerror or e}")
-    reason, detail, im = check_jpeg(data)
-    if reason:
-        return Checked(pos, reason, detail)
-    w, h = im.size
-    need = geo.precrop or geo.crop
-    if min(h, w) < need:
-        return Checked(pos, "too-small", f"{w}x{h} px < {need} px crop")
-    if geo.expect is not None and (h, w) != geo.expect:
-        return Checked(pos, "wrong-size", f"{w}x{h} px; most images are {geo.expect[1]}x{geo.expect[0]}")
-    blank = _blank(im)
-    if blank:
-        return Checked(pos, "blank-image", blank)
-    if geo.precrop:  # JPEG q95 of the centre: deterministic for the same input
-        buf = io.BytesIO()
-        _centre(im, geo.precrop).save(buf, format="JPEG", quality=PRECROP_QUALITY)
-        data = buf.getvalue()
-        _, _, im = check_jpeg(data)  # the statistics are over the stored image, as the pipeline decodes it
-    s, ss = _moments(_centre(im, geo.region))
-    return Checked(pos, data=data, sums=tuple(int(x) for x in (*s, *ss)))
-
-
-def _check_chunk(args) -> list[Checked]:
-    items, geo = args
-    return [check_image(pos, path, geo) for pos, path in items]
-
-
-def _size_chunk(paths: list[str]) -> list[tuple[int, int] | None]:
-    """Header-only pass: (h, w) of each JPEG from its frame header, no decode; None if unreadable."""
-    from PIL import Image
-
-    out = []
-    for path in paths:
-        try:
-            with Image.open(path) as im:
-                out.append((im.size[1], im.size[0]) if im.format == "JPEG" else None)
-        except Exception:  # unreadable files are rejected, with their reason, by the full check
-            out.append(None)
-    return out
-
-
-def modal_size(paths: list[str], pool, workers: int) -> tuple[int, int] | None:
-    """The most common (h, w) among the images (ties: the first in catalog order)."""
-    sizes = Counter()
-    for res in imap_ordered(_size_chunk, chunks(paths, 256), pool, 4 * workers):
-        sizes.update(s for s in res if s is not None)
-    return sizes.most_common(1)[0][0] if sizes else None
 
 
 # --------------------------------------------------------------------------- tars and indexes
@@ -341,21 +233,21 @@ def _prepare_out(out: Path, cfg: ShardConfig) -> None:
         Progress(quiet=cfg.quiet).line(f"removed {len(gone)} temporary folder(s) left in {out} by an interrupted run: {', '.join(gone)}")
 
 
-def _survey_geometry(cfg: ShardConfig, paths: list[str], pool, workers: int) -> Geometry:
+def _survey_rules(cfg: ShardConfig, paths: list[str], pool, workers: int) -> ImageRules:
     """One cutout size per survey: the pipeline crops a fixed region and the manifest records one size."""
     expect = None if cfg.precrop else modal_size(paths, pool, workers)
     stored = (cfg.precrop, cfg.precrop) if cfg.precrop else expect
-    return Geometry(cfg.crop, cfg.precrop, expect, min(cfg.crop, *stored) if stored else cfg.crop, stored)
+    return ImageRules(cfg.crop, cfg.precrop, expect, min(cfg.crop, *stored) if stored else cfg.crop, stored)
 
 
-def _write_splits(tmp: Path, rows: _Rows, order: dict, geo: Geometry, cfg: ShardConfig, pool, workers: int) -> _Written:
+def _write_splits(tmp: Path, rows: _Rows, order: dict, rules: ImageRules, cfg: ShardConfig, pool, workers: int) -> _Written:
     """Check every image (workers, in write order) and write the good ones into each split's tars."""
     done = _Written(entries={}, rows={}, sums=[0] * 6)
     with Progress(sum(map(len, order.values())), "shard", cfg.quiet, unit="img") as prog:
         for name, positions in order.items():
-            tasks = [([(p, rows.path(p)) for p in part], geo) for part in chunks(positions, 32)]
+            tasks = [([(p, rows.path(p)) for p in part], rules) for part in chunks(positions, 32)]
             with _SplitWriter(tmp, name, cfg.shard_size) as writer:
-                for res in imap_ordered(_check_chunk, tasks, pool, 4 * workers):
+                for res in imap_ordered(check_chunk, tasks, pool, 4 * workers):
                     for c in res:
                         if c.reason:
                             rows.rejects[c.pos] = (c.reason, c.detail)
@@ -399,9 +291,9 @@ def _statistics(rows: _Rows, done: _Written, targets: list[str], region: int) ->
     return target_stats, {"region": region, "mean": mean, "std": std}
 
 
-def _manifest(cfg: ShardConfig, rows: _Rows, done: _Written, geo: Geometry) -> dict:
+def _manifest(cfg: ShardConfig, rows: _Rows, done: _Written, rules: ImageRules) -> dict:
     catalog, targets = Path(cfg.catalog), list(cfg.targets)
-    target_stats, pixel_stats = _statistics(rows, done, targets, geo.region)
+    target_stats, pixel_stats = _statistics(rows, done, targets, rules.region)
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -420,7 +312,7 @@ def _manifest(cfg: ShardConfig, rows: _Rows, done: _Written, geo: Geometry) -> d
         "shards": done.entries,
         # the training reader seeks every sample through the .idx files (fastgal.order): their format
         "index_format": INDEX_VERSION,
-        "image": {"size": list(geo.stored), "precrop": cfg.precrop, "channels": 3, "crop": cfg.crop},
+        "image": {"size": list(rules.stored), "precrop": cfg.precrop, "channels": 3, "crop": cfg.crop},
         "pixel_stats": pixel_stats,
     }
 
@@ -448,13 +340,13 @@ def shard(cfg: ShardConfig) -> ShardResult:
     order = split_order(rows.candidates(), cfg.valid_pct, cfg.seed)
     workers = cfg.workers or default_workers()
     with worker_pool(workers) as pool:
-        geo = _survey_geometry(cfg, [rows.path(p) for p in rows.candidates()], pool, workers)
+        rules = _survey_rules(cfg, [rows.path(p) for p in rows.candidates()], pool, workers)
         tmp = temp_dir(out, TMP_PREFIX)
         try:
-            done = _write_splits(tmp, rows, order, geo, cfg, pool, workers)
+            done = _write_splits(tmp, rows, order, rules, cfg, pool, workers)
             write_rejects(tmp / "rejects.csv", rows.rejects, rows.ids)
             _check_placed(rows, done, tmp, cfg)
-            manifest = _manifest(cfg, rows, done, geo)
+            manifest = _manifest(cfg, rows, done, rules)
             _install(tmp, out, manifest)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

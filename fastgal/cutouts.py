@@ -1,0 +1,130 @@
+"""One cutout checked as `fastgal shard` stores it: decoded in full, the survey's size, not blank, pre-cropped
+where asked, and its pixel sums over the centre region (for the manifest's statistics). Runs in pool workers.
+
+    from fastgal.cutouts import ImageRules, check_image
+    c = check_image(0, "data/synth/images/1237....jpg", ImageRules(crop=144, precrop=None, expect=(224, 224),
+                                                                     region=144, stored=(224, 224)))
+    c.reason or c.data          # a shards.REASONS key, or the bytes to store
+
+Greyscale and CMYK JPEGs are rejected (not-rgb), not converted: the gri colours carry most of the metallicity
+signal, so a colourless cutout is not a cutout of the kind the model is trained on.
+"""
+
+from __future__ import annotations
+
+import io
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from .util import check_jpeg, chunks, imap_ordered
+
+PRECROP_QUALITY = 95
+BLANK_MAX = 10  # a frame whose brightest pixel is <= this (0-255) is all dark: nothing to learn from
+FLAT_STD = 1.0  # ... and one whose every channel has std below this is a flat placeholder
+
+
+@dataclass(frozen=True)
+class ImageRules:
+    """What every image is checked against and measured over."""
+
+    crop: int  # the training crop region: a smaller image is rejected
+    precrop: int | None  # store the centre precrop x precrop instead of the original bytes
+    expect: tuple[int, int] | None  # the survey's (h, w); None: any size (with --precrop)
+    region: int  # the centre region the pixel statistics are over
+    stored: tuple[int, int] | None  # (h, w) of the images as stored in the tars
+
+
+class Checked(NamedTuple):
+    """One catalog row's image: the bytes to store and its pixel sums, or why it is rejected."""
+
+    pos: int  # the row's position in the catalog
+    reason: str | None = None  # a shards.REASONS key, or None for a usable image
+    detail: str = ""
+    data: bytes | None = None
+    sums: tuple[int, ...] | None = None  # per-channel sums, then sums of squares, over the centre region
+
+
+def _moments(im) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel sums and sums of squares of a loaded RGB image (exact ints, from its histogram)."""
+    hist = np.asarray(im.histogram(), np.int64).reshape(3, 256)
+    levels = np.arange(256, dtype=np.int64)
+    return hist @ levels, hist @ (levels * levels)
+
+
+def _blank(im) -> str | None:
+    """Why a decoded frame is blank (all dark, or flat), or None."""
+    vmax = max(hi for _, hi in im.getextrema())
+    if vmax <= BLANK_MAX:
+        return f"all dark (brightest pixel {vmax})"
+    s, ss = _moments(im)
+    mean = s / (im.size[0] * im.size[1])
+    std = np.sqrt(np.maximum(ss / (im.size[0] * im.size[1]) - mean * mean, 0))
+    return f"flat frame (channel std {std.max():.2f})" if np.all(std < FLAT_STD) else None
+
+
+def _centre(im, px: int):
+    """The centre px x px crop of a PIL image."""
+    w, h = im.size
+    top, left = (h - px) // 2, (w - px) // 2
+    return im.crop((left, top, left + px, top + px))
+
+
+def check_image(pos: int, path: str, geo: ImageRules) -> Checked:
+    """Read and fully decode one image (util.check_jpeg), then the survey's own checks: size, blank."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        return Checked(pos, "missing-image", f"{path} not found")
+    except OSError as e:
+        return Checked(pos, "missing-image", f"{path}: {e.strerror or e}")
+    reason, detail, im = check_jpeg(data)
+    if reason:
+        return Checked(pos, reason, detail)
+    w, h = im.size
+    need = geo.precrop or geo.crop
+    if min(h, w) < need:
+        return Checked(pos, "too-small", f"{w}x{h} px < {need} px crop")
+    if geo.expect is not None and (h, w) != geo.expect:
+        return Checked(pos, "wrong-size", f"{w}x{h} px; most images are {geo.expect[1]}x{geo.expect[0]}")
+    blank = _blank(im)
+    if blank:
+        return Checked(pos, "blank-image", blank)
+    if geo.precrop:  # JPEG q95 of the centre: deterministic for the same input
+        buf = io.BytesIO()
+        _centre(im, geo.precrop).save(buf, format="JPEG", quality=PRECROP_QUALITY)
+        data = buf.getvalue()
+        _, _, im = check_jpeg(data)  # the statistics are over the stored image, as the pipeline decodes it
+    s, ss = _moments(_centre(im, geo.region))
+    return Checked(pos, data=data, sums=tuple(int(x) for x in (*s, *ss)))
+
+
+def check_chunk(args) -> list[Checked]:
+    """check_image over a chunk of (position, path) pairs: the unit of work a pool worker takes."""
+    items, geo = args
+    return [check_image(pos, path, geo) for pos, path in items]
+
+
+def _size_chunk(paths: list[str]) -> list[tuple[int, int] | None]:
+    """Header-only pass: (h, w) of each JPEG from its frame header, no decode; None if unreadable."""
+    from PIL import Image
+
+    out = []
+    for path in paths:
+        try:
+            with Image.open(path) as im:
+                out.append((im.size[1], im.size[0]) if im.format == "JPEG" else None)
+        except Exception:  # unreadable files are rejected, with their reason, by the full check
+            out.append(None)
+    return out
+
+
+def modal_size(paths: list[str], pool, workers: int) -> tuple[int, int] | None:
+    """The most common (h, w) among the images (ties: the first in catalog order)."""
+    sizes = Counter()
+    for res in imap_ordered(_size_chunk, chunks(paths, 256), pool, 4 * workers):
+        sizes.update(s for s in res if s is not None)
+    return sizes.most_common(1)[0][0] if sizes else None
