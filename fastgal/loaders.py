@@ -166,8 +166,9 @@ class Loader:
             dl.close()
 
     def new(self, shuffle: bool | None = None, drop_last: bool | None = None, **kwargs):
-        """fastai's get_preds(ds_idx) asks for new(shuffle=False, drop_last=False): the centre view."""
-        return self.view_of(CENTRE if shuffle is False or self.view != TRAIN else TRAIN)
+        """fastai's get_preds(ds_idx) asks for new(shuffle=False, drop_last=False): a training loader gives the
+        centre view (every sample once, in file order); any other loader the same view again."""
+        return self.view_of(CENTRE if shuffle is False and self.view == TRAIN else self.view)
 
     def close(self) -> None:
         """Release what iteration built (a DALI pipeline, worker processes); the loader stays usable."""

@@ -102,6 +102,7 @@ def test_len_is_the_number_of_batches_yielded(small_shards, backend):
     assert x.dtype == torch.float32 and abs(float(x.mean())) < 1.5
     v = dls.train.new(shuffle=False, drop_last=False)  # what fastai's get_preds asks for: the centre view, in order
     assert v.view == CENTRE and len(v) == -(-n_train // 32)
+    assert dls.valid.view_of(3).new(shuffle=False).view == 3 and dls.train.new().view == TRAIN
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
