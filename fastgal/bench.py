@@ -5,8 +5,9 @@
     fastgal bench /tmp/bench_sh --what loaders --bs 64 --batches 20 --json
 
 Five sections; loaders, model, e2e and shuffle read the same shards, batch size and geometry:
-  loaders  images/s of the training loaders alone: DALI, the torch fallback, and the peer the project
-           claims to beat, fastai's PIL DataBlock pipeline reading the original JPEGs the way the seed
+  loaders  images/s of the training loaders alone: DALI (on --device: the GPU graph on cuda), torch (per
+           sample in CPU workers), batched (torch only, per batch on --device: nvJPEG + one resample on
+           cuda), and the peer the project claims to beat, fastai's PIL DataBlock pipeline reading the original JPEGs the way the seed
            recipe did (CropPad 144 -> RandomCrop 112 item tfms, dihedral + rotate batch tfms, Normalize).
            Ratios are against that peer ("fastai"), or against the torch fallback when the JPEGs are gone.
   model    forward + backward + optimiser step of the learner's model through the same fastai fit loop,
@@ -269,6 +270,7 @@ def bench(cfg: BenchConfig) -> dict:
         else:
             skipped["dali"] = "NVIDIA DALI is not importable here"
         backends["torch"] = dataloaders(shards, backend="torch", **common)
+        backends["batched"] = dataloaders(shards, backend="batched", **common)
         return backends
 
     out: dict = {

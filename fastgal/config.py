@@ -62,7 +62,10 @@ CPU_RECIPE = replace(RECIPE, image=112, crop=72, size=56, arch="xresnet18", epoc
 QUIET = "No progress on stderr."
 WORKERS = "Processes; 0 = all cores."
 DEVICES = ["auto", "cpu", "cuda"]
-LOADERS = ["auto", "dali", "torch"]
+LOADERS = ["auto", "dali", "torch", "batched"]
+LOADER_HELP = ("Data path. dali: NVIDIA DALI's graph; torch: per sample in DataLoader workers on the CPU; "
+               "batched: per batch with torch only (nvJPEG decode and one resample on a GPU); "
+               "auto: DALI on a GPU where installed, else batched; torch on a CPU.")
 OPTIMIZERS = ["ranger", "fastai-ranger"]
 HEADS = ["rmse", "gaussian"]
 OPT_HELP = ("ranger: fastai's ranger computed over flat buffers, ~12 tensor ops a step (the same results); "
@@ -131,7 +134,7 @@ class TrainConfig:
     device: str = option("auto", choices=DEVICES)
     precision: str = option("auto", "auto = bf16 on GPUs that have it, else fp16; fp32 on a CPU.",
                          choices=["auto", "bf16", "fp16", "fp32"])
-    loader: str = option("auto", "Data path: DALI, or the webdataset + torchvision fallback.", choices=LOADERS)
+    loader: str = option("auto", LOADER_HELP, choices=LOADERS)
     workers: int = option(0, "Loader threads; 0 = all cores.")
     channels_last: bool = option(True, "on a GPU", cli=False)
     overwrite: bool = option(False, "Replace an earlier run in --out.")
@@ -183,7 +186,7 @@ class DemoConfig:
     epochs: int | None = option(None, "[default: 8 on a CPU, 7 on a GPU].")
     seed: int = option(0)
     device: str = option("auto", choices=DEVICES)
-    loader: str = option("auto", "Data path for training.", choices=LOADERS)
+    loader: str = option("auto", LOADER_HELP, choices=LOADERS)
     overwrite: bool = option(False, "Replace an earlier demo in OUT.")
     quiet: bool = option(False, QUIET, short="-q")
 
@@ -204,7 +207,7 @@ class PredictConfig:
     tta: bool = option(False, "Average the 8 dihedral views; their spread is written as sigma_tta_<t>.")
     bs: int = option(256)
     device: str = option("auto", choices=DEVICES)
-    loader: str = option("auto", choices=LOADERS)
+    loader: str = option("auto", LOADER_HELP, choices=LOADERS)
     workers: int = option(0, "0 = all cores.")
 
 

@@ -172,8 +172,8 @@ def diagnose(info: dict) -> list[str]:
                    f"{nv['driver']}: {fix}")
     if not d["importable"]:
         why = "not installed" if not d["distribution"] else f"installed ({d['distribution']}) but does not import: {d['error']}"
-        out.append(f"NVIDIA DALI is {why}; fastgal uses its torch fallback loader (--loader auto), "
-                   "and --loader dali fails")
+        out.append(f"NVIDIA DALI is {why}; --loader auto takes the batched torch loader on a GPU and the torch "
+                   "worker loader on a CPU, and --loader dali fails")
     return out
 
 
@@ -191,6 +191,20 @@ def notes(info: dict) -> list[str]:
     return []
 
 
+def probe_decoder(dali: bool) -> dict:
+    """The JPEG decoder the torch loaders use (fastgal.decode), and what --loader auto picks per device."""
+    from .decode import decoder
+
+    try:
+        name = decoder()[0]
+        error = None
+    except RuntimeError as e:
+        name, error = None, str(e)
+    return {"name": name, "version": dist_version(name) if name else None, "error": error,
+            "torchcodec": dist_version("torchcodec"),
+            "auto_loader": {"cpu": "torch", "cuda": "dali" if dali else "batched"}}
+
+
 def gather() -> dict:
     """Everything `fastgal env` reports (see the module docstring)."""
     from . import __version__
@@ -201,6 +215,7 @@ def gather() -> dict:
         "dali": probe_dali(), "nvimgcodec": probe_nvimgcodec(), "webdataset": dist_version("webdataset"),
         "nvidia": probe_nvidia(), "cores": probe_cores(),
     }
+    info["jpeg_decoder"] = probe_decoder(info["dali"]["importable"])
     info["warnings"] = diagnose(info)
     info["notes"] = notes(info)
     return info
@@ -217,6 +232,14 @@ def warn_if_gpu_unused(device) -> str | None:
             "`fastgal env` says more")
     print(line, file=sys.stderr, flush=True)
     return line
+
+
+def _decoder_row(j: dict) -> str:
+    if not j["name"]:
+        return f"none: {j['error']}"
+    a = j["auto_loader"]
+    return (f"{j['name']} {j['version'] or ''} (nvJPEG on a GPU, libjpeg-turbo on a CPU); --loader auto: "
+            f"{a['cuda']} on a GPU, {a['cpu']} on a CPU")
 
 
 def format_table(info: dict) -> str:
@@ -236,6 +259,7 @@ def format_table(info: dict) -> str:
         ("torchvision", info["torchvision"] or "-"), ("fastai", info["fastai"] or "-"), ("DALI", dali),
         ("nvImageCodec", f"{im['version']} ({im['distribution']})" if im["distribution"] else "not installed"),
         ("webdataset", info["webdataset"] or "-"),
+        ("JPEG decoder", _decoder_row(info["jpeg_decoder"])),
         ("NVIDIA driver", f"{nv['driver']} (from {nv['source']})" if nv["driver"]
          else "none found" + (f" ({nv['error']})" if nv["error"] else "")),
         ("GPUs", gpus), ("torch uses GPU", use),

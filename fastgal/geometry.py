@@ -9,6 +9,13 @@ A view is TRAIN (a sample's augmentation draws: rotate by 90*k + jitter with dar
 mirror; fastgal.order makes them), CENTRE (the centre crop: validation, prediction) or an int 0..7, a
 dihedral TTA view: `dihedral(v)` = (quarter turns counter-clockwise, mirror). The eight views and their
 order are defined here only.
+
+Two torch implementations of the same views: `transform` (one image, torchvision ops: the worker path)
+and `transform_batch` (a whole batch: a TRAIN view's centre crop, rotation, random crop and mirror as one
+2x3 affine map per sample, applied with one affine_grid + grid_sample; other views by integer slicing,
+rot90 and flip, which are exact):
+
+    x = transform_batch(imgs_uint8_nchw, g, TRAIN, (angle, pos_x, pos_y, mirror))   # float NCHW, normalised
 """
 
 from __future__ import annotations
@@ -17,7 +24,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Sequence, Union
 
+import numpy as np
 import torch
+import torch.nn.functional as NF
 import torchvision.transforms.v2.functional as F
 
 TRAIN, CENTRE = "train", "centre"
@@ -83,3 +92,69 @@ def transform(img: torch.Tensor, g: Geometry, view: View, draw=None) -> torch.Te
                 img = F.horizontal_flip(img)
     mean, std = norm_tensors(g)
     return (img.float() - mean) / std
+
+
+def _centre(side: int, crop: int) -> int:
+    """The first row/column of a centred crop, rounded as torchvision's center_crop rounds it."""
+    return int(round((side - crop) / 2.0))
+
+
+def region(imgs: torch.Tensor, g: Geometry) -> torch.Tensor:
+    """The centre `crop` region of a (N, C, H, W) batch (a view, no copy), or the batch if pre-cropped."""
+    if g.precropped:
+        return imgs
+    t, l = _centre(imgs.shape[-2], g.crop), _centre(imgs.shape[-1], g.crop)
+    return imgs[..., t:t + g.crop, l:l + g.crop]
+
+
+def train_affine(g: Geometry, angle, pos_x, pos_y, mirror) -> torch.Tensor:
+    """(N, 2, 3) float64 affine_grid matrices of the TRAIN view (align_corners=False): each maps the model's
+    size x size output, in [-1, 1] coordinates, to where it samples the crop x crop region.
+
+    Composed from the graph's stages, read backwards from an output pixel (pixel units, origin at the
+    region's centre): mirror (x -> -x), then the crop at (ox, oy) = round(pos * (crop - size)) shifts by
+    (ox, oy) + (size - crop) / 2, then the rotation by `angle` degrees counter-clockwise (on screen, y down)
+    is undone: source = [[cos, -sin], [sin, cos]] @ p. Divided by crop / 2 to land in [-1, 1].
+    """
+    def col(v, dtype=torch.float64):
+        return torch.as_tensor(np.asarray(v), dtype=dtype)
+
+    s, c = g.size, g.crop
+    a = torch.deg2rad(col(angle))
+    cos, sin = torch.cos(a), torch.sin(a)
+    m = 1.0 - 2.0 * col(mirror)  # -1 where mirrored
+    tx = torch.round(col(pos_x, torch.float32).double() * (c - s)) + (s - c) / 2  # as transform's round(pos * h)
+    ty = torch.round(col(pos_y, torch.float32).double() * (c - s)) + (s - c) / 2
+    h = s / 2
+    theta = torch.stack([torch.stack([cos * m * h, -sin * h, cos * tx - sin * ty], -1),
+                         torch.stack([sin * m * h, cos * h, sin * tx + cos * ty], -1)], -2)
+    return theta / (c / 2)
+
+
+def transform_batch(imgs: torch.Tensor, g: Geometry, view: View, draws=None, *, mean=None, std=None) -> torch.Tensor:
+    """One view of a (N, 3, H, W) uint8 batch, on the batch's device; float (N, 3, size, size) out, normalised.
+
+    TRAIN: draws = (angle, pos_x, pos_y, mirror), one per sample (fastgal.order's, as DALI gets them); one
+    bilinear grid_sample over the centre region with zero fill (dark sky) outside it, rounded to whole grey
+    levels as the uint8 rotate of DALI and of `transform` round them. Other views are exact (no resample).
+    mean/std: (3, 1, 1) tensors on the batch's device, to skip the copy per batch (norm_tensors(g) otherwise).
+    """
+    if mean is None:
+        mean, std = (t.to(imgs.device) for t in norm_tensors(g))
+    src = region(imgs, g)
+    if view == TRAIN:
+        theta = train_affine(g, *draws).to(device=imgs.device, dtype=torch.float32)
+        n = len(src)
+        grid = NF.affine_grid(theta, [n, src.shape[1], g.size, g.size], align_corners=False)
+        x = NF.grid_sample(src.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False).round_()
+    else:
+        t = _centre(src.shape[-2], g.size)
+        l = _centre(src.shape[-1], g.size)
+        x = src[..., t:t + g.size, l:l + g.size]
+        if view != CENTRE:
+            turns, mirror = dihedral(view)
+            x = torch.rot90(x, k=turns, dims=(-2, -1))
+            if mirror:
+                x = x.flip(-1)
+        x = x.float()
+    return x.sub_(mean).div_(std)

@@ -20,9 +20,13 @@ every sample once in file order, on every rank.
 
 Backends choose only how bytes become tensors:
   "dali"  - fastgal.pipeline's graph fed by external_source (CPU or GPU placement).
-  "torch" - decoded with torchvision (libjpeg-turbo, bit-identical to DALI's CPU decoder) and transformed
-            with geometry.transform in DataLoader workers: for machines without DALI (macOS, Windows).
-  "auto"  - DALI on a GPU, torch on a CPU (pick_backend says why).
+  "torch" - per sample in DataLoader workers: decoded on the CPU (libjpeg-turbo, bit-identical to DALI's
+            CPU decoder) and transformed with geometry.transform.
+  "batched" - per batch, torch only: the batch's JPEGs decoded in one call (nvJPEG on a GPU, fastgal.decode)
+            and its augmentation applied as one affine_grid + grid_sample (geometry.transform_batch), on
+            the loader's device, in a background thread that prepares batch k+1 while batch k trains (on
+            its own CUDA stream on a GPU). The GPU path for boxes without DALI, and DALI's peer.
+  "auto"  - pick_backend: DALI on a GPU where installed, else batched; on a CPU the fastest measured there.
 """
 
 from __future__ import annotations
@@ -30,16 +34,19 @@ from __future__ import annotations
 import gc
 import math
 import os
-from contextlib import contextmanager
+import queue
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
 from fastai.data.core import DataLoaders
-from torchvision.io import ImageReadMode, decode_jpeg
 
 from .config import RECIPE
-from .geometry import CENTRE, TRAIN, Geometry, View, check_view, norm_tensors, transform
+from .decode import decode_batch, decoder
+from .geometry import CENTRE, TRAIN, Geometry, View, check_view, norm_tensors, transform, transform_batch
 from .manifest import Shards, Split
 from .order import EpochPlan, file_order
 from .util import default_workers
@@ -77,7 +84,9 @@ def pick_backend(backend: str, device) -> str:
     fallback, which `fastgal bench` measures faster there (2 cores: 2.1x vs DALI's 1.3x fastai's PIL
     DataBlock, benchmarks/RESULTS.md), and the only choice where DALI is not installed."""
     if backend == "auto":
-        return "dali" if torch.device(device).type == "cuda" and dali_available() else "torch"
+        if torch.device(device).type == "cuda":
+            return "dali" if dali_available() else "batched"
+        return "torch"
     if backend == "dali" and not dali_available():
         raise ValueError("--loader dali needs NVIDIA DALI (pip install nvidia-dali-cuda120, Linux only); use --loader torch")
     return backend
@@ -121,7 +130,15 @@ class Loader:
         self.plan = EpochPlan(self.n, bs, order_seed=seed, aug_seed=seed + rank, shard_id=rank,
                               num_shards=world) if view == TRAIN else None
         self.epoch = 0  # the training epoch the next complete pass reads
-        self._impl = (_Dali if self.backend == "dali" else _Torch)(self)
+        self._impl = {"dali": _Dali, "torch": _Torch, "batched": _Batched}[self.backend](self)
+
+    @property
+    def decode(self) -> str:
+        """Where JPEGs are decoded and by what, e.g. "GPU (nvJPEG, torchvision)": the run's config and the GPU
+        check's headline name it beside the backend."""
+        gpu = self.device.type == "cuda" and self.backend in ("dali", "batched")
+        lib = "DALI" if self.backend == "dali" else decoder()[0]
+        return f"{'GPU (nvJPEG' if gpu else 'CPU (libjpeg-turbo'}, {lib})"
 
     def set_epoch(self, epoch: int) -> None:
         """Read epoch `epoch`'s order and draws next (DistributedSampler.set_epoch's role)."""
@@ -239,7 +256,7 @@ class _Samples(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         i, *draw = key if isinstance(key, tuple) else (key,)
-        img = decode_jpeg(torch.from_numpy(self.split.jpeg(i).copy()), mode=ImageReadMode.RGB)
+        img = decoder()[1]([torch.from_numpy(self.split.jpeg(i).copy())], "cpu")[0]
         y = torch.from_numpy(self.split.target(i).copy())
         return transform(img, self.geometry, self.view, draw or None), y
 
@@ -281,6 +298,93 @@ class _Torch:
         with fork_safe():  # iter() forks the workers (on a CPU)
             it = iter(self._dl)
         yield from it
+
+class _Batched:
+    """The batched backend: a whole batch decoded in one call and resampled once, on the loader's device.
+
+    A producer thread prepares up to `PREFETCH` batches ahead (decode and resample release the GIL; on a
+    GPU they run on the thread's own CUDA stream, and the consumer's stream waits on an event recorded
+    after each batch, so the data work overlaps the training step without a host sync)."""
+
+    PREFETCH = 2
+    _END = object()
+
+    def __init__(self, dl: Loader):
+        self.dl = dl
+        self.cuda = dl.device.type == "cuda"
+        mean, std = norm_tensors(dl.geometry)
+        self.mean, self.std = mean.to(dl.device), std.to(dl.device)
+        self._pool = None  # the CPU decode threads, made on first use
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)  # idle between batches: returns at once
+            self._pool = None
+
+    def make(self, pos, draws):
+        """One batch: (x on the loader's device, y on the CPU)."""
+        dl = self.dl
+        jpegs, y = dl.split.batch(pos)
+        if self._pool is None and not self.cuda and dl.threads > 1:
+            self._pool = ThreadPoolExecutor(dl.threads, thread_name_prefix="fastgal-decode")
+        imgs = decode_batch(jpegs, dl.device, pool=self._pool)
+        d = None if draws is None else (draws.angle[pos], draws.pos_x[pos], draws.pos_y[pos], draws.mirror[pos])
+        return transform_batch(imgs, dl.geometry, dl.view, d, mean=self.mean, std=self.std), torch.from_numpy(y)
+
+    def run(self, batches, draws):
+        q: queue.Queue = queue.Queue(maxsize=self.PREFETCH)
+        stop = threading.Event()
+        device = self.dl.device
+
+        def put(item) -> bool:
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    pass
+            return False
+
+        def produce():
+            try:
+                if self.cuda:
+                    torch.cuda.set_device(device)
+                stream = torch.cuda.Stream(device) if self.cuda else None
+                with torch.cuda.stream(stream) if self.cuda else nullcontext():
+                    for pos in batches:
+                        if stop.is_set():
+                            return
+                        x, y = self.make(pos, draws)
+                        event = None
+                        if self.cuda:
+                            y = y.to(device, non_blocking=True)
+                            event = torch.cuda.Event()
+                            event.record(stream)
+                        if not put((x, y, event)):
+                            return
+                put(self._END)
+            except BaseException as e:  # handed to the consumer, which raises it where the user sees it
+                put(e)
+
+        worker = threading.Thread(target=produce, name="fastgal-batched", daemon=True)
+        worker.start()
+        try:
+            while True:
+                item = q.get()
+                if item is self._END:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                x, y, event = item
+                if event is not None:
+                    current = torch.cuda.current_stream(device)
+                    current.wait_event(event)
+                    x.record_stream(current)  # the allocator must not reuse x's memory before this stream is done
+                    y.record_stream(current)
+                yield x, y
+        finally:
+            stop.set()
+            worker.join()
 
 
 def geometry_for(shards: Shards, *, size: int, crop: int | None = None, mean=None, std=None) -> Geometry:

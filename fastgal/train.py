@@ -204,7 +204,7 @@ def write_config(s: Setup, dls) -> dict:
     seeds = _per_rank(seed) if s.world > 1 else [seed]
     config = {
         **to_jsonable(c), "crop": s.crop, "out": str(s.out), "targets": s.targets, "device": str(s.device),
-        "precision": s.precision, "loader_backend": dls.train.backend,
+        "precision": s.precision, "loader_backend": dls.train.backend, "loader_decode": dls.train.decode,
         "loader_threads": thread_budget(c.workers), "world_size": s.world,
         "n_train": len(dls.train.split), "n_valid": len(dls.valid.split),
         "versions": versions(), "gpu": torch.cuda.get_device_name(s.device) if s.device.type == "cuda" else None,
@@ -357,6 +357,7 @@ def train(cfg: TrainConfig) -> dict:
         "train_images_per_s": round(float(hist["images_per_s"].mean()) * s.world, 2),  # all ranks together
         "world_size": s.world, "steps_per_epoch": len(dls.train),
         "device": str(s.device), "precision": s.precision, "loader_backend": config["loader_backend"],
+        "loader_decode": config["loader_decode"],
     }
     write_json_atomic(s.out / "metrics.json", metrics)
     for done in (CHECKPOINT, "best.pth"):  # the run is finished: model.pt holds the best weights

@@ -12,7 +12,7 @@ from conftest import NO_DALI, dali_importable, run_cli
 from fastgal import env
 
 FIELDS = {"fastgal", "python", "platform", "torch", "torchvision", "fastai", "dali", "nvimgcodec", "webdataset",
-          "nvidia", "cores", "warnings", "notes"}
+          "nvidia", "cores", "jpeg_decoder", "warnings", "notes"}
 
 H200 = "NVIDIA H200, 580.65.06, 143771 MiB"
 
@@ -68,6 +68,11 @@ def test_json_has_every_field_and_the_real_stack(tmp_path, monkeypatch):
     assert info["cores"]["usable"] == len(os.sched_getaffinity(0))
     no_dali = [w for w in info["warnings"] if "DALI is" in w]
     assert bool(no_dali) == (NO_DALI or not dali_importable())
+    from fastgal.decode import decoder
+
+    j = info["jpeg_decoder"]
+    assert j["name"] == decoder()[0] == "torchvision" and j["version"] == info["torchvision"] and j["error"] is None
+    assert j["auto_loader"] == {"cpu": "torch", "cuda": "dali" if dali_importable() and not NO_DALI else "batched"}
 
 
 def test_table_lists_versions_and_warnings(tmp_path, monkeypatch):
@@ -78,6 +83,7 @@ def test_table_lists_versions_and_warnings(tmp_path, monkeypatch):
     assert "torch           2.14.1+cu130 (CUDA 13.0)" in out
     assert "DALI            2.4.0 (nvidia-dali-cuda120, CUDA 12)" in out
     assert "NVIDIA driver   none found" in out
+    assert "JPEG decoder    torchvision " in out and "--loader auto: dali on a GPU, torch on a CPU" in out
     assert "\nnote: DALI (nvidia-dali-cuda120) and torch (CUDA 13.0) are built for different CUDA majors" in out
 
 
@@ -147,7 +153,8 @@ def test_dali_blocked_means_the_fallback_loader(tmp_path, monkeypatch):
     info = report(monkeypatch)
     assert info["dali"]["importable"] is False and "Error" in info["dali"]["error"]
     [w] = info["warnings"]
-    assert "torch fallback loader" in w and ("does not import" in w or "not installed" in w)
+    assert "batched torch loader on a GPU" in w and ("does not import" in w or "not installed" in w)
+    assert info["jpeg_decoder"]["auto_loader"]["cuda"] == "batched"
 
 
 def test_warn_if_gpu_unused(tmp_path, monkeypatch, capsys):

@@ -42,3 +42,78 @@ def test_normalisation_and_precropped_images():
     x = transform(_img(), g, CENTRE)
     raw = _img()[:, 2:6, 2:6].float()
     assert torch.allclose(x, (raw - torch.tensor([10.0, 20.0, 30.0]).view(3, 1, 1)) / torch.tensor([2.0, 4.0, 8.0]).view(3, 1, 1))
+
+
+# --- the batched form (transform_batch): one affine map per sample, one grid_sample per batch ---------------
+
+def _marked(n: int, side: int, row: int, col: int) -> torch.Tensor:
+    """A dark (n, 3, side, side) uint8 batch with one bright pixel at (row, col)."""
+    x = torch.zeros(n, 3, side, side, dtype=torch.uint8)
+    x[:, :, row, col] = 200
+    return x
+
+
+def _where(x: torch.Tensor) -> tuple[int, int]:
+    """(row, col) of the brightest pixel of a (3, H, W) image (channel 0)."""
+    i = int(x[0].flatten().argmax())
+    return divmod(i, x.shape[-1])
+
+
+def _forward(g: Geometry, row: int, col: int, angle: float, pos_x: float, pos_y: float, mirror: int, side: int):
+    """Where the graph's stages send pixel (row, col) of a side x side image, written stage by stage:
+    centre crop -> rotate counter-clockwise about the region's centre -> crop at round(pos * margin) -> mirror."""
+    import math
+
+    off = round((side - g.crop) / 2)
+    x, y = col + 0.5 - off - g.crop / 2, row + 0.5 - off - g.crop / 2  # pixel centre, from the region's centre
+    a = math.radians(angle)
+    xr, yr = x * math.cos(a) + y * math.sin(a), -x * math.sin(a) + y * math.cos(a)  # CCW on screen (y down)
+    m = g.crop - g.size
+    c, r = xr + g.crop / 2 - round(pos_x * m) - 0.5, yr + g.crop / 2 - round(pos_y * m) - 0.5
+    if mirror:
+        c = g.size - 1 - c
+    return r, c
+
+
+@pytest.mark.parametrize("angle,pos_x,pos_y,mirror", [
+    (0.0, 0.5, 0.5, 0), (90.0, 0.0, 1.0, 0), (180.0, 1.0, 0.25, 1), (270.0, 0.3, 0.7, 1), (30.0, 0.5, 0.5, 0),
+    (-7.5, 0.9, 0.1, 1), (97.0, 0.2, 0.6, 1)])
+def test_a_marked_pixel_lands_where_the_stages_send_it(angle, pos_x, pos_y, mirror):
+    from fastgal.geometry import transform_batch
+
+    g = Geometry(size=24, crop=36, precropped=False, mean=[0.0] * 3, std=[1.0] * 3)
+    side, row, col = 48, 20, 27  # off-centre, so a wrong turn, shift or mirror moves it
+    x = transform_batch(_marked(2, side, row, col), g, TRAIN, ([angle] * 2, [pos_x] * 2, [pos_y] * 2, [mirror] * 2))
+    r, c = _forward(g, row, col, angle, pos_x, pos_y, mirror, side)
+    got = _where(x[0])
+    assert abs(got[0] - r) <= 0.5 and abs(got[1] - c) <= 0.5, (got, (r, c))
+    if angle % 90 == 0:  # quarter turns are exact: the pixel keeps its value, nothing else lights up
+        assert float(x[0, 0].max()) == 200 and int((x[0, 0] > 0).sum()) == 1
+    assert torch.equal(x[0], x[1])  # the same draw, the same output
+
+
+def test_the_batched_views_equal_the_per_image_ones():
+    """Evaluation views exactly; a training draw exactly away from the rotated region's edge, where torchvision's
+    fill (it multiplies the zero-padded sample by the coverage again) and the zero-padded resample part."""
+    from fastgal.geometry import transform_batch
+
+    import numpy as np
+
+    g = Geometry(size=40, crop=56, precropped=False, mean=[30.0, 20.0, 10.0], std=[2.0, 3.0, 4.0])
+    gen = torch.Generator().manual_seed(0)
+    imgs = torch.nn.functional.interpolate(torch.rand(6, 3, 9, 9, generator=gen) * 255, size=(72, 72), mode="bilinear")
+    imgs = imgs.round().to(torch.uint8)
+    for v in [CENTRE, *range(8)]:
+        want = torch.stack([transform(i, g, v) for i in imgs])
+        assert torch.equal(transform_batch(imgs, g, v), want), v
+    rng = np.random.default_rng(3)
+    d = ((rng.integers(0, 4, 6) * 90 + rng.uniform(-10, 10, 6)).astype(np.float32), rng.random(6, dtype=np.float32),
+         rng.random(6, dtype=np.float32), (rng.random(6) < 0.5).astype(np.int32))
+    got = transform_batch(imgs, g, TRAIN, d)
+    want = torch.stack([transform(imgs[i], g, TRAIN, tuple(float(a[i]) for a in d)) for i in range(6)])
+    std = torch.tensor(g.std).view(3, 1, 1)
+    inner = ((got - want) * std)[..., 9:-9, 9:-9]  # 9 px: the +-10 deg corner of a 56 px region reaches ~8 px in
+    assert float(inner.abs().max()) <= 1.0 and float((inner != 0).float().mean()) < 0.01
+    pre = Geometry(size=40, crop=56, precropped=True, mean=g.mean, std=g.std)
+    region = imgs[..., 8:64, 8:64]
+    assert torch.equal(transform_batch(region, pre, TRAIN, d), got)  # a pre-cropped batch is the region itself

@@ -18,7 +18,7 @@ from fastgal.loaders import Loader, dataloaders, geometry_for, thread_budget, wo
 from fastgal.manifest import Shards
 
 GEOM = dict(size=56, crop=72)
-BACKENDS = [pytest.param("dali", marks=pytest.mark.dali), "torch"]
+BACKENDS = [pytest.param("dali", marks=pytest.mark.dali), "torch", "batched"]
 
 
 def _raw(shards, backend, view=CENTRE, bs=64):
@@ -137,6 +137,88 @@ def test_an_epoch_is_the_same_batches_whoever_reads_it(small_shards, backend):
     xb = [x for x, _ in b]
     assert len(xa) == len(xb) == len(a)
     assert all(torch.equal(p, q) for p, q in zip(xa, xb))
+
+
+def _pixels(batches, geometry):
+    """A pass's images back in 0-255 units, and its targets."""
+    std, mean = (torch.tensor(v).view(1, 3, 1, 1) for v in (geometry.std, geometry.mean))
+    xs, ys = zip(*batches)
+    return torch.cat(xs) * std + mean, torch.cat(ys)
+
+
+def _figures(a: torch.Tensor, b: torch.Tensor) -> dict:
+    """What RESULTS reports of two passes: max and p99 of |a - b| in grey levels, signed per-channel means."""
+    d = a - b
+    return {"max": float(d.abs().max()), "p99": float(d.abs().flatten().double().quantile(0.99)),
+            "mean": [float(m) for m in d.mean((0, 2, 3))]}
+
+
+@pytest.mark.dali
+def test_the_batched_resample_is_dalis_graph_to_a_grey_level(small_shards):
+    """The same epoch with the same draws through DALI's CPU graph and the batched path: the same samples in
+    the same order, and pixels equal but for single grey levels where the two round a bilinear sample
+    differently (DALI computes the map in its own float order; both round to whole levels as uint8 does)."""
+    d = dataloaders(small_shards, bs=16, backend="dali", **GEOM).train
+    b = dataloaders(small_shards, bs=16, backend="batched", **GEOM).train
+    for _ in range(2):
+        assert all(np.array_equal(p, q) for p, q in zip(d.batches(), b.batches()))
+        (xd, yd), (xb, yb) = _pixels(list(d), d.geometry), _pixels(list(b), b.geometry)
+        assert torch.equal(yd, yb)
+        f = _figures(xb, xd)
+        assert f["max"] <= 1.0 + 1e-3 and f["p99"] <= 1e-3 and max(map(abs, f["mean"])) < 0.01, f
+    assert not torch.equal(xb, _pixels(list(b), b.geometry)[0])  # a new epoch: new order and draws
+
+
+def test_the_batched_path_is_the_worker_path_but_at_the_rotated_edge(small_shards):
+    """Evaluation views bit-identical; training views identical inside, different only at the rotated region's
+    border, where torchvision's rotate multiplies a zero-padded sample by its coverage once more (fill=0)."""
+    t = dataloaders(small_shards, bs=16, backend="torch", **GEOM)
+    b = dataloaders(small_shards, bs=16, backend="batched", **GEOM)
+    for v in (CENTRE, 3, 6):
+        (xt, yt), (xb, yb) = (_pixels(list(dl.valid.view_of(v)), dl.valid.geometry) for dl in (t, b))
+        assert torch.equal(yt, yb) and torch.equal(xt, xb), v
+    (xt, yt), (xb, yb) = (_pixels(list(dl.train), dl.train.geometry) for dl in (t, b))
+    assert torch.equal(yt, yb)
+    f = _figures(xb, xt)
+    assert f["p99"] <= 1e-3 and max(map(abs, f["mean"])) < 0.05, f
+
+
+def test_the_batched_loader_prepares_ahead_and_stops_when_dropped(small_shards, monkeypatch):
+    import threading
+
+    from fastgal.loaders import _Batched
+
+    def producers():
+        return [t for t in threading.enumerate() if t.name == "fastgal-batched"]
+
+    dl = dataloaders(small_shards, bs=16, backend="batched", **GEOM).train
+    it = iter(dl)
+    next(it)
+    assert len(producers()) == 1
+    it.close()  # lr_find's cancel, one_batch(): the producer thread must end, not wait on a full queue
+    assert producers() == []
+    calls = []
+
+    def broken(self, pos, draws):
+        calls.append(1)
+        raise OSError("disk read failed")
+
+    monkeypatch.setattr(_Batched, "make", broken)
+    with pytest.raises(OSError, match="disk read failed"):  # raised where the user reads, not lost in a thread
+        dl.one_batch()
+    assert calls == [1] and producers() == []
+    threads = list(dl._impl._pool._threads)
+    dl.close()  # and the CPU decode threads go with close()
+    assert threads and not any(t.is_alive() for t in threads)
+
+
+def test_auto_picks_batched_on_a_gpu_without_dali(monkeypatch):
+    import fastgal.loaders as L
+
+    monkeypatch.setattr(L, "dali_available", lambda: False)
+    assert L.pick_backend("auto", "cuda") == "batched" and L.pick_backend("auto", "cpu") == "torch"
+    monkeypatch.setattr(L, "dali_available", lambda: True)
+    assert L.pick_backend("auto", "cuda") == "dali" and L.pick_backend("batched", "cuda") == "batched"
 
 
 @pytest.mark.dali

@@ -80,6 +80,7 @@ def test_train_writes_the_run_folder(small_shards, tmp_path, monkeypatch):
     cfg = json.loads((run / "config.json").read_text())
     # --loader auto on a CPU is the torch fallback (faster there); --crop defaults to the shards' own
     assert cfg["device"] == "cpu" and cfg["loader_backend"] == "torch" and cfg["epochs"] == 2
+    assert cfg["loader_decode"] == "CPU (libjpeg-turbo, torchvision)"
     assert cfg["crop"] == man["image"]["crop"] == 72
     w = torch.load(run / "model.pt", weights_only=False)
     assert w["targets"] == ["metallicity", "lgm_tot_p50"] and len(w["pixel_mean"]) == 3 and w["state_dict"]
@@ -204,7 +205,7 @@ def test_run_records_how_it_computed(small_run):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("loader", [pytest.param("dali", marks=pytest.mark.dali), "torch"])
+@pytest.mark.parametrize("loader", [pytest.param("dali", marks=pytest.mark.dali), "torch", "batched"])
 def test_a_killed_run_resumes_to_the_same_result(small_shards, tmp_path, loader):
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     p = _train(small_shards, cut, "--loader", loader, kill_at=(1, 2))  # in the second epoch, after its 2nd batch

@@ -8,14 +8,16 @@ Steps (each in its own subprocess(es) under its own timeout; each writes OUT/<k>
 ends, so a step that hangs or crashes still leaves the others; OUT/summary.json and a table at the end):
   0 env       `fastgal env --json`; `import fastai.callback.channelslast`; torch must see the GPU
   1 data      `fastgal synth` 30,000 galaxies at 224 px + `fastgal shard`, timed
-  2 decode    decode only, DALI `mixed` (GPU) vs DALI CPU, images/s
-  3 equality  valid graph, the 8 TTA views, the train graph with the same draws: DALI GPU vs DALI CPU vs
-              the torch fallback; |delta| p99/max and signed per-channel means in 0-255 units, targets
-              identical, outputs on CUDA
+  2 decode    decode only, images/s: torch's batched decode (nvJPEG on CUDA; its pixels against the CPU's),
+              and DALI `mixed` (GPU) vs DALI CPU where DALI is installed
+  3 equality  valid graph, the 8 TTA views, the train graph with the same draws: DALI GPU and CPU (where
+              installed), the batched torch path (GPU and CPU), the torch worker path; |delta| p99/max and
+              signed per-channel means in 0-255 units, targets identical, outputs on CUDA
   4 bench     `fastgal bench --what step,model,loaders,e2e --device cuda` (without `step` where the
               installed fastgal has no such section, and it says so)
-  5 recipe    the full recipe (7 epochs, bs 128, bf16, --tta) in-process: fit/wall s, images/s per epoch,
-              peak GPU memory, RMSE vs the predict-the-mean baseline and the survey's floor
+  5 recipe    the full recipe (7 epochs, bs 128, bf16, --tta) in-process, with the batched torch loader and,
+              where installed, DALI's: fit/wall s, images/s per epoch, peak GPU memory, RMSE vs the
+              predict-the-mean baseline and the survey's floor
   6 short     one fp16 epoch (the loss must stay finite) and two epochs with `--loader torch`
   7 predict   `fastgal predict` on the valid shards (= predictions_valid.csv) and on 500 JPEGs with --tta
 Verdicts: ok / fail / timeout / skipped, each with its reason. Exit status 1 when any step failed or
@@ -50,7 +52,7 @@ from fastgal.util import write_json_atomic  # noqa: E402
 
 STEPS = ["env", "data", "decode", "equality", "bench", "recipe", "short", "predict"]
 # Seconds per step on an H200 with 16 cores: roughly 3x what each should take, within a 600 s --budget.
-TIMEOUTS = {"env": 30, "data": 90, "decode": 40, "equality": 90, "bench": 120, "recipe": 150, "short": 100,
+TIMEOUTS = {"env": 30, "data": 90, "decode": 40, "equality": 90, "bench": 120, "recipe": 240, "short": 100,
             "predict": 60}
 # every step of --dry-run: about 30 s of CPU each at most, but a 2-core machine shared with other jobs is slow
 DRY_TIMEOUT = 600
@@ -210,11 +212,13 @@ def step_bench(run: Runner, p: Params, out: Path) -> dict:
 def step_recipe(run: Runner, p: Params, out: Path) -> dict:
     shards_of(out)
     res = run.worker("recipe", p, out)
-    t = res["metrics"]
-    if not all(math.isfinite(t.get(k, float("nan"))) for k in ("rmse", "tta_rmse")):
-        raise StepError(f"non-finite RMSE {t.get('rmse')} / TTA {t.get('tta_rmse')}", res)
-    if p.epochs >= 3 and not t["rmse"] < t["baseline_rmse"]:  # one tiny epoch (the dry run) need not learn
-        raise StepError(f"RMSE {t['rmse']:.4f} is no better than predicting the mean ({t['baseline_rmse']:.4f})", res)
+    for loader, r in res["runs"].items():
+        t = r["metrics"]
+        if not all(math.isfinite(t.get(k, float("nan"))) for k in ("rmse", "tta_rmse")):
+            raise StepError(f"{loader}: non-finite RMSE {t.get('rmse')} / TTA {t.get('tta_rmse')}", res)
+        if p.epochs >= 3 and not t["rmse"] < t["baseline_rmse"]:  # one tiny epoch (the dry run) need not learn
+            raise StepError(f"{loader}: RMSE {t['rmse']:.4f} is no better than predicting the mean "
+                            f"({t['baseline_rmse']:.4f})", res)
     return res
 
 
@@ -294,22 +298,54 @@ def _loaders(p: Params, shards: Path, backend: str, device: str, threads: int):
 
 
 def work_decode(p: Params, out: Path) -> dict:
-    """images/s of DALI's decoder alone over the training shards, mixed (GPU) and CPU."""
+    """images/s of the JPEG decoders alone over the training shards: torch's batched decode (fastgal.decode:
+    nvJPEG on CUDA, libjpeg-turbo threads on the CPU) and, where installed, DALI's mixed (GPU) and CPU
+    decoders; and nvJPEG's pixels against libjpeg-turbo's (chroma upsampling shifts colours, the signal)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from fastgal.decode import decode_batch, decoder_name
     from fastgal.loaders import dali_available
     from fastgal.util import default_workers
 
-    if not dali_available():
-        raise Skip("NVIDIA DALI is not importable here")
-    from nvidia.dali import Pipeline, fn, types
-
-    spec = _loaders(p, out / "shards", "torch", "cpu", 0).train.split  # the shard and index lists
+    split = _loaders(p, out / "shards", "torch", "cpu", 0).train.split  # the shard and index lists
     threads = default_workers()
+    batches = [range(i * p.decode_bs, (i + 1) * p.decode_bs) for i in range(min(p.decode_batches, len(split) // p.decode_bs))]
+
+    def torch_rate(device: str) -> float:
+        with ThreadPoolExecutor(threads) as pool:
+            for pos in batches[:2]:  # nvJPEG handles, the pool's threads
+                decode_batch(split.batch(pos)[0], device, pool=pool)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for pos in batches:
+                decode_batch(split.batch(pos)[0], device, pool=pool)
+            if device == "cuda":
+                torch.cuda.synchronize()
+        return len(batches) * p.decode_bs / (time.perf_counter() - t0)
+
+    res = {"threads": threads, "batch": p.decode_bs, "batches": len(batches), "torch_decoder": decoder_name(),
+           "torch_cpu_images_per_s": round(torch_rate("cpu"), 1), "torch_gpu_images_per_s": None}
+    if cuda(p):
+        res["torch_gpu_images_per_s"] = round(torch_rate("cuda"), 1)
+        pr = Pair([1.0, 1.0, 1.0])
+        for pos in batches[:4]:
+            jpegs, y = split.batch(pos)
+            t = torch.from_numpy(y)
+            pr.add((decode_batch(jpegs, "cuda"), t), (decode_batch(jpegs, "cpu"), t))
+        res["torch_gpu_vs_cpu_pixels"] = pr.summary(p.p99_tol, p.mean_tol)
+    if not dali_available():
+        res["dali"] = "skipped: DALI not installed"
+        return res
+    from nvidia.dali import Pipeline, fn, types
 
     def rate(device: str) -> float:
         pipe = Pipeline(batch_size=p.decode_bs, num_threads=threads, device_id=0 if device == "mixed" else None,
                         prefetch_queue_depth=2)
         with pipe:
-            jpg = fn.readers.webdataset(paths=spec.tars, index_paths=spec.idxs, ext=[spec.image_ext])
+            jpg = fn.readers.webdataset(paths=split.tars, index_paths=split.idxs, ext=[split.image_ext])
             extra = {"jpeg_fancy_upsampling": True} if device == "mixed" else {}  # the chroma upsampling of the CPU
             pipe.set_outputs(fn.decoders.image(jpg, device=device, output_type=types.RGB, **extra))
         pipe.build()
@@ -322,13 +358,8 @@ def work_decode(p: Params, out: Path) -> dict:
             imgs.as_cpu()  # waits for the GPU's last batch
         return p.decode_bs * p.decode_batches / (time.perf_counter() - t0)
 
-    res = {"threads": threads, "batch": p.decode_bs, "batches": p.decode_batches, "cpu_images_per_s": round(rate("cpu"), 1)}
-    if cuda(p):
-        res["mixed_images_per_s"] = round(rate("mixed"), 1)
-        res["mixed_vs_cpu"] = round(res["mixed_images_per_s"] / res["cpu_images_per_s"], 2)
-    else:
-        res["mixed_images_per_s"] = None
-        res["note"] = "dry run: no GPU, the CPU decoder only"
+    res["dali_cpu_images_per_s"] = round(rate("cpu"), 1)
+    res["dali_mixed_images_per_s"] = round(rate("mixed"), 1) if cuda(p) else None
     return res
 
 
@@ -398,23 +429,24 @@ def _channel_means(dl, batches: int, std, mean) -> "np.ndarray":
 
 
 def work_equality(p: Params, out: Path) -> dict:
-    """The three data paths on the same samples (see the module docstring, step 3)."""
+    """Every data path on the same samples with the same draws (see the module docstring, step 3)."""
     import gc
-
-    import numpy as np
 
     from fastgal.loaders import dali_available
     from fastgal.util import default_workers
 
-    if not dali_available():
-        raise Skip("NVIDIA DALI is not importable here: no second data path to compare the torch fallback with")
     sh, threads = out / "shards", default_workers()
-    dls = {"dali_cpu": _loaders(p, sh, "dali", "cpu", threads)}
+    dls = {}
+    if dali_available():
+        dls = {"dali_cpu": _loaders(p, sh, "dali", "cpu", threads)}
+        if cuda(p):
+            dls = {"dali_gpu": _loaders(p, sh, "dali", "cuda", threads), **dls}
+    dls["batched"] = _loaders(p, sh, "batched", p.device, threads)
     if cuda(p):
-        dls = {"dali_gpu": _loaders(p, sh, "dali", "cuda", threads), **dls}
+        dls["batched_cpu"] = _loaders(p, sh, "batched", "cpu", threads)
     # no worker processes: equality does not depend on them, and spawning 10 loaders' workers costs minutes
     dls["torch"] = _loaders(p, sh, "torch", p.device, 0)
-    geo = dls["dali_cpu"].valid.geometry
+    geo = dls["batched"].valid.geometry
     std, on_cuda, k = list(geo.std), {}, p.equality_batches
     comps = {f"valid: {n}": c for n, c in _compare({n: d.valid for n, d in dls.items()}, k, std, p.p99_tol,
                                                    p.mean_tol, on_cuda).items()}
@@ -423,41 +455,50 @@ def work_equality(p: Params, out: Path) -> dict:
         comps.update({f"tta {v}: {n}": c for n, c in _compare(views, k, std, p.p99_tol, p.mean_tol, on_cuda).items()})
         del views
         gc.collect()
-    if cuda(p):  # the same seed: the same shuffle and the same augmentation draws on either placement
-        comps.update({f"train: {n}": c for n, c in _compare({n: dls[n].train for n in ("dali_gpu", "dali_cpu")}, k, std,
-                                                           p.train_p99_tol, p.mean_tol, on_cuda).items()})
-    # the fallback draws its own augmentations: compare the distribution of per-image channel means
-    a, b = (_channel_means(dls[n].train, k, np.array(std), np.array(geo.mean)) for n in ("dali_cpu", "torch"))
-    diff, se = a.mean(0) - b.mean(0), np.sqrt(a.var(0) / len(a) + b.var(0) / len(b))
-    comps["train: dali_cpu vs torch (distribution)"] = {
-        "images": len(a), "mean_signed_rgb": diff.round(4).tolist(), "standard_error_rgb": se.round(4).tolist(),
-        "problems": [f"channel means differ by {diff.round(2).tolist()}, beyond 4 standard errors + 0.5"]
-        if (np.abs(diff) > 4 * se + 0.5).any() else []}
+    # one seed: every path reads the same order with the same augmentation draws (fastgal.order)
+    comps.update({f"train: {n}": c for n, c in _compare({n: d.train for n, d in dls.items()}, k, std,
+                                                       p.train_p99_tol, p.mean_tol, on_cuda).items()})
     for n in dls:
-        if p.device == "cuda" and n != "dali_cpu" and not on_cuda.get(n):
+        if p.device == "cuda" and not n.endswith("_cpu") and not on_cuda.get(n):
             comps.setdefault(f"device: {n}", {"problems": [f"{n} did not hand over CUDA tensors"]})
     return {"backends": list(dls), "batches_per_graph": k, "bs": p.bs, "outputs_on_cuda": on_cuda,
+            "dali": None if dali_available() else "skipped: DALI not installed",
             "tolerances": {"p99": p.p99_tol, "mean": p.mean_tol, "train_p99": p.train_p99_tol}, "comparisons": comps}
 
 
+def recipe_loaders() -> list[str]:
+    """The recipe's data paths: DALI's where installed (what --loader auto takes on a GPU), and always the
+    batched torch path (auto's choice without DALI, and DALI's peer)."""
+    from fastgal.loaders import dali_available
+
+    return ["dali", "batched"] if dali_available() else ["batched"]
+
+
 def work_recipe(p: Params, out: Path) -> dict:
-    """The full recipe through fastgal.train.train, in this process, so peak GPU memory can be read."""
+    """The full recipe through fastgal.train.train, in this process (so peak GPU memory can be read), once per
+    data path; the first one's run folder is OUT/run, which the predict step reads."""
     import torch
 
     from fastgal.config import TrainConfig
     from fastgal.train import train
 
-    cfg = TrainConfig(shards=out / "shards", out=out / "run", epochs=p.epochs, bs=p.bs, arch=p.arch, size=p.size,
-                      tta=True, device=p.device, precision="bf16" if cuda(p) else "fp32", quiet=True, overwrite=True)
-    if cuda(p):
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    m = train(cfg)
-    wall = time.perf_counter() - t0
-    hist = _history(out / "run")
-    t = m["targets"][m["target"]]
-    ref = (m.get("floor") or {}).get("observable_reference_rmse")
-    return {"epochs": p.epochs, "bs": p.bs, "precision": m["precision"], "loader_backend": m["loader_backend"],
+    runs = {}
+    for i, loader in enumerate(recipe_loaders()):
+        folder = out / ("run" if i == 0 else f"run-{loader}")
+        cfg = TrainConfig(shards=out / "shards", out=folder, epochs=p.epochs, bs=p.bs, arch=p.arch, size=p.size,
+                          tta=True, device=p.device, precision="bf16" if cuda(p) else "fp32", quiet=True,
+                          overwrite=True, loader=loader)
+        if cuda(p):
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        m = train(cfg)
+        wall = time.perf_counter() - t0
+        hist = _history(folder)
+        t = m["targets"][m["target"]]
+        ref = (m.get("floor") or {}).get("observable_reference_rmse")
+        runs[loader] = {
+            "run": str(folder), "epochs": p.epochs, "bs": p.bs, "precision": m["precision"],
+            "loader_backend": m["loader_backend"], "loader_decode": m["loader_decode"],
             "fit_seconds": m["fit_seconds"], "wall_seconds": round(wall, 2),
             "images_per_s_per_epoch": [float(h["images_per_s"]) for h in hist],
             # torch's allocator only: DALI's GPU decode and augmentation buffers are its own pool
@@ -466,6 +507,7 @@ def work_recipe(p: Params, out: Path) -> dict:
                         "floor_rmse": (m.get("floor") or {}).get("floor_rmse"),
                         # accuracy against what the images can reveal (issue 12): 1.0 = the tabular reference
                         "reference_rmse": ref, "rmse_over_reference": round(t["rmse"] / ref, 3) if ref else None}}
+    return {"loaders": list(runs), "runs": runs}
 
 
 WORKERS = {"decode": work_decode, "equality": work_equality, "recipe": work_recipe}
@@ -522,16 +564,26 @@ def headline(rec: dict) -> str:
         return (f"synth {r['synth']['images_per_s']:,.0f} img/s ({r['synth_wall_s']} s), "
                 f"shard {r['shard']['images_per_s']:,.0f} img/s ({r['shard_wall_s']} s)")
     if rec["name"] == "decode":
-        gpu = f"mixed {r['mixed_images_per_s']:,.0f} img/s ({r['mixed_vs_cpu']}x), " if r["mixed_images_per_s"] else ""
-        return f"{gpu}cpu {r['cpu_images_per_s']:,.0f} img/s"
+        def rate(k):
+            return f"{r[k]:,.0f}" if r.get(k) else "-"
+        dali = (f"; DALI mixed {rate('dali_mixed_images_per_s')}, cpu {rate('dali_cpu_images_per_s')} img/s"
+                if "dali_cpu_images_per_s" in r else "; DALI skipped: not installed")
+        px = r.get("torch_gpu_vs_cpu_pixels")
+        px = f" (vs CPU: p99 {px['p99_abs']}, means {px['mean_signed_rgb']})" if px else ""
+        return (f"{r['torch_decoder']} nvJPEG {rate('torch_gpu_images_per_s')}{px}, "
+                f"cpu {rate('torch_cpu_images_per_s')} img/s{dali}")
     if rec["name"] == "equality":
         worst = max((c for c in r["comparisons"].values() if "p99_abs" in c), key=lambda c: c["p99_abs"])
         return f"{len(r['comparisons'])} comparisons; worst p99 |delta| {worst['p99_abs']}, max {worst['max_abs']}"
     if rec["name"] == "recipe":
-        m = r["metrics"]
-        return (f"RMSE {m['rmse']:.4f} (TTA {m['tta_rmse']:.4f}) vs mean {m['baseline_rmse']:.4f} vs floor "
-                f"{m['floor_rmse'] or float('nan'):.4f}, {m.get('rmse_over_reference')}x the observable reference; fit {r['fit_seconds']} s, "
-                f"{max(r['images_per_s_per_epoch']):,.0f} img/s; peak {r['peak_gpu_memory_gib']} GiB")
+        out = []
+        for loader, x in r["runs"].items():
+            m, peak = x["metrics"], x["peak_gpu_memory_gib"]
+            out.append(f"{loader} loader, decode on {x['loader_decode']}: RMSE {m['rmse']:.4f} (TTA {m['tta_rmse']:.4f}) "
+                       f"vs mean {m['baseline_rmse']:.4f} vs floor {m['floor_rmse'] or float('nan'):.4f}, "
+                       f"{m.get('rmse_over_reference')}x the observable reference; fit {x['fit_seconds']} s, "
+                       f"{max(x['images_per_s_per_epoch']):,.0f} img/s" + (f"; peak {peak} GiB" if peak is not None else ""))
+        return " | ".join(out)
     if rec["name"] == "bench":
         b = r["bench"]
         e2e = ", ".join(f"{k} {v:.2f}" for k, v in b.get("e2e", {}).get("ratio_vs_baseline", {}).items())
