@@ -162,7 +162,11 @@ class Loader:
             self.epoch += 1
 
     def to(self, device):
-        self.device = torch.device(device)
+        device = torch.device(device)
+        if device != self.device:  # the backend decodes and augments on its device: rebuild it there
+            self._impl.close()
+            self.device = device
+            self._impl = self._impl.__class__(self)
         return self
 
     def one_batch(self):
@@ -312,6 +316,8 @@ class _Batched:
     def __init__(self, dl: Loader):
         self.dl = dl
         self.cuda = dl.device.type == "cuda"
+        # the CUDA index, resolved here: the producer thread must select it (set_device wants an index)
+        self.index = (dl.device.index if dl.device.index is not None else torch.cuda.current_device()) if self.cuda else None
         mean, std = norm_tensors(dl.geometry)
         self.mean, self.std = mean.to(dl.device), std.to(dl.device)
         self._pool = None  # the CPU decode threads, made on first use
@@ -334,7 +340,7 @@ class _Batched:
     def run(self, batches, draws):
         q: queue.Queue = queue.Queue(maxsize=self.PREFETCH)
         stop = threading.Event()
-        device = self.dl.device
+        device = torch.device("cuda", self.index) if self.cuda else self.dl.device
 
         def put(item) -> bool:
             while not stop.is_set():
@@ -348,7 +354,7 @@ class _Batched:
         def produce():
             try:
                 if self.cuda:
-                    torch.cuda.set_device(device)
+                    torch.cuda.set_device(self.index)  # the current device is per thread
                 stream = torch.cuda.Stream(device) if self.cuda else None
                 with torch.cuda.stream(stream) if self.cuda else nullcontext():
                     for pos in batches:
