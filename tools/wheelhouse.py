@@ -1,0 +1,187 @@
+#!/usr/bin/env python
+"""The wheels a torch-only GPU box lacks to run fastgal, for that box's Python and platform.
+
+    python tools/wheelhouse.py OUT --python 3.12                        # fastgal + fastai + webdataset + ...
+    python tools/wheelhouse.py OUT --python 3.12 --with-dali cuda130    # and DALI's CUDA 13 stack, in parts
+
+Run it from fastgal's own virtualenv (make venv) on a machine with a package index: the versions are the
+ones installed there (the set the test suite passed with), each downloaded again for the target (`pip
+download --no-deps --only-binary=:all: --python-version X --platform P`); fastgal itself is built from this
+checkout. What is left out:
+  - what such a box already has (BOX: torch and torchvision with their CUDA libraries, numpy, pandas, scipy,
+    matplotlib, pillow, click, requests) and everything those require;
+  - spaCy, which fastai requires for fastai.text only: fastgal never imports it, and with its compiled
+    dependencies it would double the size;
+  - DALI, unless --with-dali: ~250 MB of wheels, written as OUT/dali/dali.tar in parts of --part-mib MiB
+    (each with its sha256 in OUT/dali/SHA256SUMS) so that each fits one transfer; OUT/dali/join.sh checks and
+    joins them and unpacks the wheels into OUT.
+
+On the box, with nothing but its own Python (see the README, "Checking fastgal on a GPU box"):
+    python -m venv --system-site-packages ~/fg && ~/fg/bin/pip install --no-index --no-deps OUT/*.whl
+or, without a venv:  pip install --no-index --no-deps --target ~/fg-site OUT/*.whl; export PYTHONPATH=~/fg-site
+Prints the list and the total size; --json for a machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from importlib.metadata import PackageNotFoundError, distribution
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BOX = ["torch", "torchvision", "numpy", "pandas", "scipy", "matplotlib", "pillow", "click", "requests"]
+NEVER = {"spacy"}  # fastai.text's; see the module docstring
+DALI = {"cuda120": ["nvidia-dali-cuda120", "nvidia-nvimgcodec-cu12", "nvidia-libnvcomp-cu12"],
+        "cuda130": ["nvidia-dali-cuda130", "nvidia-nvimgcodec-cu13", "nvidia-libnvcomp-cu13"]}
+DALI_DEPS = ["astunparse", "gast", "libcst", "makefun", "nvtx", "optree", "six", "wheel"]  # DALI's own requirements
+PLATFORMS = {"linux-x86_64": "manylinux_2_28_x86_64", "linux-aarch64": "manylinux_2_28_aarch64"}
+
+
+def norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def closure(names, stop=frozenset(), python: str = "3.12") -> dict[str, str | None]:
+    """name -> installed version for `names` and everything they require (not extras), as installed in this
+    environment, with markers evaluated for the target Python; `stop` names are neither taken nor followed."""
+    from packaging.requirements import Requirement
+
+    env = {"extra": "", "python_version": python, "python_full_version": python + ".0", "sys_platform": "linux",
+           "platform_system": "Linux"}
+    seen: dict[str, str | None] = {}
+    todo = list(names)
+    while todo:
+        n = norm(todo.pop())
+        if n in seen or n in stop:
+            continue
+        try:
+            d = distribution(n)
+        except PackageNotFoundError:
+            seen[n] = None
+            continue
+        seen[n] = d.version
+        for r in d.requires or []:
+            req = Requirement(r)
+            if req.marker is None or req.marker.evaluate(env):
+                todo.append(req.name)
+    return seen
+
+
+def plan(python: str) -> tuple[dict[str, str], list[str]]:
+    """(name -> version to download, names a box has anyway)."""
+    box = closure(BOX, python=python)
+    need = closure(["fastgal"], stop=frozenset(box) | NEVER | {norm(d) for ds in DALI.values() for d in ds}, python=python)
+    missing = sorted(n for n, v in need.items() if v is None)
+    if missing:
+        raise SystemExit(f"wheelhouse: {', '.join(missing)} not installed here; run from fastgal's venv (make venv)")
+    need.pop("fastgal")
+    return {n: v for n, v in sorted(need.items())}, sorted(box)
+
+
+def pip(*args) -> None:
+    subprocess.run([sys.executable, "-m", "pip", *args], check=True)
+
+
+def download(specs: list[str], out: Path, python: str, platform: str) -> None:
+    pip("download", "--quiet", "--no-deps", "--only-binary=:all:", "--python-version", python, "--platform", platform,
+        "--dest", str(out), *specs)
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+JOIN = """#!/bin/sh
+# Check each part, join them into dali.tar, check it, unpack DALI's wheels beside the others (in ..).
+set -e
+cd "$(dirname "$0")"
+sha256sum -c SHA256SUMS
+cat dali.tar.part-* > dali.tar
+sha256sum -c dali.tar.sha256
+tar -xf dali.tar -C ..
+rm dali.tar
+echo "DALI wheels unpacked into $(cd .. && pwd)"
+"""
+
+
+def split_dali(flavour: str, out: Path, python: str, platform: str, part_mib: int) -> list[dict]:
+    """DALI's stack (and its pure-Python requirements) as one tar in parts; returns the parts."""
+    folder = out / "dali"
+    folder.mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        download(DALI[flavour], tmp, python, platform)
+        download(DALI_DEPS, tmp, python, platform)
+        tar = tmp / "dali.tar"
+        with tarfile.open(tar, "w") as t:  # wheels are zips already: no compression
+            for w in sorted(tmp.glob("*.whl")):
+                t.add(w, arcname=w.name)
+        (folder / "dali.tar.sha256").write_text(f"{sha256(tar)}  dali.tar\n")
+        parts, size, k = [], part_mib << 20, 0
+        with open(tar, "rb") as f:
+            while block := f.read(size):
+                p = folder / f"dali.tar.part-{k:02d}"
+                p.write_bytes(block)
+                parts.append({"file": p.name, "bytes": len(block), "sha256": hashlib.sha256(block).hexdigest()})
+                k += 1
+    (folder / "SHA256SUMS").write_text("".join(f"{p['sha256']}  {p['file']}\n" for p in parts))
+    (folder / "join.sh").write_text(JOIN)
+    (folder / "join.sh").chmod(0o755)
+    return parts
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out", type=Path, help="folder for the wheels (created; must be empty or absent)")
+    ap.add_argument("--python", default="3.12", help="the box's Python, major.minor [3.12]")
+    ap.add_argument("--platform", default="linux-x86_64", choices=sorted(PLATFORMS), help="the box's platform")
+    ap.add_argument("--with-dali", choices=sorted(DALI), help="also DALI's stack for this CUDA major, in parts")
+    ap.add_argument("--part-mib", type=int, default=60, help="size of each DALI part, MiB [60]")
+    ap.add_argument("--json", action="store_true", help="the result as JSON on stdout")
+    a = ap.parse_args(argv)
+    if a.out.exists() and any(a.out.iterdir()):
+        ap.error(f"{a.out} is not empty: choose a new folder or empty it")
+    if not re.fullmatch(r"3\.\d+", a.python):
+        ap.error(f"--python {a.python!r}: give major.minor, e.g. 3.12")
+    a.out.mkdir(parents=True, exist_ok=True)
+    platform = PLATFORMS[a.platform]
+    need, box = plan(a.python)
+    pip("wheel", "--quiet", "--no-deps", "--no-build-isolation", "--wheel-dir", str(a.out), str(ROOT))  # fastgal
+    download([f"{n}=={v}" for n, v in need.items()], a.out, a.python, platform)
+    wheels = sorted(a.out.glob("*.whl"))
+    res = {"out": str(a.out), "python": a.python, "platform": platform, "box_has": box, "left_out": sorted(NEVER),
+           "wheels": [{"file": w.name, "bytes": w.stat().st_size} for w in wheels],
+           "total_bytes": sum(w.stat().st_size for w in wheels),
+           "install": f"pip install --no-index --no-deps {a.out}/*.whl   (in a venv made with --system-site-packages)"}
+    if a.with_dali:
+        res["dali"] = {"flavour": a.with_dali, "parts": split_dali(a.with_dali, a.out, a.python, platform, a.part_mib),
+                       "join": f"sh {a.out}/dali/join.sh"}
+        res["dali"]["total_bytes"] = sum(p["bytes"] for p in res["dali"]["parts"])
+    if a.json:
+        print(json.dumps(res, indent=1))
+        return 0
+    for w in res["wheels"]:
+        print(f"{w['bytes'] / 2**20:8.2f} MiB  {w['file']}")
+    print(f"{res['total_bytes'] / 2**20:8.2f} MiB  in {len(wheels)} wheels for Python {a.python} ({platform}) in {a.out}")
+    if a.with_dali:
+        d = res["dali"]
+        print(f"{d['total_bytes'] / 2**20:8.2f} MiB  DALI ({a.with_dali}) in {len(d['parts'])} parts of <= {a.part_mib} MiB "
+              f"in {a.out}/dali; join and check them with: {d['join']}")
+    print(f"install on the box: {res['install']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
