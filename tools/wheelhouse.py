@@ -54,7 +54,8 @@ def closure(names, stop=frozenset(), python: str = "3.12") -> dict[str, str | No
     environment, with markers evaluated for the target Python; `stop` names are neither taken nor followed."""
     from packaging.requirements import Requirement
 
-    env = {"extra": "", "python_version": python, "python_full_version": python + ".0", "sys_platform": "linux",
+    mm = ".".join(python.split(".")[:2])
+    env = {"extra": "", "python_version": mm, "python_full_version": python if python.count(".") == 2 else mm + ".0", "sys_platform": "linux",
            "platform_system": "Linux"}
     seen: dict[str, str | None] = {}
     todo = list(names)
@@ -145,7 +146,8 @@ def split_dali(flavour: str, out: Path, python: str, platform: str, part_mib: in
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out", type=Path, help="folder for the wheels (created; must be empty or absent)")
-    ap.add_argument("--python", default="3.12", help="the box's Python, major.minor [3.12]")
+    ap.add_argument("--python", default="3.12", help="the box's Python, major.minor[.patch] (3.12 means 3.12.0 to pip: "
+                    "give the patch level where a wheel needs a later one) [3.12]")
     ap.add_argument("--platform", default="linux-x86_64", choices=sorted(PLATFORMS), help="the box's platform")
     ap.add_argument("--with-dali", choices=sorted(DALI), help="also DALI's stack for this CUDA major, in parts")
     ap.add_argument("--part-mib", type=int, default=60, help="size of each DALI part, MiB [60]")
@@ -153,8 +155,8 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.out.exists() and any(a.out.iterdir()):
         ap.error(f"{a.out} is not empty: choose a new folder or empty it")
-    if not re.fullmatch(r"3\.\d+", a.python):
-        ap.error(f"--python {a.python!r}: give major.minor, e.g. 3.12")
+    if not re.fullmatch(r"3\.\d+(\.\d+)?", a.python):
+        ap.error(f"--python {a.python!r}: give major.minor[.patch], e.g. 3.12 or 3.12.3")
     a.out.mkdir(parents=True, exist_ok=True)
     platform = PLATFORMS[a.platform]
     need, box = plan(a.python)
