@@ -11,18 +11,25 @@ import torch
 
 
 def resolve_device(name: str) -> torch.device:
-    """--device auto|cpu|cuda[:k] -> a torch device; a one-line error when CUDA is asked for but absent."""
+    """--device auto|cpu|cuda[:k] -> a torch device; a one-line error when CUDA is asked for but absent.
+
+    On CUDA it also turns on cudnn.benchmark: every fastgal command feeds the model one input size (the crop)
+    and one batch size (but a last, shorter evaluation batch), so cuDNN's autotuner picks the fastest
+    convolution algorithms once, in the first batches, and keeps them."""
     if name == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         from .env import warn_if_gpu_unused
 
         warn_if_gpu_unused(device)  # one line on stderr when an NVIDIA device is there but unusable
-        return device
-    if name == "cuda" or name.startswith("cuda:"):
+    elif name == "cuda" or name.startswith("cuda:"):
         if not torch.cuda.is_available():
             raise ValueError("--device cuda but no CUDA GPU is visible to torch; use --device cpu or auto")
-        return torch.device(name)
-    return torch.device(name)  # cpu (the CLI's Choice has checked the name)
+        device = torch.device(name)
+    else:
+        device = torch.device(name)  # cpu (the CLI's Choice has checked the name)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    return device
 
 
 def resolve_precision(name: str, device: torch.device) -> str:

@@ -111,7 +111,12 @@ def worker_context(device, num_workers: int) -> dict:
     import multiprocessing as mp
 
     method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
-    return {"multiprocessing_context": mp.get_context(method), "persistent_workers": True}
+    ctx = mp.get_context(method)
+    if method == "forkserver":
+        # the server imports this module (torch, fastai, ~4 s) once, before CUDA exists in it; each worker
+        # is then a fork of it, ready at once, instead of a fresh interpreter importing all of it again
+        ctx.set_forkserver_preload([__name__])
+    return {"multiprocessing_context": ctx, "persistent_workers": True}
 
 
 class Loader:
@@ -120,7 +125,7 @@ class Loader:
     n_inp = 1
 
     def __init__(self, split: Split, view: View, geometry: Geometry, *, bs: int, device="cpu", backend: str = "auto",
-                 seed: int = 42, rank: int = 0, world: int = 1, threads: int = 2):
+                 seed: int = 42, rank: int = 0, world: int = 1, threads: int = 2, _impl=None):
         self.split, self.view, self.geometry = split, check_view(view), geometry
         self.bs, self.device, self.n = bs, torch.device(device), len(split)
         self.backend = pick_backend(backend, self.device)
@@ -130,7 +135,8 @@ class Loader:
         self.plan = EpochPlan(self.n, bs, order_seed=seed, aug_seed=seed + rank, shard_id=rank,
                               num_shards=world) if view == TRAIN else None
         self.epoch = 0  # the training epoch the next complete pass reads
-        self._impl = {"dali": _Dali, "torch": _Torch, "batched": _Batched}[self.backend](self)
+        # view_of() passes its loader's backend: the views of one split share its workers, threads and buffers
+        self._impl = _impl or {"dali": _Dali, "torch": _Torch, "batched": _Batched}[self.backend](self)
 
     @property
     def decode(self) -> str:
@@ -156,7 +162,7 @@ class Loader:
     def __iter__(self):
         draws = self.plan.draws(self.epoch) if self.plan else None
         nb = self.device.type == "cuda"
-        for x, y in self._impl.run(self.batches(), draws):
+        for x, y in self._impl.run(self.view, self.batches(), draws):
             yield x.to(self.device, non_blocking=nb), y.to(self.device, non_blocking=nb)
         if self.plan:
             self.epoch += 1
@@ -175,8 +181,10 @@ class Loader:
         raise ValueError("the loader yields no batch: fewer samples than the batch size")
 
     def view_of(self, view: View) -> "Loader":
+        """The same split in another view, through this loader's backend (one set of worker processes, decode
+        threads or DALI settings for the 8 TTA views; the view travels with each pass)."""
         return Loader(self.split, view, self.geometry, bs=self.bs, device=self.device, backend=self.backend,
-                      seed=self.seed, rank=self.rank, world=self.world, threads=self.threads)
+                      seed=self.seed, rank=self.rank, world=self.world, threads=self.threads, _impl=self._impl)
 
     def tta(self):
         """The 8 dihedral views, each in file order, made one at a time: a view's pipeline (and its
@@ -218,13 +226,12 @@ class _Dali:
         cuda = dl.device.type == "cuda"
         self.dl, self._it = dl, None
         self.spec = PipeSpec(view=dl.view, geometry=dl.geometry, batch_size=dl.bs, device="gpu" if cuda else "cpu",
-                             device_id=(dl.device.index or 0) if cuda else None, num_threads=dl.threads,
-                             seed=dl.seed + (dl.rank if dl.view == TRAIN else 0))
+                             device_id=(dl.device.index or 0) if cuda else None, num_threads=dl.threads, seed=dl.seed)
 
     def close(self) -> None:
         self._it = None
 
-    def run(self, batches, draws):
+    def run(self, view, batches, draws):
         from dataclasses import replace
 
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
@@ -240,7 +247,8 @@ class _Dali:
                     jpegs, y, draws.angle[pos], draws.pos_x[pos], draws.pos_y[pos], draws.mirror[pos])
 
         self._it = None  # release the previous pass's pipeline before building the next
-        pipe = build(replace(self.spec, stages={}), source())
+        seed = self.spec.seed + (self.dl.rank if view == TRAIN else 0)
+        pipe = build(replace(self.spec, view=view, seed=seed, stages={}), source())
         pipe.build()
         self._it = DALIGenericIterator([pipe], ["x", "y"], auto_reset=False, last_batch_policy=LastBatchPolicy.PARTIAL)
         for b in self._it:
@@ -249,20 +257,20 @@ class _Dali:
 
 
 class _Samples(torch.utils.data.Dataset):
-    """A split's samples by position, in one view. Key: a position, or for training (position, angle,
-    pos_x, pos_y, mirror), the draws coming from the loader's plan so workers need no random state."""
+    """A split's samples by key: (position, view), or for training (position, TRAIN, angle, pos_x, pos_y,
+    mirror), the view and the draws coming from the loader so workers need no state of their own."""
 
-    def __init__(self, split: Split, geometry: Geometry, view: View):
-        self.split, self.geometry, self.view = split, geometry, view
+    def __init__(self, split: Split, geometry: Geometry):
+        self.split, self.geometry = split, geometry
 
     def __len__(self):
         return len(self.split)
 
     def __getitem__(self, key):
-        i, *draw = key if isinstance(key, tuple) else (key,)
+        i, view, *draw = key
         img = decoder()[1]([torch.from_numpy(self.split.jpeg(i).copy())], "cpu")[0]
         y = torch.from_numpy(self.split.target(i).copy())
-        return transform(img, self.geometry, self.view, draw or None), y
+        return transform(img, self.geometry, view, draw or None), y
 
 
 class _PassKeys(torch.utils.data.Sampler):
@@ -286,18 +294,18 @@ class _Torch:
         g = torch.Generator()
         g.manual_seed(dl.seed + (dl.rank if dl.view == TRAIN else 0))  # iter() draws worker seeds from it
         self._dl = torch.utils.data.DataLoader(
-            _Samples(dl.split, dl.geometry, dl.view), batch_sampler=self.keys, num_workers=dl.threads, generator=g,
+            _Samples(dl.split, dl.geometry), batch_sampler=self.keys, num_workers=dl.threads, generator=g,
             pin_memory=dl.device.type == "cuda", **worker_context(dl.device, dl.threads))
 
     def close(self) -> None:
         pass
 
-    def run(self, batches, draws):
+    def run(self, view, batches, draws):
         if draws is None:
-            self.keys.keys = [[int(i) for i in pos] for pos in batches]
+            self.keys.keys = [[(int(i), view) for i in pos] for pos in batches]
         else:
             d = draws
-            self.keys.keys = [[(int(i), float(d.angle[i]), float(d.pos_x[i]), float(d.pos_y[i]), int(d.mirror[i]))
+            self.keys.keys = [[(int(i), view, float(d.angle[i]), float(d.pos_x[i]), float(d.pos_y[i]), int(d.mirror[i]))
                                for i in pos] for pos in batches]
         with fork_safe():  # iter() forks the workers (on a CPU)
             it = iter(self._dl)
@@ -327,7 +335,7 @@ class _Batched:
             self._pool.shutdown(wait=True)  # idle between batches: returns at once
             self._pool = None
 
-    def make(self, pos, draws):
+    def make(self, view, pos, draws):
         """One batch: (x on the loader's device, y on the CPU)."""
         dl = self.dl
         jpegs, y = dl.split.batch(pos)
@@ -335,9 +343,9 @@ class _Batched:
             self._pool = ThreadPoolExecutor(dl.threads, thread_name_prefix="fastgal-decode")
         imgs = decode_batch(jpegs, dl.device, pool=self._pool)
         d = None if draws is None else (draws.angle[pos], draws.pos_x[pos], draws.pos_y[pos], draws.mirror[pos])
-        return transform_batch(imgs, dl.geometry, dl.view, d, mean=self.mean, std=self.std), torch.from_numpy(y)
+        return transform_batch(imgs, dl.geometry, view, d, mean=self.mean, std=self.std), torch.from_numpy(y)
 
-    def run(self, batches, draws):
+    def run(self, view, batches, draws):
         q: queue.Queue = queue.Queue(maxsize=self.PREFETCH)
         stop = threading.Event()
         device = torch.device("cuda", self.index) if self.cuda else self.dl.device
@@ -360,7 +368,7 @@ class _Batched:
                     for pos in batches:
                         if stop.is_set():
                             return
-                        x, y = self.make(pos, draws)
+                        x, y = self.make(view, pos, draws)
                         event = None
                         if self.cuda:
                             y = y.to(device, non_blocking=True)

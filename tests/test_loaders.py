@@ -83,8 +83,11 @@ def test_tta_views_are_the_dihedral_group(small_shards):
         got = torch.cat([x for x, _ in _raw(small_shards, "torch", view=v)])
         want = torch.rot90(centre, k=v % 4, dims=(-2, -1))
         assert torch.equal(got, want.flip(-1) if v >= 4 else want), v
-    views = [torch.cat([x for x, _ in dl]) for dl in _raw(small_shards, "torch").tta()]
+    base = _raw(small_shards, "torch")
+    views = [torch.cat([x for x, _ in dl]) for dl in base.tta()]
     assert len(views) == 8 and len({tuple(t[0, 0, :3, 0].tolist()) for t in views}) > 1
+    assert all(torch.equal(v, torch.cat([x for x, _ in _raw(small_shards, "torch", view=k)])) for k, v in enumerate(views))
+    assert base.view_of(5)._impl is base._impl  # one set of workers serves the 8 views: started once, not 8 times
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -199,7 +202,7 @@ def test_the_batched_loader_prepares_ahead_and_stops_when_dropped(small_shards, 
     assert producers() == []
     calls = []
 
-    def broken(self, pos, draws):
+    def broken(self, view, pos, draws):
         calls.append(1)
         raise OSError("disk read failed")
 
@@ -277,6 +280,10 @@ def test_torch_backend_starts_workers_safely_once_cuda_is_up(small_shards):
     assert worker_context("cpu", 2) == {} and worker_context("cuda", 0) == {}
     ctx = worker_context("cuda", 2)
     assert ctx["multiprocessing_context"].get_start_method() in ("forkserver", "spawn") and ctx["persistent_workers"]
+    if ctx["multiprocessing_context"].get_start_method() == "forkserver":  # workers fork from a server that has us
+        from multiprocessing import forkserver
+
+        assert "fastgal.loaders" in forkserver._forkserver._preload_modules
     sp = Shards(small_shards).split("train")
     dl = Loader(sp, TRAIN, Geometry(56, 72, False, [0] * 3, [1] * 3), bs=16, device="cuda", backend="torch")  # not iterated
     assert dl._impl._dl.multiprocessing_context.get_start_method() in ("forkserver", "spawn")
