@@ -333,13 +333,15 @@ def save_model(s: Setup, learn) -> None:
                     channels_last=_channels_last(s), head=s.cfg.head)
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Train on cfg.shards, write the run folder, return metrics.json's content ({} on ranks > 0)."""
+def train(cfg: TrainConfig, cbs=()) -> dict:
+    """Train on cfg.shards, write the run folder, return metrics.json's content ({} on ranks > 0).
+    cbs: fastai callbacks added to the Learner (tools/gpu_check.py adds per-epoch device figures)."""
     t_start = time.perf_counter()
     s = setup(cfg)
     dls = build_loaders(s)
     config = write_config(s, dls)
     learn = build_learner(s, dls)
+    learn.add_cbs(list(cbs))
     fitted, rows = fit(s, learn)
     if not s.writer:
         return {}

@@ -89,10 +89,41 @@ def test_the_gpu_check_runs_on_a_torch_only_box(tmp_path):
     res = subprocess.run([str(py), str(ROOT / "tools" / "gpu_check.py"), str(out), "--dry-run"], capture_output=True,
                          text=True, env=env, cwd=tmp_path, timeout=3000)
     assert res.returncode == 0, res.stdout + res.stderr[-3000:]
+    from test_gpu_check import steps_of
+
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["ok"] and all(s["verdict"] == "ok" for s in summary["steps"]), summary["steps"]
-    env_step = json.loads((out / "0-env.json").read_text())["result"]["env"]
+    assert summary["ok"], summary["steps"]
+    recs = steps_of(out)
+    assert {n: r["verdict"] for n, r in recs.items() if r["verdict"] != "ok"} == {"peer": "skipped"}
+    assert "DALI not installed" in recs["peer"]["reason"]  # the DALI-only step says why; every other step answers
+    env_step = recs["env"]["result"]["env"]
     assert env_step["dali"]["importable"] is False and env_step["fastai"]
+    assert recs["decode"]["result"]["dali"] == "skipped: DALI not installed"
     assert "DALI skipped: not installed" in [s for s in summary["steps"] if s["name"] == "decode"][0]["headline"]
-    recipe = json.loads((out / "5-recipe.json").read_text())["result"]
-    assert recipe["loaders"] == ["batched"]
+    assert recs["equality"]["result"]["dali"] == "skipped: DALI not installed"
+    assert recs["recipe"]["result"]["loader_backend"] == "torch"  # --loader auto on this CPU (batched on a GPU)
+
+
+def test_dali_parts_join_back_and_refuse_a_damaged_part(tmp_path):
+    """--with-dali's packing, on stand-in wheels (the real ones are ~250 MB): parts of the asked size, each
+    with its sha256; join.sh restores the wheels byte for byte, and stops on a damaged part."""
+    import shutil
+
+    src = tmp_path / "src"
+    src.mkdir()
+    blobs = {f"nvidia_fake_{i}-1.0-py3-none-manylinux_2_28_x86_64.whl": os.urandom(700_000 + i) for i in range(4)}
+    for name, data in blobs.items():
+        (src / name).write_bytes(data)
+    parts = wheelhouse.pack_parts(sorted(src.glob("*.whl")), tmp_path / "house" / "dali", part_mib=1)
+    assert len(parts) == 3 and all(p["bytes"] <= 2**20 for p in parts)
+    good = tmp_path / "copy"
+    shutil.copytree(tmp_path / "house", good)
+    res = subprocess.run(["sh", str(good / "dali" / "join.sh")], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert {p.name: p.read_bytes() for p in good.glob("*.whl")} == blobs
+    part = tmp_path / "house" / "dali" / "dali.tar.part-01"
+    damaged = bytearray(part.read_bytes())
+    damaged[-1] ^= 0xFF  # one flipped byte
+    part.write_bytes(bytes(damaged))
+    res = subprocess.run(["sh", str(tmp_path / "house" / "dali" / "join.sh")], capture_output=True, text=True)
+    assert res.returncode != 0 and "FAILED" in res.stdout + res.stderr and not list((tmp_path / "house").glob("*.whl"))

@@ -1,29 +1,35 @@
 #!/usr/bin/env python
-"""The GPU check: one command that answers whether fastgal's GPU path works, and how fast, in ~10 minutes.
+"""The GPU check: one command that answers whether fastgal's GPU path works, and how fast, in 330 s.
 
     python tools/gpu_check.py /tmp/gpu-check                 # a CUDA machine (sized for an H200, 16 cores)
-    python tools/gpu_check.py /tmp/gpu-check-dry --dry-run   # anywhere: tiny sizes, CPU placement
+    python tools/gpu_check.py /tmp/gpu-check --dry-run       # anywhere: tiny sizes, CPU placement
 
-Steps (each in its own subprocess(es) under its own timeout; each writes OUT/<k>-<name>.json as soon as it
-ends, so a step that hangs or crashes still leaves the others; OUT/summary.json and a table at the end):
+It needs fastgal, fastai and webdataset beside torch; DALI only where it is installed (a box with torch
+alone: `python tools/wheelhouse.py` on a machine with an index, then the README's "Checking fastgal on a
+GPU box"). Steps, the most valuable answers first (each in its own subprocess(es) under its own timeout):
   0 env       `fastgal env --json`; `import fastai.callback.channelslast`; torch must see the GPU
   1 data      `fastgal synth` 30,000 galaxies at 224 px + `fastgal shard`, timed
-  2 decode    decode only, images/s: torch's batched decode (nvJPEG on CUDA; its pixels against the CPU's),
+  2 recipe    the recipe (7 epochs, bs 128, bf16, --tta) with --loader auto (DALI where installed, else
+              batched), in-process: per epoch train and valid img/s, seconds, checkpoint write seconds, peak
+              GPU memory, GPU utilisation (nvidia-smi); model-only img/s in the same process and the
+              data-bound fraction; the seed's job (7 epochs x 130k galaxies) projected from the steady-state
+              epochs beside its 13.6 min on a P100; RMSE vs the mean, the observable reference and the floor
+  3 bench     `fastgal bench --what step,model,loaders,e2e --device cuda`: every loader and fastai's peer
+  4 predict   `fastgal predict` on the valid shards (= predictions_valid.csv) and on 500 JPEGs with --tta
+  5 peer      the recipe again with --loader batched where step 2 ran DALI (skipped without DALI)
+  6 decode    decode only, images/s: torch's batched decode (nvJPEG on CUDA; its pixels against the CPU's),
               and DALI `mixed` (GPU) vs DALI CPU where DALI is installed
-  3 equality  valid graph, the 8 TTA views, the train graph with the same draws: DALI GPU and CPU (where
+  7 equality  valid graph, the 8 TTA views, the train graph with the same draws: DALI GPU and CPU (where
               installed), the batched torch path (GPU and CPU), the torch worker path; |delta| p99/max and
               signed per-channel means in 0-255 units, targets identical, outputs on CUDA
-  4 bench     `fastgal bench --what step,model,loaders,e2e --device cuda` (without `step` where the
-              installed fastgal has no such section, and it says so)
-  5 recipe    the full recipe (7 epochs, bs 128, bf16, --tta) in-process, with the batched torch loader and,
-              where installed, DALI's: fit/wall s, images/s per epoch, peak GPU memory, RMSE vs the
-              predict-the-mean baseline and the survey's floor
-  6 short     one fp16 epoch (the loss must stay finite) and two epochs with `--loader torch`
-  7 predict   `fastgal predict` on the valid shards (= predictions_valid.csv) and on 500 JPEGs with --tta
+  8 short     one fp16 epoch (the loss must stay finite) and two epochs with `--loader torch`
 Verdicts: ok / fail / timeout / skipped, each with its reason. Exit status 1 when any step failed or
-timed out. `--dry-run` runs every step on the CPU with tiny sizes (steps that need CUDA run their CPU
-equivalent), so tests/test_gpu_check.py keeps this script from rotting. Timeouts (seconds, `--timeout
-STEP=S` to change) are sized for an H200 with 16 cores; `--budget` (600 s) caps the whole run.
+timed out. Results: OUT holds three files, rewritten after every step so an outer limit leaves what was
+done: summary.json, summary.txt (the table) and steps.tar.gz (each step's JSON and log). The survey,
+shards, runs and logs go to the work folder (--work, default OUT-work beside OUT). `--budget` (330 s) caps
+the whole run and the steps' timeouts (seconds, `--timeout STEP=S`) must fit inside it. `--dry-run` runs
+every step on the CPU with tiny sizes (steps that need CUDA run their CPU equivalent), so
+tests/test_gpu_check.py and tests/test_wheelhouse.py keep this script from rotting.
 """
 
 from __future__ import annotations
@@ -48,12 +54,16 @@ except ImportError:  # a checkout that is not installed: use it, and tell the su
     sys.path.insert(0, _root)
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [_root, os.environ.get("PYTHONPATH")]))
 from fastgal.config import RECIPE  # noqa: E402
-from fastgal.util import write_json_atomic  # noqa: E402
+from fastgal.util import atomic_path, write_bytes_atomic, write_json_atomic  # noqa: E402
 
-STEPS = ["env", "data", "decode", "equality", "bench", "recipe", "short", "predict"]
-# Seconds per step on an H200 with 16 cores: roughly 3x what each should take, within a 600 s --budget.
-TIMEOUTS = {"env": 30, "data": 90, "decode": 40, "equality": 90, "bench": 120, "recipe": 240, "short": 100,
-            "predict": 60}
+# the most valuable answers first: does it run, how fast is the recipe, how does it compare, does predict agree
+STEPS = ["env", "data", "recipe", "bench", "predict", "peer", "decode", "equality", "short"]
+# Seconds per step on an H200 with 16 cores (estimates: no such machine has run this order yet), summing to
+# the --budget (330 s), so that a 15-minute device session can run the whole check twice with its start-up.
+TIMEOUTS = {"env": 15, "data": 40, "recipe": 90, "bench": 40, "predict": 25, "peer": 45, "decode": 15, "equality": 25,
+            "short": 30}
+# the published recipe's job, which the recipe step projects its rates onto
+SEED_JOB = {"galaxies": 130_000, "epochs": RECIPE.epochs, "minutes_p100": 13.6}
 # every step of --dry-run: about 30 s of CPU each at most, but a 2-core machine shared with other jobs is slow
 DRY_TIMEOUT = 600
 
@@ -74,22 +84,24 @@ class Params:
     decode_bs: int = 256
     decode_batches: int = 40
     equality_batches: int = 8  # batches of bs per graph and backend
-    bench_batches: int = 50
+    bench_batches: int = 30
     bench_warmup: int = 5
-    bench_repeats: int = 3
+    bench_repeats: int = 2
     jpegs: int = 500
     p99_tol: float = 2.0  # 0-255 units: decoders may round differently, not disagree
     mean_tol: float = 0.25  # 0-255 units, signed per-channel mean: a colour shift is a metallicity bias
     train_p99_tol: float = 4.0  # the train graph adds bilinear rotation, computed per device
     predict_tol: float = 0.02  # dex
-    budget: float = 600.0
+    model_batches: int = 30  # the recipe step's model-only window (after model_warmup batches)
+    model_warmup: int = 5
+    budget: float = 330.0
 
 
 # --dry-run: the smallest sizes that still exercise every path (several shards, a partial last batch, SA at
 # the last stage), so the whole check runs in about two minutes on 2 shared cores
 DRY = dict(n=80, image=64, crop=48, size=32, arch="xresnet18", epochs=1, bs=12, shard_size=40, device="cpu",
            decode_bs=12, decode_batches=3, equality_batches=2, bench_batches=1, bench_warmup=0, bench_repeats=1,
-           jpegs=16, budget=3600.0)
+           jpegs=16, model_batches=1, model_warmup=0, budget=3600.0)
 
 
 class Skip(Exception):
@@ -140,11 +152,11 @@ class Runner:
         """`python -m fastgal ARGS --json` -> its JSON."""
         return json.loads(self([sys.executable, "-m", "fastgal", *args, "--json"], f"fastgal {args[0]}"))
 
-    def worker(self, name: str, p: Params, out: Path) -> dict:
+    def worker(self, name: str, p: Params, work: Path) -> dict:
         """This script's in-process work for a step (--worker), in a subprocess; its result JSON."""
-        res = out / "work" / f"{name}.json"
+        res = work / "workers" / f"{name}.json"
         res.unlink(missing_ok=True)
-        self([sys.executable, __file__, str(out), "--worker", name, "--params", json.dumps(asdict(p))], f"worker {name}")
+        self([sys.executable, __file__, str(work), "--worker", name, "--params", json.dumps(asdict(p))], f"worker {name}")
         got = json.loads(res.read_text())
         if "skip" in got:
             raise Skip(got["skip"])
@@ -161,13 +173,13 @@ def cuda(p: Params) -> bool:
     return p.device == "cuda"
 
 
-def shards_of(out: Path) -> Path:
-    if not (out / "shards" / "manifest.json").is_file():
-        raise Skip("needs step 1's shards (OUT/shards)")
-    return out / "shards"
+def shards_of(work: Path) -> Path:
+    if not (work / "shards" / "manifest.json").is_file():
+        raise Skip("needs step 1's shards (WORK/shards)")
+    return work / "shards"
 
 
-def step_env(run: Runner, p: Params, out: Path) -> dict:
+def step_env(run: Runner, p: Params, work: Path) -> dict:
     info = run.fastgal("env")
     run([sys.executable, "-c", "import fastai.callback.channelslast"], "import fastai.callback.channelslast")
     res = {"env": info, "channelslast_import": True}
@@ -176,11 +188,11 @@ def step_env(run: Runner, p: Params, out: Path) -> dict:
     return res
 
 
-def step_data(run: Runner, p: Params, out: Path) -> dict:
+def step_data(run: Runner, p: Params, work: Path) -> dict:
     t0 = time.perf_counter()
-    synth = run.fastgal("synth", out / "survey", "--n", p.n, "--size", p.image, "--seed", 1, "--quiet", "--overwrite")
+    synth = run.fastgal("synth", work / "survey", "--n", p.n, "--size", p.image, "--seed", 1, "--quiet", "--overwrite")
     t1 = time.perf_counter()
-    shard = run.fastgal("shard", out / "survey/data/master.csv", out / "survey/images", out / "shards", "--crop", p.crop,
+    shard = run.fastgal("shard", work / "survey/data/master.csv", work / "survey/images", work / "shards", "--crop", p.crop,
                         "--shard-size", p.shard_size, "--quiet", "--overwrite")
     t2 = time.perf_counter()
     if shard["rejected"]:
@@ -188,38 +200,46 @@ def step_data(run: Runner, p: Params, out: Path) -> dict:
     return {"synth": synth, "shard": shard, "synth_wall_s": round(t1 - t0, 2), "shard_wall_s": round(t2 - t1, 2)}
 
 
-def step_decode(run: Runner, p: Params, out: Path) -> dict:
-    shards_of(out)
-    return run.worker("decode", p, out)
+def step_decode(run: Runner, p: Params, work: Path) -> dict:
+    shards_of(work)
+    return run.worker("decode", p, work)
 
 
-def step_equality(run: Runner, p: Params, out: Path) -> dict:
-    shards_of(out)
-    res = run.worker("equality", p, out)
+def step_equality(run: Runner, p: Params, work: Path) -> dict:
+    shards_of(work)
+    res = run.worker("equality", p, work)
     bad = [f"{name}: {why}" for name, c in res["comparisons"].items() for why in c["problems"]]
     if bad:
         raise StepError(f"{len(bad)} problem(s), first {bad[0]}", res)
     return res
 
 
-def step_bench(run: Runner, p: Params, out: Path) -> dict:
-    sh = shards_of(out)
+def step_bench(run: Runner, p: Params, work: Path) -> dict:
+    sh = shards_of(work)
     args = ["bench", sh, "--device", p.device, "--bs", p.bs, "--size", p.size, "--arch", p.arch,
             "--batches", p.bench_batches, "--warmup", p.bench_warmup, "--repeats", p.bench_repeats, "--quiet"]
     return {"what": "step,model,loaders,e2e", "bench": run.fastgal(*args, "--what", "step,model,loaders,e2e")}
 
 
-def step_recipe(run: Runner, p: Params, out: Path) -> dict:
-    shards_of(out)
-    res = run.worker("recipe", p, out)
-    for loader, r in res["runs"].items():
-        t = r["metrics"]
-        if not all(math.isfinite(t.get(k, float("nan"))) for k in ("rmse", "tta_rmse")):
-            raise StepError(f"{loader}: non-finite RMSE {t.get('rmse')} / TTA {t.get('tta_rmse')}", res)
-        if p.epochs >= 3 and not t["rmse"] < t["baseline_rmse"]:  # one tiny epoch (the dry run) need not learn
-            raise StepError(f"{loader}: RMSE {t['rmse']:.4f} is no better than predicting the mean "
-                            f"({t['baseline_rmse']:.4f})", res)
+def _check_recipe(res: dict, p: Params) -> dict:
+    t = res["metrics"]
+    if not all(math.isfinite(t.get(k, float("nan"))) for k in ("rmse", "tta_rmse")):
+        raise StepError(f"non-finite RMSE {t.get('rmse')} / TTA {t.get('tta_rmse')}", res)
+    if p.epochs >= 3 and not t["rmse"] < t["baseline_rmse"]:  # one tiny epoch (the dry run) need not learn
+        raise StepError(f"RMSE {t['rmse']:.4f} is no better than predicting the mean ({t['baseline_rmse']:.4f})", res)
     return res
+
+
+def step_recipe(run: Runner, p: Params, work: Path) -> dict:
+    """The recipe with what --loader auto takes here (DALI where installed, else batched): WORK/run."""
+    shards_of(work)
+    return _check_recipe(run.worker("recipe", p, work), p)
+
+
+def step_peer(run: Runner, p: Params, work: Path) -> dict:
+    """The recipe again with the batched torch loader, DALI's peer, where the recipe step ran DALI."""
+    shards_of(work)
+    return _check_recipe(run.worker("peer", p, work), p)
 
 
 def _history(run_dir: Path) -> list[dict]:
@@ -229,15 +249,15 @@ def _history(run_dir: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def step_short(run: Runner, p: Params, out: Path) -> dict:
-    sh = shards_of(out)
+def step_short(run: Runner, p: Params, work: Path) -> dict:
+    sh = shards_of(work)
     common = ["--bs", p.bs, "--arch", p.arch, "--size", p.size, "--device", p.device, "--quiet", "--overwrite"]
     prec = "fp16" if cuda(p) else "fp32"  # fp16 needs a GPU: the dry run checks the path in fp32
     res = {}
     for name, args in ((f"{prec}_epoch", ["--epochs", 1, "--precision", prec]),
                        ("loader_torch", ["--epochs", 2, "--loader", "torch"])):
-        m = run.fastgal("train", sh, "--out", out / f"run-{name}", *args, *common)
-        hist = _history(out / f"run-{name}")
+        m = run.fastgal("train", sh, "--out", work / f"run-{name}", *args, *common)
+        hist = _history(work / f"run-{name}")
         losses = [float(h[k]) for h in hist for k in ("train_loss", "valid_loss")]
         res[name] = {"rmse": m["rmse"], "losses": losses, "epochs": len(hist), "loader_backend": m["loader_backend"],
                      "precision": m["precision"], "images_per_s": [float(h["images_per_s"]) for h in hist]}
@@ -259,24 +279,24 @@ def _max_diff(a: dict, b: dict, cols: list[str]) -> float:
     return max(abs(float(a[i][c]) - float(b[i][c])) for i in a for c in cols)
 
 
-def step_predict(run: Runner, p: Params, out: Path) -> dict:
-    sh, rd = shards_of(out), out / "run"
+def step_predict(run: Runner, p: Params, work: Path) -> dict:
+    sh, rd = shards_of(work), work / "run"
     if not (rd / "metrics.json").is_file():
-        raise Skip("needs step 5's run (OUT/run)")
+        raise Skip("needs step 2's run (WORK/run)")
     ref = _read_csv(rd / "predictions_valid.csv")
     cols = [c for c in next(iter(ref.values())) if c.startswith("pred_")]
-    s = run.fastgal("predict", rd, sh, "--split", "valid", "--tta", "--device", p.device, "--out", out / "pred_valid.csv")
-    got = _read_csv(out / "pred_valid.csv")
+    s = run.fastgal("predict", rd, sh, "--split", "valid", "--tta", "--device", p.device, "--out", work / "pred_valid.csv")
+    got = _read_csv(work / "pred_valid.csv")
     if list(got) != list(ref):
         raise StepError("predict's ids differ from predictions_valid.csv's (order or set)")
-    jp = out / "jpegs"
+    jp = work / "jpegs"
     shutil.rmtree(jp, ignore_errors=True)
     jp.mkdir()
     ids = list(ref)[: p.jpegs]  # validation galaxies: their shard predictions are the reference
     for i in ids:
-        shutil.copy(out / "survey/images" / f"{i}.jpg", jp / f"{i}.jpg")
-    j = run.fastgal("predict", rd, jp, "--tta", "--device", p.device, "--out", out / "pred_jpegs.csv")
-    jrows = _read_csv(out / "pred_jpegs.csv")
+        shutil.copy(work / "survey/images" / f"{i}.jpg", jp / f"{i}.jpg")
+    j = run.fastgal("predict", rd, jp, "--tta", "--device", p.device, "--out", work / "pred_jpegs.csv")
+    jrows = _read_csv(work / "pred_jpegs.csv")
     tta_cols = [c for c in cols if c.startswith("pred_tta_")]
     res = {"valid": s, "jpegs": j, "n_jpegs": len(ids), "tolerance_dex": p.predict_tol,
            "valid_vs_predictions_valid_max_abs_dex": _max_diff(got, ref, cols),
@@ -297,7 +317,7 @@ def _loaders(p: Params, shards: Path, backend: str, device: str, threads: int):
     return dataloaders(shards, bs=p.bs, size=p.size, crop=p.crop, device=device, backend=backend, threads=threads, seed=42)
 
 
-def work_decode(p: Params, out: Path) -> dict:
+def work_decode(p: Params, work: Path) -> dict:
     """images/s of the JPEG decoders alone over the training shards: torch's batched decode (fastgal.decode:
     nvJPEG on CUDA, libjpeg-turbo threads on the CPU) and, where installed, DALI's mixed (GPU) and CPU
     decoders; and nvJPEG's pixels against libjpeg-turbo's (chroma upsampling shifts colours, the signal)."""
@@ -309,7 +329,7 @@ def work_decode(p: Params, out: Path) -> dict:
     from fastgal.loaders import dali_available
     from fastgal.util import default_workers
 
-    split = _loaders(p, out / "shards", "torch", "cpu", 0).train.split  # the shard and index lists
+    split = _loaders(p, work / "shards", "torch", "cpu", 0).train.split  # the shard and index lists
     threads = default_workers()
     batches = [range(i * p.decode_bs, (i + 1) * p.decode_bs) for i in range(min(p.decode_batches, len(split) // p.decode_bs))]
 
@@ -428,14 +448,14 @@ def _channel_means(dl, batches: int, std, mean) -> "np.ndarray":
     return np.concatenate(rows)
 
 
-def work_equality(p: Params, out: Path) -> dict:
+def work_equality(p: Params, work: Path) -> dict:
     """Every data path on the same samples with the same draws (see the module docstring, step 3)."""
     import gc
 
     from fastgal.loaders import dali_available
     from fastgal.util import default_workers
 
-    sh, threads = out / "shards", default_workers()
+    sh, threads = work / "shards", default_workers()
     dls = {}
     if dali_available():
         dls = {"dali_cpu": _loaders(p, sh, "dali", "cpu", threads)}
@@ -466,53 +486,143 @@ def work_equality(p: Params, out: Path) -> dict:
             "tolerances": {"p99": p.p99_tol, "mean": p.mean_tol, "train_p99": p.train_p99_tol}, "comparisons": comps}
 
 
-def recipe_loaders() -> list[str]:
-    """The recipe's data paths: DALI's where installed (what --loader auto takes on a GPU), and always the
-    batched torch path (auto's choice without DALI, and DALI's peer)."""
-    from fastgal.loaders import dali_available
+class _EpochDevice:
+    """Per epoch of a fit: peak GPU memory (torch's allocator) and, where nvidia-smi answers, the mean GPU
+    utilisation, sampled every 0.2 s by a thread while the fit runs."""
 
-    return ["dali", "batched"] if dali_available() else ["batched"]
+    def __init__(self, cuda: bool):
+        self.cuda, self.rows, self.samples, self.stop = cuda, [], [], None
+
+    def callback(self):
+        import threading
+
+        import torch
+        from fastai.callback.core import Callback
+
+        outer = self
+
+        class EpochDevice(Callback):
+            order = 61  # after EpochStats (60): the device is idle, the epoch's figures are final
+
+            def before_epoch(self):
+                self.t0 = time.monotonic()
+                if outer.cuda:
+                    torch.cuda.reset_peak_memory_stats()
+
+            def after_epoch(self):
+                t1 = time.monotonic()
+                util = [u for t, u in list(outer.samples) if self.t0 <= t <= t1]
+                outer.rows.append({"peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if outer.cuda else None,
+                                   "gpu_utilisation_pct": round(sum(util) / len(util), 1) if util else None})
+
+        if self.cuda and shutil.which("nvidia-smi"):
+            self.stop = threading.Event()
+            threading.Thread(target=self._sample, daemon=True).start()
+        return EpochDevice()
+
+    def _sample(self):
+        while not self.stop.is_set():
+            try:
+                out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-i", "0"],
+                                     capture_output=True, text=True, timeout=2).stdout.split()
+                self.samples.append((time.monotonic(), float(out[0])))
+            except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
+                return
+            self.stop.wait(0.2)
+
+    def close(self):
+        if self.stop is not None:
+            self.stop.set()
 
 
-def work_recipe(p: Params, out: Path) -> dict:
-    """The full recipe through fastgal.train.train, in this process (so peak GPU memory can be read), once per
-    data path; the first one's run folder is OUT/run, which the predict step reads."""
+def _model_rate(p: Params, work: Path) -> float | None:
+    """Model-only images/s (forward + backward + step on one synthetic batch reused on the device) through
+    `fastgal bench --what model` in this process: what no data path can beat, measured in the same run."""
+    from fastgal.bench import bench
+    from fastgal.config import BenchConfig
+
+    res = bench(BenchConfig(shards=work / "shards", what="model", arch=p.arch, bs=p.bs, size=p.size, device=p.device,
+                            batches=p.model_batches, warmup=p.model_warmup, repeats=1, quiet=True))
+    return res["model"]["images_per_s"]
+
+
+def _projection(hist: list[dict], n_valid_frac: float, epochs: int) -> dict:
+    """The seed's full job (7 epochs over ~130,000 galaxies) at this run's steady-state rates: the median of
+    every epoch after the first (cuDNN autotuning, allocator warm-up and worker start land in the first)."""
+    import statistics
+
+    steady = hist[1:] or hist
+    tr = statistics.median(float(h["images_per_s"]) for h in steady)
+    va = [float(h["valid_images_per_s"]) for h in steady if h.get("valid_images_per_s") not in (None, "")]
+    va = statistics.median(va) if va else tr
+    n = SEED_JOB["galaxies"]
+    n_train, n_valid = round(n * (1 - n_valid_frac)), round(n * n_valid_frac)
+    seconds = SEED_JOB["epochs"] * (n_train / tr + n_valid / va)
+    return {"galaxies": n, "epochs": SEED_JOB["epochs"], "train_images_per_s": round(tr, 1), "valid_images_per_s": round(va, 1),
+            "projected_seconds": round(seconds, 2), "projected_minutes": round(seconds / 60, 2), "seed_minutes_p100": SEED_JOB["minutes_p100"],
+            "speedup_vs_seed": round(SEED_JOB["minutes_p100"] * 60 / seconds, 2),
+            "from_epochs": len(steady), "of": epochs}
+
+
+def _recipe(p: Params, work: Path, loader: str, folder: Path) -> dict:
+    """The full recipe through fastgal.train.train, in this process (peak GPU memory, utilisation)."""
     import torch
 
     from fastgal.config import TrainConfig
+    from fastgal.manifest import Shards
     from fastgal.train import train
 
-    runs = {}
-    for i, loader in enumerate(recipe_loaders()):
-        folder = out / ("run" if i == 0 else f"run-{loader}")
-        cfg = TrainConfig(shards=out / "shards", out=folder, epochs=p.epochs, bs=p.bs, arch=p.arch, size=p.size,
-                          tta=True, device=p.device, precision="bf16" if cuda(p) else "fp32", quiet=True,
-                          overwrite=True, loader=loader)
-        if cuda(p):
-            torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
-        m = train(cfg)
-        wall = time.perf_counter() - t0
-        hist = _history(folder)
-        t = m["targets"][m["target"]]
-        ref = (m.get("floor") or {}).get("observable_reference_rmse")
-        runs[loader] = {
-            "run": str(folder), "epochs": p.epochs, "bs": p.bs, "precision": m["precision"],
+    cfg = TrainConfig(shards=work / "shards", out=folder, epochs=p.epochs, bs=p.bs, arch=p.arch, size=p.size,
+                      tta=True, device=p.device, precision="bf16" if cuda(p) else "fp32", quiet=True,
+                      overwrite=True, loader=loader)
+    dev = _EpochDevice(cuda(p))
+    t0 = time.perf_counter()
+    try:
+        m = train(cfg, cbs=[dev.callback()])
+    finally:
+        dev.close()
+    wall = time.perf_counter() - t0
+    hist = _history(folder)
+    epochs = [{"epoch": int(h["epoch"]) + 1, "seconds": float(h["seconds"]), "train_images_per_s": float(h["images_per_s"]),
+               "valid_images_per_s": float(h["valid_images_per_s"]) if h.get("valid_images_per_s") else None,
+               "checkpoint_seconds": float(h["checkpoint_seconds"]) if h.get("checkpoint_seconds") else None, **d}
+              for h, d in zip(hist, dev.rows + [{}] * (len(hist) - len(dev.rows)))]
+    t = m["targets"][m["target"]]
+    ref = (m.get("floor") or {}).get("observable_reference_rmse")
+    model = _model_rate(p, work)
+    proj = _projection(hist, Shards(work / "shards").manifest["split"]["valid_pct"], p.epochs)
+    return {"run": str(folder), "epochs": p.epochs, "bs": p.bs, "precision": m["precision"],
             "loader_backend": m["loader_backend"], "loader_decode": m["loader_decode"],
-            "fit_seconds": m["fit_seconds"], "wall_seconds": round(wall, 2),
-            "images_per_s_per_epoch": [float(h["images_per_s"]) for h in hist],
-            # torch's allocator only: DALI's GPU decode and augmentation buffers are its own pool
-            "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda(p) else None,
+            "fit_seconds": m["fit_seconds"], "wall_seconds": round(wall, 2), "per_epoch": epochs,
+            "images_per_s_per_epoch": [e["train_images_per_s"] for e in epochs],
+            "peak_gpu_memory_gib": max((e.get("peak_gpu_memory_gib") or 0 for e in epochs), default=None) if cuda(p) else None,
+            "model_images_per_s": model,
+            # end-to-end over model-only, both measured here: 1.0 = the data path keeps up with the model
+            "data_bound_fraction": round(proj["train_images_per_s"] / model, 3) if model else None,
+            "seed_job": proj,
             "metrics": {"rmse": t["rmse"], "tta_rmse": t.get("tta_rmse", float("nan")), "baseline_rmse": t["baseline_rmse"],
                         "floor_rmse": (m.get("floor") or {}).get("floor_rmse"),
                         # accuracy against what the images can reveal (issue 12): 1.0 = the tabular reference
                         "reference_rmse": ref, "rmse_over_reference": round(t["rmse"] / ref, 3) if ref else None}}
-    return {"loaders": list(runs), "runs": runs}
 
 
-WORKERS = {"decode": work_decode, "equality": work_equality, "recipe": work_recipe}
-RUNNERS = {"env": step_env, "data": step_data, "decode": step_decode, "equality": step_equality, "bench": step_bench,
-           "recipe": step_recipe, "short": step_short, "predict": step_predict}
+def work_recipe(p: Params, work: Path) -> dict:
+    from fastgal.loaders import pick_backend
+
+    return _recipe(p, work, pick_backend("auto", p.device), work / "run")
+
+
+def work_peer(p: Params, work: Path) -> dict:
+    from fastgal.loaders import dali_available
+
+    if not dali_available():
+        raise Skip("DALI not installed: the recipe step ran the batched loader already")
+    return _recipe(p, work, "batched", work / "run-batched")
+
+
+WORKERS = {"decode": work_decode, "equality": work_equality, "recipe": work_recipe, "peer": work_peer}
+RUNNERS = {"env": step_env, "data": step_data, "recipe": step_recipe, "bench": step_bench, "predict": step_predict,
+           "peer": step_peer, "decode": step_decode, "equality": step_equality, "short": step_short}
 
 
 def worker_main(name: str, p: Params, out: Path) -> None:
@@ -521,7 +631,8 @@ def worker_main(name: str, p: Params, out: Path) -> None:
         res = WORKERS[name](p, out)
     except Skip as e:
         res = {"skip": str(e)}
-    write_json_atomic(out / "work" / f"{name}.json", res)
+    (out / "workers").mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "workers" / f"{name}.json", res)
 
 
 # --------------------------------------------------------------------------- orchestration
@@ -533,14 +644,14 @@ def _children_cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def run_step(k: int, name: str, p: Params, out: Path, timeout: float) -> dict:
-    """One step under its timeout; OUT/<k>-<name>.json written as soon as it ends, whatever the verdict."""
-    log = out / "logs" / f"{k}-{name}.log"
+def run_step(k: int, name: str, p: Params, work: Path, timeout: float) -> dict:
+    """One step under its timeout; WORK/steps/<k>-<name>.json written as soon as it ends, whatever the verdict."""
+    log = work / "logs" / f"{k}-{name}.log"
     log.unlink(missing_ok=True)
     t0, cpu0 = time.monotonic(), _children_cpu()
-    rec = {"step": k, "name": name, "timeout_s": round(timeout, 1), "log": str(log)}
+    rec = {"step": k, "name": name, "timeout_s": round(timeout, 1), "log": f"logs/{k}-{name}.log"}
     try:
-        rec.update(verdict="ok", reason="", result=RUNNERS[name](Runner(log, t0 + timeout), p, out))
+        rec.update(verdict="ok", reason="", result=RUNNERS[name](Runner(log, t0 + timeout), p, work))
     except Skip as e:
         rec.update(verdict="skipped", reason=str(e))
     except StepTimeout as e:
@@ -551,7 +662,6 @@ def run_step(k: int, name: str, p: Params, out: Path, timeout: float) -> dict:
         rec.update(verdict="fail", reason=f"{type(e).__name__}: {e}")
     rec["seconds"] = round(time.monotonic() - t0, 2)
     rec["cpu_seconds"] = round(_children_cpu() - cpu0, 2)  # of its subprocesses: the load a step puts on a machine
-    write_json_atomic(out / f"{k}-{name}.json", rec)
     return rec
 
 
@@ -575,15 +685,16 @@ def headline(rec: dict) -> str:
     if rec["name"] == "equality":
         worst = max((c for c in r["comparisons"].values() if "p99_abs" in c), key=lambda c: c["p99_abs"])
         return f"{len(r['comparisons'])} comparisons; worst p99 |delta| {worst['p99_abs']}, max {worst['max_abs']}"
-    if rec["name"] == "recipe":
-        out = []
-        for loader, x in r["runs"].items():
-            m, peak = x["metrics"], x["peak_gpu_memory_gib"]
-            out.append(f"{loader} loader, decode on {x['loader_decode']}: RMSE {m['rmse']:.4f} (TTA {m['tta_rmse']:.4f}) "
-                       f"vs mean {m['baseline_rmse']:.4f} vs floor {m['floor_rmse'] or float('nan'):.4f}, "
-                       f"{m.get('rmse_over_reference')}x the observable reference; fit {x['fit_seconds']} s, "
-                       f"{max(x['images_per_s_per_epoch']):,.0f} img/s" + (f"; peak {peak} GiB" if peak is not None else ""))
-        return " | ".join(out)
+    if rec["name"] in ("recipe", "peer"):
+        m, j = r["metrics"], r["seed_job"]
+        peak, dbf = r["peak_gpu_memory_gib"], r["data_bound_fraction"]
+        return (f"{r['loader_backend']} loader, decode on {r['loader_decode']}: {j['train_images_per_s']:,.0f} train / "
+                f"{j['valid_images_per_s']:,.0f} valid img/s (model alone {r['model_images_per_s'] or float('nan'):,.0f}, "
+                f"data-bound fraction {dbf if dbf is not None else '-'}); seed job (7 x 130k) projected "
+                f"{j['projected_minutes']:.1f} min vs {j['seed_minutes_p100']} min on a P100 ({j['speedup_vs_seed']}x); "
+                f"RMSE {m['rmse']:.4f} (TTA {m['tta_rmse']:.4f}) vs mean {m['baseline_rmse']:.4f}, "
+                f"{m.get('rmse_over_reference')}x the observable reference"
+                + (f"; peak {peak} GiB" if peak is not None else ""))
     if rec["name"] == "bench":
         b = r["bench"]
         e2e = ", ".join(f"{k} {v:.2f}" for k, v in b.get("e2e", {}).get("ratio_vs_baseline", {}).items())
@@ -598,11 +709,12 @@ def headline(rec: dict) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("out", type=Path, help="output folder (step JSONs, logs, summary.json, the survey, shards, runs)")
+    ap.add_argument("out", type=Path, help="results folder: summary.json, summary.txt, steps.tar.gz (3 files)")
+    ap.add_argument("--work", type=Path, help="work folder for the survey, shards, runs and logs [OUT-work, beside OUT]")
     ap.add_argument("--dry-run", action="store_true", help="every step on the CPU with tiny sizes")
     ap.add_argument("--steps", default=",".join(STEPS), help="comma-separated subset, e.g. recipe,predict")
     ap.add_argument("--timeout", action="append", default=[], metavar="STEP=S", help="a step's timeout, seconds")
-    ap.add_argument("--overwrite", action="store_true", help="empty OUT first")
+    ap.add_argument("--overwrite", action="store_true", help="empty OUT and the work folder first")
     ap.add_argument("--worker", choices=list(WORKERS), help=argparse.SUPPRESS)
     ap.add_argument("--params", help=argparse.SUPPRESS)
     for f in fields(Params):
@@ -624,15 +736,52 @@ def main(argv=None) -> int:
     chosen = [s.strip() for s in a.steps.split(",") if s.strip()]
     if set(chosen) - set(STEPS):
         ap.error(f"--steps: unknown {sorted(set(chosen) - set(STEPS))} (steps: {', '.join(STEPS)})")
+    total = sum(timeouts[s] for s in chosen)
+    if not a.dry_run and total > p.budget:
+        ap.error(f"the chosen steps' timeouts sum to {total:.0f} s, more than --budget {p.budget:.0f} s: "
+                 "lower some with --timeout STEP=S or raise --budget")
     if a.dry_run:  # one torch thread per process: on 2 busy cores, two threads each run several times slower
         os.environ.setdefault("OMP_NUM_THREADS", "1")
+    work = a.work or a.out.with_name(a.out.name + "-work")
+    if work.resolve() == a.out.resolve() or a.out.resolve() in work.resolve().parents:
+        ap.error(f"--work {work} must not be OUT or inside it: OUT holds the results only")
     if a.overwrite:
         shutil.rmtree(a.out, ignore_errors=True)
-    (a.out / "logs").mkdir(parents=True, exist_ok=True)
-    return orchestrate(a.out, p, chosen, timeouts, a.dry_run)
+        shutil.rmtree(work, ignore_errors=True)
+    for d in (a.out, work / "logs", work / "steps"):
+        d.mkdir(parents=True, exist_ok=True)
+    return orchestrate(a.out, work, p, chosen, timeouts, a.dry_run)
 
 
-def orchestrate(out: Path, p: Params, chosen: list[str], timeouts: dict, dry: bool) -> int:
+def _results(out: Path, work: Path, recs: list[dict], p: Params, timeouts: dict, dry: bool, t0: float,
+             final: bool) -> dict:
+    """OUT's three files, rewritten after every step (an outer limit that kills the check leaves the steps
+    done so far): summary.json, summary.txt (the table) and steps.tar.gz (each step's JSON and log)."""
+    import tarfile
+
+    bad = [r for r in recs if r["verdict"] in ("fail", "timeout")]
+    summary = {"ok": not bad and final, "finished": final, "dry_run": dry, "wall_seconds": round(time.monotonic() - t0, 1),
+               "work": str(work), "params": asdict(p), "timeouts_s": timeouts,
+               "steps": [{k: r[k] for k in ("step", "name", "verdict", "reason", "seconds")} | {"headline": headline(r)}
+                         for r in recs]}
+    write_json_atomic(out / "summary.json", summary)
+    lines = [f"{'step':<12}{'verdict':<9}{'seconds':>8}{'cpu s':>8}  headline / reason"]
+    lines += [f"{r['step']} {r['name']:<10}{r['verdict']:<9}{r['seconds']:>8.1f}{r.get('cpu_seconds', 0):>8.1f}  {headline(r)}"
+              for r in recs]
+    lines.append(f"{'ok' if summary['ok'] else 'FAILED' if bad else 'unfinished'}: {len(recs) - len(bad)} of "
+                 f"{len(recs)} steps ok or skipped in {summary['wall_seconds']} s; each step's JSON and log in "
+                 f"{out}/steps.tar.gz, the survey, shards and runs in {work}")
+    write_bytes_atomic(out / "summary.txt", ("\n".join(lines) + "\n").encode())
+    with atomic_path(out / "steps.tar.gz") as tmp:
+        with tarfile.open(tmp, "w:gz") as tar:
+            for r in recs:
+                for f in (work / "steps" / f"{r['step']}-{r['name']}.json", work / "logs" / f"{r['step']}-{r['name']}.log"):
+                    if f.is_file():
+                        tar.add(f, arcname=f"{f.parent.name}/{f.name}")
+    return summary
+
+
+def orchestrate(out: Path, work: Path, p: Params, chosen: list[str], timeouts: dict, dry: bool) -> int:
     t0 = time.monotonic()
     recs = []
     for k, name in enumerate(STEPS):
@@ -643,22 +792,14 @@ def orchestrate(out: Path, p: Params, chosen: list[str], timeouts: dict, dry: bo
             rec = {"step": k, "name": name, "verdict": "skipped", "reason": f"--budget {p.budget:.0f} s spent", "seconds": 0}
         else:
             print(f"[{k}] {name} (timeout {min(timeouts[name], left):.0f} s) ...", file=sys.stderr, flush=True)
-            rec = run_step(k, name, p, out, min(timeouts[name], left))
-        if rec.get("timeout_s") is None:
-            write_json_atomic(out / f"{k}-{name}.json", rec)
+            rec = run_step(k, name, p, work, min(timeouts[name], left))
+        write_json_atomic(work / "steps" / f"{k}-{name}.json", rec)
         recs.append(rec)
         print(f"[{k}] {name}: {rec['verdict']} {headline(rec)}", file=sys.stderr, flush=True)
-    bad = [r for r in recs if r["verdict"] in ("fail", "timeout")]
-    summary = {"ok": not bad, "dry_run": dry, "wall_seconds": round(time.monotonic() - t0, 1), "params": asdict(p),
-               "timeouts_s": timeouts, "steps": [{k: r[k] for k in ("step", "name", "verdict", "reason", "seconds")}
-                                                 | {"headline": headline(r)} for r in recs]}
-    write_json_atomic(out / "summary.json", summary)
-    print(f"{'step':<12}{'verdict':<9}{'seconds':>8}{'cpu s':>8}  headline / reason")
-    for r in recs:
-        print(f"{r['step']} {r['name']:<10}{r['verdict']:<9}{r['seconds']:>8.1f}{r.get('cpu_seconds', 0):>8.1f}  {headline(r)}")
-    print(f"{'ok' if not bad else 'FAILED'}: {len(recs) - len(bad)} of {len(recs)} steps ok or skipped "
-          f"in {summary['wall_seconds']} s; details in {out}/<step>.json and summary.json")
-    return 1 if bad else 0
+        _results(out, work, recs, p, timeouts, dry, t0, final=False)
+    summary = _results(out, work, recs, p, timeouts, dry, t0, final=True)
+    print((out / "summary.txt").read_text(), end="")
+    return 0 if summary["ok"] else 1
 
 
 if __name__ == "__main__":

@@ -117,30 +117,35 @@ echo "DALI wheels unpacked into $(cd .. && pwd)"
 """
 
 
-def split_dali(flavour: str, out: Path, python: str, platform: str, part_mib: int) -> list[dict]:
-    """DALI's stack (and its pure-Python requirements) as one tar in parts; returns the parts."""
-    folder = out / "dali"
-    folder.mkdir(exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        download(DALI[flavour], tmp, python, platform)
-        download(DALI_DEPS, tmp, python, platform)
-        tar = tmp / "dali.tar"
-        with tarfile.open(tar, "w") as t:  # wheels are zips already: no compression
-            for w in sorted(tmp.glob("*.whl")):
-                t.add(w, arcname=w.name)
-        (folder / "dali.tar.sha256").write_text(f"{sha256(tar)}  dali.tar\n")
-        parts, size, k = [], part_mib << 20, 0
-        with open(tar, "rb") as f:
-            while block := f.read(size):
-                p = folder / f"dali.tar.part-{k:02d}"
-                p.write_bytes(block)
-                parts.append({"file": p.name, "bytes": len(block), "sha256": hashlib.sha256(block).hexdigest()})
-                k += 1
+def pack_parts(wheels: list[Path], folder: Path, part_mib: int) -> list[dict]:
+    """wheels -> folder/dali.tar.part-NN of part_mib MiB each (one uncompressed tar, cut), SHA256SUMS of the
+    parts, dali.tar.sha256 of the whole and join.sh, which checks, joins and unpacks them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tar = folder / "dali.tar"
+    with tarfile.open(tar, "w") as t:  # wheels are zips already: no compression
+        for w in sorted(wheels):
+            t.add(w, arcname=w.name)
+    (folder / "dali.tar.sha256").write_text(f"{sha256(tar)}  dali.tar\n")
+    parts, size = [], part_mib << 20
+    with open(tar, "rb") as f:
+        while block := f.read(size):
+            part = folder / f"dali.tar.part-{len(parts):02d}"
+            part.write_bytes(block)
+            parts.append({"file": part.name, "bytes": len(block), "sha256": hashlib.sha256(block).hexdigest()})
+    tar.unlink()
     (folder / "SHA256SUMS").write_text("".join(f"{p['sha256']}  {p['file']}\n" for p in parts))
     (folder / "join.sh").write_text(JOIN)
     (folder / "join.sh").chmod(0o755)
     return parts
+
+
+def split_dali(flavour: str, out: Path, python: str, platform: str, part_mib: int) -> list[dict]:
+    """DALI's stack (and its pure-Python requirements) downloaded, then packed into parts (pack_parts)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        download(DALI[flavour], tmp, python, platform)
+        download(DALI_DEPS, tmp, python, platform)
+        return pack_parts(list(tmp.glob("*.whl")), out / "dali", part_mib)
 
 
 def main(argv=None) -> int:
