@@ -594,6 +594,8 @@ def _recipe(p: Params, work: Path, loader: str, folder: Path) -> dict:
     return {"run": str(folder), "epochs": p.epochs, "bs": p.bs, "precision": m["precision"],
             "loader_backend": m["loader_backend"], "loader_decode": m["loader_decode"],
             "fit_seconds": m["fit_seconds"], "wall_seconds": round(wall, 2), "per_epoch": epochs,
+            # the epoch checkpoints (weights + optimizer state, written after each epoch's timing) against the fit
+            "checkpoint_share": round(sum(e["checkpoint_seconds"] or 0 for e in epochs) / max(m["fit_seconds"], 1e-9), 3),
             "images_per_s_per_epoch": [e["train_images_per_s"] for e in epochs],
             "peak_gpu_memory_gib": max((e.get("peak_gpu_memory_gib") or 0 for e in epochs), default=None) if cuda(p) else None,
             "model_images_per_s": model,
@@ -693,7 +695,7 @@ def headline(rec: dict) -> str:
                 f"data-bound fraction {dbf if dbf is not None else '-'}); seed job (7 x 130k) projected "
                 f"{j['projected_minutes']:.1f} min vs {j['seed_minutes_p100']} min on a P100 ({j['speedup_vs_seed']}x); "
                 f"RMSE {m['rmse']:.4f} (TTA {m['tta_rmse']:.4f}) vs mean {m['baseline_rmse']:.4f}, "
-                f"{m.get('rmse_over_reference')}x the observable reference"
+                f"{m.get('rmse_over_reference')}x the observable reference; checkpoints {r['checkpoint_share']:.0%} of the fit"
                 + (f"; peak {peak} GiB" if peak is not None else ""))
     if rec["name"] == "bench":
         b = r["bench"]
