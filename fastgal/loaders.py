@@ -80,9 +80,9 @@ def fork_safe():
 
 
 def pick_backend(backend: str, device) -> str:
-    """--loader auto: DALI on a GPU (decode and augment there: what fastgal is for); on a CPU the torch
-    fallback, which `fastgal bench` measures faster there (2 cores: 2.1x vs DALI's 1.3x fastai's PIL
-    DataBlock, benchmarks/RESULTS.md), and the only choice where DALI is not installed."""
+    """--loader auto: on a GPU, DALI where installed (decode and augment there: what fastgal is built around),
+    else batched (nvJPEG + one resample: the CPU workers of `torch` cannot feed a GPU); on a CPU the torch
+    workers: every path is model-bound there (e2e within 3% on 2 cores, benchmarks/RESULTS.md)."""
     if backend == "auto":
         if torch.device(device).type == "cuda":
             return "dali" if dali_available() else "batched"
