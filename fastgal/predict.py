@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from torchvision.io import ImageReadMode, decode_jpeg
 
 from .checkpoint import inference, load_checkpoint
 from .config import PredictConfig
+from .decode import decoder
 from .device import resolve_device
 from .diagnostics import calibration, summarise
 from .geometry import CENTRE, TTA_VIEWS, Geometry, transform
@@ -119,7 +119,7 @@ class _Files(torch.utils.data.Dataset):
             bad = jpeg_problem(data, require_eoi=True)  # a download cut short is not a cutout
             if bad:
                 return zeros, i, f"{bad[0]}: {bad[1]}"
-            img = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+            img = decoder()[1]([torch.frombuffer(bytearray(data), dtype=torch.uint8)], "cpu")[0]
         except Exception as e:  # corrupt/truncated data: report it, keep going
             return zeros, i, f"corrupt-image: {str(e).splitlines()[0][:80]}"
         if list(img.shape[1:]) != self.image_size:
