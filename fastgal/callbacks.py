@@ -35,10 +35,10 @@ class EpochStats(Callback):
     def before_fit(self):
         self.rows = []
         dev = getattr(self.dls, "device", None)
-        self.cuda = dev is not None and torch.device(dev).type == "cuda"
+        self.on_cuda = dev is not None and torch.device(dev).type == "cuda"
 
     def _now(self) -> float:
-        if self.cuda:
+        if self.on_cuda:
             torch.cuda.synchronize()
         return time.perf_counter()
 

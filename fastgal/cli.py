@@ -357,8 +357,8 @@ def predict(as_json, **kw):
 
         fastgal predict runs/demo/run runs/demo/shards --split valid --tta
     """
-    from .predict import diagnose
-    from .predict import predict as run_predict
+    from .predictions import diagnose
+    from .predictions import predict as run_predict
 
     with _user_errors():
         df, path = run_predict(config(PredictConfig, kw))

@@ -34,13 +34,15 @@ from .ranger import optimizer
 
 def make_learner(dls, model: nn.Module, *, targets: list[str], path, precision: str = "fp32",
                  channels_last: bool = False, quiet: bool = False, opt: str = "ranger", compile: bool = False,
-                 head: str = "rmse") -> FastgalLearner:
+                 head: str = "rmse", progress: str = "stderr") -> FastgalLearner:
     """The seed's Learner around `model` (model.make_model's) with fastgal's callbacks. It writes no files:
     train adds the best-epoch weights and the epoch checkpoint (which holds the history rows).
 
     opt: 'ranger' (fastgal's flat-buffer Ranger) or 'fastai-ranger' (fastai's own).
     compile: torch.compile the model in place (nn.Module.compile: state_dict keys are unchanged).
     head "gaussian": Gaussian NLL loss; the metrics stay the RMSE of the means (columns 0..k-1).
+    progress: "stderr" (the commands: a line per epoch on stderr, nothing on stdout) or "fastai" (fastai's
+    own bars and table, as a notebook shows them: the public API's recipe_learner).
     """
     if compile:
         model.compile()
@@ -49,16 +51,19 @@ def make_learner(dls, model: nn.Module, *, targets: list[str], path, precision: 
                            path=path, model_dir=".")
     learn.remove_cb(learn.recorder)
     learn.add_cb(DeviceRecorder())
-    return dress(learn, precision=precision, channels_last=channels_last, quiet=quiet)
+    return dress(learn, precision=precision, channels_last=channels_last, quiet=quiet, progress=progress)
 
 
-def dress(learn: Learner, *, precision: str = "fp32", channels_last: bool = False, quiet: bool = False) -> Learner:
-    """What every fastgal Learner has beside fastai's: epoch timings and progress on stderr (fastai exposes
-    them by name: learn.epoch_stats, learn.stderr_progress), no progress bars or table on stdout, mixed
-    precision (bf16/fp16) and channels-last as asked."""
-    learn.add_cbs([EpochStats(), StderrProgress(quiet)])
-    learn.remove_cb(ProgressCallback)  # its bars go to stdout; StderrProgress replaces them
-    learn.logger = lambda *a, **k: None  # the Recorder's table; we print our own summary
+def dress(learn: Learner, *, precision: str = "fp32", channels_last: bool = False, quiet: bool = False,
+          progress: str = "stderr") -> Learner:
+    """What every fastgal Learner has beside fastai's: epoch timings (learn.epoch_stats), progress on stderr
+    (learn.stderr_progress) with no progress bars or table on stdout, or with progress="fastai" fastai's own,
+    mixed precision (bf16/fp16) and channels-last as asked."""
+    learn.add_cb(EpochStats())
+    if progress == "stderr":
+        learn.add_cb(StderrProgress(quiet))
+        learn.remove_cb(ProgressCallback)  # its bars go to stdout; StderrProgress replaces them
+        learn.logger = lambda *a, **k: None  # the Recorder's table; we print our own summary
     if precision in ("bf16", "fp16"):
         learn.add_cb(MixedPrecision(amp_mode=precision))
     if channels_last:

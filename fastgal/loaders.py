@@ -122,7 +122,7 @@ def worker_context(device, num_workers: int) -> dict:
 class Loader:
     """One split, one view, one backend: see the module docstring."""
 
-    n_inp = 1
+    n_inp = 1  # fastai: one input (the images), the rest of a batch is targets
 
     def __init__(self, split: Split, view: View, geometry: Geometry, *, bs: int, device="cpu", backend: str = "auto",
                  seed: int = 42, rank: int = 0, world: int = 1, threads: int = 2, _impl=None):
@@ -137,6 +137,11 @@ class Loader:
         self.epoch = 0  # the training epoch the next complete pass reads
         # view_of() passes its loader's backend: the views of one split share its workers, threads and buffers
         self._impl = _impl or {"dali": _Dali, "torch": _Torch, "batched": _Batched}[self.backend](self)
+
+    @property
+    def c(self) -> int:
+        """fastai's number of model outputs for regression (what `dls.c` reads): one per target."""
+        return self.split.ntargets
 
     @property
     def decode(self) -> str:

@@ -6,11 +6,13 @@ A leaf module: it takes arrays and paths, never pipelines or learners.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import matplotlib
 
-matplotlib.use("Agg")  # files only, never a window
+if "ipykernel" not in sys.modules:  # the commands write files only, never a window; a notebook keeps its inline plots
+    matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 

@@ -3,7 +3,7 @@
     from fastgal.report import format_metrics
     print(format_metrics(json.load(open("runs/r1/metrics.json"))))
 
-The numbers come from train.py, predict.py and manifest.verify; this module only lays them out.
+The numbers come from train.py, predictions.py and manifest.verify; this module only lays them out.
 """
 
 from __future__ import annotations

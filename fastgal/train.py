@@ -53,7 +53,7 @@ from .loaders import dataloaders, thread_budget
 from .manifest import Shards
 from .model import make_model
 from .plots import coverage_plot, loss_curves, lr_find_plot, mzr_plot, pred_vs_true, residuals
-from .predict import predict_split
+from .predictions import predict_split
 from .util import write_bytes_atomic, write_json_atomic
 
 CHECKPOINT = "checkpoint.pth"
@@ -278,7 +278,7 @@ def write_history(s: Setup, learn, rows: list[dict]) -> pd.DataFrame:
 
 
 def predict_valid(s: Setup, learn, dls) -> pd.DataFrame:
-    """The validation set's predictions in file order through predict.predict_split, the path `fastgal
+    """The validation set's predictions in file order through predictions.predict_split, the path `fastgal
     predict` takes (computed as training computed: its precision and memory format); writes
     predictions_valid.csv: id, true_<t>, pred_<t>, and sigma_<t>, pred_tta_<t>, sigma_tta_<t> where they exist."""
     forward = inference(learn.model.eval(), {"precision": s.precision, "channels_last": _channels_last(s)}, s.device)

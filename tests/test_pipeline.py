@@ -16,7 +16,7 @@ GEO = Geometry(size=56, crop=72, precropped=False, mean=[0.0] * 3, std=[1.0] * 3
 
 def test_dali_is_imported_only_where_a_graph_is_built():
     """Every module imports without DALI (the torch backend must be reachable on machines that lack it)."""
-    code = ("import sys, fastgal.cli, fastgal.train, fastgal.predict, fastgal.loaders, fastgal.pipeline, fastgal.demo, "
+    code = ("import sys, fastgal.cli, fastgal.train, fastgal.predictions, fastgal.loaders, fastgal.pipeline, fastgal.demo, "
             "fastgal.bench, fastgal.bench_shuffle; print(sorted(m for m in sys.modules if m.startswith('nvidia.dali')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

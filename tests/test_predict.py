@@ -16,7 +16,7 @@ from fastgal.checkpoint import inference_settings
 from fastgal.geometry import CENTRE
 from fastgal.loaders import Loader, geometry_for
 from fastgal.manifest import Shards
-from fastgal.predict import _Files
+from fastgal.predictions import _Files
 
 
 def test_predict_on_shards_reproduces_the_run(small_run, small_shards, tmp_path):
@@ -27,7 +27,7 @@ def test_predict_on_shards_reproduces_the_run(small_run, small_shards, tmp_path)
     got = pd.read_csv(out, dtype={"id": str})
     ref = pd.read_csv(small_run / "predictions_valid.csv", dtype={"id": str})
     assert list(got.id) == list(ref.id)
-    # train's predictions_valid.csv and `fastgal predict` are one function (predict.predict_split): the same
+    # train's predictions_valid.csv and `fastgal predict` are one function (predictions.predict_split): the same
     # numbers, to the CSV's 5 decimals (batches of 32 vs 256 may move the last bit of a float32)
     assert list(got.columns) == ["id", "split", *ref.columns[1:]]
     for c in ref.columns[1:]:
@@ -80,7 +80,7 @@ def test_predict_input_errors(small_run, small_shards, survey, tmp_path):
     import torch
 
     from fastgal.config import PredictConfig
-    from fastgal.predict import predict
+    from fastgal.predictions import predict
 
     fake = tmp_path / "fake"
     fake.mkdir()
@@ -120,7 +120,7 @@ def test_predict_computes_as_training_did():
 def test_the_table_groups_columns_per_target():
     """One layout for predictions_valid.csv and `fastgal predict`: per target true, pred, sigma, pred_tta,
     sigma_tta; NaN for unusable rows; true values of other targets than the model's come first."""
-    from fastgal.predict import table
+    from fastgal.predictions import table
 
     est = {"pred": np.array([[1.0, 2.0], [3.0, 4.0]]), "sigma": None, "pred_tta": np.array([[5.0, 6.0], [7.0, 8.0]])}
     true = np.array([[0.5, 1.5], [2.5, 3.5]], dtype=np.float32)

@@ -165,7 +165,11 @@ def main(argv=None) -> int:
     a.out.mkdir(parents=True, exist_ok=True)
     platform = PLATFORMS[a.platform]
     need, box = plan(a.python)
-    pip("wheel", "--quiet", "--no-deps", "--no-build-isolation", "--wheel-dir", str(a.out), str(ROOT))  # fastgal
+    with tempfile.TemporaryDirectory() as tmp:  # fastgal from a copy, so the build leaves nothing in the checkout
+        src = Path(tmp) / "fastgal"
+        shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".venv", ".git", "build", "*.egg-info", "__pycache__",
+                                                                  "shards", "runs", "demo", "data"))
+        pip("wheel", "--quiet", "--no-deps", "--no-build-isolation", "--wheel-dir", str(a.out.resolve()), str(src))
     download([f"{n}=={v}" for n, v in need.items()], a.out, a.python, platform)
     wheels = sorted(a.out.glob("*.whl"))
     res = {"out": str(a.out), "python": a.python, "platform": platform, "box_has": box, "left_out": sorted(NEVER),

@@ -174,16 +174,21 @@ def diagnose(df: pd.DataFrame) -> dict:
     return out
 
 
-def predict(cfg: PredictConfig) -> tuple[pd.DataFrame, Path]:
-    """`fastgal predict`: the run's model on a shard folder (cfg.split) or a folder of JPEGs; writes the CSV."""
-    device = resolve_device(cfg.device)
-    model, ckpt = load_checkpoint(cfg.run, device)
-    forward = inference(model, ckpt, device)  # the training precision and memory format on a GPU
+def predict_table(cfg: PredictConfig, forward, meta: dict, device) -> pd.DataFrame:
+    """The table for cfg.input (a shard folder's cfg.split, or a folder of JPEGs): forward (x -> outputs) and
+    meta (model.pt's metadata: targets, geometry, pixel statistics) say how to feed the model."""
     inp = Path(cfg.input)
     if not inp.is_dir():
         raise ValueError(f"{inp} is not a folder; give a shard folder (with manifest.json) or a folder of .jpg cutouts")
     run = _predict_shards if (inp / "manifest.json").exists() else _predict_images
-    df = run(cfg, forward, ckpt, device)
-    out = Path(cfg.out) if cfg.out else Path(cfg.run) / f"predictions_{inp.resolve().name}.csv"
+    return run(cfg, forward, meta, device)
+
+
+def predict(cfg: PredictConfig) -> tuple[pd.DataFrame, Path]:
+    """`fastgal predict`: the run's model on a shard folder (cfg.split) or a folder of JPEGs; writes the CSV."""
+    device = resolve_device(cfg.device)
+    model, ckpt = load_checkpoint(cfg.run, device)
+    df = predict_table(cfg, inference(model, ckpt, device), ckpt, device)  # the training precision and memory format on a GPU
+    out = Path(cfg.out) if cfg.out else Path(cfg.run) / f"predictions_{Path(cfg.input).resolve().name}.csv"
     write_bytes_atomic(out, df.to_csv(index=False, float_format="%.5f").encode())
     return df, out

@@ -1,0 +1,79 @@
+"""The public Python API's own functions: the recipe's Learner over any fastgal DataLoaders, and predictions
+as a DataFrame from a run folder or from a Learner (see fastgal/__init__.py for the whole API).
+
+    import fastgal
+    dls = fastgal.dataloaders("shards/synth", bs=64, size=56)
+    learn = fastgal.recipe_learner(dls, arch="xresnet18")
+    learn.fit_one_cycle(1, 1e-2)
+    df = fastgal.predict(learn, "shards/synth")                  # or a run folder, or a folder of JPEGs
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from .config import RECIPE, PredictConfig
+
+
+def recipe_learner(dls, *, arch: str = RECIPE.arch, head: str = "rmse", opt: str = "ranger", precision: str = "auto",
+                   channels_last: bool | None = None, path=None, compile: bool = False):
+    """The seed recipe's fastai Learner over `dls` (fastgal.dataloaders'): `arch`(n_out, sa=True,
+    act_cls=Mish) with an output layer that denormalises to the shards' target scale, ranger, RMSE loss and
+    a per-target RMSE metric, fastai's progress bars. On a GPU: bf16 (fp16 where bf16 is missing) and
+    channels-last, as `fastgal train` runs it.
+
+    Example:
+        learn = fastgal.recipe_learner(dls, arch="xresnet18")
+        learn.lr_find(); learn.fit_one_cycle(7, 1e-2)
+    """
+    from .device import resolve_precision
+    from .learner import make_learner
+    from .model import make_model
+
+    shards = getattr(dls, "shards", None)
+    if shards is None:
+        raise ValueError("recipe_learner needs fastgal's DataLoaders (fastgal.dataloaders): it reads the targets' scale from the shards")
+    device = torch.device(dls.device or "cpu")
+    mean, std = shards.target_stats()
+    model = make_model(arch, len(dls.targets), mean, std, head=head)
+    return make_learner(dls, model, targets=dls.targets, path=Path(path or shards.folder), precision=resolve_precision(precision, device),
+                        channels_last=device.type == "cuda" if channels_last is None else channels_last,
+                        opt=opt, compile=compile, head=head, progress="fastai")
+
+
+def _learner_meta(learn) -> dict:
+    """What model.pt would record, read off a Learner over fastgal DataLoaders (raw outputs: one per target)."""
+    dls = learn.dls
+    g, sh = dls.train.geometry, dls.shards
+    return {"targets": list(dls.targets), "size": g.size, "crop": g.crop, "precrop": sh.precrop,
+            "image_size": list(sh.image_size), "pixel_mean": list(g.mean), "pixel_std": list(g.std), "precision": "fp32"}
+
+
+def predict(model, data, *, split: str = "valid", tta: bool = False, bs: int = 256, device: str | None = None,
+            loader: str = "auto", workers: int = 0) -> pd.DataFrame:
+    """Predictions as a DataFrame: `model` is a `fastgal train` run folder (or its model.pt) or a fastai
+    Learner over fastgal.dataloaders (any architecture: its outputs, one per target); `data` a shard folder
+    (its `split`: valid, train or all) or a folder of .jpg cutouts. Columns as `fastgal predict` writes them:
+    id, [split,] true_<t>, pred_<t>, [sigma_<t>,] and with tta pred_tta_<t>, sigma_tta_<t>; a JPEG folder
+    adds file, status and reason (every file gets a row).
+
+    Example:
+        df = fastgal.predict("runs/r1", "shards/synth", tta=True)
+        df = fastgal.predict(learn, "images/")            # the Learner's model on new cutouts
+    """
+    from .checkpoint import inference, load_checkpoint
+    from .device import resolve_device
+    from .predictions import predict_table
+
+    if isinstance(model, (str, Path)):
+        dev = resolve_device(device or "auto")
+        net, meta = load_checkpoint(model, dev)
+    else:  # a fastai Learner
+        dev = torch.device(device) if device else torch.device(model.dls.device or "cpu")
+        net, meta = model.model.to(dev).eval(), _learner_meta(model)
+    cfg = PredictConfig(run=Path(str(model)) if isinstance(model, (str, Path)) else Path("."), input=Path(data),
+                        split=split, tta=tta, bs=bs, device=str(dev), loader=loader, workers=workers)
+    return predict_table(cfg, inference(net, meta, dev), meta, dev)
