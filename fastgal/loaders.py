@@ -423,7 +423,14 @@ def dataloaders(shards, *, bs: int = RECIPE.bs, size: int = RECIPE.size, crop: i
                 path=None) -> DataLoaders:
     """fastai DataLoaders over a shard folder (a path or a Shards): train (TRAIN view, this rank's part of
     each epoch's permutation) and valid (centre view, all of it, file order, on every rank, so every
-    rank's metrics are exact and equal), normalised with the shards' pixel statistics."""
+    rank's metrics are exact and equal), normalised with the shards' pixel statistics. `size` is the model's
+    input, `crop` the region crops come from (the shards' own by default), `backend` one of --loader's.
+    Also carries `dls.shards` (the Shards) and `dls.targets` (their names).
+
+    Example:
+        dls = fastgal.dataloaders("shards/synth", bs=128, device="cuda")
+        xb, yb = dls.one_batch(); dls.show_batch(max_n=8)
+    """
     shards = shards if isinstance(shards, Shards) else Shards(shards)
     geo = geometry_for(shards, size=size, crop=crop)
     common = dict(bs=bs, device=device, backend=backend, threads=threads, seed=seed)

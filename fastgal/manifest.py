@@ -145,7 +145,12 @@ def training_crop(manifest: dict, asked: int | None = None) -> int:
 
 class Shards:
     """A finished shard folder, its manifest read and checked once; `split(name)` parses that split's
-    index files once and hands out the same Split to everything that asks."""
+    index files once and hands out the same Split to everything that asks.
+
+    Example:
+        shards = fastgal.Shards("shards/synth")
+        shards.targets, shards.image_size, shards.pixel_mean, len(shards.split("train"))
+    """
 
     def __init__(self, folder):
         self.folder = Path(folder)
@@ -203,6 +208,7 @@ class Split:
     through memory-mapped tars, mapped lazily once per process and dropped when pickled to a worker, so a
     sample is a slice of the page cache: no system call per read, nothing copied until a decoder takes it.
 
+    Example:
         sp = Shards("shards/synth").split("valid")
         jpegs, y = sp.batch(range(8)); sp.keys[:3]; sp.all_targets(); sp.column("lgm_tot_p50")
     """
