@@ -63,6 +63,7 @@ QUIET = "No progress on stderr."
 WORKERS = "Processes; 0 = all cores."
 DEVICES = ["auto", "cpu", "cuda"]
 LOADERS = ["auto", "dali", "torch", "batched"]
+ARCH_NAMES = ["xresnet18", "xresnet34", "xresnet50", "xresnet18_deep", "xresnet34_deep"]  # model.ARCHS, checked by click
 LOADER_HELP = ("Data path. dali: NVIDIA DALI's graph; torch: per sample in DataLoader workers on the CPU; "
                "batched: per batch with torch only (nvJPEG decode and one resample on a GPU); "
                "auto: DALI on a GPU where installed, else batched; torch on a CPU.")
@@ -117,7 +118,7 @@ class TrainConfig:
     epochs: int = option(RECIPE.epochs)
     lr: float = option(RECIPE.lr, "Peak learning rate of fit_one_cycle.")
     bs: int = option(RECIPE.bs, "Batch size (per process).")
-    arch: str = option(RECIPE.arch, "xresnet18|xresnet34|xresnet50 (sa=True, Mish).")
+    arch: str = option(RECIPE.arch, "fastai's xresnet (sa=True, Mish).", choices=ARCH_NAMES)
     size: int = option(RECIPE.size, "Random crop the model sees.")
     crop: int | None = option(None, "Centre region crops are drawn from [default: the shards' own, from manifest.json].")
     targets: list[str] | None = option(None, "Target name(s); default: all in the manifest.", flag="--target", multiple=True)
@@ -225,7 +226,7 @@ class BenchConfig:
     bs: int = option(RECIPE.bs, "Batch size.")
     size: int = option(RECIPE.size, "Random crop the model sees.")
     crop: int | None = option(None, "Centre region crops are drawn from [default: the shards' own].")
-    arch: str = option(RECIPE.arch, "Model for the model, e2e and step sections.")
+    arch: str = option(RECIPE.arch, "Model for the model, e2e and step sections.", choices=ARCH_NAMES)
     device: str = option("auto", choices=DEVICES)
     workers: int = option(0, "Loader threads/processes for every backend; 0 = all cores.")
     epochs: int = option(2, "Full epochs the shuffle section reads per loader (>= 2).")

@@ -18,9 +18,10 @@ from fastai.vision.models import xresnet
 from torch import nn
 
 from . import heads
+from .config import ARCH_NAMES
 from .loop import DeviceAccumMetric
 
-ARCHS = {name: getattr(xresnet, name) for name in ("xresnet18", "xresnet34", "xresnet50", "xresnet18_deep", "xresnet34_deep")}
+ARCHS = {name: getattr(xresnet, name) for name in ARCH_NAMES}
 
 
 def rmse_loss(pred, targ):

@@ -43,7 +43,7 @@ def test_train_writes_the_run_folder(small_shards, tmp_path, monkeypatch):
     old = os.umask(0o027)  # files must get the umask's modes like a plain write, not mkstemp's 0600
     try:
         res = run_cli("train", small_shards, "--out", run, "--epochs", 2, "--bs", 32, "--arch", "xresnet18",
-                      "--size", 56, "--lr-find", "--lr-find-iters", 6, "--tta", "--quiet")
+                      "--size", 56, "--lr-find", "--lr-find-iters", "6", "--tta", "--quiet")
     finally:
         os.umask(old)
     assert {stat.S_IMODE(p.stat().st_mode) for p in run.iterdir()} == {0o640}
@@ -234,6 +234,9 @@ def test_resume_refusals(small_shards, tmp_path):
     assert res.exit_code != 0 and "no run to resume" in res.output
     run.mkdir()
     (run / "config.json").write_text(json.dumps({"epochs": 3, "lr": 0.01}))
+    res = run_cli("train", small_shards, "--out", run, "--resume", ok=False)  # started, but no epoch finished
+    assert res.exit_code != 0 and "finished no epoch" in res.output and "without --resume" in res.output
+    (run / "checkpoint.pth").write_bytes(b"")  # as if an epoch had finished (its settings are checked first)
     res = run_cli("train", small_shards, "--out", run, "--size", 56, "--epochs", 3, "--lr", 0.02, "--resume", ok=False)
     assert res.exit_code != 0 and "lr = 0.01, not 0.02" in res.output and len(res.output.strip().splitlines()) == 1
     res = run_cli("train", small_shards, "--out", run, "--resume", "--overwrite", ok=False)
@@ -243,6 +246,23 @@ def test_resume_refusals(small_shards, tmp_path):
     assert res.exit_code != 0 and "finished" in res.output and "--overwrite" in res.output
     res = run_cli("train", small_shards, "--out", run, ok=False)
     assert res.exit_code != 0 and "--resume" in res.output
+
+
+@pytest.mark.slow
+def test_a_run_that_finished_no_epoch_blocks_nothing(small_shards, tmp_path):
+    """Issue 22, case 1: a typo fails before anything is written; a run stopped during lr_find leaves no
+    lr_find weights in the run folder, --resume says there is nothing to resume, and the same command
+    (without --overwrite) then trains."""
+    run = tmp_path / "c3"
+    res = run_cli("train", small_shards, "--out", run, "--arch", "xresnet43", ok=False)
+    assert res.exit_code != 0 and "xresnet34" in res.output and not run.exists()
+    p = _train(small_shards, run, "--lr-find", "--lr-find-iters", "6", kill_at=(0, 2))  # inside lr_find's fit
+    assert p.returncode == -9 and (run / "config.json").is_file(), p.stderr[-2000:]
+    assert not [f for f in run.rglob("*") if f.suffix == ".pth"], sorted(run.rglob("*"))  # no _tmp.pth, no checkpoint
+    p = _train(small_shards, run, "--lr-find", "--lr-find-iters", "6", "--resume")
+    assert p.returncode != 0 and "finished no epoch" in p.stderr and "without --resume" in p.stderr
+    p = _train(small_shards, run, "--lr-find", "--lr-find-iters", "6")
+    assert p.returncode == 0 and (run / "metrics.json").is_file(), p.stderr[-2000:]
 
 
 def test_train_opt_option(small_shards, small_run, tmp_path, monkeypatch):
