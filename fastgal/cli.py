@@ -363,6 +363,10 @@ def predict(as_json, **kw):
     with _user_errors():
         df, path = run_predict(config(PredictConfig, kw))
     n_bad = int((df["status"] != "ok").sum()) if "status" in df else 0
+    if n_bad and n_bad == len(df):  # nothing scored: a failure, whatever the table says
+        top = df["status"].value_counts().index[0]
+        raise click.ClickException(f"none of the {len(df)} inputs could be scored (first reason: "
+                                   f"{top}: {df.loc[df.status == top, 'reason'].iloc[0]}); their rows are in {path}")
     diag = diagnose(df)
     summary = {"out": str(path), "rows": len(df), "unusable": n_bad,
                **{f"rmse_{t}": d["rmse"] for t, d in diag.items()}, "diagnostics": diag}

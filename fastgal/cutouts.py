@@ -87,7 +87,8 @@ def check_image(pos: int, path: str, geo: ImageRules) -> Checked:
     w, h = im.size
     need = geo.precrop or geo.crop
     if min(h, w) < need:
-        return Checked(pos, "too-small", f"{w}x{h} px < {need} px crop")
+        opt = "--precrop" if geo.precrop else "--crop"
+        return Checked(pos, "too-small", f"{w}x{h} px, under the {need} px centre region ({opt} {need})")
     if geo.expect is not None and (h, w) != geo.expect:
         return Checked(pos, "wrong-size", f"{w}x{h} px; most images are {geo.expect[1]}x{geo.expect[0]}")
     blank = _blank(im)

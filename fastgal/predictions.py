@@ -25,6 +25,7 @@ import torch
 
 from .checkpoint import inference, load_checkpoint
 from .config import PredictConfig
+from .cutouts import ImageRules, check_image
 from .decode import decoder
 from .device import resolve_device
 from .diagnostics import calibration, summarise
@@ -33,7 +34,7 @@ from .heads import split as split_heads
 from .heads import view_stats
 from .loaders import Loader, geometry_for, thread_budget, worker_context
 from .manifest import Shards, Split
-from .util import jpeg_problem, write_bytes_atomic
+from .util import write_bytes_atomic
 
 ESTIMATES = ("pred", "sigma", "pred_tta", "sigma_tta")  # the column prefixes, in the order they are written
 
@@ -102,11 +103,14 @@ def _predict_shards(cfg: PredictConfig, forward, ckpt, device) -> pd.DataFrame:
 
 
 class _Files(torch.utils.data.Dataset):
-    """JPEG files -> (views, index, why): each file is decoded once and transformed into every view
-    (centre, or the 8 dihedral ones for TTA); unusable files give zeros and the reason."""
+    """JPEG files -> (views, index, why): each file checked exactly as `fastgal shard` checks a cutout
+    (cutouts.check_image: a full decode, RGB, the survey's size or at least the precrop, not blank; the same
+    reasons), the bytes shard would store (the re-encoded centre for a --precrop model) decoded as the
+    loaders decode them and transformed into every view (centre, or the 8 dihedral ones for TTA); unusable
+    files give zeros and the reason."""
 
-    def __init__(self, files, geometry: Geometry, views, image_size):
-        self.files, self.geometry, self.views, self.image_size = files, geometry, list(views), list(image_size)
+    def __init__(self, files, geometry: Geometry, views, rules: ImageRules):
+        self.files, self.geometry, self.views, self.rules = files, geometry, list(views), rules
 
     def __len__(self):
         return len(self.files)
@@ -114,27 +118,25 @@ class _Files(torch.utils.data.Dataset):
     def __getitem__(self, i):
         s = self.geometry.size
         zeros = torch.zeros(len(self.views), 3, s, s)
-        try:
-            data = Path(self.files[i]).read_bytes()
-            bad = jpeg_problem(data, require_eoi=True)  # a download cut short is not a cutout
-            if bad:
-                return zeros, i, f"{bad[0]}: {bad[1]}"
-            img = decoder()[1]([torch.frombuffer(bytearray(data), dtype=torch.uint8)], "cpu")[0]
-        except Exception as e:  # corrupt/truncated data: report it, keep going
-            return zeros, i, f"corrupt-image: {str(e).splitlines()[0][:80]}"
-        if list(img.shape[1:]) != self.image_size:
-            return zeros, i, f"wrong-size: {img.shape[2]}x{img.shape[1]}, model expects {self.image_size[1]}x{self.image_size[0]}"
+        c = check_image(i, str(self.files[i]), self.rules)
+        if c.reason:
+            return zeros, i, f"{c.reason}: {c.detail}"
+        img = decoder()[1]([torch.frombuffer(bytearray(c.data), dtype=torch.uint8)], "cpu")[0]
         return torch.stack([transform(img, self.geometry, v) for v in self.views]), i, ""
 
 
 def _predict_images(cfg: PredictConfig, forward, ckpt, device) -> pd.DataFrame:
-    files = sorted(p for p in Path(cfg.input).iterdir() if p.is_file() and p.suffix.lower() in (".jpg", ".jpeg"))
+    # every file gets a row (one that is not a JPEG gets its reason), but hidden ones (.DS_Store, editors' files)
+    files = sorted(p for p in Path(cfg.input).iterdir() if p.is_file() and not p.name.startswith("."))
     if not files:
-        raise ValueError(f"no .jpg files in {cfg.input}; give a folder of cutouts or a shard folder")
-    geo = Geometry(size=ckpt["size"], crop=ckpt.get("precrop") or ckpt["crop"], precropped=False,
-                   mean=ckpt["pixel_mean"], std=ckpt["pixel_std"])
+        raise ValueError(f"no files in {cfg.input}; give a folder of .jpg cutouts or a shard folder")
+    pre, stored = ckpt.get("precrop"), tuple(ckpt["image_size"])
+    # as the model's shards were made: the survey's size, or any size at least the precrop, stored as its centre
+    rules = ImageRules(crop=ckpt["crop"], precrop=pre, expect=None if pre else stored, region=ckpt["crop"], stored=stored)
+    geo = Geometry(size=ckpt["size"], crop=pre or ckpt["crop"], precropped=bool(pre), mean=ckpt["pixel_mean"],
+                   std=ckpt["pixel_std"])
     workers = min(thread_budget(cfg.workers), 4)
-    dl = torch.utils.data.DataLoader(_Files(files, geo, TTA_VIEWS if cfg.tta else [CENTRE], ckpt["image_size"]),
+    dl = torch.utils.data.DataLoader(_Files(files, geo, TTA_VIEWS if cfg.tta else [CENTRE], rules),
                                      batch_size=cfg.bs, num_workers=workers, **worker_context(device, workers))
     k, status = len(ckpt["targets"]), [""] * len(files)
     parts: dict[str, list] = {"pred": [], "sigma": [], "sigma_tta": []}

@@ -207,6 +207,9 @@ def _check_config(cfg: ShardConfig) -> None:
         raise ValueError(f"--shard-size must be at least 1 sample, got {cfg.shard_size}")
     if cfg.precrop is not None and cfg.precrop < 16:
         raise ValueError(f"--precrop must be at least 16 pixels, got {cfg.precrop}")
+    if cfg.precrop is not None and cfg.precrop < cfg.crop:
+        raise ValueError(f"--precrop {cfg.precrop} is smaller than --crop {cfg.crop}, the centre region training draws "
+                         f"its crops from; pass --precrop {cfg.crop} (or more), or a --crop of {cfg.precrop} or less")
     if cfg.crop < 1:
         raise ValueError(f"crop must be positive, got {cfg.crop}")
     if cfg.workers < 0:
@@ -227,7 +230,9 @@ def _read_rows(cfg: ShardConfig) -> _Rows:
 
 def _prepare_out(out: Path, cfg: ShardConfig) -> None:
     """Refuse an OUT we may not write (before any work); clear what a killed run left in it."""
-    check_out(out, overwrite=cfg.overwrite, finished="manifest.json", unfinished=is_shard_file, what="shards")
+    # rejects.csv alone is the report of a run that wrote no shards: the corrected command replaces it
+    check_out(out, overwrite=cfg.overwrite, finished="manifest.json", what="shards",
+              unfinished=lambda name: is_shard_file(name) and name != "rejects.csv")
     gone = [p.name for p in remove_stale(out, TMP_PREFIX)]
     if gone:
         Progress(quiet=cfg.quiet).line(f"removed {len(gone)} temporary folder(s) left in {out} by an interrupted run: {', '.join(gone)}")
@@ -271,8 +276,12 @@ def _check_placed(rows: _Rows, done: _Written, tmp: Path, cfg: ShardConfig) -> N
             where = f"; see {out / 'rejects.csv'}"
         what = (f"all {n} rows of {cfg.catalog} were rejected" if not done.rows["valid"] else
                 f"{len(rows.rejects)} of {n} rows of {cfg.catalog} were rejected, none left for training")
+        fix = ""
+        if by.most_common(1)[0][0] == "too-small":
+            opt = f"--precrop {cfg.precrop}" if cfg.precrop else f"--crop {cfg.crop}"
+            fix = f"; the cutouts are smaller than {opt}: pass a {opt.split()[0]} no larger than their side"
         raise ValueError(f"no usable samples: {what} "
-                         f"({', '.join(f'{k} {v}' for k, v in by.most_common())}){where}")
+                         f"({', '.join(f'{k} {v}' for k, v in by.most_common())}){where}{fix}")
     placed = done.rows["train"] + done.rows["valid"] + list(rows.rejects)
     if len(placed) != n or set(placed) != set(range(n)):
         raise RuntimeError(f"internal error: {n} catalog rows but {len(placed)} placed "

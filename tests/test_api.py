@@ -24,8 +24,8 @@ def test_the_api_is_what_help_lists_and_import_stays_light():
         assert callable(obj) or name == "RECIPE"
         if callable(obj):
             assert "Example:" in (obj.__doc__ or ""), name  # reference docs: each with a runnable example
-    with pytest.raises(AttributeError, match="no attribute 'train'"):
-        fastgal.train  # noqa: B018  (not public)
+    with pytest.raises(AttributeError, match="no attribute 'make_learner'"):
+        fastgal.make_learner  # noqa: B018  (not public; submodules become attributes once imported, as in any package)
     # `import fastgal` alone imports neither torch nor fastai: the CLI's start-up and a notebook's first cell
     code = "import sys, fastgal; print('torch' in sys.modules, 'fastai' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.split() == ["False", "False"]

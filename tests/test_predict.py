@@ -16,6 +16,7 @@ from fastgal.checkpoint import inference_settings
 from fastgal.geometry import CENTRE
 from fastgal.loaders import Loader, geometry_for
 from fastgal.manifest import Shards
+from fastgal.cutouts import ImageRules
 from fastgal.predictions import _Files
 
 
@@ -55,14 +56,19 @@ def test_predict_on_a_jpeg_folder_reports_every_file(small_run, small_shards, tm
     (imgs / "broken.jpg").write_bytes((src / f"{ref.id[0]}.jpg").read_bytes()[:300])
     (imgs / "page.jpg").write_bytes(b"<html>404 Not Found</html>")
     Image.new("RGB", (64, 64)).save(imgs / "small.jpg")
+    # issue 22, case 4: shard's checker and reasons (a greyscale cutout is not-rgb there, so here), every file a row
+    Image.open(src / f"{ref.id[1]}.jpg").convert("L").save(imgs / "grey.jpg")
+    Image.open(src / f"{ref.id[2]}.jpg").save(imgs / "cutout.png")
+    (imgs / ".DS_Store").write_bytes(b"\0\0")  # hidden: not an input
     out = tmp_path / "p.csv"
     res = run_cli("predict", small_run, imgs, "--out", out)
-    assert "3 unusable" in res.output  # page, small, broken
+    assert "5 unusable" in res.output  # page, small, broken, grey, png
     df = pd.read_csv(out, dtype={"id": str}).set_index("id")
-    assert len(df) == 23  # every file has a row
-    assert df.loc["page", "status"] == "not-jpeg" and df.loc["small", "status"] == "wrong-size"
-    assert df.loc["broken", "status"] == "corrupt-image" and "truncated" in df.loc["broken", "reason"]
-    assert df.loc[["page", "small", "broken"], "pred_metallicity"].isna().all()
+    assert len(df) == 25  # every file has a row
+    assert df.loc["page", "status"] == "not-jpeg" and df.loc["small", "status"] == "too-small"  # under the crop
+    assert df.loc["broken", "status"] == "corrupt-image" and "truncated" in df.loc["broken", "reason"].lower()
+    assert df.loc["grey", "status"] == "not-rgb" and df.loc["cutout", "status"] == "not-jpeg"
+    assert df.loc[["page", "small", "broken", "grey", "cutout"], "pred_metallicity"].isna().all()
     good = ref.set_index("id").loc[ref.id[:20]]
     # the torch path on JPEG files matches DALI on shards, up to decoder rounding
     assert np.allclose(df.loc[good.index, "pred_metallicity"], good.pred_metallicity, atol=2e-3)
@@ -74,6 +80,12 @@ def test_predict_errors(small_run, tmp_path):
     (tmp_path / "empty").mkdir()
     res = run_cli("predict", small_run, tmp_path / "empty", ok=False)
     assert res.exit_code != 0 and ".jpg" in res.output
+    # issue 22, case 3: nothing scored is a failure, with the reason, though every file has its row
+    (tmp_path / "none").mkdir()
+    Image.effect_noise((100, 100), 40).convert("RGB").save(tmp_path / "none" / "a.jpg")  # 100 px, not the survey's 112
+    res = run_cli("predict", small_run, tmp_path / "none", "--out", tmp_path / "n.csv", ok=False)
+    assert res.exit_code != 0 and "none of the 1 inputs could be scored" in res.output and "wrong-size" in res.output
+    assert len(pd.read_csv(tmp_path / "n.csv")) == 1
 
 
 def test_predict_input_errors(small_run, small_shards, survey, tmp_path):
@@ -104,11 +116,32 @@ def test_predict_decodes_a_jpeg_folder_as_the_loaders_do(small_shards):
     dl = Loader(sh.split("valid"), CENTRE, geometry_for(sh, size=56), bs=8, backend="torch")
     survey = small_shards.parent / "s" / "images"
     ids = dl.split.keys[:8]
-    files = _Files([survey / f"{i}.jpg" for i in ids], dl.geometry, [CENTRE, *range(8)], sh.image_size)
+    size = tuple(sh.image_size)
+    rules = ImageRules(crop=72, precrop=None, expect=size, region=72, stored=size)
+    files = _Files([survey / f"{i}.jpg" for i in ids], dl.geometry, [CENTRE, *range(8)], rules)
     got = torch.stack([files[i][0] for i in range(len(ids))])  # (8 files, 9 views, 3, 56, 56)
     assert torch.equal(got[:, 0], dl.one_batch()[0])
     for v in (3, 6):
         assert torch.equal(got[:, 1 + v], dl.view_of(v).one_batch()[0])
+
+
+@pytest.mark.slow
+def test_a_precrop_model_scores_raw_cutouts(small_shards, tmp_path):
+    """Issue 22, case 3: a model trained on --precrop shards takes raw cutouts' centre, as shard did."""
+    s = small_shards.parent / "s"
+    sh, run = tmp_path / "sh", tmp_path / "r"
+    run_cli("shard", s / "data/master.csv", s / "images", sh, "--crop", 72, "--precrop", 80, "--quiet")
+    run_cli("train", sh, "--out", run, "--epochs", 1, "--bs", 32, "--arch", "xresnet18", "--size", 32, "--quiet")
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    ids = Shards(sh).split("valid").keys[:6]
+    for i in ids:
+        shutil.copy(s / "images" / f"{i}.jpg", raw / f"{i}.jpg")  # 112 px originals, not the 80 px centres
+    run_cli("predict", run, raw, "--out", tmp_path / "raw.csv")
+    got = pd.read_csv(tmp_path / "raw.csv", dtype={"id": str}).set_index("id")
+    assert (got.status == "ok").all() and got.pred_metallicity.notna().all()
+    ref = pd.read_csv(run / "predictions_valid.csv", dtype={"id": str}).set_index("id").loc[ids]
+    assert np.allclose(got.loc[ids, "pred_metallicity"], ref.pred_metallicity, atol=2e-3)  # the same centre
 
 
 def test_predict_computes_as_training_did():

@@ -268,7 +268,7 @@ def test_bad_cases_are_rejected_with_reasons(survey, tmp_path):
     detail[ids[3]] = detail[ids[3]].split(" (")[0]  # PIL's own words follow
     assert [detail[ids[k]] for k in (2, 3, 5, 6, 7, 8, 9, 10, 11)] == [
         "starts with '<!DOCTYPE html><'", "OSError: image file is truncated",
-        "100x100 px < 144 px crop", "200x200 px; most images are 224x224", "all dark (brightest pixel 3)",
+        "100x100 px, under the 144 px centre region (--crop 144)", "200x200 px; most images are 224x224", "all dark (brightest pixel 3)",
         "flat frame (channel std 0.00)", "mode L", "mode CMYK", "empty file"]
     assert [detail[ids[k]] for k in (12, 13, 16)] == [
         "metallicity: empty", "metallicity: 'abc' is not a number", "metallicity: '1e40' is not finite (as float32)"]
@@ -306,6 +306,22 @@ def test_precrop(survey, tmp_path):
         orig = np.asarray(Image.open(survey / "images" / f"{key}.jpg"), np.float64)[32:192, 32:192]
         assert np.abs(np.asarray(im, np.float64) - orig).mean() < 2  # the centre, at high quality
     assert verify(out)["ok"]
+
+
+def test_sizes_fit_together_or_the_command_says_which_option(survey, small_shards, tmp_path):
+    """Issue 22, case 3: a precrop under the crop is refused before anything is written; a survey whose
+    cutouts are under the crop names --crop in every reject and in the error, and the corrected command
+    runs in the same folder without --overwrite (the failed run left only its rejects report)."""
+    res = run_cli("shard", survey / "data" / "master.csv", survey / "images", tmp_path / "p", "--precrop", 100, ok=False)
+    assert res.exit_code != 0 and "--precrop 100 is smaller than --crop 144" in res.output and not (tmp_path / "p").exists()
+    small = small_shards.parent / "s"  # 112 px cutouts
+    out = tmp_path / "o"
+    res = run_cli("shard", small / "data" / "master.csv", small / "images", out, "--quiet", ok=False)
+    assert res.exit_code != 0 and "too-small 260" in res.output and "pass a --crop no larger than their side" in res.output
+    rejects = pd.read_csv(out / "rejects.csv")
+    assert (rejects.reason == "too-small").all() and rejects.detail.str.contains("(--crop 144)", regex=False).all()
+    run_cli("shard", small / "data" / "master.csv", small / "images", out, "--crop", 72, "--quiet")  # corrected
+    assert verify(out)["ok"] and not (out / "rejects.csv").read_text().strip().count("\n")  # header only
 
 
 def test_refuse_then_overwrite_and_no_leftovers(survey, survey_shards, tmp_path):
