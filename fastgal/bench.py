@@ -383,6 +383,8 @@ def format_table(res: dict) -> str:
         e = res["e2e"]
         block(f"e2e: Learner.fit ({res['config']['arch']}) with each loader; fraction = e2e / model images/s",
               e, ("data-bound fraction", e["data_bound_fraction"]))
+        if any(v > 1 for v in e["data_bound_fraction"].values()):
+            lines.append("  (a fraction above 1 is the two measurements' noise: that loader keeps up with the model)")
     if "step" in res:
         from .bench_step import step_table
 

@@ -9,6 +9,10 @@ The numbers come from train.py, predictions.py and manifest.verify; this module 
 from __future__ import annotations
 
 
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 def format_metrics(m: dict) -> str:
     """metrics.json as the summary `fastgal train` and `demo` print on stdout."""
     lines = [f"{'target':<14}{'RMSE':>8}{'NMAD':>8}{'bias':>9}{'R2':>7}{'TTA RMSE':>10}{'mean-baseline':>15}"]
@@ -21,19 +25,25 @@ def format_metrics(m: dict) -> str:
         f = m["floor"]
         lines.append(f"synthetic survey: observable reference RMSE {f['observable_reference_rmse']:.4f} dex (what the "
                      f"images show), latent floor {f['floor_rmse']:.4f} dex (an oracle knowing mass and SFR)")
-    lines.append(f"{m['epochs']} epochs in {m['fit_seconds']:.1f}s, {m['train_images_per_s']:.0f} train images/s "
+    lines.append(f"{plural(m['epochs'], 'epoch')} in {m['fit_seconds']:.1f}s, {m['train_images_per_s']:.0f} train images/s "
                  f"({m['device']}, {m['precision']}, {m['loader_backend']} loader, decode on {m['loader_decode']}); "
                  f"best epoch {m['best_epoch']}")
     return "\n".join(lines)
 
 
 def calibration_lines(d: dict, prefix: str) -> list[str]:
-    """One line per sigma estimate (the head's, the TTA spread's) that d's calibration has."""
+    """The coverage of the head's sigma (a gaussian head: an uncertainty, so its coverage is a test), and the
+    TTA spread's size (how much the 8 views disagree: not an uncertainty, so no coverage is expected of it;
+    metrics.json keeps its coverage figures for whoever wants them)."""
     lines = []
-    for c, what in ((d.get("calibration"), "sigma"), (d.get("tta_calibration"), "TTA spread")):
-        if c and c["within_1sigma"] is not None:
-            lines.append(f"{prefix}{what} (median {c['median_sigma']:.4f}): within 1 sigma {c['within_1sigma']:.1%} "
-                         f"(Gaussian 68.3%), within 2 sigma {c['within_2sigma']:.1%} (95.4%), RMS z {c['rms_z']:.2f}")
+    c = d.get("calibration")
+    if c and c["within_1sigma"] is not None:
+        lines.append(f"{prefix}sigma (median {c['median_sigma']:.4f}): within 1 sigma {c['within_1sigma']:.1%} "
+                     f"(Gaussian 68.3%), within 2 sigma {c['within_2sigma']:.1%} (95.4%), RMS z {c['rms_z']:.2f}")
+    t = d.get("tta_calibration")
+    if t and t["within_1sigma"] is not None:
+        lines.append(f"{prefix}TTA spread: median {t['median_sigma']:.4f} across the 8 views (how much the views "
+                     "disagree, not an uncertainty)")
     return lines
 
 
@@ -57,5 +67,9 @@ def format_info(out, res: dict) -> str:
               for t, st in m["target_stats"].items()]
     lines += [f"  images {m['image']['size']} precrop {m['image']['precrop']}; centre {ps['region']} px mean "
               f"{[round(x, 2) for x in ps['mean']]} std {[round(x, 2) for x in ps['std']]}",
-              "  verified: sha256s, indexes and counts match" if res["ok"] else f"  {len(res['problems'])} problem(s)"]
+              "  verified: sha256s, indexes and counts match" if res["ok"] else
+              f"  {plural(len(res['problems']), 'problem')}:"]
+    if not res["ok"]:
+        lines += [f"    {p}" for p in res["problems"][:10]]
+        lines += [f"    ... and {len(res['problems']) - 10} more"] if len(res["problems"]) > 10 else []
     return "\n".join(lines)

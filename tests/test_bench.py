@@ -134,3 +134,18 @@ def test_bench_accuracy_rows_table_and_plot(tmp_path):
     assert len(lines) == 4 and lines[3].startswith("| 4,000 | 3200 / 800 | 0.1100 | 0.1090 |")
     png = acc.plot(rows, tmp_path / "curve.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_a_data_bound_fraction_above_one_is_called_noise():
+    """Issue 22, case 5: 1.04 must not read as a loader faster than the model."""
+    from fastgal.bench import format_table
+
+    sec = {"baseline": "torch", "results": {"torch": {"images_per_s": 104.0}}, "ratio_vs_baseline": {"torch": 1.0},
+           "data_bound_fraction": {"torch": 1.04}}
+    res = {"config": {"bs": 8, "crop": 72, "size": 56, "workers": 1, "device": "cpu", "repeats": 1, "batches": 2,
+                      "warmup": 0, "arch": "xresnet18"}, "machine": {"gpu": None, "usable_cpus": 2}, "n_train": 10,
+           "shards": "s", "model": {"arch": "xresnet18", "batch_shape": [8, 3, 56, 56], "precision": "fp32",
+                                    "images_per_s": 100.0}, "e2e": sec}
+    assert "noise: that loader keeps up" in format_table(res)
+    sec["data_bound_fraction"]["torch"] = 0.9
+    assert "noise" not in format_table(res)

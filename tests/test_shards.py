@@ -486,6 +486,13 @@ def test_info_and_tampering(survey_shards, tmp_path):
     res = run_cli("info", bad, ok=False)
     assert res.exit_code != 0 and "train-000001.tar" in res.output and "sha256" in res.output
 
+    out = run_cli("info", bad, ok=False).output  # issue 22, case 5: the summary names every problem it counts
+    import re
+
+    listed = [line for line in out.splitlines() if line.startswith("    ")]
+    n = int(re.search(r"  (\d+) problems?:", out).group(1))
+    assert "problem(s)" not in out and len(listed) == min(n, 10) and any("train-000001.tar" in line for line in listed)
+
     tar.write_bytes(bytes(raw[:-1024]))  # truncated
     res = run_cli("info", bad, ok=False)
     assert res.exit_code != 0 and "bytes" in res.output and "train-000001.tar" in res.output

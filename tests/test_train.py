@@ -198,6 +198,18 @@ def test_train_refuses_index_files_of_another_format(small_shards, tmp_path):
     assert len(res.output.strip().splitlines()) == 1
 
 
+def test_the_summary_reads_as_a_person_would(small_run):
+    """Issue 22, case 5: '1 epoch', and the TTA spread as what it is (the views' disagreement), not a failed
+    calibration; metrics.json keeps its coverage figures."""
+    from fastgal.report import format_metrics
+
+    m = json.loads((small_run / "metrics.json").read_text())
+    text = format_metrics(m)
+    assert m["epochs"] == 1 and "1 epoch in" in text and "1 epochs" not in text
+    assert "TTA spread: median" in text and "not an uncertainty" in text and "RMS z" not in text
+    assert m["targets"]["metallicity"]["tta_calibration"]["rms_z"] > 0  # still in the file
+
+
 def test_run_records_how_it_computed(small_run):
     w = torch.load(small_run / "model.pt", weights_only=False)
     cfg = json.loads((small_run / "config.json").read_text())
