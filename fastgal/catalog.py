@@ -48,14 +48,16 @@ def read_catalog(path, id_col: str = "objID", targets=("metallicity",)) -> pd.Da
     df = df.fillna("")  # short rows: missing cells are empty text like any other empty cell
     df.columns = [str(c).strip() for c in df.columns]
     cols = list(df.columns)
+    # the first 12 columns, and how many there are when that is not all of them
+    listed = ", ".join(cols[:12]) + (f", ... ({len(cols)} columns)" if len(cols) > 12 else "")
     if id_col not in cols:
-        raise ValueError(f"catalog {path} has no id column {id_col!r} (columns: {', '.join(cols[:12])}); pass --id-col")
+        raise ValueError(f"catalog {path} has no id column {id_col!r} (columns: {listed}); pass --id-col")
     targets = list(targets)
     if not targets:
         raise ValueError("no target columns given; pass --target NAME at least once")
     for t in targets:
         if t not in cols:
-            raise ValueError(f"catalog {path} has no target column {t!r} (columns: {', '.join(cols[:12])}); pass --target")
+            raise ValueError(f"catalog {path} has no target column {t!r} (columns: {listed}); pass --target")
         if t == id_col:
             raise ValueError(f"target {t!r} is the id column of {path}; choose another --target")
     if len(set(cols)) != len(cols):

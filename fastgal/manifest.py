@@ -110,6 +110,9 @@ def load_manifest(folder) -> dict:
     if not mpath.is_file():
         if folder.is_dir() and any(is_shard_file(p.name) for p in folder.iterdir()):
             raise ValueError(f"{folder} has shard files but no manifest.json (an unfinished run); {redo}")
+        if (folder / "synth.json").is_file() or (folder / "images").is_dir():  # a survey, not shards: shard it elsewhere
+            raise ValueError(f"{folder} is a survey (cutouts and a catalog), not shards; make them with `fastgal shard "
+                             f"{folder / 'data' / 'master.csv'} {folder / 'images'} shards/{folder.name}` and pass shards/{folder.name}")
         raise ValueError(f"no manifest.json in {folder}; make shards there with `fastgal shard CATALOG IMAGES {folder}`")
     try:
         m = json.loads(mpath.read_text())

@@ -231,7 +231,7 @@ def _read_rows(cfg: ShardConfig) -> _Rows:
 def _prepare_out(out: Path, cfg: ShardConfig) -> None:
     """Refuse an OUT we may not write (before any work); clear what a killed run left in it."""
     # rejects.csv alone is the report of a run that wrote no shards: the corrected command replaces it
-    check_out(out, overwrite=cfg.overwrite, finished="manifest.json", what="shards",
+    check_out(out, overwrite=cfg.overwrite, finished="manifest.json", what="shard folder",
               unfinished=lambda name: is_shard_file(name) and name != "rejects.csv")
     gone = [p.name for p in remove_stale(out, TMP_PREFIX)]
     if gone:

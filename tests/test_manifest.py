@@ -95,3 +95,12 @@ def test_read_index_gives_offsets_of_every_component(survey_shards):
     key, comp = rows[0]
     assert set(comp) == {"jpg", "target.f32", "json"} and key == sp.keys[0]
     assert comp["jpg"] == (int(sp.img_off[0]), int(sp.img_size[0]))
+
+
+def test_a_survey_folder_is_named_as_one(survey, tmp_path):
+    """Issue 22, case 5: `fastgal train data/synth` must not suggest writing shards into the survey."""
+    from conftest import run_cli
+
+    res = run_cli("train", survey, "--out", tmp_path / "r", ok=False)
+    assert res.exit_code != 0 and "is a survey (cutouts and a catalog), not shards" in res.output
+    assert f"fastgal shard {survey / 'data' / 'master.csv'} {survey / 'images'} shards/{survey.name}" in res.output

@@ -331,6 +331,7 @@ def test_refuse_then_overwrite_and_no_leftovers(survey, survey_shards, tmp_path)
     args = ["shard", survey / "data" / "master.csv", survey / "images", out, "--quiet"]
     res = run_cli(*args, ok=False)
     assert res.exit_code != 0 and "--overwrite" in res.output and len(res.output.strip().splitlines()) == 1
+    assert "already holds a finished shard folder (manifest.json)" in res.output  # not "a finished shards"
     run_cli(*args, "--overwrite")
     names = sorted(p.name for p in out.iterdir())
     # the 3-tar set was replaced by a 1-tar one, not merged with it; others' files stay
@@ -516,9 +517,9 @@ def test_user_errors_are_one_line(survey, tmp_path, case):
     cat = tmp_path / "cat.csv"
     imgs = survey / "images"
     extra = []
-    if case == "no-column":
-        cat.write_text("objID,oh\n1,8.9\n")
-        needle = "metallicity"
+    if case == "no-column":  # 14 columns: the message lists 12 and says how many there are (issue 22, case 5)
+        cat.write_text("objID,oh," + ",".join(f"c{k}" for k in range(12)) + "\n1,8.9" + ",0" * 12 + "\n")
+        needle = "c9, ... (14 columns)); pass --target"
     elif case == "float-ids":
         cat.write_text("objID,metallicity\n1.237645945580749e+18,8.9\n1.237645945580749e+18,9.0\n")
         needle = "float"
