@@ -115,3 +115,9 @@ def test_a_failing_step_leaves_the_others(tmp_path):
     assert recs["predict"]["verdict"] == "skipped" and "step 1" in recs["predict"]["reason"]
     assert recs["recipe"]["verdict"] == "skipped" and recs["recipe"]["reason"] == "not in --steps"
     assert set(steps_of(out)) == set(STEPS)
+
+
+def test_the_work_folder_may_not_be_inside_the_results(tmp_path):
+    res = subprocess.run([sys.executable, str(TOOL), str(tmp_path / "c"), "--dry-run", "--work", str(tmp_path / "c" / "w")],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "must not be OUT or inside it" in res.stderr and not (tmp_path / "c").exists()

@@ -127,3 +127,13 @@ def test_dali_parts_join_back_and_refuse_a_damaged_part(tmp_path):
     part.write_bytes(bytes(damaged))
     res = subprocess.run(["sh", str(tmp_path / "house" / "dali" / "join.sh")], capture_output=True, text=True)
     assert res.returncode != 0 and "FAILED" in res.stdout + res.stderr and not list((tmp_path / "house").glob("*.whl"))
+
+
+def test_wheelhouse_user_errors(tmp_path):
+    """A non-empty OUT and a --python that is not major.minor[.patch] are refused before any download."""
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x.whl").write_bytes(b"")
+    for argv, needle in (([str(tmp_path / "full")], "is not empty"), ([str(tmp_path / "o"), "--python", "3"], "major.minor")):
+        res = subprocess.run([sys.executable, str(ROOT / "tools" / "wheelhouse.py"), *argv], capture_output=True, text=True)
+        assert res.returncode == 2 and needle in res.stderr, res.stderr
+    assert not (tmp_path / "o").exists()

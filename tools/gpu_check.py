@@ -439,15 +439,6 @@ def _compare(loaders: dict, batches: int, std, p99_tol, mean_tol, on_cuda: dict)
     return {f"{a} vs {b}": pr.summary(p99_tol, mean_tol) for (a, b), pr in pairs.items()}
 
 
-def _channel_means(dl, batches: int, std, mean) -> "np.ndarray":
-    import itertools
-
-    import numpy as np
-
-    rows = [(x.double().cpu().mean(dim=(2, 3)).numpy() * std + mean) for x, _ in itertools.islice(iter(dl), batches)]
-    return np.concatenate(rows)
-
-
 def work_equality(p: Params, work: Path) -> dict:
     """Every data path on the same samples with the same draws (see the module docstring, step 3)."""
     import gc
@@ -566,8 +557,6 @@ def _projection(hist: list[dict], n_valid_frac: float, epochs: int) -> dict:
 
 def _recipe(p: Params, work: Path, loader: str, folder: Path) -> dict:
     """The full recipe through fastgal.train.train, in this process (peak GPU memory, utilisation)."""
-    import torch
-
     from fastgal.config import TrainConfig
     from fastgal.manifest import Shards
     from fastgal.train import train
