@@ -341,6 +341,9 @@ def download(as_json, **kw):
         click.echo(res.format())
     if res.interrupted:
         sys.exit(130)
+    if res.n and not res.fetched:  # nothing could be fetched: a failure, whatever was written
+        raise click.ClickException(f"none of the {res.n} cutouts could be fetched (first: {res.first_problem}); "
+                                   f"every row is in {res.out / 'download-report.csv'}")
 
 
 @cli.command()
