@@ -83,6 +83,10 @@ class SynthConfig:
     n: int = option(2000, "Number of galaxies.")
     seed: int = option(0)
     size: int = option(RECIPE.image, "Cutout width/height in pixels.")
+    format: str = option("jpeg", "jpeg: SkyServer-like gri RGB JPEGs. fits: the same galaxies as calibrated "
+                         "fluxes, a (bands, H, W) float32 cube in nanomaggies per file (needs astropy).",
+                         choices=["jpeg", "fits"])
+    bands: str = option("gri", "Bands, in ugriz order: gri for jpeg; for fits any of u, g, r, i, z (e.g. ugriz).")
     workers: int = option(0, WORKERS)
     jpeg_quality: int = option(75, "close to what SkyServer's getjpeg serves", cli=False)
     overwrite: bool = option(False, "Replace the survey in a non-empty OUT.")
