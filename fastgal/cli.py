@@ -164,8 +164,9 @@ def synth(as_json, **kw):
     the same galaxies as calibrated fluxes, a (bands, H, W) float32 cube in nanomaggies per 0.396"
     SDSS pixel area (header BANDS, BAND0.., BUNIT, PIXSCALE, NMGYPIX, OBJID), u and z beside g, r, i.
 
-    Example:
+    Examples:
 
+    \b
         fastgal synth data/synth --n 2000 --seed 1
         fastgal synth data/synth-fits --n 2000 --seed 1 --format fits --bands ugriz
     """

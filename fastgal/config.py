@@ -84,7 +84,7 @@ class SynthConfig:
     seed: int = option(0)
     size: int = option(RECIPE.image, "Cutout width/height in pixels.")
     format: str = option("jpeg", "jpeg: SkyServer-like gri RGB JPEGs. fits: the same galaxies as calibrated "
-                         "fluxes, a (bands, H, W) float32 cube in nanomaggies per file (needs astropy).",
+                         "fluxes, one (bands, H, W) float32 cube of nanomaggies a file (needs astropy).",
                          choices=["jpeg", "fits"])
     bands: str = option("gri", "Bands, in ugriz order: gri for jpeg; for fits any of u, g, r, i, z (e.g. ugriz).")
     workers: int = option(0, WORKERS)
