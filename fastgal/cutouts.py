@@ -1,5 +1,6 @@
 """One cutout checked as `fastgal shard` stores it: decoded in full, the survey's size, not blank, pre-cropped
 where asked, and its pixel sums over the centre region (for the manifest's statistics). Runs in pool workers.
+A cutout is a JPEG (`{id}.jpg`, 8-bit gri) or a FITS file of calibrated bands (`{id}.fits`, see read_fits).
 
     from fastgal.cutouts import ImageRules, check_image
     c = check_image(0, "data/synth/images/1237....jpg", ImageRules(crop=144, precrop=None, expect=(224, 224),
@@ -8,6 +9,11 @@ where asked, and its pixel sums over the centre region (for the manifest's stati
 
 Greyscale and CMYK JPEGs are rejected (not-rgb), not converted: the gri colours carry most of the metallicity
 signal, so a colourless cutout is not a cutout of the kind the model is trained on.
+
+FITS cutouts (ImageRules.bands set): the bands asked for, in that order, as float32; stored as a raw
+little-endian float16 (or float32) (bands, H, W) array. Mask policy: a NaN or infinite pixel inside the
+centre region rejects the cutout (non-finite); outside it (a cutout at a survey's edge) it is set to 0, the
+sky-subtracted dark sky the rotation fills with, and counted in the sample's json (`masked`).
 """
 
 from __future__ import annotations
@@ -36,6 +42,12 @@ class ImageRules:
     expect: tuple[int, int] | None  # the survey's (h, w); None: any size (with --precrop)
     region: int  # the centre region the pixel statistics are over
     stored: tuple[int, int] | None  # (h, w) of the images as stored in the tars
+    bands: tuple[str, ...] | None = None  # FITS cutouts: the bands read, in order; None: JPEG cutouts
+    dtype: str = "float16"  # FITS cutouts: how the fluxes are stored
+
+    @property
+    def ext(self) -> str:
+        return ".jpg" if self.bands is None else ".fits"
 
 
 class Checked(NamedTuple):
@@ -46,6 +58,8 @@ class Checked(NamedTuple):
     detail: str = ""
     data: bytes | None = None
     sums: tuple[int, ...] | None = None  # per-channel sums, then sums of squares, over the centre region
+    robust: tuple[float, ...] | None = None  # FITS: per band the region's median, its 1.4826 x MAD, the sky's sigma
+    meta: dict | None = None  # FITS: what the sample's json records of the image (shape, dtype, bands, masked)
 
 
 def _moments(im) -> tuple[np.ndarray, np.ndarray]:
@@ -74,7 +88,9 @@ def _centre(im, px: int):
 
 
 def check_image(pos: int, path: str, geo: ImageRules) -> Checked:
-    """Read and fully decode one image (util.check_jpeg), then the survey's own checks: size, blank."""
+    """Read and fully decode one image (util.check_jpeg, or read_fits), then the survey's own checks: size, blank."""
+    if geo.bands is not None:
+        return check_fits(pos, path, geo)
     try:
         data = Path(path).read_bytes()
     except FileNotFoundError:
@@ -101,6 +117,204 @@ def check_image(pos: int, path: str, geo: ImageRules) -> Checked:
         _, _, im = check_jpeg(data)  # the statistics are over the stored image, as the pipeline decodes it
     s, ss = _moments(_centre(im, geo.region))
     return Checked(pos, data=data, sums=tuple(int(x) for x in (*s, *ss)))
+
+
+# --------------------------------------------------------------------------- FITS cutouts
+
+FLOAT16_MAX = 65504.0
+BAND_KEYS = ("FILTER", "BAND", "EXTNAME")  # where a one-band HDU names its band, in the order looked at
+
+
+def _astropy_fits():
+    try:
+        from astropy.io import fits
+    except ImportError:
+        raise ValueError("FITS cutouts need astropy: pip install 'fastgal[fits]'") from None
+    return fits
+
+
+def _cube_names(header, n: int) -> list[str] | None:
+    """A (bands, H, W) cube's band names: BAND0..BANDn-1 (the Legacy Survey cutout service's), else BANDS
+    ('ugriz' or 'u,g,r')."""
+    names = [header.get(f"BAND{k}") for k in range(n)]
+    if all(isinstance(v, str) and v.strip() for v in names):
+        return [v.strip() for v in names]
+    b = header.get("BANDS")
+    if isinstance(b, str):
+        b = b.replace(" ", "")
+        parts = b.split(",") if "," in b else list(b)
+        if len(parts) == n:
+            return parts
+    return None
+
+
+def _hdu_name(header) -> str | None:
+    for key in BAND_KEYS:
+        v = header.get(key)
+        if isinstance(v, str) and v.strip() and not (key == "EXTNAME" and v.strip().upper() == "PRIMARY"):
+            return v.strip()
+    return None
+
+
+def fits_bands(hdul) -> tuple[list[np.ndarray], list[str] | None]:
+    """The planes of an open FITS file and their band names (None where the file does not name them): one
+    HDU holding a (bands, H, W) cube, or one 2-D HDU per band (named by FILTER, BAND or EXTNAME)."""
+    hdus = [h for h in hdul if getattr(h, "is_image", False) and h.data is not None]
+    if len(hdus) == 1 and hdus[0].data.ndim == 3:
+        cube = hdus[0].data
+        return list(cube), _cube_names(hdus[0].header, len(cube))
+    if hdus and all(h.data.ndim == 2 for h in hdus):
+        names = [_hdu_name(h.header) for h in hdus]
+        return [h.data for h in hdus], names if all(names) and len(set(names)) == len(names) else None
+    shapes = [h.data.shape for h in hdus]
+    raise _Unusable("wrong-bands", f"image HDUs of shapes {shapes}: expected one (bands, H, W) cube or one 2-D HDU per band")
+
+
+class _Unusable(Exception):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason, self.detail = reason, detail
+
+
+def read_fits(path: str, bands: tuple[str, ...] | None) -> tuple[np.ndarray, list[str]]:
+    """A FITS cutout as a (bands, H, W) float32 array with the bands in the order asked (all of the file's, in
+    its order, for bands=None) and their names. Raises _Unusable(reason, detail) with a shard reject reason."""
+    fits = _astropy_fits()
+    try:
+        with fits.open(path, memmap=False, lazy_load_hdus=False) as hdul:
+            planes, names = fits_bands(hdul)
+    except FileNotFoundError:
+        raise _Unusable("missing-image", f"{path} not found") from None
+    except _Unusable:
+        raise
+    except OSError as e:
+        msg = str(e)
+        reason = "not-fits" if "Empty or corrupt FITS file" in msg or "No SIMPLE card" in msg else "corrupt-image"
+        raise _Unusable(reason, f"{type(e).__name__}: {msg}"[:200]) from None
+    except Exception as e:  # a truncated data unit, a header astropy cannot parse, ...
+        raise _Unusable("corrupt-image", f"{type(e).__name__}: {e}"[:200]) from None
+    if len({p.shape for p in planes}) != 1:
+        raise _Unusable("wrong-bands", f"bands of different sizes {[p.shape for p in planes]}")
+    if bands is None:
+        order = list(range(len(planes)))
+        names = names or [f"band{k}" for k in range(len(planes))]
+    elif names is None:  # unnamed planes: taken in order, so their number must be the number asked
+        if len(planes) != len(bands):
+            raise _Unusable("wrong-bands", f"{len(planes)} unnamed band(s), --bands asks for {len(bands)} "
+                                           f"({','.join(bands)}); name them (BAND0.. or FILTER) or ask for {len(planes)}")
+        order, names = list(range(len(planes))), list(bands)
+    else:
+        missing = [b for b in bands if b not in names]
+        if missing:
+            raise _Unusable("wrong-bands", f"has bands {','.join(names)}; --bands asks for {','.join(missing)} too")
+        order = [names.index(b) for b in bands]
+        names = list(bands)
+    return np.stack([np.asarray(planes[k], dtype=np.float32) for k in order]), names
+
+
+def _region_slice(side_h: int, side_w: int, px: int) -> tuple[slice, slice]:
+    """The centre px x px region, placed as torchvision's center_crop (and geometry.region) places it."""
+    t, l = int(round((side_h - px) / 2.0)), int(round((side_w - px) / 2.0))
+    return slice(t, t + px), slice(l, l + px)
+
+
+def check_fits(pos: int, path: str, geo: ImageRules) -> Checked:
+    """A FITS cutout: readable, the bands asked for, the survey's size, finite in the centre region, not blank
+    (a band all zero or constant), storable in geo.dtype; the bytes to store and the region's statistics."""
+    try:
+        arr, names = read_fits(path, geo.bands)
+    except _Unusable as e:
+        return Checked(pos, e.reason, e.detail)
+    _, h, w = arr.shape
+    need = geo.precrop or geo.crop
+    if min(h, w) < need:
+        opt = "--precrop" if geo.precrop else "--crop"
+        return Checked(pos, "too-small", f"{w}x{h} px, under the {need} px centre region ({opt} {need})")
+    if geo.expect is not None and (h, w) != tuple(geo.expect):
+        return Checked(pos, "wrong-size", f"{w}x{h} px; most cutouts are {geo.expect[1]}x{geo.expect[0]}")
+    if geo.precrop:
+        arr = np.ascontiguousarray(arr[(slice(None), *_region_slice(h, w, geo.precrop))])
+        h = w = geo.precrop
+    bad = ~np.isfinite(arr)
+    masked = 0
+    if bad.any():
+        ys, xs = _region_slice(h, w, geo.crop)
+        inner = bad[:, ys, xs]
+        if inner.any():
+            k = int(inner.any(axis=(1, 2)).argmax())
+            return Checked(pos, "non-finite", f"{int(inner.sum())} NaN/inf pixel(s) in the centre {geo.crop} px region "
+                                              f"(band {names[k]}); pixels outside it are set to 0")
+        masked = int(bad.sum())
+        arr = np.where(bad, np.float32(0), arr)
+    flat = [names[k] for k in range(len(arr)) if float(arr[k].max()) == float(arr[k].min())]
+    if flat:
+        return Checked(pos, "blank-image", f"band {flat[0]} is constant ({float(arr[names.index(flat[0])].flat[0]):g})")
+    peak = float(np.abs(arr).max())
+    if geo.dtype == "float16" and peak > FLOAT16_MAX:
+        return Checked(pos, "out-of-range", f"|flux| up to {peak:.3g}, beyond float16's {FLOAT16_MAX:g}; "
+                                            "shard with --dtype float32")
+    stored = arr.astype("<f2" if geo.dtype == "float16" else "<f4")
+    # the statistics are over the stored values, as the loaders read them
+    ys, xs = _region_slice(h, w, geo.region)
+    reg = stored[:, ys, xs].astype(np.float64).reshape(len(arr), -1)
+    med = np.median(reg, axis=1)
+    mad = 1.4826 * np.median(np.abs(reg - med[:, None]), axis=1)
+    meta = {"shape": list(stored.shape), "dtype": geo.dtype, "bands": names, "masked": masked}
+    return Checked(pos, data=stored.tobytes(), sums=(*reg.sum(1).tolist(), *(reg * reg).sum(1).tolist()),
+                   robust=(*med.tolist(), *mad.tolist(), *sky_sigma(stored, geo.region).tolist()), meta=meta)
+
+
+def sky_sigma(arr: np.ndarray, region: int) -> np.ndarray:
+    """Per band, the sky noise: 1.4826 x MAD of the pixels outside the centre region (the frame around the
+    galaxy; photobombers are outliers the MAD ignores), or of the outer eighth on each side where the cutout
+    is no larger than the region."""
+    c, h, w = arr.shape
+    ys, xs = _region_slice(h, w, region)
+    mask = np.ones((h, w), bool)
+    if region < min(h, w):
+        mask[ys, xs] = False
+    else:
+        e = max(min(h, w) // 8, 1)
+        mask[e:h - e, e:w - e] = False
+    sky = arr[:, mask].astype(np.float64)
+    med = np.median(sky, axis=1)
+    return 1.4826 * np.median(np.abs(sky - med[:, None]), axis=1)
+
+
+def _layout_chunk(paths: list[str]) -> list[tuple | None]:
+    """Header-only pass over FITS cutouts: ((h, w), band names or None, number of bands) each; None if unreadable."""
+    fits = _astropy_fits()
+    out = []
+    for path in paths:
+        try:
+            with fits.open(path, memmap=True) as hdul:
+                hdus = [h for h in hdul if getattr(h, "is_image", False) and h.header.get("NAXIS", 0) >= 2]
+                if len(hdus) == 1 and hdus[0].header["NAXIS"] == 3:
+                    hd = hdus[0].header
+                    n = hd["NAXIS3"]
+                    names = _cube_names(hd, n)
+                    out.append(((hd["NAXIS2"], hd["NAXIS1"]), tuple(names) if names else None, n))
+                else:
+                    names = [_hdu_name(h.header) for h in hdus]
+                    hd = hdus[0].header
+                    out.append(((hd["NAXIS2"], hd["NAXIS1"]), tuple(names) if all(names) else None, len(hdus)))
+        except Exception:  # rejected, with its reason, by the full check
+            out.append(None)
+    return out
+
+
+def modal_layout(paths: list[str], pool, workers: int) -> tuple[tuple[int, int] | None, tuple | None, int]:
+    """The most common (h, w) among FITS cutouts, and the most common band names (None when unnamed) with their count."""
+    sizes, layouts = Counter(), Counter()
+    for res in imap_ordered(_layout_chunk, chunks(paths, 256), pool, 4 * workers):
+        for r in res:
+            if r is not None:
+                sizes[r[0]] += 1
+                layouts[(r[1], r[2])] += 1
+    if not sizes:
+        return None, None, 0
+    names, n = layouts.most_common(1)[0][0]
+    return sizes.most_common(1)[0][0], names, n
 
 
 def check_chunk(args) -> list[Checked]:
