@@ -26,6 +26,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .fits import Unusable, read_fits
 from .util import check_jpeg, chunks, imap_ordered
 
 PRECROP_QUALITY = 95
@@ -122,96 +123,6 @@ def check_image(pos: int, path: str, geo: ImageRules) -> Checked:
 # --------------------------------------------------------------------------- FITS cutouts
 
 FLOAT16_MAX = 65504.0
-BAND_KEYS = ("FILTER", "BAND", "EXTNAME")  # where a one-band HDU names its band, in the order looked at
-
-
-def _astropy_fits():
-    try:
-        from astropy.io import fits
-    except ImportError:
-        raise ValueError("FITS cutouts need astropy: pip install 'fastgal[fits]'") from None
-    return fits
-
-
-def _cube_names(header, n: int) -> list[str] | None:
-    """A (bands, H, W) cube's band names: BAND0..BANDn-1 (the Legacy Survey cutout service's), else BANDS
-    ('ugriz' or 'u,g,r')."""
-    names = [header.get(f"BAND{k}") for k in range(n)]
-    if all(isinstance(v, str) and v.strip() for v in names):
-        return [v.strip() for v in names]
-    b = header.get("BANDS")
-    if isinstance(b, str):
-        b = b.replace(" ", "")
-        parts = b.split(",") if "," in b else list(b)
-        if len(parts) == n:
-            return parts
-    return None
-
-
-def _hdu_name(header) -> str | None:
-    for key in BAND_KEYS:
-        v = header.get(key)
-        if isinstance(v, str) and v.strip() and not (key == "EXTNAME" and v.strip().upper() == "PRIMARY"):
-            return v.strip()
-    return None
-
-
-def fits_bands(hdul) -> tuple[list[np.ndarray], list[str] | None]:
-    """The planes of an open FITS file and their band names (None where the file does not name them): one
-    HDU holding a (bands, H, W) cube, or one 2-D HDU per band (named by FILTER, BAND or EXTNAME)."""
-    hdus = [h for h in hdul if getattr(h, "is_image", False) and h.data is not None]
-    if len(hdus) == 1 and hdus[0].data.ndim == 3:
-        cube = hdus[0].data
-        return list(cube), _cube_names(hdus[0].header, len(cube))
-    if hdus and all(h.data.ndim == 2 for h in hdus):
-        names = [_hdu_name(h.header) for h in hdus]
-        return [h.data for h in hdus], names if all(names) and len(set(names)) == len(names) else None
-    shapes = [h.data.shape for h in hdus]
-    raise _Unusable("wrong-bands", f"image HDUs of shapes {shapes}: expected one (bands, H, W) cube or one 2-D HDU per band")
-
-
-class _Unusable(Exception):
-    def __init__(self, reason: str, detail: str):
-        super().__init__(detail)
-        self.reason, self.detail = reason, detail
-
-
-def read_fits(path: str, bands: tuple[str, ...] | None) -> tuple[np.ndarray, list[str]]:
-    """A FITS cutout as a (bands, H, W) float32 array with the bands in the order asked (all of the file's, in
-    its order, for bands=None) and their names. Raises _Unusable(reason, detail) with a shard reject reason."""
-    fits = _astropy_fits()
-    try:
-        with fits.open(path, memmap=False, lazy_load_hdus=False) as hdul:
-            planes, names = fits_bands(hdul)
-    except FileNotFoundError:
-        raise _Unusable("missing-image", f"{path} not found") from None
-    except _Unusable:
-        raise
-    except OSError as e:
-        msg = str(e)
-        reason = "not-fits" if "Empty or corrupt FITS file" in msg or "No SIMPLE card" in msg else "corrupt-image"
-        raise _Unusable(reason, f"{type(e).__name__}: {msg}"[:200]) from None
-    except Exception as e:  # a truncated data unit, a header astropy cannot parse, ...
-        raise _Unusable("corrupt-image", f"{type(e).__name__}: {e}"[:200]) from None
-    if len({p.shape for p in planes}) != 1:
-        raise _Unusable("wrong-bands", f"bands of different sizes {[p.shape for p in planes]}")
-    if bands is None:
-        order = list(range(len(planes)))
-        names = names or [f"band{k}" for k in range(len(planes))]
-    elif names is None:  # unnamed planes: taken in order, so their number must be the number asked
-        if len(planes) != len(bands):
-            raise _Unusable("wrong-bands", f"{len(planes)} unnamed band(s), --bands asks for {len(bands)} "
-                                           f"({','.join(bands)}); name them (BAND0.. or FILTER) or ask for {len(planes)}")
-        order, names = list(range(len(planes))), list(bands)
-    else:
-        missing = [b for b in bands if b not in names]
-        if missing:
-            raise _Unusable("wrong-bands", f"has bands {','.join(names)}; --bands asks for {','.join(missing)} too")
-        order = [names.index(b) for b in bands]
-        names = list(bands)
-    return np.stack([np.asarray(planes[k], dtype=np.float32) for k in order]), names
-
-
 def _region_slice(side_h: int, side_w: int, px: int) -> tuple[slice, slice]:
     """The centre px x px region, placed as torchvision's center_crop (and geometry.region) places it."""
     t, l = int(round((side_h - px) / 2.0)), int(round((side_w - px) / 2.0))
@@ -223,7 +134,7 @@ def check_fits(pos: int, path: str, geo: ImageRules) -> Checked:
     (a band all zero or constant), storable in geo.dtype; the bytes to store and the region's statistics."""
     try:
         arr, names = read_fits(path, geo.bands)
-    except _Unusable as e:
+    except Unusable as e:
         return Checked(pos, e.reason, e.detail)
     _, h, w = arr.shape
     need = geo.precrop or geo.crop
@@ -279,42 +190,6 @@ def sky_sigma(arr: np.ndarray, region: int) -> np.ndarray:
     sky = arr[:, mask].astype(np.float64)
     med = np.median(sky, axis=1)
     return 1.4826 * np.median(np.abs(sky - med[:, None]), axis=1)
-
-
-def _layout_chunk(paths: list[str]) -> list[tuple | None]:
-    """Header-only pass over FITS cutouts: ((h, w), band names or None, number of bands) each; None if unreadable."""
-    fits = _astropy_fits()
-    out = []
-    for path in paths:
-        try:
-            with fits.open(path, memmap=True) as hdul:
-                hdus = [h for h in hdul if getattr(h, "is_image", False) and h.header.get("NAXIS", 0) >= 2]
-                if len(hdus) == 1 and hdus[0].header["NAXIS"] == 3:
-                    hd = hdus[0].header
-                    n = hd["NAXIS3"]
-                    names = _cube_names(hd, n)
-                    out.append(((hd["NAXIS2"], hd["NAXIS1"]), tuple(names) if names else None, n))
-                else:
-                    names = [_hdu_name(h.header) for h in hdus]
-                    hd = hdus[0].header
-                    out.append(((hd["NAXIS2"], hd["NAXIS1"]), tuple(names) if all(names) else None, len(hdus)))
-        except Exception:  # rejected, with its reason, by the full check
-            out.append(None)
-    return out
-
-
-def modal_layout(paths: list[str], pool, workers: int) -> tuple[tuple[int, int] | None, tuple | None, int]:
-    """The most common (h, w) among FITS cutouts, and the most common band names (None when unnamed) with their count."""
-    sizes, layouts = Counter(), Counter()
-    for res in imap_ordered(_layout_chunk, chunks(paths, 256), pool, 4 * workers):
-        for r in res:
-            if r is not None:
-                sizes[r[0]] += 1
-                layouts[(r[1], r[2])] += 1
-    if not sizes:
-        return None, None, 0
-    names, n = layouts.most_common(1)[0][0]
-    return sizes.most_common(1)[0][0], names, n
 
 
 def check_chunk(args) -> list[Checked]:

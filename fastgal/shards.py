@@ -45,7 +45,8 @@ import numpy as np
 from . import __version__
 from .catalog import SPLIT_METHOD, check_rows, json_value, read_catalog, split_order
 from .config import ShardConfig
-from .cutouts import ImageRules, check_chunk, modal_layout, modal_size
+from .cutouts import ImageRules, check_chunk, modal_size
+from .fits import modal_layout
 from .manifest import FLOAT_FORMAT_VERSION, FORMAT, FORMAT_VERSION, INDEX_VERSION, index_count, is_shard_file, make_index
 from .util import (Progress, check_out, chunks, default_workers, imap_ordered, remove_stale,
                    sha256_file, temp_dir, worker_pool, write_json_atomic)
