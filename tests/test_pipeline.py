@@ -22,21 +22,28 @@ def test_dali_is_imported_only_where_a_graph_is_built():
     assert out.strip() == "[]"
 
 
+FLOAT5 = Geometry(size=56, crop=72, precropped=False, mean=[0.0] * 5, std=[1.0] * 5, softening=[0.01] * 5)
+
+
 @pytest.mark.dali
+@pytest.mark.parametrize("image", ["jpeg", "float16"])
 @pytest.mark.parametrize("view", ["train", "centre", 5, 4])
-def test_gpu_placement_in_the_declared_graph(view):
+def test_gpu_placement_in_the_declared_graph(view, image):
     """The GPU switch decodes with 'mixed' (its output is already on the GPU) and keeps every later stage
-    and the targets on the GPU; no GPU is needed to declare a graph. The CPU graph has the same stages."""
+    and the targets on the GPU; no GPU is needed to declare a graph. The CPU graph has the same stages.
+    Float bands (FITS shards) go to the GPU as stored, before the cast, and are stretched there."""
     from nvidia.dali import Pipeline
 
     from fastgal.pipeline import PipeSpec, define
 
-    spec = PipeSpec(view=view, geometry=GEO, device="gpu")
+    geo = GEO if image == "jpeg" else FLOAT5
+    spec = PipeSpec(view=view, geometry=geo, device="gpu", image=image)
     with Pipeline(batch_size=2, num_threads=1, device_id=0):
         define(spec)
     for stage, node in spec.stages.items():
         assert node.device == "gpu", (stage, node.device)  # a CPU decode + .gpu() would leave "decode" on cpu
-    cpu = PipeSpec(view=view, geometry=GEO, device="cpu")
+    assert ("stretch" in spec.stages) == (image != "jpeg")
+    cpu = PipeSpec(view=view, geometry=geo, device="cpu", image=image)
     with Pipeline(batch_size=2, num_threads=1, device_id=None):
         define(cpu)
     assert {n.device for n in cpu.stages.values()} == {"cpu"}
