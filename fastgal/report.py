@@ -67,6 +67,9 @@ def format_info(out, res: dict) -> str:
               for t, st in m["target_stats"].items()]
     lines += [f"  images {m['image']['size']} precrop {m['image']['precrop']}; centre {ps['region']} px mean "
               f"{[round(x, 2) for x in ps['mean']]} std {[round(x, 2) for x in ps['std']]}",
+              *([f"  FITS bands {','.join(m['image']['bands'])} as {m['image']['dtype']}; sky sigma "
+                 f"{[float(f'{x:.3g}') for x in ps['sky_sigma']]}; stretch {m['stretch']['name']}"]
+                if m["image"].get("kind") == "float" else []),
               "  verified: sha256s, indexes and counts match" if res["ok"] else
               f"  {plural(len(res['problems']), 'problem')}:"]
     if not res["ok"]:

@@ -149,7 +149,7 @@ def test_each_fits_reject_reason_and_the_mask_policy(tmp_path):
     assert json.loads(members[f"{ids[11]}.json"])["__image__"]["masked"] == 3
     assert np.frombuffer(members[f"{ids[11]}.flux.f16"], "<f2")[0] == 0  # the NaN corner is dark sky now
     info = run_cli("info", out)
-    assert "verified" in info.output
+    assert "verified" in info.output and "FITS bands g,r,i as float16" in info.output
 
 
 def test_float32_storage_and_user_errors(tmp_path):
