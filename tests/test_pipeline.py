@@ -72,3 +72,11 @@ def test_the_no_dali_pass_blocks_dali_in_subprocesses_too():
     code = "import torch\ntry:\n    import nvidia.dali\nexcept ImportError as e:\n    print('blocked:', e)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
     assert out.startswith("blocked:") and "FASTGAL_NO_DALI" in out
+
+
+def test_astropy_is_imported_only_where_a_fits_file_is_touched():
+    """JPEG-only users need no astropy (the `fits` extra): no module imports it until a FITS file is read or written."""
+    code = ("import sys, fastgal.cli, fastgal.train, fastgal.predictions, fastgal.loaders, fastgal.shards, fastgal.cutouts, "
+            "fastgal.fits, fastgal.synth, fastgal.demo; print(sorted(m for m in sys.modules if m.startswith('astropy')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
