@@ -221,10 +221,12 @@ class Loader:
         x, y = x[:max_n].float().cpu(), y[:max_n].float().cpu()
         mean, std = norm_tensors(self.geometry)
         x = x * std + mean
-        if self.split.kind == "float":  # three bands, reddest as red, each scaled to its 0.5-99.5% range
-            x = x[:, [-1, x.shape[1] // 2, 0]] if x.shape[1] >= 3 else x[:, :1].expand(-1, 3, -1, -1)
-            lo = x.flatten(2).quantile(0.005, dim=2)[..., None, None]
-            hi = x.flatten(2).quantile(0.995, dim=2)[..., None, None]
+        if self.split.kind == "float":  # i, r, g as R, G, B (SDSS's colours) where the shards have them, else the
+            bands = self.split.shards.bands  # reddest, middle and bluest; as stretched, scaled together: colours kept
+            pick = [bands.index(b) for b in "irg"] if set("irg") <= set(bands) else [-1, len(bands) // 2, 0]
+            x = x[:, pick] if x.shape[1] >= 3 else x[:, :1].expand(-1, 3, -1, -1)
+            lo = x.flatten(1).quantile(0.005, dim=1)[:, None, None, None]
+            hi = x.flatten(1).quantile(0.995, dim=1)[:, None, None, None]
             imgs = ((x - lo) / (hi - lo).clamp_min(1e-9)).clamp(0, 1).permute(0, 2, 3, 1).numpy()
         else:
             imgs = (x / 255).clamp(0, 1).permute(0, 2, 3, 1).numpy()
