@@ -112,7 +112,7 @@ class ShardConfig:
                                "in the files' headers, e.g. g,r,i or ugriz [default: every band of the files; "
                                "JPEG cutouts when the folder holds .jpg files].")
     dtype: str = option("float16", "FITS cutouts: how fluxes are stored (float16 halves the bytes; its rounding is "
-                        "~1e-3 of the sky noise, benchmarks/RESULTS.md).", choices=["float16", "float32"])
+                        "0.1-0.5% of the sky noise, benchmarks/RESULTS.md).", choices=["float16", "float32"])
     workers: int = option(0, WORKERS)
     overwrite: bool = option(False, "Replace the shards in an OUT that has them.")
     quiet: bool = option(False, QUIET, short="-q")
