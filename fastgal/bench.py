@@ -32,7 +32,6 @@ import platform
 import tempfile
 import time
 from contextlib import contextmanager
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -241,7 +240,7 @@ def bench(cfg: BenchConfig) -> dict:
     device = resolve_device(cfg.device)
     precision = resolve_precision("auto", device)
     threads = cfg.workers or default_workers()
-    log = partial(Progress(quiet=cfg.quiet).line, tty_only=True)  # progress lines on a terminal; stdout carries the results
+    log = Progress(quiet=cfg.quiet).line  # progress lines on stderr (a log too); stdout carries the results
     torch.manual_seed(cfg.seed)
 
     if shards:

@@ -65,8 +65,9 @@ class EpochStats(Callback):
 
 
 class StderrProgress(Callback):
-    """One line per epoch on stderr (and a batch counter on a TTY), written by util.Progress; fastprogress
-    would write to stdout."""
+    """One line per epoch on stderr, whether or not it is a terminal (a batch job's log gets one line per
+    epoch), and on a terminal a redrawn batch counter (lr_find's: `lr_find: iteration i/N`), written by
+    util.Progress; fastprogress would write to stdout. Epochs count from 1."""
 
     order = 70
 
@@ -82,6 +83,8 @@ class StderrProgress(Callback):
 
     def before_fit(self):
         self._loss, self._loss_src = None, None
+        finder = getattr(self.learn, "lr_finder", None)  # lr_find runs a fit of num_it batches, not of epochs
+        self.lr_find_its = finder.num_it if finder is not None else None
 
     def after_batch(self):
         if not self.out.enabled or not self.training:  # enabled: not quiet, and stderr is a terminal
@@ -92,7 +95,10 @@ class StderrProgress(Callback):
         if sl is not self._loss_src and getattr(self.learn.recorder, "reads", 1):
             self._loss_src, self._loss = sl, float(sl)
         loss = f"  loss {self._loss:.4f}" if self._loss is not None else ""
-        self.out.status(f"  epoch {self.epoch + 1}/{self.n_epoch}  batch {self.iter + 1}/{self.n_iter}{loss}")
+        if self.lr_find_its:
+            self.out.status(f"  lr_find: iteration {self.learn.train_iter}/{self.lr_find_its}{loss}")
+        else:
+            self.out.status(f"  epoch {self.epoch + 1}/{self.n_epoch}  batch {self.iter + 1}/{self.n_iter}{loss}")
 
     def after_epoch(self):
         if self.quiet or not self.trained or hasattr(self.learn, "lr_finder"):  # lr_find runs fit too

@@ -13,6 +13,7 @@ every bad row at once; only problems with the file as a whole raise ValueError.
 from __future__ import annotations
 
 import math
+from decimal import Decimal, InvalidOperation
 import re
 from pathlib import Path
 
@@ -68,11 +69,50 @@ def read_catalog(path, id_col: str = "objID", targets=("metallicity",)) -> pd.Da
     df[id_col] = df[id_col].str.strip()
     floatish = df[id_col].map(lambda s: bool(_FLOATISH_RE.match(s)))
     if floatish.mean() > 0.5:
-        i = int(np.argmax(floatish.to_numpy()))
-        raise ValueError(
-            f"ids in column {id_col!r} of {path} are written as floats (row {i + 1}: {df[id_col].iat[i]!r}), so their "
-            "last digits are already lost; re-export the catalog with integer ids (e.g. CAST(objID AS VARCHAR))")
+        rows = np.flatnonzero(floatish.to_numpy())
+        lost = [i for i in rows if not float_id_intact(df[id_col].iat[i])]
+        i = int(lost[0] if lost else rows[0])  # show a row whose digits may be gone, if there is one
+        more = f" ({len(rows) - 1} more rows like it)" if len(rows) > 1 else ""
+        raise ValueError(f"column {id_col!r} of {path}, row {i + 1}{more}: {float_id_detail(df[id_col].iat[i])}")
     return df
+
+
+def float_id_intact(s: str) -> bool:
+    """Whether an id written as a float (`1237645945580748801.0`, `1.2e3`) certainly has every digit: it is an
+    integer that no float64 could have changed, being at most 2**53 (every such integer is a float64), or a text
+    no float64 printer writes: not a float64's exact value, and more than 17 significant digits (a printer's
+    shortest or %.17g digits, padded with zeros, have at most 17). False where a float may have rounded it."""
+    try:
+        d = Decimal(s)
+    except InvalidOperation:
+        return False
+    if not d.is_finite() or d != d.to_integral_value():
+        return False
+    n = int(d)
+    if abs(n) <= 2**53:
+        return True
+    return float(n) != n and len(str(abs(n)).rstrip("0")) > 17  # int == float compares exactly in Python
+
+
+def float_id_detail(s: str) -> str:
+    """What is true of an id written as a float, and the fix."""
+    try:
+        d = Decimal(s)
+    except InvalidOperation:
+        d = None
+    if d is None or not d.is_finite() or d != d.to_integral_value():
+        return f"id {s!r} is not an integer; ids must be exact integers or strings without dots"
+    n = int(d)
+    if float_id_intact(s):
+        return f"id {s!r} is written as a float, but every digit is there: write it as {n}"
+    return (f"id {s!r} is written as a float above 2**53, where float64 values lie {math.ulp(float(n)):g} apart, so "
+            "its last digits may have been rounded; export the ids as integers (e.g. CAST(objID AS VARCHAR)) and "
+            "read them as text (dtype=str)")
+
+
+def written_as_float(s: str) -> bool:
+    """An id cell that reads as a float (`1.2e+18`, `123.0`): float_id_detail says what is true of it."""
+    return bool(_FLOATISH_RE.match(s))
 
 
 def id_reason(s: str) -> tuple[str, str] | None:
@@ -80,7 +120,7 @@ def id_reason(s: str) -> tuple[str, str] | None:
     if s == "":
         return "bad-id", "empty id"
     if _FLOATISH_RE.match(s):
-        return "bad-id", f"id {s!r} is written as a float; ids must be exact integers or strings"
+        return "bad-id", float_id_detail(s)
     if not ID_RE.match(s):
         return "bad-id", f"id {s!r} must be 1-80 characters of A-Z a-z 0-9 _ - (no dots, slashes or spaces)"
     return None

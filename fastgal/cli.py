@@ -23,7 +23,7 @@ import click
 
 from . import __version__
 from .report import calibration_lines, format_info, format_metrics, info_summary
-from .config import BenchConfig, DemoConfig, DownloadConfig, PredictConfig, ShardConfig, SynthConfig, TrainConfig
+from .config import PRESETS, BenchConfig, DemoConfig, DownloadConfig, PredictConfig, ShardConfig, SynthConfig, TrainConfig
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -100,6 +100,10 @@ def options(cfg_cls, json_help: str | None = "Print the summary as JSON."):
                 kw["type"] = _click_type(hints[fl.name], meta)
                 if meta.get("multiple"):
                     kw.update(multiple=True, default=tuple(default or ()), show_default=bool(default))
+                elif meta.get("preset"):  # None = not given: --preset fills it; help shows each preset's value
+                    kw["default"] = None
+                    kw["help"] = ((kw["help"] or "") + " [default: the preset's: "
+                                  + ", ".join(f"{n} {getattr(r, fl.name)}" for n, r in PRESETS.items()) + "]").strip()
                 else:
                     kw.update(default=default, show_default=default is not None)
             decorators.append(click.option(*decls, **kw))
@@ -233,7 +237,7 @@ def demo(as_json, **kw):
     from .demo import demo as run_demo
 
     cfg = config(DemoConfig, kw)
-    log = (lambda msg: click.echo(msg, err=True)) if not (cfg.quiet or as_json) else (lambda msg: None)
+    log = (lambda msg: click.echo(msg, err=True)) if not cfg.quiet else (lambda msg: None)  # stage lines, as train's
     with _user_errors():
         m = run_demo(cfg, log=log)
     if as_json:
@@ -345,6 +349,9 @@ def download(as_json, **kw):
         click.echo(res.format())
     if res.interrupted:
         sys.exit(130)
+    if res.n and not res.fetched:  # nothing could be fetched: a failure, whatever was written
+        raise click.ClickException(f"none of the {res.n} cutouts could be fetched (first: {res.first_problem}); "
+                                   f"every row is in {res.out / 'download-report.csv'}")
 
 
 @cli.command()

@@ -1,7 +1,7 @@
 """The seed's recipe in one place, and one config dataclass per command built on it.
 
     from fastgal.config import RECIPE, TrainConfig
-    TrainConfig(shards="shards/synth").bs == RECIPE.bs == 128
+    TrainConfig(shards="shards/synth").resolved(gpu=True, crop=144).bs == RECIPE.bs == 128
 
 `Recipe` holds the published recipe's geometry and training defaults; every command's defaults
 (and so every CLI default: cli.py generates its options from these fields) come from it. Each
@@ -46,6 +46,7 @@ class Recipe:
     valid_pct: float = 0.2  # RandomSplitter(0.2, seed=56)
     split_seed: int = 56
     target: str = "metallicity"  # 12 + log(O/H), MPA-JHU oh_p50
+    lr_find_iters: int = 100  # learn.lr_find(): fastai's default num_it
 
 
 RECIPE = Recipe()
@@ -57,7 +58,25 @@ NATIVE_SCALE = 0.396  # SDSS arcsec/pixel
 FRAMES = {"original": 2 / NATIVE_SCALE, "4r90": 4.0}
 # `fastgal demo` on a CPU: the same geometry at half resolution (112 px cutouts spanning the same
 # sky, crop 72 -> 56) with xresnet18, so 2 cores finish in a few minutes and still learn.
-CPU_RECIPE = replace(RECIPE, image=112, crop=72, size=56, arch="xresnet18", epochs=8, bs=64)
+# `fastgal train --preset cpu` takes its training settings (PRESET_FIELDS) from here too.
+CPU_RECIPE = replace(RECIPE, image=112, crop=72, size=56, arch="xresnet18", epochs=8, bs=64, lr_find_iters=30)
+
+# `fastgal train --preset`: which Recipe fills the training settings a user did not give. `auto` is the
+# recipe on a GPU and the cpu preset on a CPU. The model's input size is not a preset's: it follows the
+# shards' crop by the recipe's ratio (input_size), whatever the preset.
+PRESETS = {"recipe": RECIPE, "cpu": CPU_RECIPE}
+PRESET_FIELDS = ("arch", "bs", "epochs", "lr", "lr_find_iters")
+
+
+def preset_name(asked: str, gpu: bool) -> str:
+    """--preset auto -> 'recipe' on a GPU, 'cpu' on a CPU; an explicit name stays."""
+    return asked if asked != "auto" else ("recipe" if gpu else "cpu")
+
+
+def input_size(crop: int) -> int:
+    """The model's input for a crop region: the recipe's RandomCrop(112) of CropPad(144), 7/9 of the region
+    (144 -> 112, 72 -> 56)."""
+    return round(crop * RECIPE.size / RECIPE.crop)
 
 QUIET = "No progress on stderr."
 WORKERS = "Processes; 0 = all cores."
@@ -118,21 +137,35 @@ class ShardConfig:
     quiet: bool = option(False, QUIET, short="-q")
 
 
+def _preset_text(r: Recipe) -> str:
+    return f"{r.arch}, bs {r.bs}, {r.epochs} epochs, lr {r.lr:g}, {r.lr_find_iters} lr_find iterations"
+
+
+PRESET_HELP = ("Where the settings you do not give come from (--arch, --bs, --epochs, --lr, --lr-find-iters). "
+               f"recipe: the seed's ({_preset_text(RECIPE)}); cpu: sized for a few cores ({_preset_text(CPU_RECIPE)}); "
+               "auto: recipe on a GPU, cpu on a CPU. Options you give win; config.json records the preset and every "
+               "value.")
+
+
 @dataclass
 class TrainConfig:
-    """`fastgal train`: the seed recipe. xresnet34(sa, Mish) + ranger + RMSE, fit_one_cycle(7, 1e-2), bs 128."""
+    """`fastgal train`: the seed recipe. xresnet34(sa, Mish) + ranger + RMSE, fit_one_cycle(7, 1e-2), bs 128.
+
+    None in a PRESET_FIELDS field (and in size) means "not given": resolved() fills it from the preset."""
 
     shards: Path = option(Path("shards/synth"), argument=True)
     out: Path | None = option(None, "Run folder [default: runs/<shards>-<time>].")
-    epochs: int = option(RECIPE.epochs)
-    lr: float = option(RECIPE.lr, "Peak learning rate of fit_one_cycle.")
-    bs: int = option(RECIPE.bs, "Batch size (per process).")
-    arch: str = option(RECIPE.arch, "fastai's xresnet (sa=True, Mish).", choices=ARCH_NAMES)
-    size: int = option(RECIPE.size, "Random crop the model sees.")
+    preset: str = option("auto", PRESET_HELP, choices=["auto", *PRESETS])
+    epochs: int | None = option(None, preset=True)
+    lr: float | None = option(None, "Peak learning rate of fit_one_cycle.", preset=True)
+    bs: int | None = option(None, "Batch size (per process).", preset=True)
+    arch: str | None = option(None, "fastai's xresnet (sa=True, Mish).", choices=ARCH_NAMES, preset=True)
+    size: int | None = option(None, "Random crop the model sees [default: 7/9 of the shards' crop, as the recipe's "
+                              "144 -> 112: 56 for crop 72].")
     crop: int | None = option(None, "Centre region crops are drawn from [default: the shards' own, from manifest.json].")
     targets: list[str] | None = option(None, "Target name(s); default: all in the manifest.", flag="--target", multiple=True)
     lr_find: bool = option(False, "Run fastai's lr_find first; writes lr_find.png.")
-    lr_find_iters: int = option(100, "Batches lr_find tries.")  # fastai's default
+    lr_find_iters: int | None = option(None, "Batches lr_find tries.", preset=True)
     tta: bool = option(False, "Also predict with the 8 dihedral views averaged; their spread is a second sigma "
                     "(sigma_tta_<t>).")
     head: str = option("rmse", "rmse: the seed's point estimate and RMSE loss. gaussian: a mean and a sigma per "
@@ -157,6 +190,18 @@ class TrainConfig:
     quiet: bool = option(False, QUIET, short="-q")
     compile: bool = option(False, COMPILE_HELP)
     opt: str = option("ranger", OPT_HELP, choices=OPTIMIZERS)
+
+    def resolved(self, gpu: bool, crop: int) -> "TrainConfig":
+        """This config with the preset named (auto -> recipe or cpu) and every setting not given filled: the
+        preset's arch, bs, epochs, lr, lr_find_iters; size from the shards' `crop` (input_size)."""
+        name = preset_name(self.preset, gpu)
+        r = PRESETS[name]
+        fill = {f: getattr(r, f) for f in PRESET_FIELDS if getattr(self, f) is None}
+        return replace(self, preset=name, size=self.size if self.size is not None else input_size(crop), **fill)
+
+    def from_preset(self) -> list[str]:
+        """The settings a preset would fill here (those not given), in PRESET_FIELDS order."""
+        return [f for f in PRESET_FIELDS if getattr(self, f) is None]
 
 
 @dataclass
@@ -206,9 +251,10 @@ class DemoConfig:
     quiet: bool = option(False, QUIET, short="-q")
 
     def preset(self, gpu: bool) -> dict:
-        r = RECIPE if gpu else CPU_RECIPE
-        return dict(n=self.n or (30000 if gpu else 3000), image=r.image, crop=r.crop, size=r.size, arch=r.arch,
-                    bs=r.bs, epochs=self.epochs or r.epochs, lr=r.lr, tta=True)
+        name = "recipe" if gpu else "cpu"
+        r = PRESETS[name]
+        return dict(preset=name, n=self.n or (30000 if gpu else 3000), image=r.image, crop=r.crop, size=r.size,
+                    arch=r.arch, bs=r.bs, epochs=self.epochs or r.epochs, lr=r.lr, tta=True)
 
 
 @dataclass

@@ -41,10 +41,11 @@ def demo(cfg: DemoConfig, log=print) -> dict:
     log(f"      {c['train']} train / {c['valid']} valid / {c['rejected']} rejected")
     log(f"[3/3] train: {p['arch']} (sa, Mish), {p['epochs']} epochs, bs {p['bs']}, crop {p['crop']} -> {p['size']}, "
         f"on {device.type}")
-    m = train(TrainConfig(shards=out / "shards", out=out / "run", epochs=p["epochs"], lr=p["lr"], bs=p["bs"],
-                          arch=p["arch"], size=p["size"], crop=p["crop"], tta=p["tta"], seed=cfg.seed,
-                          device=str(device), loader=cfg.loader, overwrite=True, quiet=cfg.quiet))
-    m["preset"] = p
+    # the preset fills arch, bs, lr (and epochs unless --epochs); the input size follows the crop: p's values
+    m = train(TrainConfig(shards=out / "shards", out=out / "run", preset=p["preset"], epochs=cfg.epochs, crop=p["crop"],
+                          tta=p["tta"], seed=cfg.seed, device=str(device), loader=cfg.loader, overwrite=True,
+                          quiet=cfg.quiet))
+    m["demo"] = p
     m["survey_floor_rmse"] = s.floor["floor_rmse"]
     m["survey_reference_rmse"] = s.floor["observable_reference_rmse"]
     write_json_atomic(out / "demo.json", m)  # what the demo ran and what it got, in one file

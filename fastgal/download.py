@@ -33,10 +33,10 @@ import pandas as pd
 import requests
 
 from . import __version__
-from .catalog import id_reason
+from .catalog import id_reason, written_as_float
 from .config import FRAMES, DownloadConfig, to_jsonable
-from .skyserver import (MAX_SCALE, MAX_SIZE, MIN_SCALE, MIN_SIZE, Interrupted, RateLimiter, ThreadSessions, column,
-                        cutout_url, get_cutout, make_session, one_line, query_catalog)
+from .skyserver import (MAX_SCALE, MAX_SIZE, MIN_SCALE, MIN_SIZE, Interrupted, RateLimiter, ThreadSessions, Unreachable,
+                        column, cutout_url, get_cutout, make_session, one_line, query_catalog, unreachable_message)
 from .util import Progress, check_jpeg, write_bytes_atomic, write_json_atomic
 
 DEFAULT_SQL = Path(__file__).with_name("metallicity_sample.sql")  # shipped as package data
@@ -93,8 +93,8 @@ def normalise_catalog(df: pd.DataFrame, what: str, first_line: int | None = 2,
     bad = [(i, r) for i, r in enumerate(map(id_reason, ids)) if r]
     if bad:
         i, (_, detail) = bad[0]
-        raise ValueError(f"{where(i)}: {detail}{more(len(bad))}; write ids as plain integers "
-                         "(read them with dtype=str: a float keeps only ~16 digits)")
+        fix = "" if written_as_float(ids.iloc[i]) else "; write ids as plain integers"  # a float's detail has its fix
+        raise ValueError(f"{where(i)}{more(len(bad))}: {detail}{fix}")
     df["objID"] = ids
     for col, lo, hi in (("ra", 0.0, 360.0), ("dec", -90.0, 90.0)):
         vals = pd.to_numeric(df[col], errors="coerce")
@@ -223,6 +223,11 @@ class Downloader:
         self.limiter = RateLimiter(cfg.rate, stop)
         self.sessions = ThreadSessions(cfg, self.limiter)
         self.url = cutout_url(cfg.base_url, cfg.release)
+        # Until the host has answered once, a connection that cannot be made stops the whole run (unreachable:
+        # why), instead of every cutout spending its tries on a network that is not there. Afterwards it is
+        # one cutout's failure, which a re-run retries.
+        self.reached = threading.Event()
+        self.unreachable: str | None = None
 
     def _backoff(self, n: int) -> None:
         """Our own retries (what urllib3 cannot see) back off like urllib3's."""
@@ -258,6 +263,12 @@ class Downloader:
             self.limiter.acquire()
             got, reason, k, data = get_cutout(self.sessions.get(), self.url, params, cfg)
             n += k
+            if got == "unreachable":
+                if not self.reached.is_set():
+                    self.unreachable = self.unreachable or reason
+                    self.stop.set()
+                return Outcome(oid, "failed", f"{reason} after {n} tries" if n > 1 else reason, n)
+            self.reached.set()
             if got == "not-found":
                 return Outcome(oid, got, reason, n)
             if got == "failed":
@@ -285,6 +296,12 @@ class DownloadResult:
     dropped_duplicates: list[str] = field(default_factory=list)
     interrupted: bool = False
     notes: list[str] = field(default_factory=list)
+    first_problem: str = ""  # the first row that is not ok or skipped-existing: "status: reason"
+
+    @property
+    def fetched(self) -> int:
+        """Cutouts in images/ after this run: fetched now or kept from an earlier run."""
+        return self.counts.get("ok", 0) + self.counts.get("skipped-existing", 0)
 
     @property
     def fetched_per_s(self) -> float:
@@ -343,11 +360,11 @@ def _catalog(cfg: DownloadConfig, out: Path, stop: threading.Event, notes: list[
     return df, source, meta
 
 
-def _fetch_all(cfg: DownloadConfig, df: pd.DataFrame, scales: np.ndarray, images: Path, stop: threading.Event,
-               earlier_404: set[str], outcomes: dict[str, Outcome]) -> BaseException | None:
+def _fetch_all(cfg: DownloadConfig, dl: Downloader, df: pd.DataFrame, scales: np.ndarray, images: Path,
+               stop: threading.Event, earlier_404: set[str], outcomes: dict[str, Outcome]) -> BaseException | None:
     """Fetch every cutout into `outcomes`; on Ctrl-C or an error, stop the workers cleanly and return
-    the exception (KeyboardInterrupt included) for the caller to report."""
-    dl = Downloader(cfg, images, stop)
+    the exception (KeyboardInterrupt included) for the caller to report. A host found unreachable
+    (dl.unreachable) stops the workers too; that is not an error here."""
     prog = Progress(len(df), "download", cfg.quiet, unit="img")
     ex = ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="fastgal-dl")
     futs, error = {}, None
@@ -407,11 +424,15 @@ def download(cfg: DownloadConfig) -> DownloadResult:
                      "and was clamped (their frames differ from the rule); the report's reason column names them")
     report_path = out / "download-report.csv"
     outcomes: dict[str, Outcome] = {}
-    error = _fetch_all(cfg, df, scales, images, stop, _earlier_not_found(report_path), outcomes)
+    dl = Downloader(cfg, images, stop)
+    error = _fetch_all(cfg, dl, df, scales, images, stop, _earlier_not_found(report_path), outcomes)
+    if dl.unreachable and isinstance(error, Interrupted):  # the workers stopped because the host is unreachable
+        error = None
     for p in images.glob("*.part"):
         p.unlink(missing_ok=True)
-    rows = [outcomes.get(oid) or Outcome(oid, "interrupted", "run stopped before this cutout; re-run to resume")
-            for oid in df["objID"]]
+    unreached = (f"not tried: {cfg.base_url} could not be reached ({dl.unreachable}); re-run to resume"
+                 if dl.unreachable else "run stopped before this cutout; re-run to resume")
+    rows = [outcomes.get(oid) or Outcome(oid, "interrupted", unreached) for oid in df["objID"]]
     for o, note in zip(rows, clamped):
         o.reason = "; ".join(x for x in (o.reason, note) if x)
     write_report(report_path, rows)
@@ -419,10 +440,12 @@ def download(cfg: DownloadConfig) -> DownloadResult:
     for o in rows:
         counts[o.status] += 1
     flagged = sum(1 for o in rows if o.black_fraction is not None and o.black_fraction > BLACK_FLAG)
+    bad = next((o for o in rows if o.status not in ("ok", "skipped-existing")), None)
     res = DownloadResult(out=out, n=len(rows), counts=counts, seconds=time.perf_counter() - t0,
                          catalog_source=source, flagged_black=flagged,
                          dropped_duplicates=cat_meta.get("dropped_duplicates", []),
-                         interrupted=error is not None, notes=notes)
+                         interrupted=error is not None, notes=notes,
+                         first_problem=f"{bad.status}: {bad.reason}" if bad else "")
     write_json_atomic(out / "download.json", {
         "fastgal_version": __version__, "config": to_jsonable(cfg), "catalog": cat_meta,
         "catalog_source": source, "framing": framing, "n": res.n, "counts": counts, "flagged_mostly_black": flagged,
@@ -430,4 +453,7 @@ def download(cfg: DownloadConfig) -> DownloadResult:
     })
     if error is not None and not isinstance(error, KeyboardInterrupt):
         raise error
+    if dl.unreachable and not res.fetched:
+        raise Unreachable(f"{unreachable_message(cfg.base_url, dl.unreachable)}; no cutout was fetched "
+                          f"(the report is {report_path})")
     return res

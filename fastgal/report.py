@@ -26,8 +26,10 @@ def format_metrics(m: dict) -> str:
         lines.append(f"synthetic survey: observable reference RMSE {f['observable_reference_rmse']:.4f} dex (what the "
                      f"images show), latent floor {f['floor_rmse']:.4f} dex (an oracle knowing mass and SFR)")
     lines.append(f"{plural(m['epochs'], 'epoch')} in {m['fit_seconds']:.1f}s, {m['train_images_per_s']:.0f} train images/s "
-                 f"({m['device']}, {m['precision']}, {m['loader_backend']} loader, {'decode on ' if not m['loader_decode'].startswith('no decode') else ''}{m['loader_decode']}); "
-                 f"best epoch {m['best_epoch']}")
+                 f"({m['device']}, {m['precision']}, {m['loader_backend']} loader, "
+                 f"{'decode on ' if not m['loader_decode'].startswith('no decode') else ''}{m['loader_decode']}"
+                 + (f"; {m['arch']}, preset {m['preset']}" if m.get("preset") else "")
+                 + f"); best epoch {m['best_epoch']} of {m['epochs']}")  # epochs count from 1, as the progress lines
     return "\n".join(lines)
 
 

@@ -15,6 +15,9 @@ Retries: urllib3's Retry inside each Session's adapter, with exponential backoff
 Retry-After. A query is retried only when nothing was computed (connect errors, 502/503/504, a 429
 that says when to come back); a SQL error would fail again, and a timed-out query would cost
 another ten minutes, so both are shown at once. A cutout also retries 429 and 500 and read errors.
+A connection that cannot be made (refused, a host name that does not resolve, no network) is tried
+CONNECT_RETRIES more times, about a second, whatever --retries says: waiting longer does not bring a
+network back, and the command says at once that it cannot reach the host (Unreachable).
 A Retry subclass makes every retry take a token from the shared rate limiter, and turns a
 Retry-After into a pause for every thread.
 """
@@ -41,11 +44,25 @@ MIN_SCALE, MAX_SCALE = 0.015, 60.0  # getjpeg's scale range, arcsec/px
 QUERY_TIMEOUT_S = 600  # SqlSearch stops a query after this long (its answer is then a JSON error)
 CUTOUT_RETRY = (429, 500, 502, 503, 504)  # getjpeg's 500s are transient (their body is a JPEG)
 QUERY_RETRY = (502, 503, 504)  # plus a 429 with Retry-After (urllib3 retries those by itself)
+CONNECT_RETRIES = 2  # a connection that cannot be made: tried 3 times in ~1 s (backoff 0.5: waits 0, 1 s)
 USER_AGENT = f"fastgal/{__version__} (+https://github.com/fastgal; polite: rate-limited, resumable)"
 
 
 class SkyServerError(RuntimeError):
     """SkyServer answered with an error (a SQL error, a refusal, an HTML page, a bad status)."""
+
+
+class SqlError(SkyServerError):
+    """SkyServer rejected or refused the SQL itself (HTTP 500 with its message, or an error_message table)."""
+
+
+class Unreachable(SkyServerError):
+    """No connection could be made to the host (refused, name not resolved, connect timeout, no network)."""
+
+
+def unreachable_message(base_url: str, reason: str) -> str:
+    return (f"cannot reach {base_url} ({reason}); check the network, or --base-url if SkyServer is elsewhere "
+            "(a mirror, a test server)")
 
 
 class Interrupted(Exception):
@@ -147,7 +164,7 @@ def parse_skyserver_csv(text: str, what: str, sql: str) -> pd.DataFrame:
     body = text.lstrip("\ufeff")
     head = body.lstrip()[:1]
     if head in ("[", "{"):
-        raise SkyServerError(f"SkyServer rejected {what}: {error_message(body)} [SQL: {sql_head(sql)}]")
+        raise SqlError(f"SkyServer rejected {what}: {error_message(body)} [SQL: {sql_head(sql)}]")
     if head == "<":
         raise SkyServerError(f"SkyServer answered {what} with an HTML page, not CSV: {error_message(body)[:200]}")
     lines = body.splitlines()
@@ -160,7 +177,7 @@ def parse_skyserver_csv(text: str, what: str, sql: str) -> pd.DataFrame:
     df = pd.read_csv(io.StringIO("\n".join(lines)), dtype=str, keep_default_na=False)
     if [str(c).strip().lower() for c in df.columns] == ["error_message"]:
         msg = " ".join(" ".join(df.iloc[:, 0]).split())[:300] or "(no message)"
-        raise SkyServerError(f"SkyServer refused {what}: {msg} [SQL: {sql_head(sql)}]")
+        raise SqlError(f"SkyServer refused {what}: {msg} [SQL: {sql_head(sql)}]")
     return df
 
 
@@ -228,7 +245,7 @@ def make_session(cfg: DownloadConfig, limiter: RateLimiter, query: bool = False)
     and 5xx; for a query (query=True), connect errors, 502/503/504 and a 429 with Retry-After."""
     n = cfg.retries
     retry = _retry_class(limiter, cfg.retry_after_max)(
-        total=n, connect=n, read=False if query else n, status=n, other=0, redirect=3,
+        total=n, connect=min(n, CONNECT_RETRIES), read=False if query else n, status=n, other=0, redirect=3,
         allowed_methods=frozenset({"GET"}), status_forcelist=QUERY_RETRY if query else CUTOUT_RETRY,
         backoff_factor=cfg.backoff, backoff_max=cfg.backoff_max, backoff_jitter=cfg.backoff,
         respect_retry_after_header=True, raise_on_status=False)
@@ -268,14 +285,37 @@ def tries(resp: requests.Response) -> int:
     return 1 + len(r.history) if r is not None else 1
 
 
-def describe(e: BaseException) -> str:
-    """A short reason for a requests exception, naming the root cause (timeout, reset, ...)."""
+def _root(e: BaseException) -> BaseException:
     root = e
     for _ in range(6):  # unwrap requests -> MaxRetryError -> the socket error
         nxt = getattr(root, "reason", None) or (root.args[0] if root.args and isinstance(root.args[0], BaseException) else None)
-        if nxt is None or nxt is root:
+        if nxt is None or nxt is root or not isinstance(nxt, BaseException):
             break
         root = nxt
+    return root
+
+
+def connect_failure(e: BaseException) -> str | None:
+    """Why no connection could be made (the request never reached a server), or None when one was made."""
+    from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConnectionError
+
+    root = _root(e)
+    if isinstance(root, NameResolutionError):
+        host = getattr(root, "_host", None) or "of the URL"
+        return f"host name {host} does not resolve: no network, or no such host"
+    if isinstance(root, NewConnectionError):
+        return "connection refused" if "refused" in str(root).lower() else f"no connection: {str(root)[:160]}"
+    if isinstance(root, ConnectTimeoutError) or isinstance(e, requests.ConnectTimeout):
+        return "connect timed out"
+    return None
+
+
+def describe(e: BaseException) -> str:
+    """A short reason for a requests exception, naming the root cause (timeout, reset, ...)."""
+    why = connect_failure(e)
+    if why:
+        return why
+    root = _root(e)
     kind, text = type(root).__name__, str(root)
     if "Timeout" in kind or "timed out" in text:
         return "timed out"
@@ -301,14 +341,17 @@ def run_sql(sql: str, cfg: DownloadConfig, session: requests.Session, what: str 
                              f"stops a query at {QUERY_TIMEOUT_S} s): narrow it, e.g. with --limit, or try later "
                              f"[SQL: {sql_head(shown)}]") from None
     except requests.RequestException as e:
-        raise SkyServerError(f"cannot reach {url}: {describe(e)}; check --base-url/--release "
-                             "or try again later") from None
+        if connect_failure(e):
+            raise Unreachable(unreachable_message(cfg.base_url, connect_failure(e))) from None
+        raise SkyServerError(f"the connection to {url} failed during {what}: {describe(e)}; try again later, "
+                             "or check --base-url/--release") from None
     with r:
         text = r.text
     if r.status_code != 200:
         again = f" after {tries(r)} tries" if tries(r) > 1 else ""
-        raise SkyServerError(f"SkyServer answered HTTP {r.status_code} to {what}{again}: {error_message(text)} "
-                             f"[SQL: {sql_head(shown)}]")
+        kind = SqlError if r.status_code == 500 else SkyServerError  # 500: SqlSearch's answer to a SQL error
+        raise kind(f"SkyServer answered HTTP {r.status_code} to {what}{again}: {error_message(text)} "
+                   f"[SQL: {sql_head(shown)}]")
     return parse_skyserver_csv(text, what, shown)
 
 
@@ -334,8 +377,8 @@ def query_catalog(sql: str, cfg: DownloadConfig, session: requests.Session, what
         q = f"SELECT TOP {top} * FROM ({flat}) AS fastgal_q{where} ORDER BY fastgal_q.objID"
         try:
             df = run_sql(q, cfg, session, f"page {page + 1} of {what} (objID > {last or 0})", shown=flat)
-        except SkyServerError as e:
-            raise SkyServerError(f"{e} (fastgal wraps the query as SELECT TOP n * FROM (...) ORDER BY objID to apply "
+        except SqlError as e:  # about the SQL: say how fastgal changed it (not for a network or server fault)
+            raise SqlError(f"{e} (fastgal wraps the query as SELECT TOP n * FROM (...) ORDER BY objID to apply "
                                  "--limit or split it: it must be a single SELECT that returns objID, without a "
                                  "top-level ORDER BY)") from None
         pages.append(df)
@@ -360,10 +403,13 @@ def get_cutout(session: requests.Session, url: str, params: dict, cfg: DownloadC
     """One getjpeg call after urllib3's retries, read as the service answers: (status, reason, tries,
     bytes). "ok" with the JPEG's bytes (still to be checked); "cut-short" (the body ended early) and
     "not-jpeg" (a 200 with an HTML page) are worth another try, which urllib3 cannot see; "not-found"
-    (404: outside the imaging footprint, the body a picture of the error) and "failed" are final."""
+    (404: outside the imaging footprint, the body a picture of the error) and "failed" are final;
+    "unreachable": no connection could be made (refused, a name that does not resolve, no network)."""
     try:
         r = session.get(url, params=params, timeout=cfg.timeout, stream=True)
     except requests.RequestException as e:  # this exception means urllib3 spent its retries
+        if connect_failure(e):  # no connection at all: "unreachable", after CONNECT_RETRIES
+            return "unreachable", describe(e), min(cfg.retries, CONNECT_RETRIES) + 1, None
         return "failed", describe(e), cfg.retries + 1, None
     with r:
         n = tries(r)

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -45,7 +44,7 @@ from fastai.torch_core import set_seed
 
 from .callbacks import DDP, EpochCheckpoint, EpochSeed, best_epoch_callback, read_checkpoint
 from .checkpoint import image_meta, inference, save_checkpoint
-from .config import RECIPE, TrainConfig, to_jsonable
+from .config import PRESET_FIELDS, RECIPE, TrainConfig, to_jsonable
 from .device import resolve_device, resolve_precision
 from .diagnostics import calibration, summarise
 from .env import versions
@@ -55,11 +54,12 @@ from .manifest import Shards
 from .model import make_model
 from .plots import coverage_plot, loss_curves, lr_find_plot, mzr_plot, pred_vs_true, residuals
 from .predictions import predict_split
-from .util import write_bytes_atomic, write_json_atomic
+from .util import Progress, write_bytes_atomic, write_json_atomic
 
 CHECKPOINT = "checkpoint.pth"
 # config.json entries a --resume must not change: the TrainConfig fields but these, and what they resolved to
-NOT_SETTINGS = {"shards", "out", "overwrite", "resume", "quiet", "workers", "device"}
+# (the preset is only where the values came from: the values it resolved to are compared)
+NOT_SETTINGS = {"shards", "out", "overwrite", "resume", "quiet", "workers", "device", "preset"}
 RESOLVED = ("crop", "targets", "precision", "loader_backend", "world_size", "n_train", "n_valid", "shards_sha256")
 
 RECIPE_TEXT = (f"xresnet(n_out, sa=True, act_cls=Mish) + ranger + RMSE loss, fit_one_cycle; CropPad {RECIPE.crop} -> "
@@ -81,6 +81,11 @@ class Setup:
     rank: int
     world: int
     out: Path
+    given: TrainConfig  # the config as given, before --preset filled it
+
+    @property
+    def from_preset(self) -> list[str]:  # the settings --preset filled
+        return self.given.from_preset()
 
     @property
     def writer(self) -> bool:  # rank 0 writes the run folder
@@ -140,11 +145,13 @@ def setup(cfg: TrainConfig) -> Setup:
     """Check everything that can be wrong before any work starts; prepare the run folder."""
     shards = Shards(cfg.shards)  # one-line ValueError on a bad folder
     targets = _check_targets(cfg, shards)
-    if cfg.epochs < 1 or cfg.bs < 1 or cfg.lr <= 0:
-        raise ValueError("--epochs and --bs must be positive and --lr > 0")
     crop = shards.crop(cfg.crop)
     resolve_stretch(shards, cfg.stretch, cfg.softening)  # --stretch/--softening against the shards, before any work
     device = resolve_device(cfg.device)
+    given = cfg
+    cfg = cfg.resolved(gpu=device.type == "cuda", crop=crop)  # --preset fills what was not given
+    if cfg.epochs < 1 or cfg.bs < 1 or cfg.lr <= 0 or cfg.lr_find_iters < 1:
+        raise ValueError("--epochs, --bs and --lr-find-iters must be positive and --lr > 0")
     precision = resolve_precision(cfg.precision, device)
     rank, world, device = _init_distributed(cfg, device)
     out = Path(cfg.out) if cfg.out else default_run_dir(cfg.shards)
@@ -152,7 +159,25 @@ def setup(cfg: TrainConfig) -> Setup:
         _prepare_out(cfg, out)
     tmean, tstd = shards.target_stats()
     return Setup(cfg=cfg, shards=shards, targets=targets, target_mean=tmean, target_std=tstd, crop=crop, device=device,
-                 precision=precision, rank=rank, world=world, out=out)
+                 precision=precision, rank=rank, world=world, out=out, given=given)
+
+
+def preset_line(s: Setup) -> str:
+    """What --preset did, for stderr: the preset, what it set, what was given, and where the input size came from."""
+    given, cfg = s.given, s.cfg
+    why = f" (--preset auto on a {'GPU' if s.device.type == 'cuda' else 'CPU'})" if given.preset == "auto" else ""
+    shown = [f for f in PRESET_FIELDS if f != "lr_find_iters" or cfg.lr_find]
+    filled = [f for f in s.from_preset if f in shown]
+    parts = [f"preset {cfg.preset}{why}:"]
+    parts.append(", ".join(f"{f} {getattr(cfg, f)}" for f in filled) if filled else "nothing (every setting was given)")
+    kept = [f for f in shown if f not in filled]
+    if kept:
+        parts.append("; given: " + ", ".join(f"--{f.replace('_', '-')} {getattr(cfg, f)}" for f in kept))
+    if given.size is None:
+        parts.append(f"; input {cfg.size} px from the shards' crop {s.crop}")
+    if cfg.preset == "cpu" and given.preset == "auto":
+        parts.append("; --preset recipe for the seed's")
+    return " ".join(parts).replace(" ;", ";")
 
 
 def _prepare_out(cfg: TrainConfig, out: Path) -> None:
@@ -218,7 +243,7 @@ def write_config(s: Setup, dls) -> dict:
         "loader_threads": thread_budget(c.workers), "world_size": s.world,
         "n_train": len(dls.train.split), "n_valid": len(dls.valid.split),
         "versions": versions(), "gpu": torch.cuda.get_device_name(s.device) if s.device.type == "cuda" else None,
-        "recipe": RECIPE_TEXT, "train_seed_per_rank": seeds,
+        "recipe": RECIPE_TEXT, "from_preset": s.from_preset, "train_seed_per_rank": seeds,
         "shards_sha256": s.shards.sha256(),
         "image": {"kind": s.shards.kind, "bands": s.shards.bands, "softening": dls.train.geometry.softening,
                   "pixel_mean": list(dls.train.geometry.mean), "pixel_std": list(dls.train.geometry.std)},
@@ -249,13 +274,19 @@ def fit(s: Setup, learn) -> tuple[dict, list[dict]]:
     """lr_find (optional) then fit_one_cycle, from the last finished epoch with --resume; returns what
     metrics.json adds about the fit and the history rows of every epoch."""
     state = read_checkpoint(s.out / CHECKPOINT, s.device) if s.cfg.resume else None
-    result: dict = {"resumed_from_epoch": state["epoch"] + 1 if state else None}
+    start = state["epoch"] + 1 if state else 0  # fastai's 0-based index of the first epoch to train
+    # epochs a person reads count from 1 (the progress lines, history.csv, metrics.json): the first epoch this
+    # process trains
+    result: dict = {"resumed_from_epoch": start + 1 if state else None}
     if state:
         result["lr_find_suggested"] = state["lr_find_suggested"]
     elif s.cfg.lr_find:
         # fastai stops lr_find when the loss passes 4x its best: meaningless for an NLL that goes negative
         # fastai's LRFinder parks the weights in a temporary folder under path/model_dir: a system temp folder
         # instead, so an interrupted lr_find leaves nothing (85 MB for xresnet34) in the run folder
+        log = Progress(quiet=s.cfg.quiet)
+        log.line(f"lr_find: {s.cfg.lr_find_iters} iterations of bs {s.cfg.bs} (--lr-find-iters)")
+        t0 = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="fastgal-lr-find-") as tmp:
             model_dir, learn.model_dir = learn.model_dir, Path(tmp)
             try:
@@ -263,16 +294,18 @@ def fit(s: Setup, learn) -> tuple[dict, list[dict]]:
             finally:
                 learn.model_dir = model_dir
         result["lr_find_suggested"] = float(sug.valley)
+        rec = learn.recorder
         if s.writer:
-            rec = learn.recorder
             lr_find_plot(rec.lrs, [float(v) for v in rec.losses], float(sug.valley), s.out / "lr_find.png")
-        if not s.cfg.quiet:
-            print(f"lr_find: suggested lr (valley) {sug.valley:.2e}; training with --lr {s.cfg.lr:g}", file=sys.stderr)
+        done = len(rec.losses)
+        stopped = " (stopped early: the loss diverged)" if done < s.cfg.lr_find_iters else ""
+        log.line(f"lr_find: {done} iterations in {time.perf_counter() - t0:.0f}s{stopped}; suggested lr (valley) "
+                 f"{sug.valley:.2e}; training with --lr {s.cfg.lr:g}")
     best = best_epoch_callback(s.monitor)
     ckpt = EpochCheckpoint(s.out / CHECKPOINT, best, {"lr_find_suggested": result.get("lr_find_suggested")},
                            resume=state, writer=s.writer)
     # on every rank: fastai saves on rank 0 only, and its load() after fit is a collective barrier
-    learn.fit_one_cycle(s.cfg.epochs, s.cfg.lr, cbs=[best, ckpt], start_epoch=result["resumed_from_epoch"] or 0)
+    learn.fit_one_cycle(s.cfg.epochs, s.cfg.lr, cbs=[best, ckpt], start_epoch=start)
     if s.world > 1:
         import torch.distributed as dist
 
@@ -285,9 +318,11 @@ def fit(s: Setup, learn) -> tuple[dict, list[dict]]:
 
 
 def write_history(s: Setup, learn, rows: list[dict]) -> pd.DataFrame:
-    """history.csv from the epoch checkpoint's rows (every epoch, also those of an interrupted process): train
-    loss, valid loss, per-target RMSE, seconds, images/s; loss.png."""
+    """history.csv from the epoch checkpoint's rows (every epoch, also those of an interrupted process): epoch
+    (counted from 1, as the progress lines and metrics.json count; fastai's Recorder counts from 0), train loss,
+    valid loss, per-target RMSE, seconds, images/s; loss.png."""
     hist = pd.DataFrame(rows)
+    hist["epoch"] = hist["epoch"].astype(int) + 1
     write_bytes_atomic(s.out / "history.csv", hist.to_csv(index=False).encode())
     rec, n_it = learn.recorder, len(learn.dls.train)
     loss_curves(np.arange(len(rec.losses)), [float(v) for v in rec.losses],
@@ -360,6 +395,8 @@ def train(cfg: TrainConfig, cbs=()) -> dict:
     s = setup(cfg)
     dls = build_loaders(s)
     config = write_config(s, dls)
+    if s.writer:
+        Progress(quiet=s.cfg.quiet).line(preset_line(s))  # settings checked, loaders built: what it will train
     learn = build_learner(s, dls)
     learn.add_cbs(list(cbs))
     fitted, rows = fit(s, learn)
@@ -371,8 +408,9 @@ def train(cfg: TrainConfig, cbs=()) -> dict:
     save_model(s, learn, dls)
     t0 = s.targets[0]
     metrics = {
-        **{k: v for k, v in per_target[t0].items() if not isinstance(v, (list, dict))}, "target": t0, "targets": per_target, "head": cfg.head,
-        "floor": synth_floor(s.shards.manifest), "epochs": cfg.epochs, "best_epoch": int(np.argmin(hist[s.monitor].values)),
+        **{k: v for k, v in per_target[t0].items() if not isinstance(v, (list, dict))}, "target": t0, "targets": per_target, "head": s.cfg.head,
+        "floor": synth_floor(s.shards.manifest), "preset": s.cfg.preset, "arch": s.cfg.arch, "epochs": s.cfg.epochs,
+        "best_epoch": int(hist["epoch"].iloc[int(np.argmin(hist[s.monitor].values))]),  # counted from 1
         "fit_seconds": round(float(hist["seconds"].sum()), 2),  # every epoch's, whichever process ran it
         "n_train": len(dls.train.split), "n_valid": len(preds),
         **fitted, "wall_seconds": round(time.perf_counter() - t_start, 2),

@@ -180,11 +180,10 @@ def chunks(seq, k: int) -> list:
 # --------------------------------------------------------------------------- progress
 
 class Progress:
-    """The one progress writer: a counter line on stderr with rate and ETA, redrawn at most 5x/s,
-    and whole lines (`line`) for per-epoch or per-stage messages.
-
-    The counter is silent when stderr is not a TTY or when quiet=True, so logs and CI stay clean;
-    `line` is silent only when quiet (tty_only=True: only on a terminal).
+    """The one progress writer, and its one rule for every command: a counter line on stderr with rate and
+    ETA, redrawn at most 5x/s, only when stderr is a terminal (a log file would fill with redraws); whole
+    lines (`line`: one per epoch, per stage, lr_find's start and result) whether or not it is one, so a batch
+    job's log reads one line per step. quiet=True (--quiet) silences both; warnings and errors still show.
     """
 
     def __init__(self, total: int | None = None, desc: str = "", quiet: bool = False, unit: str = "it"):
@@ -220,9 +219,9 @@ class Progress:
             sys.stderr.flush()
             self._drawn = True
 
-    def line(self, msg: str, tty_only: bool = False) -> None:
+    def line(self, msg: str) -> None:
         """A permanent line, replacing the status line if one is drawn."""
-        if self.quiet or (tty_only and not self.tty):
+        if self.quiet:
             return
         sys.stderr.write(("\r\x1b[K" if self._drawn else "") + msg + "\n")
         sys.stderr.flush()

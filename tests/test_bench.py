@@ -62,6 +62,16 @@ def test_bench_without_source_images_falls_back_to_torch(small_shards, tmp_path)
     assert "skipped" in res.output and "x torch" in res.output and "images/s" in res.output
 
 
+def test_bench_progress_lines_reach_a_log(small_shards):
+    """Issue 22, case 6: bench's per-window lines follow the one rule (whole lines whether or not stderr is a
+    terminal; they used to show on a terminal only); stdout keeps the results alone."""
+    tiny = [a for a in TINY if a != "--quiet"]
+    res = run_cli("bench", small_shards, "--what", "loaders", "--json", *tiny)  # CliRunner's stderr: not a terminal
+    assert "  loaders torch: repeat 1/1 " in res.stderr and "\r" not in res.stderr
+    assert json.loads(res.stdout)["sections"] == ["loaders"]
+    assert run_cli("bench", small_shards, "--what", "loaders", *TINY).stderr == ""
+
+
 def test_bench_user_errors(small_shards, tmp_path):
     res = run_cli("bench", small_shards, "--what", "speed", *TINY, ok=False)
     assert res.exit_code != 0 and "loaders, model, e2e, step" in res.output

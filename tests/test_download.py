@@ -602,3 +602,70 @@ def test_inspect_jpeg_reasons_and_black_fraction():
                        (no_image, "corrupt-image: "), (jpeg(5, size=128), "wrong-size: 128x128 px, expected 224x224")]:
         problem, black = dl.inspect_jpeg(data, 224)
         assert problem.startswith(want) and black is None, (want, problem)
+
+
+def _closed_port() -> int:
+    """A local port nothing listens on: a connection to it is refused at once."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_no_network_is_said_at_once(httpserver_threaded, tmp_path):
+    """Issue 22, case 5: a host that refuses the connection or does not resolve is tried CONNECT_RETRIES more
+    times, whatever --retries says, and the one-line error says what is true (cannot reach it, check the network
+    or --base-url), not how --limit wraps a query. The --catalog route stops at the first such cutout (the
+    report has every row) and exits non-zero."""
+    refused = f"http://127.0.0.1:{_closed_port()}"
+    for base, why in ((refused, "(connection refused)"), ("http://fastgal-test.invalid", "does not resolve")):
+        for extra in ([], ["--limit", 5]):
+            line = one_line_error(run_cli("download", tmp_path / "q", "--base-url", base, "--backoff", 0.01, *extra,
+                                          ok=False))
+            assert f"cannot reach {base} " in line and why in line and "check the network, or --base-url" in line
+            assert "SELECT TOP" not in line and "wraps" not in line
+    cfg = DownloadConfig(retries=5)
+    for query in (True, False):  # the adapters' Retry: 2 more connects, the full --retries for the rest
+        r = sky_client.make_session(cfg, sky_client.RateLimiter(0), query=query).get_adapter("http://x").max_retries
+        assert (r.connect, r.total) == (sky_client.CONNECT_RETRIES, 5) == (2, 5)
+    sky = FakeSkyServer(httpserver_threaded, ["good1", "good2", "good3"])
+    cat = sky.catalog_csv(tmp_path / "cat.csv")
+    out = tmp_path / "c"
+    res = run_cli("download", out, "--catalog", cat, "--base-url", refused, "--backoff", 0.01, "--workers", 1,
+                  ok=False)
+    line = one_line_error(res)
+    assert f"cannot reach {refused} (connection refused)" in line and "no cutout was fetched" in line
+    rep = read_report(out)
+    assert len(rep) == 3 and rep.status.tolist() == ["failed", "interrupted", "interrupted"]
+    assert rep.tries.tolist() == ["3", "0", "0"] and "not tried: " in rep.reason[1]  # 1 + CONNECT_RETRIES, not 6
+    assert sky.cutout_requests() == 0
+
+
+def test_nothing_fetched_is_a_failure(httpserver_threaded, tmp_path):
+    """Issue 22, case 5: the --catalog route with 0 of N cutouts fetched exits non-zero after writing the catalog
+    and the report, naming the first reason; one cutout fetched (or kept from an earlier run) is a success."""
+    sky = FakeSkyServer(httpserver_threaded, ["offsky", "broken"])
+    cat = sky.catalog_csv(tmp_path / "cat.csv")
+    out = tmp_path / "d"
+    args = ["download", out, "--catalog", cat, "--base-url", sky.base_url, "--rate", 0, "--retries", 1, "--backoff",
+            0.01]
+    res = run_cli(*args, ok=False)
+    assert res.exit_code == 1 and "cutouts: 0 ok, 1 not-found, 1 failed = 2 of 2" in res.stdout
+    assert ("Error: none of the 2 cutouts could be fetched (first: not-found: HTTP 404: outside the imaging "
+            f"footprint); every row is in {out / 'download-report.csv'}") in res.stderr
+    assert read_report(out).status.tolist() == ["not-found", "failed"] and (out / "data" / "master.csv").is_file()
+    sky.scripts = {**SCRIPTS, "broken": (["ok"], "ok", 1, "")}  # the server mends: the re-run fetches one
+    assert run_cli(*args).exit_code == 0
+
+
+def test_a_float_id_is_described_as_it_is(httpserver_threaded, tmp_path):
+    """Issue 22, case 5: an id written `...801.0` keeps every digit (no float64 is that value, and it has 19
+    significant digits), so the message says so and how to write it; one a float may have rounded says that."""
+    sky = FakeSkyServer(httpserver_threaded, ["good1"])
+    for written, said in ((f"{BASE_ID}.0", f"every digit is there: write it as {BASE_ID}"),
+                          (f"{float(BASE_ID)!r}", "may have been rounded")):
+        bad = tmp_path / "bad.csv"
+        bad.write_text(f"objID,ra,dec\n{written},150.0,2.0\n")
+        line = one_line_error(run_cli("download", tmp_path / "b", "--catalog", bad, "--base-url", sky.base_url,
+                                      ok=False))
+        assert f"{bad} line 2: id '{written}' is written as a float" in line and said in line
+        assert ("lost" in line) is False and ("may have been rounded" in line) == (said == "may have been rounded")

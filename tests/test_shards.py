@@ -544,6 +544,23 @@ def test_user_errors_are_one_line(survey, tmp_path, case):
         assert [r["reason"] for r in read_rejects(tmp_path / "out")] == ["missing-image"] * 2
 
 
+def test_a_float_id_is_described_as_it_is(survey, tmp_path):
+    """Issue 22, case 5: ids written `1237645945580748801.0` have every digit (no float64 is that value, and a
+    float printer writes at most 17 significant digits): the message says so and how to write them, where it
+    used to say their last digits were lost. Ids a float may have rounded are said to be that."""
+    cat = tmp_path / "cat.csv"
+    for ids, said in ((["1237645945580748801.0", "1237645945580748803.0"],
+                       "row 1 (1 more rows like it): id '1237645945580748801.0' is written as a float, but every digit "
+                       "is there: write it as 1237645945580748801"),
+                      (["1237645945580748801.0", "1.2376459455807488e+18"],  # the second: a float64's repr
+                       "row 2 (1 more rows like it): id '1.2376459455807488e+18' is written as a float above 2**53, "
+                       "where float64 values lie 256 apart, so its last digits may have been rounded")):
+        cat.write_text("objID,metallicity\n" + "".join(f"{i},8.9\n" for i in ids))
+        res = run_cli("shard", cat, survey / "images", tmp_path / "out", ok=False)
+        assert res.exit_code == 1 and said in res.output and "lost" not in res.output, res.output
+        assert len(res.output.strip().splitlines()) == 1
+
+
 @st.composite
 def catalogs(draw):
     n = draw(st.integers(1, 25))

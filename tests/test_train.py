@@ -19,6 +19,7 @@ from PIL import Image
 
 from conftest import run_cli
 
+README = Path(__file__).parents[1] / "README.md"
 TRAIN = ("--epochs", "2", "--bs", "32", "--arch", "xresnet18", "--size", "32", "--quiet", "--workers", "1")
 
 
@@ -56,7 +57,7 @@ def test_train_writes_the_run_folder(small_shards, tmp_path, monkeypatch):
     for png in run.glob("*.png"):
         Image.open(png).load()
     hist = pd.read_csv(run / "history.csv")
-    assert list(hist.epoch) == [0, 1]
+    assert list(hist.epoch) == [1, 2]  # counted from 1, as the progress lines count
     assert {"train_loss", "valid_loss", "rmse_metallicity", "rmse_lgm_tot_p50", "seconds", "images_per_s"} <= set(hist.columns)
     man = json.loads((small_shards / "manifest.json").read_text())
     pred = pd.read_csv(run / "predictions_valid.csv", dtype={"id": str})
@@ -148,7 +149,9 @@ def test_demo_runs_the_main_job(tmp_path):
     t = m["targets"][m["target"]]
     assert {"by_true", "by_pred", "mzr", "tta_calibration"} <= set(t) and "sigma_tta_metallicity" in (
         out / "run/predictions_valid.csv").read_text().splitlines()[0]
-    assert m["n_train"] + m["n_valid"] == 200 and m["preset"]["arch"] == "xresnet18" and m["preset"]["size"] == 56
+    assert m["n_train"] + m["n_valid"] == 200 and m["demo"]["arch"] == m["arch"] == "xresnet18" and m["demo"]["size"] == 56
+    cfg = json.loads((out / "run/config.json").read_text())  # the train preset the demo's values come from
+    assert (cfg["preset"], cfg["size"], cfg["bs"], cfg["epochs"]) == ("cpu", 56, 64, 1) and m["preset"] == "cpu"
     # the numbers it reports are the run's: RMSE of its predictions, the survey's own references, printed
     pred = pd.read_csv(out / "run/predictions_valid.csv")
     assert m["rmse"] == pytest.approx(np.sqrt(np.mean((pred.pred_metallicity - pred.true_metallicity) ** 2)), abs=1e-5)
@@ -232,7 +235,7 @@ def test_a_killed_run_resumes_to_the_same_result(small_shards, tmp_path, loader)
     # numpy.core in Learner.load, pandas options) on stderr; the results go to stdout
     assert p.stderr == "" and "RMSE" in p.stdout
     m_cut, m_whole = (json.loads((d / "metrics.json").read_text()) for d in (cut, whole))
-    assert m_cut["resumed_from_epoch"] == 1 and m_whole["resumed_from_epoch"] is None and m_whole["epochs"] == 2
+    assert m_cut["resumed_from_epoch"] == 2 and m_whole["resumed_from_epoch"] is None and m_whole["epochs"] == 2
     assert abs(m_cut["rmse"] - m_whole["rmse"]) <= 1e-6
     h_cut, h_whole = (pd.read_csv(d / "history.csv") for d in (cut, whole))
     cols = ["epoch", "train_loss", "valid_loss", "rmse_metallicity", "rmse_lgm_tot_p50"]
@@ -339,3 +342,101 @@ def test_compile_trains_the_same_run_folder(small_shards, small_run, tmp_path, m
     assert list(ha.columns) == list(hb.columns)
     # the same seed and data: compiled kernels reorder float sums, so close rather than equal
     np.testing.assert_allclose(hb.train_loss, ha.train_loss, rtol=0.05)
+
+
+@pytest.mark.slow
+def test_the_cpu_preset_sizes_train_for_a_cpu(small_shards, tmp_path):
+    """Issue 22, case 2: --preset (auto: cpu on a CPU, the recipe on a GPU) fills the settings not given from
+    config.CPU_RECIPE or RECIPE; what is given wins; the input size follows the shards' crop (7/9: 72 -> 56) in
+    either preset; config.json records the preset, every value and which ones the preset set."""
+    from fastgal.config import CPU_RECIPE, RECIPE
+
+    a = tmp_path / "auto"
+    res = run_cli("train", small_shards, "--out", a, "--epochs", 1, "--device", "cpu", "--workers", 1)
+    cfg = json.loads((a / "config.json").read_text())
+    assert (cfg["preset"], cfg["arch"], cfg["bs"], cfg["lr"], cfg["lr_find_iters"]) == (
+        "cpu", CPU_RECIPE.arch, CPU_RECIPE.bs, CPU_RECIPE.lr, CPU_RECIPE.lr_find_iters)
+    assert cfg["epochs"] == 1 and cfg["size"] == 56 and cfg["crop"] == 72  # given; from the shards' crop
+    assert cfg["from_preset"] == ["arch", "bs", "lr", "lr_find_iters"]
+    assert ("preset cpu (--preset auto on a CPU): arch xresnet18, bs 64, lr 0.01; given: --epochs 1; "
+            "input 56 px from the shards' crop 72; --preset recipe for the seed's") in res.stderr
+    m = json.loads((a / "metrics.json").read_text())
+    assert m["preset"] == "cpu" and m["arch"] == "xresnet18" and m["steps_per_epoch"] == cfg["n_train"] // 64
+    assert "xresnet18, preset cpu" in res.stdout
+    # the recipe by name, on the same CPU: its values where none are given (size still from the shards' crop,
+    # where the recipe's own 112 would not fit a 72 px region)
+    r = tmp_path / "recipe"
+    run_cli("train", small_shards, "--out", r, "--preset", "recipe", "--arch", "xresnet18", "--bs", 32, "--epochs", 1,
+            "--device", "cpu", "--workers", 1, "--quiet")
+    cfg = json.loads((r / "config.json").read_text())
+    assert (cfg["preset"], cfg["arch"], cfg["bs"], cfg["epochs"], cfg["lr"], cfg["lr_find_iters"], cfg["size"]) == (
+        "recipe", "xresnet18", 32, 1, RECIPE.lr, RECIPE.lr_find_iters, 56)
+    assert cfg["from_preset"] == ["lr", "lr_find_iters"]
+
+
+def test_epochs_count_from_1_everywhere(small_run):
+    """Issue 22, case 5: the progress lines count epochs from 1, and so do history.csv, metrics.json's best_epoch
+    and the summary (fastai's Recorder counts from 0; fastgal converts once, where it writes history.csv)."""
+    from fastgal.report import format_metrics
+
+    m = json.loads((small_run / "metrics.json").read_text())
+    hist = pd.read_csv(small_run / "history.csv")
+    assert list(hist.epoch) == [1] and m["best_epoch"] == 1 and m["epochs"] == 1
+    assert "best epoch 1 of 1" in format_metrics(m)
+
+
+def _stderr_on_a_terminal(cmd: list[str]) -> tuple[int, str]:
+    """Run cmd with stderr on a pseudo-terminal (stdout a pipe); its exit status and what the terminal got."""
+    import pty
+    import threading
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=slave)
+    os.close(slave)
+    got: list[bytes] = []
+
+    def read():
+        while True:
+            try:
+                b = os.read(master, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                return
+            if not b:
+                return
+            got.append(b)
+
+    t = threading.Thread(target=read, daemon=True)
+    t.start()
+    proc.communicate(timeout=900)
+    t.join(timeout=30)
+    os.close(master)
+    return proc.returncode, b"".join(got).decode(errors="replace")
+
+
+@pytest.mark.slow
+def test_stderr_is_one_line_per_step_off_a_terminal_and_redraws_only_on_one(small_shards, tmp_path):
+    """Issue 22, case 6, one rule for every command (util.Progress): whole lines (the preset, lr_find's start and
+    result, one per epoch) whether or not stderr is a terminal; the redrawn counter (lr_find's `lr_find: iteration
+    i/N`, then each epoch's batches) only on a terminal; --quiet silences both. The README says exactly that."""
+    cmd = [sys.executable, "-m", "fastgal", "train", str(small_shards), "--epochs", "2", "--bs", "32", "--arch",
+           "xresnet18", "--lr-find", "--lr-find-iters", "6", "--workers", "1", "--device", "cpu"]
+    p = subprocess.run([*cmd, "--out", str(tmp_path / "log")], capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    lines = p.stderr.splitlines()  # a batch job's log: one line per step, nothing redrawn
+    assert "\r" not in p.stderr and "\x1b" not in p.stderr and "batch" not in p.stderr
+    assert lines[0].startswith("preset cpu (--preset auto on a CPU): lr 0.01; given: --arch xresnet18") and len(lines) == 5, lines
+    assert lines[1] == "lr_find: 6 iterations of bs 32 (--lr-find-iters)"
+    assert lines[2].startswith("lr_find: ") and "suggested lr (valley)" in lines[2]
+    assert [ln.split("  ")[0] for ln in lines[3:]] == ["epoch 1/2", "epoch 2/2"]
+    assert "RMSE" in p.stdout and "best epoch" in p.stdout and "epoch 1/2" not in p.stdout  # results on stdout
+    # on a terminal: the same lines, and between them the redrawn counters; lr_find's counts its iterations
+    rc, tty = _stderr_on_a_terminal([*cmd, "--out", str(tmp_path / "tty")])
+    assert rc == 0, tty[-3000:]
+    assert "\r\x1b[K  lr_find: iteration 1/6" in tty and "\r\x1b[K  epoch 1/2  batch 1/" in tty
+    finder = tty[:tty.index("lr_find: 6 iterations in")]
+    assert "batch" not in finder  # lr_find is not shown as epochs of one batch ("epoch 13/101 batch 1/1")
+    assert "\r\x1b[Kepoch 2/2  train_loss" in tty  # an epoch's line replaces its counter
+    # (--quiet: an empty stderr, test_a_killed_run_resumes_to_the_same_result)
+    readme = " ".join(README.read_text().split())
+    assert "whole lines (the preset, each stage, lr_find's start and result, one per epoch) whether or not" in readme
+    assert "`FASTGAL_NO_DALI=1` is read by the test suite only" in readme

@@ -572,7 +572,7 @@ def _recipe(p: Params, work: Path, loader: str, folder: Path) -> dict:
         dev.close()
     wall = time.perf_counter() - t0
     hist = _history(folder)
-    epochs = [{"epoch": int(h["epoch"]) + 1, "seconds": float(h["seconds"]), "train_images_per_s": float(h["images_per_s"]),
+    epochs = [{"epoch": int(h["epoch"]), "seconds": float(h["seconds"]), "train_images_per_s": float(h["images_per_s"]),
                "valid_images_per_s": float(h["valid_images_per_s"]) if h.get("valid_images_per_s") else None,
                "checkpoint_seconds": float(h["checkpoint_seconds"]) if h.get("checkpoint_seconds") else None, **d}
               for h, d in zip(hist, dev.rows + [{}] * (len(hist) - len(dev.rows)))]
