@@ -119,8 +119,12 @@ def read_fits(path: str, bands: tuple[str, ...] | None) -> tuple[np.ndarray, lis
         raise
     except OSError as e:
         msg = str(e)
-        reason = "not-fits" if "Empty or corrupt FITS file" in msg or "No SIMPLE card" in msg else "corrupt-image"
-        raise Unusable(reason, f"{type(e).__name__}: {msg}"[:200]) from None
+        if "Empty or corrupt FITS file" in msg or "No SIMPLE card" in msg:  # what it is, in words a person recognises
+            with open(path, "rb") as f:
+                head = f.read(16)
+            what = "a JPEG" if head.startswith(b"\xff\xd8\xff") else f"starts with {head.decode('ascii', 'replace')!r}"
+            raise Unusable("not-fits", f"not a FITS file: {what}") from None
+        raise Unusable("corrupt-image", f"{type(e).__name__}: {msg}"[:200]) from None
     except Exception as e:  # a truncated data unit, a header astropy cannot parse, ...
         raise Unusable("corrupt-image", f"{type(e).__name__}: {e}"[:200]) from None
     if len({p.shape for p in planes}) != 1:

@@ -342,6 +342,11 @@ def _check_placed(rows: _Rows, done: _Written, tmp: Path, cfg: ShardConfig) -> N
         if by.most_common(1)[0][0] == "too-small":
             opt = f"--precrop {cfg.precrop}" if cfg.precrop else f"--crop {cfg.crop}"
             fix = f"; the cutouts are smaller than {opt}: pass a {opt.split()[0]} no larger than their side"
+        elif by.most_common(1)[0][0] == "missing-image":
+            other = ".jpg" if rows.ext == ".fits" else ".fits"
+            if any(Path(rows.path(p)).with_suffix(other).is_file() for p in range(min(n, 50))):
+                fix = (f"; {cfg.images} holds {{id}}{other} cutouts: " +
+                       ("drop --bands to shard them as JPEGs" if other == ".jpg" else "pass --bands to shard their bands"))
         raise ValueError(f"no usable samples: {what} "
                          f"({', '.join(f'{k} {v}' for k, v in by.most_common())}){where}{fix}")
     placed = done.rows["train"] + done.rows["valid"] + list(rows.rejects)

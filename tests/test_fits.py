@@ -175,6 +175,17 @@ def test_float32_storage_and_user_errors(tmp_path):
     assert res.exit_code != 0 and "wrong-bands 8" in res.output
 
 
+def test_bands_on_a_jpeg_folder_says_what_the_folder_holds(tmp_path):
+    ids = [str(1237645945580748800 + i) for i in range(6)]
+    (tmp_path / "images").mkdir()
+    for i in ids:
+        Image.new("RGB", (64, 64), (30, 60, 90)).save(tmp_path / "images" / f"{i}.jpg")
+    _catalog(tmp_path / "cat.csv", ids)
+    res = run_cli("shard", tmp_path / "cat.csv", tmp_path / "images", tmp_path / "sh", "--bands", "g,r,i", "--crop", 48,
+                  ok=False)
+    assert res.exit_code != 0 and "missing-image 6" in res.output and "drop --bands to shard them as JPEGs" in res.output
+
+
 def test_without_astropy_the_error_says_how_to_get_it(tmp_path, monkeypatch):
     import builtins
 
@@ -330,3 +341,4 @@ def test_train_and_predict_on_fits_bands(fits_run, tmp_path):
     Image.new("RGB", (112, 112), (40, 50, 60)).save(jpgs / "1.jpg")
     res = run_cli("predict", root / "r", jpgs, "--out", tmp_path / "j.csv", ok=False)
     assert res.exit_code != 0 and pd.read_csv(tmp_path / "j.csv")["status"].tolist() == ["not-fits"]
+    assert "not a FITS file: a JPEG" in res.output
