@@ -38,7 +38,7 @@ def recipe_learner(dls, *, arch: str = RECIPE.arch, head: str = "rmse", opt: str
         raise ValueError("recipe_learner needs fastgal's DataLoaders (fastgal.dataloaders): it reads the targets' scale from the shards")
     device = torch.device(dls.device or "cpu")
     mean, std = shards.target_stats()
-    model = make_model(arch, len(dls.targets), mean, std, head=head)
+    model = make_model(arch, len(dls.targets), mean, std, head=head, c_in=dls.train.geometry.channels)
     return make_learner(dls, model, targets=dls.targets, path=Path(path or shards.folder), precision=resolve_precision(precision, device),
                         channels_last=device.type == "cuda" if channels_last is None else channels_last,
                         opt=opt, compile=compile, head=head, progress="fastai")
@@ -46,10 +46,13 @@ def recipe_learner(dls, *, arch: str = RECIPE.arch, head: str = "rmse", opt: str
 
 def _learner_meta(learn) -> dict:
     """What model.pt would record, read off a Learner over fastgal DataLoaders (raw outputs: one per target)."""
+    from .checkpoint import image_meta
+
     dls = learn.dls
     g, sh = dls.train.geometry, dls.shards
     return {"targets": list(dls.targets), "size": g.size, "crop": g.crop, "precrop": sh.precrop,
-            "image_size": list(sh.image_size), "pixel_mean": list(g.mean), "pixel_std": list(g.std), "precision": "fp32"}
+            "image_size": list(sh.image_size), "pixel_mean": list(g.mean), "pixel_std": list(g.std), "precision": "fp32",
+            **image_meta(sh, g)}
 
 
 def predict(model, data, *, split: str = "valid", tta: bool = False, bs: int = 256, device: str | None = None,

@@ -151,6 +151,8 @@ class _Targets:
 
 def fastai_source(cfg: BenchConfig, shards) -> tuple[Path | None, Path | None, str | None]:
     """(images folder, catalog, None) for the peer pipeline, or (None, None, why it cannot run)."""
+    if shards.kind == "float":  # fastai's DataBlock opens JPEGs with PIL: it has no way into FITS bands
+        return None, None, "the shards hold FITS bands, which fastai's PIL pipeline cannot read"
     src = shards.manifest.get("source", {})
     images = Path(cfg.images) if cfg.images else Path(src.get("images", ""))
     catalog = Path(cfg.catalog) if cfg.catalog else Path(src.get("catalog", ""))

@@ -27,11 +27,21 @@ MODEL_FORMAT = 1  # model.pt's layout; load_checkpoint refuses any other
 
 def save_checkpoint(path, model: nn.Module, **meta) -> None:
     """model.pt: the weights and everything prediction needs to rebuild and feed the model (arch, targets,
-    target mean/std, pixel mean/std, size/crop/precrop/image_size), written atomically."""
+    target mean/std, pixel mean/std, size/crop/precrop/image_size; for FITS bands: image_kind "float", bands,
+    dtype, softening), written atomically."""
     ckpt = {"format_version": MODEL_FORMAT, "fastgal_version": __version__, **meta,
             "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
     with atomic_path(path) as tmp:
         torch.save(ckpt, tmp)
+
+
+def image_meta(shards, g) -> dict:
+    """What model.pt records of the input beyond the geometry: JPEG (gri, 8-bit) or FITS bands, their order,
+    storage dtype and stretch, so predict feeds new cutouts exactly as training read its shards."""
+    if shards.kind != "float":
+        return {"image_kind": "jpeg"}
+    return {"image_kind": "float", "bands": shards.bands, "dtype": shards.manifest["image"]["dtype"],
+            "softening": None if g.softening is None else list(g.softening)}
 
 
 def load_checkpoint(run, device="cpu") -> tuple[nn.Module, dict]:
@@ -46,7 +56,8 @@ def load_checkpoint(run, device="cpu") -> tuple[nn.Module, dict]:
     version = ckpt.get("format_version") if isinstance(ckpt, dict) else None
     if version != MODEL_FORMAT:
         raise ValueError(f"{path} is not a fastgal model (format {version}); this fastgal reads format {MODEL_FORMAT}")
-    model = make_model(ckpt["arch"], len(ckpt["targets"]), ckpt["target_mean"], ckpt["target_std"], head=ckpt["head"])
+    model = make_model(ckpt["arch"], len(ckpt["targets"]), ckpt["target_mean"], ckpt["target_std"], head=ckpt["head"],
+                       c_in=len(ckpt["pixel_mean"]))
     model.load_state_dict(ckpt["state_dict"])
     meta = {k: v for k, v in ckpt.items() if k != "state_dict"}
     return model.to(device).eval(), meta

@@ -164,26 +164,30 @@ def synth(as_json, **kw):
 
     Writes OUT/data/master.csv, OUT/images/{objID}.jpg and OUT/synth.json (parameters and the
     accuracy references: the observable reference and the latent floor). Same seed and N give
-    byte-identical files, whatever --workers.
+    byte-identical files, whatever --workers. --format fits writes OUT/images/{objID}.fits instead:
+    the same galaxies as calibrated fluxes, a (bands, H, W) float32 cube in nanomaggies per 0.396"
+    SDSS pixel area (header BANDS, BAND0.., BUNIT, PIXSCALE, NMGYPIX, OBJID), u and z beside g, r, i.
 
-    Example:
+    Examples:
 
+    \b
         fastgal synth data/synth --n 2000 --seed 1
+        fastgal synth data/synth-fits --n 2000 --seed 1 --format fits --bands ugriz
     """
     from .synth import synth as run_synth
 
     cfg = config(SynthConfig, kw)
     with _user_errors(writing=cfg.out):
         res = run_synth(cfg)
-    info = {"out": str(res.out), "n": res.n, "seconds": round(res.seconds, 2),
-            "images_per_s": round(res.images_per_s, 1),
+    info = {"out": str(res.out), "n": res.n, "format": cfg.format, "bands": res.bands,
+            "seconds": round(res.seconds, 2), "images_per_s": round(res.images_per_s, 1),
             **{k: v for k, v in res.floor.items() if k not in ("note", "observable_reference")}}
     if as_json:
         _echo_json(info)
     else:
         click.echo(f"wrote {res.n} galaxies to {res.out} in {res.seconds:.1f}s ({res.images_per_s:,.0f} images/s)")
         f = res.floor
-        click.echo(f"observable reference RMSE {f['observable_reference_rmse']:.4f} dex (what the images show), "
+        click.echo(f"observable reference RMSE {f['observable_reference_rmse']:.4f} dex (what {res.bands} images show), "
                    f"latent floor {f['floor_rmse']:.4f} dex (knowing mass and SFR), "
                    f"predict-the-mean {f['mean_baseline_rmse']:.4f} dex")
 

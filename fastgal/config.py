@@ -102,6 +102,10 @@ class SynthConfig:
     n: int = option(2000, "Number of galaxies.")
     seed: int = option(0)
     size: int = option(RECIPE.image, "Cutout width/height in pixels.")
+    format: str = option("jpeg", "jpeg: SkyServer-like gri RGB JPEGs. fits: the same galaxies as calibrated "
+                         "fluxes, one (bands, H, W) float32 cube of nanomaggies a file (needs astropy).",
+                         choices=["jpeg", "fits"])
+    bands: str = option("gri", "Bands, in ugriz order: gri for jpeg; for fits any of u, g, r, i, z (e.g. ugriz).")
     workers: int = option(0, WORKERS)
     jpeg_quality: int = option(75, "close to what SkyServer's getjpeg serves", cli=False)
     overwrite: bool = option(False, "Replace the survey in a non-empty OUT.")
@@ -123,6 +127,11 @@ class ShardConfig:
     shard_size: int = option(5000, "Samples per tar.")  # ~50-100 MB of 224 px cutouts
     precrop: int | None = option(None, "Store the centre PX x PX crop (JPEG q95) instead of the original bytes.")
     crop: int = option(RECIPE.crop, "The training crop region: smaller images are rejected; pixel stats use it.")
+    bands: str | None = option(None, "FITS cutouts (IMAGES/{id}.fits): the bands to store, in order, by the names "
+                               "in the files' headers, e.g. g,r,i or ugriz [default: every band of the files; "
+                               "JPEG cutouts when the folder holds .jpg files].")
+    dtype: str = option("float16", "FITS cutouts: how fluxes are stored (float16 halves the bytes; its rounding is "
+                        "0.1-0.5% of the sky noise, benchmarks/RESULTS.md).", choices=["float16", "float32"])
     workers: int = option(0, WORKERS)
     overwrite: bool = option(False, "Replace the shards in an OUT that has them.")
     quiet: bool = option(False, QUIET, short="-q")
@@ -169,6 +178,11 @@ class TrainConfig:
     precision: str = option("auto", "auto = bf16 on GPUs that have it, else fp16; fp32 on a CPU.",
                          choices=["auto", "bf16", "fp16", "fp32"])
     loader: str = option("auto", LOADER_HELP, choices=LOADERS)
+    stretch: str = option("auto", "Shards of FITS bands: asinh(flux / softening) per band before normalising, or none "
+                       "(the fluxes as they are); auto = the manifest's (asinh, softening = each band's sky noise).",
+                       choices=["auto", "asinh", "none"])
+    softening: list[float] | None = option(None, "--stretch asinh's softening per band, in the shards' band order "
+                                        "(repeat it once per band) [default: the manifest's].", multiple=True)
     workers: int = option(0, "Loader threads; 0 = all cores.")
     channels_last: bool = option(True, "on a GPU", cli=False)
     overwrite: bool = option(False, "Replace an earlier run in --out.")

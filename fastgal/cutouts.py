@@ -1,5 +1,6 @@
 """One cutout checked as `fastgal shard` stores it: decoded in full, the survey's size, not blank, pre-cropped
 where asked, and its pixel sums over the centre region (for the manifest's statistics). Runs in pool workers.
+A cutout is a JPEG (`{id}.jpg`, 8-bit gri) or a FITS file of calibrated bands (`{id}.fits`, see read_fits).
 
     from fastgal.cutouts import ImageRules, check_image
     c = check_image(0, "data/synth/images/1237....jpg", ImageRules(crop=144, precrop=None, expect=(224, 224),
@@ -8,6 +9,11 @@ where asked, and its pixel sums over the centre region (for the manifest's stati
 
 Greyscale and CMYK JPEGs are rejected (not-rgb), not converted: the gri colours carry most of the metallicity
 signal, so a colourless cutout is not a cutout of the kind the model is trained on.
+
+FITS cutouts (ImageRules.bands set): the bands asked for, in that order, as float32; stored as a raw
+little-endian float16 (or float32) (bands, H, W) array. Mask policy: a NaN or infinite pixel inside the
+centre region rejects the cutout (non-finite); outside it (a cutout at a survey's edge) it is set to 0, the
+sky-subtracted dark sky the rotation fills with, and counted in the sample's json (`masked`).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .fits import Unusable, read_fits
 from .util import check_jpeg, chunks, imap_ordered
 
 PRECROP_QUALITY = 95
@@ -36,6 +43,12 @@ class ImageRules:
     expect: tuple[int, int] | None  # the survey's (h, w); None: any size (with --precrop)
     region: int  # the centre region the pixel statistics are over
     stored: tuple[int, int] | None  # (h, w) of the images as stored in the tars
+    bands: tuple[str, ...] | None = None  # FITS cutouts: the bands read, in order; None: JPEG cutouts
+    dtype: str = "float16"  # FITS cutouts: how the fluxes are stored
+
+    @property
+    def ext(self) -> str:
+        return ".jpg" if self.bands is None else ".fits"
 
 
 class Checked(NamedTuple):
@@ -46,6 +59,8 @@ class Checked(NamedTuple):
     detail: str = ""
     data: bytes | None = None
     sums: tuple[int, ...] | None = None  # per-channel sums, then sums of squares, over the centre region
+    robust: tuple[float, ...] | None = None  # FITS: per band the region's median, its 1.4826 x MAD, the sky's sigma
+    meta: dict | None = None  # FITS: what the sample's json records of the image (shape, dtype, bands, masked)
 
 
 def _moments(im) -> tuple[np.ndarray, np.ndarray]:
@@ -74,7 +89,9 @@ def _centre(im, px: int):
 
 
 def check_image(pos: int, path: str, geo: ImageRules) -> Checked:
-    """Read and fully decode one image (util.check_jpeg), then the survey's own checks: size, blank."""
+    """Read and fully decode one image (util.check_jpeg, or read_fits), then the survey's own checks: size, blank."""
+    if geo.bands is not None:
+        return check_fits(pos, path, geo)
     try:
         data = Path(path).read_bytes()
     except FileNotFoundError:
@@ -101,6 +118,78 @@ def check_image(pos: int, path: str, geo: ImageRules) -> Checked:
         _, _, im = check_jpeg(data)  # the statistics are over the stored image, as the pipeline decodes it
     s, ss = _moments(_centre(im, geo.region))
     return Checked(pos, data=data, sums=tuple(int(x) for x in (*s, *ss)))
+
+
+# --------------------------------------------------------------------------- FITS cutouts
+
+FLOAT16_MAX = 65504.0
+def _region_slice(side_h: int, side_w: int, px: int) -> tuple[slice, slice]:
+    """The centre px x px region, placed as torchvision's center_crop (and geometry.region) places it."""
+    t, l = int(round((side_h - px) / 2.0)), int(round((side_w - px) / 2.0))
+    return slice(t, t + px), slice(l, l + px)
+
+
+def check_fits(pos: int, path: str, geo: ImageRules) -> Checked:
+    """A FITS cutout: readable, the bands asked for, the survey's size, finite in the centre region, not blank
+    (a band all zero or constant), storable in geo.dtype; the bytes to store and the region's statistics."""
+    try:
+        arr, names = read_fits(path, geo.bands)
+    except Unusable as e:
+        return Checked(pos, e.reason, e.detail)
+    _, h, w = arr.shape
+    need = geo.precrop or geo.crop
+    if min(h, w) < need:
+        opt = "--precrop" if geo.precrop else "--crop"
+        return Checked(pos, "too-small", f"{w}x{h} px, under the {need} px centre region ({opt} {need})")
+    if geo.expect is not None and (h, w) != tuple(geo.expect):
+        return Checked(pos, "wrong-size", f"{w}x{h} px; most cutouts are {geo.expect[1]}x{geo.expect[0]}")
+    if geo.precrop:
+        arr = np.ascontiguousarray(arr[(slice(None), *_region_slice(h, w, geo.precrop))])
+        h = w = geo.precrop
+    bad = ~np.isfinite(arr)
+    masked = 0
+    if bad.any():
+        ys, xs = _region_slice(h, w, geo.crop)
+        inner = bad[:, ys, xs]
+        if inner.any():
+            k = int(inner.any(axis=(1, 2)).argmax())
+            return Checked(pos, "non-finite", f"{int(inner.sum())} NaN/inf pixel(s) in the centre {geo.crop} px region "
+                                              f"(band {names[k]}); pixels outside it are set to 0")
+        masked = int(bad.sum())
+        arr = np.where(bad, np.float32(0), arr)
+    flat = [names[k] for k in range(len(arr)) if float(arr[k].max()) == float(arr[k].min())]
+    if flat:
+        return Checked(pos, "blank-image", f"band {flat[0]} is constant ({float(arr[names.index(flat[0])].flat[0]):g})")
+    peak = float(np.abs(arr).max())
+    if geo.dtype == "float16" and peak > FLOAT16_MAX:
+        return Checked(pos, "out-of-range", f"|flux| up to {peak:.3g}, beyond float16's {FLOAT16_MAX:g}; "
+                                            "shard with --dtype float32")
+    stored = arr.astype("<f2" if geo.dtype == "float16" else "<f4")
+    # the statistics are over the stored values, as the loaders read them
+    ys, xs = _region_slice(h, w, geo.region)
+    reg = stored[:, ys, xs].astype(np.float64).reshape(len(arr), -1)
+    med = np.median(reg, axis=1)
+    mad = 1.4826 * np.median(np.abs(reg - med[:, None]), axis=1)
+    meta = {"shape": list(stored.shape), "dtype": geo.dtype, "bands": names, "masked": masked}
+    return Checked(pos, data=stored.tobytes(), sums=(*reg.sum(1).tolist(), *(reg * reg).sum(1).tolist()),
+                   robust=(*med.tolist(), *mad.tolist(), *sky_sigma(stored, geo.region).tolist()), meta=meta)
+
+
+def sky_sigma(arr: np.ndarray, region: int) -> np.ndarray:
+    """Per band, the sky noise: 1.4826 x MAD of the pixels outside the centre region (the frame around the
+    galaxy; photobombers are outliers the MAD ignores), or of the outer eighth on each side where the cutout
+    is no larger than the region."""
+    c, h, w = arr.shape
+    ys, xs = _region_slice(h, w, region)
+    mask = np.ones((h, w), bool)
+    if region < min(h, w):
+        mask[ys, xs] = False
+    else:
+        e = max(min(h, w) // 8, 1)
+        mask[e:h - e, e:w - e] = False
+    sky = arr[:, mask].astype(np.float64)
+    med = np.median(sky, axis=1)
+    return 1.4826 * np.median(np.abs(sky - med[:, None]), axis=1)
 
 
 def check_chunk(args) -> list[Checked]:

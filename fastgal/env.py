@@ -213,7 +213,7 @@ def gather() -> dict:
         "fastgal": __version__, "python": platform.python_version(), "platform": platform.platform(),
         "torch": probe_torch(), "torchvision": dist_version("torchvision"), "fastai": dist_version("fastai"),
         "dali": probe_dali(), "nvimgcodec": probe_nvimgcodec(), "webdataset": dist_version("webdataset"),
-        "nvidia": probe_nvidia(), "cores": probe_cores(),
+        "astropy": dist_version("astropy"), "nvidia": probe_nvidia(), "cores": probe_cores(),
     }
     info["jpeg_decoder"] = probe_decoder(info["dali"]["importable"])
     info["warnings"] = diagnose(info)
@@ -259,6 +259,7 @@ def format_table(info: dict) -> str:
         ("torchvision", info["torchvision"] or "-"), ("fastai", info["fastai"] or "-"), ("DALI", dali),
         ("nvImageCodec", f"{im['version']} ({im['distribution']})" if im["distribution"] else "not installed"),
         ("webdataset", info["webdataset"] or "-"),
+        ("astropy", info["astropy"] or "not installed (only FITS cutouts need it: pip install 'fastgal[fits]')"),
         ("JPEG decoder", _decoder_row(info["jpeg_decoder"])),
         ("NVIDIA driver", f"{nv['driver']} (from {nv['source']})" if nv["driver"]
          else "none found" + (f" ({nv['error']})" if nv["error"] else "")),

@@ -16,6 +16,11 @@ and `transform_batch` (a whole batch: a TRAIN view's centre crop, rotation, rand
 rot90 and flip, which are exact):
 
     x = transform_batch(imgs_uint8_nchw, g, TRAIN, (angle, pos_x, pos_y, mirror))   # float NCHW, normalised
+
+Images are 8-bit RGB (JPEG shards) or float fluxes in any number of bands (FITS shards): the same crops,
+rotation (bilinear, zero fill: dark sky in either) and mirror; uint8 results are rounded to whole grey
+levels as the uint8 rotate rounds them, floats are not. Then, for floats, the stretch (`Geometry.softening`:
+asinh(flux / softening) per band, or none), and the per-channel normalisation.
 """
 
 from __future__ import annotations
@@ -57,13 +62,18 @@ class Geometry:
     size: int  # the crop the model sees
     crop: int  # the centre region crops are drawn from
     precropped: bool  # the stored images are that region already (`fastgal shard --precrop`)
-    mean: Sequence[float]
+    mean: Sequence[float]  # per channel, of what is normalised (the stretched values where there is a stretch)
     std: Sequence[float]
+    softening: Sequence[float] | None = None  # float bands: asinh(x / softening) per band before normalising
+
+    @property
+    def channels(self) -> int:
+        return len(self.mean)
 
 
 @lru_cache(maxsize=8)
 def _norm(mean: tuple, std: tuple) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean/std as (3, 1, 1) tensors, made once per statistics, not once per image."""
+    """Per-channel mean/std as (C, 1, 1) tensors, made once per statistics, not once per image."""
     return (torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1), torch.tensor(std, dtype=torch.float32).view(-1, 1, 1))
 
 
@@ -71,8 +81,25 @@ def norm_tensors(g: Geometry) -> tuple[torch.Tensor, torch.Tensor]:
     return _norm(tuple(map(float, g.mean)), tuple(map(float, g.std)))
 
 
+@lru_cache(maxsize=8)
+def _inv(soft: tuple) -> torch.Tensor:
+    return 1.0 / torch.tensor(soft, dtype=torch.float32).view(-1, 1, 1)
+
+
+def stretch_tensor(g: Geometry) -> torch.Tensor | None:
+    """1 / softening as a (C, 1, 1) tensor, or None where there is no stretch."""
+    return None if g.softening is None else _inv(tuple(map(float, g.softening)))
+
+
+def finish(x: torch.Tensor, g: Geometry, mean: torch.Tensor, std: torch.Tensor, inv: torch.Tensor | None) -> torch.Tensor:
+    """The stretch (floats with a softening) and the normalisation of a float tensor, in place."""
+    if inv is not None:
+        x = x.mul_(inv).asinh_()
+    return x.sub_(mean).div_(std)
+
+
 def transform(img: torch.Tensor, g: Geometry, view: View, draw=None) -> torch.Tensor:
-    """One view of a decoded image in torchvision v2 functional ops; CHW uint8 in, CHW float out.
+    """One view of a decoded image in torchvision v2 functional ops; CHW uint8 (or float bands) in, CHW float out.
     draw: for TRAIN, the sample's (angle, pos_x, pos_y, mirror) from fastgal.order, as DALI gets them."""
     if not g.precropped:
         img = F.center_crop(img, [g.crop, g.crop])
@@ -91,7 +118,7 @@ def transform(img: torch.Tensor, g: Geometry, view: View, draw=None) -> torch.Te
             if mirror:
                 img = F.horizontal_flip(img)
     mean, std = norm_tensors(g)
-    return (img.float() - mean) / std
+    return finish(img.float().clone() if img.dtype == torch.float32 else img.float(), g, mean, std, stretch_tensor(g))
 
 
 def _centre(side: int, crop: int) -> int:
@@ -131,22 +158,27 @@ def train_affine(g: Geometry, angle, pos_x, pos_y, mirror) -> torch.Tensor:
     return theta / (c / 2)
 
 
-def transform_batch(imgs: torch.Tensor, g: Geometry, view: View, draws=None, *, mean=None, std=None) -> torch.Tensor:
-    """One view of a (N, 3, H, W) uint8 batch, on the batch's device; float (N, 3, size, size) out, normalised.
+def transform_batch(imgs: torch.Tensor, g: Geometry, view: View, draws=None, *, mean=None, std=None, inv=None) -> torch.Tensor:
+    """One view of a (N, C, H, W) uint8 (or float) batch, on the batch's device; float (N, C, size, size) out,
+    stretched (float bands with a softening) and normalised.
 
     TRAIN: draws = (angle, pos_x, pos_y, mirror), one per sample (fastgal.order's, as DALI gets them); one
     bilinear grid_sample over the centre region with zero fill (dark sky) outside it, rounded to whole grey
-    levels as the uint8 rotate of DALI and of `transform` round them. Other views are exact (no resample).
-    mean/std: (3, 1, 1) tensors on the batch's device, to skip the copy per batch (norm_tensors(g) otherwise).
+    levels as the uint8 rotate of DALI and of `transform` round them (floats are not rounded). Other views are
+    exact (no resample). mean/std/inv: (C, 1, 1) tensors on the batch's device, to skip the copy per batch
+    (norm_tensors(g) and stretch_tensor(g) otherwise).
     """
     if mean is None:
         mean, std = (t.to(imgs.device) for t in norm_tensors(g))
+        inv = None if g.softening is None else stretch_tensor(g).to(imgs.device)
     src = region(imgs, g)
     if view == TRAIN:
         theta = train_affine(g, *draws).to(device=imgs.device, dtype=torch.float32)
         n = len(src)
         grid = NF.affine_grid(theta, [n, src.shape[1], g.size, g.size], align_corners=False)
-        x = NF.grid_sample(src.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False).round_()
+        x = NF.grid_sample(src.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        if imgs.dtype == torch.uint8:
+            x = x.round_()
     else:
         t = _centre(src.shape[-2], g.size)
         l = _centre(src.shape[-1], g.size)
@@ -156,5 +188,5 @@ def transform_batch(imgs: torch.Tensor, g: Geometry, view: View, draws=None, *, 
             x = torch.rot90(x, k=turns, dims=(-2, -1))
             if mirror:
                 x = x.flip(-1)
-        x = x.float()
-    return x.sub_(mean).div_(std)
+        x = x.float() if x.dtype != torch.float32 else x.clone()
+    return finish(x, g, mean, std, inv)

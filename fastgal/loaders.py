@@ -1,5 +1,5 @@
-"""One loader: a Split read in a plan's order, through a backend that turns JPEG bytes into a view,
-handed to fastai as its own DataLoader.
+"""One loader: a Split read in a plan's order, through a backend that turns JPEG bytes (or the raw float bands
+of FITS shards) into a view, handed to fastai as its own DataLoader.
 
     from fastgal.loaders import dataloaders
     dls = dataloaders("shards/synth", bs=128, device="cpu")        # fastai DataLoaders (train, valid)
@@ -27,6 +27,9 @@ Backends choose only how bytes become tensors:
             the loader's device, in a background thread that prepares batch k+1 while batch k trains (on
             its own CUDA stream on a GPU). The GPU path for boxes without DALI, and DALI's peer.
   "auto"  - pick_backend: DALI on a GPU where installed, else batched; on a CPU the fastest measured there.
+Float shards (FITS bands) take the same backends and draws: nothing to decode, the (bands, H, W) arrays are
+read from the tars as they are (float16 goes to the GPU as float16), then the same geometry, the stretch
+(asinh per band, geometry_for) and the normalisation.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ from fastai.data.core import DataLoaders
 
 from .config import RECIPE
 from .decode import decode_batch, decoder
-from .geometry import CENTRE, TRAIN, Geometry, View, check_view, norm_tensors, transform, transform_batch
+from .geometry import CENTRE, TRAIN, Geometry, View, check_view, norm_tensors, stretch_tensor, transform, transform_batch
 from .manifest import Shards, Split
 from .order import EpochPlan, file_order
 from .util import default_workers
@@ -148,6 +151,8 @@ class Loader:
         """Where JPEGs are decoded and by what, e.g. "GPU (nvJPEG, torchvision)": the run's config and the GPU
         check's headline name it beside the backend."""
         gpu = self.device.type == "cuda" and self.backend in ("dali", "batched")
+        if self.split.kind == "float":
+            return f"no decode (raw {self.split.dtype.name} bands{', to the GPU' if gpu else ''})"
         lib = "DALI" if self.backend == "dali" else decoder()[0]
         return f"{'GPU (nvJPEG' if gpu else 'CPU (libjpeg-turbo'}, {lib})"
 
@@ -215,7 +220,16 @@ class Loader:
         x, y = self.one_batch()
         x, y = x[:max_n].float().cpu(), y[:max_n].float().cpu()
         mean, std = norm_tensors(self.geometry)
-        imgs = ((x * std + mean) / 255).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+        x = x * std + mean
+        if self.split.kind == "float":  # i, r, g as R, G, B (SDSS's colours) where the shards have them, else the
+            bands = self.split.shards.bands  # reddest, middle and bluest; as stretched, scaled together: colours kept
+            pick = [bands.index(b) for b in "irg"] if set("irg") <= set(bands) else [-1, len(bands) // 2, 0]
+            x = x[:, pick] if x.shape[1] >= 3 else x[:, :1].expand(-1, 3, -1, -1)
+            lo = x.flatten(1).quantile(0.005, dim=1)[:, None, None, None]
+            hi = x.flatten(1).quantile(0.995, dim=1)[:, None, None, None]
+            imgs = ((x - lo) / (hi - lo).clamp_min(1e-9)).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+        else:
+            imgs = (x / 255).clamp(0, 1).permute(0, 2, 3, 1).numpy()
         names = target_names or [f"y{i}" for i in range(y.shape[1])]
         labels = [", ".join(f"{nm} {v:.2f}" for nm, v in zip(names, t.tolist())) for t in y]
         return image_grid(list(imgs), labels, path, ncols=ncols)
@@ -231,7 +245,8 @@ class _Dali:
         cuda = dl.device.type == "cuda"
         self.dl, self._it = dl, None
         self.spec = PipeSpec(view=dl.view, geometry=dl.geometry, batch_size=dl.bs, device="gpu" if cuda else "cpu",
-                             device_id=(dl.device.index or 0) if cuda else None, num_threads=dl.threads, seed=dl.seed)
+                             device_id=(dl.device.index or 0) if cuda else None, num_threads=dl.threads, seed=dl.seed,
+                             image="jpeg" if dl.split.kind == "jpeg" else dl.split.dtype.name)
 
     def close(self) -> None:
         self._it = None
@@ -273,7 +288,10 @@ class _Samples(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         i, view, *draw = key
-        img = decoder()[1]([torch.from_numpy(self.split.jpeg(i).copy())], "cpu")[0]
+        if self.split.kind == "float":
+            img = torch.from_numpy(self.split.image(i).astype(np.float32))
+        else:
+            img = decoder()[1]([torch.from_numpy(self.split.jpeg(i).copy())], "cpu")[0]
         y = torch.from_numpy(self.split.target(i).copy())
         return transform(img, self.geometry, view, draw or None), y
 
@@ -333,6 +351,8 @@ class _Batched:
         self.index = (dl.device.index if dl.device.index is not None else torch.cuda.current_device()) if self.cuda else None
         mean, std = norm_tensors(dl.geometry)
         self.mean, self.std = mean.to(dl.device), std.to(dl.device)
+        inv = stretch_tensor(dl.geometry)
+        self.inv = None if inv is None else inv.to(dl.device)
         self._pool = None  # the CPU decode threads, made on first use
 
     def close(self) -> None:
@@ -343,12 +363,15 @@ class _Batched:
     def make(self, view, pos, draws):
         """One batch: (x on the loader's device, y on the CPU)."""
         dl = self.dl
-        jpegs, y = dl.split.batch(pos)
-        if self._pool is None and not self.cuda and dl.threads > 1:
-            self._pool = ThreadPoolExecutor(dl.threads, thread_name_prefix="fastgal-decode")
-        imgs = decode_batch(jpegs, dl.device, pool=self._pool)
+        images, y = dl.split.batch(pos)
+        if dl.split.kind == "float":  # no decode: the arrays as stored (float16 crosses to a GPU at half the bytes)
+            imgs = torch.from_numpy(np.stack(images)).to(dl.device, non_blocking=self.cuda)
+        else:
+            if self._pool is None and not self.cuda and dl.threads > 1:
+                self._pool = ThreadPoolExecutor(dl.threads, thread_name_prefix="fastgal-decode")
+            imgs = decode_batch(images, dl.device, pool=self._pool)
         d = None if draws is None else (draws.angle[pos], draws.pos_x[pos], draws.pos_y[pos], draws.mirror[pos])
-        return transform_batch(imgs, dl.geometry, view, d, mean=self.mean, std=self.std), torch.from_numpy(y)
+        return transform_batch(imgs, dl.geometry, view, d, mean=self.mean, std=self.std, inv=self.inv), torch.from_numpy(y)
 
     def run(self, view, batches, draws):
         q: queue.Queue = queue.Queue(maxsize=self.PREFETCH)
@@ -406,25 +429,78 @@ class _Batched:
             worker.join()
 
 
-def geometry_for(shards: Shards, *, size: int, crop: int | None = None, mean=None, std=None) -> Geometry:
+STRETCHES = ("auto", "asinh", "none")
+STRETCH_SAMPLE = 512  # training cutouts the stretched statistics are measured on
+
+
+def resolve_stretch(shards: Shards, stretch: str = "auto", softening=None) -> list[float] | None:
+    """The asinh softening per band (None: no stretch) for float shards: auto = what the manifest declares;
+    asinh = with `softening` or the manifest's; none = the fluxes as they are."""
+    if stretch not in STRETCHES:
+        raise ValueError(f"--stretch must be one of {', '.join(STRETCHES)}, got {stretch!r}")
+    if shards.kind != "float":
+        if stretch == "asinh" or softening:
+            raise ValueError(f"--stretch and --softening apply to shards of FITS bands; {shards.folder} holds JPEGs "
+                             "(their stretch was applied by SkyServer)")
+        return None
+    if stretch == "none":
+        return None
+    declared = (shards.stretch or {}).get("softening")
+    soft = list(map(float, softening)) if softening else declared
+    if soft is None or len(soft) != shards.channels or not all(v > 0 for v in soft):
+        raise ValueError(f"--softening needs one positive value per band ({','.join(shards.bands)}), got {soft}; "
+                         "or leave it out to use the manifest's (each band's sky noise)")
+    return soft
+
+
+def stretched_stats(split: Split, crop: int, precropped: bool, softening) -> tuple[list[float], list[float]]:
+    """Per-band mean and std of asinh(flux / softening) over the centre crop region of up to STRETCH_SAMPLE
+    training cutouts spread evenly over the split: the normalisation after the stretch (the manifest has the
+    raw fluxes' statistics; a stretch chosen at training time needs its own, measured once here)."""
+    n = len(split)
+    pos = np.unique(np.linspace(0, n - 1, min(n, STRETCH_SAMPLE)).round().astype(int))
+    inv = 1.0 / np.asarray(softening, np.float64)[:, None, None]
+    s = ss = 0.0
+    for i in pos:
+        a = split.image(int(i)).astype(np.float64)
+        if not precropped:
+            t, l = int(round((a.shape[1] - crop) / 2.0)), int(round((a.shape[2] - crop) / 2.0))
+            a = a[:, t:t + crop, l:l + crop]
+        v = np.arcsinh(a * inv)
+        s, ss = s + v.sum((1, 2)), ss + (v * v).sum((1, 2))
+    npix = len(pos) * crop * crop
+    mean = s / npix
+    return mean.tolist(), np.sqrt(np.maximum(ss / npix - mean * mean, 0)).tolist()
+
+
+def geometry_for(shards: Shards, *, size: int, crop: int | None = None, mean=None, std=None, stretch: str = "auto",
+                 softening=None) -> Geometry:
     """The geometry of a shard folder's images: crops drawn from the region the shards were made for
     (checked against `crop`), normalised with their pixel statistics unless mean/std say otherwise (a
-    trained model passes its own, so new data is normalised like its training data)."""
+    trained model passes its own, so new data is normalised like its training data). Float shards: the
+    stretch (resolve_stretch) before the normalisation, whose statistics are then the stretched values'."""
     region = shards.precrop or shards.crop(crop)
     side = min(shards.image_size)
     if size > region or region > side:
         raise ValueError(f"crop sizes do not fit: image {side}px, region {region}px, model input {size}px")
-    return Geometry(size=size, crop=region, precropped=bool(shards.precrop),
-                    mean=shards.pixel_mean if mean is None else list(mean), std=shards.pixel_std if std is None else list(std))
+    soft = resolve_stretch(shards, stretch, softening)
+    if mean is None:
+        if soft is None:
+            mean, std = shards.pixel_mean, shards.pixel_std
+        else:
+            mean, std = stretched_stats(shards.split("train"), region, bool(shards.precrop), soft)
+    return Geometry(size=size, crop=region, precropped=bool(shards.precrop), mean=list(mean), std=list(std),
+                    softening=soft)
 
 
 def dataloaders(shards, *, bs: int = RECIPE.bs, size: int = RECIPE.size, crop: int | None = None, device="cpu",
                 backend: str = "auto", threads: int = 2, seed: int = 42, rank: int = 0, world: int = 1,
-                path=None) -> DataLoaders:
+                path=None, stretch: str = "auto", softening=None) -> DataLoaders:
     """fastai DataLoaders over a shard folder (a path or a Shards): train (TRAIN view, this rank's part of
     each epoch's permutation) and valid (centre view, all of it, file order, on every rank, so every
     rank's metrics are exact and equal), normalised with the shards' pixel statistics. `size` is the model's
-    input, `crop` the region crops come from (the shards' own by default), `backend` one of --loader's.
+    input, `crop` the region crops come from (the shards' own by default), `backend` one of --loader's;
+    for shards of FITS bands, `stretch` ("auto": the manifest's asinh, "asinh", "none") and `softening`.
     Also carries `dls.shards` (the Shards) and `dls.targets` (their names).
 
     Example:
@@ -432,7 +508,7 @@ def dataloaders(shards, *, bs: int = RECIPE.bs, size: int = RECIPE.size, crop: i
         xb, yb = dls.one_batch(); dls.show_batch(max_n=8)
     """
     shards = shards if isinstance(shards, Shards) else Shards(shards)
-    geo = geometry_for(shards, size=size, crop=crop)
+    geo = geometry_for(shards, size=size, crop=crop, stretch=stretch, softening=softening)
     common = dict(bs=bs, device=device, backend=backend, threads=threads, seed=seed)
     train = Loader(shards.split("train"), TRAIN, geo, rank=rank, world=world, **common)
     if len(train) == 0:

@@ -25,7 +25,9 @@ from . import __version__
 from .util import jpeg_problem, sha256_file
 
 FORMAT = "fastgal-shards"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # JPEG shards
+FLOAT_FORMAT_VERSION = 2  # shards of FITS bands (raw float arrays): a fastgal that reads only JPEG shards refuses them
+READS = (FORMAT_VERSION, FLOAT_FORMAT_VERSION)
 INDEX_VERSION = "v1.2"  # DALI's wds2idx format
 
 _SHARD_FILE = re.compile(r"^((train|valid)-\d{6}\.(tar|idx)|manifest\.json|rejects\.csv)$")
@@ -120,9 +122,9 @@ def load_manifest(folder) -> dict:
         raise ValueError(f"{mpath} is not valid JSON ({e}); {redo}") from None
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise ValueError(f"{mpath} is not a fastgal shard manifest (format {m.get('format') if isinstance(m, dict) else None!r}); {redo}")
-    if m.get("format_version") != FORMAT_VERSION:
+    if m.get("format_version") not in READS:
         raise ValueError(f"{mpath} has format_version {m.get('format_version')!r} but this fastgal "
-                         f"({__version__}) reads {FORMAT_VERSION}; {redo} or use the matching fastgal")
+                         f"({__version__}) reads {' and '.join(map(str, READS))}; {redo} or use the matching fastgal")
     for split, entries in m.get("shards", {}).items():
         for e in entries:
             for key in ("file", "index"):
@@ -175,6 +177,25 @@ class Shards:
     @property
     def image_size(self) -> list[int]:
         return list(self.manifest["image"]["size"])
+
+    @property
+    def kind(self) -> str:
+        """'jpeg' (8-bit RGB JPEGs) or 'float' (FITS bands stored as raw float arrays)."""
+        return self.manifest["image"].get("kind", "jpeg")
+
+    @property
+    def bands(self) -> list[str]:
+        """The image's channels: the FITS bands in order, or R, G, B for JPEG shards."""
+        return list(self.manifest["image"].get("bands") or ["R", "G", "B"])
+
+    @property
+    def channels(self) -> int:
+        return len(self.bands)
+
+    @property
+    def stretch(self) -> dict | None:
+        """The stretch float shards declare for the loaders ({"name": "asinh", "softening": [...]}); None for JPEGs."""
+        return self.manifest.get("stretch")
 
     @property
     def pixel_mean(self) -> list[float]:
@@ -233,6 +254,17 @@ class Split:
         a = np.asarray(rows, dtype=np.int64).reshape(-1, 7)
         self.tar, self.img_off, self.img_size, self.y_off, self.y_size, self.meta_off, self.meta_size = a.T
         self.ntargets = len(m["targets"])
+        image = m["image"]
+        self.kind = image.get("kind", "jpeg")
+        if self.kind == "float":  # every sample's (bands, H, W) little-endian array
+            side = image["precrop"] or None
+            h, w = (side, side) if side else image["size"]
+            self.shape = (len(image["bands"]), h, w)
+            self.dtype = np.dtype("<f2" if image["dtype"] == "float16" else "<f4")
+            nbytes = int(np.prod(self.shape)) * self.dtype.itemsize
+            if len(a) and int(self.img_size[0]) != nbytes:
+                raise ValueError(f"{self.idxs[0]}: images of {int(self.img_size[0])} bytes, the manifest says "
+                                 f"{self.shape} {image['dtype']} ({nbytes}); re-shard with `fastgal shard ... --overwrite`")
         if len(a) and int(self.y_size[0]) != 4 * self.ntargets:
             raise ValueError(f"{self.idxs[0]}: targets of {int(self.y_size[0])} bytes, the manifest lists "
                              f"{self.ntargets} float32 target(s); re-shard with `fastgal shard ... --overwrite`")
@@ -255,12 +287,21 @@ class Split:
     def jpeg(self, i: int) -> np.ndarray:
         return np.frombuffer(self._map(int(self.tar[i])), np.uint8, int(self.img_size[i]), int(self.img_off[i]))
 
+    def image(self, i: int) -> np.ndarray:
+        """Sample i's image as stored: JPEG bytes (1-D uint8), or the (bands, H, W) float array of FITS shards
+        (a read-only view of the mapped tar: nothing is copied until a loader takes it)."""
+        if self.kind == "jpeg":
+            return self.jpeg(i)
+        n = int(np.prod(self.shape))
+        return np.frombuffer(self._map(int(self.tar[i])), self.dtype, n, int(self.img_off[i])).reshape(self.shape)
+
     def target(self, i: int) -> np.ndarray:
         return np.frombuffer(self._map(int(self.tar[i])), "<f4", self.ntargets, int(self.y_off[i]))
 
     def batch(self, pos) -> tuple[list[np.ndarray], np.ndarray]:
-        """(a JPEG byte array per sample, targets as a (len(pos), ntargets) float32 array)."""
-        return [self.jpeg(i) for i in pos], np.stack([self.target(i) for i in pos])
+        """(an image per sample, as Split.image gives it: JPEG bytes or a float array; targets as a
+        (len(pos), ntargets) float32 array)."""
+        return [self.image(i) for i in pos], np.stack([self.target(i) for i in pos])
 
     def all_targets(self) -> np.ndarray:
         """Every sample's targets, (n, ntargets) float32, in file order."""
@@ -372,4 +413,11 @@ def _check_tar(tar: Path, m: dict, seen: dict, split: str, problems: list) -> in
             jpg = parts.get(".jpg")
             if jpg is not None and jpeg_problem(jpg):
                 problems.append(f"{tar.name}: {key}.jpg is not a JPEG")
+            flux = parts.get("." + m["components"]["image"]) if m["image"].get("kind") == "float" else None
+            if flux is not None:
+                im = m["image"]
+                h, w = (im["precrop"],) * 2 if im["precrop"] else im["size"]
+                want = len(im["bands"]) * h * w * (2 if im["dtype"] == "float16" else 4)
+                if len(flux) != want:
+                    problems.append(f"{tar.name}: {key}.{m['components']['image']} has {len(flux)} bytes, expected {want}")
     return n

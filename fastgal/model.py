@@ -41,11 +41,12 @@ class Denormalize(nn.Module):
         return x.float() * self.std + self.mean
 
 
-def make_model(arch: str, n_out: int, mean, std, head: str = "rmse") -> nn.Module:
-    """n_out targets; head "gaussian" doubles the body's outputs into a mean and a log σ each (heads.py)."""
+def make_model(arch: str, n_out: int, mean, std, head: str = "rmse", c_in: int = 3) -> nn.Module:
+    """n_out targets; head "gaussian" doubles the body's outputs into a mean and a log σ each (heads.py); c_in
+    input channels (3 for gri JPEGs, one per band for FITS shards: only the first convolution changes)."""
     if arch not in ARCHS:
         raise ValueError(f"unknown --arch {arch!r}; choose one of {', '.join(ARCHS)}")
-    body = ARCHS[arch](n_out=heads.n_outputs(head, n_out), sa=True, act_cls=nn.Mish)
+    body = ARCHS[arch](n_out=heads.n_outputs(head, n_out), c_in=c_in, sa=True, act_cls=nn.Mish)
     if head == "gaussian":
         return nn.Sequential(body, heads.GaussianHead(Denormalize(mean, std), std))
     return nn.Sequential(body, Denormalize(mean, std))

@@ -18,12 +18,18 @@ training, each sample's augmentation draws (fastgal.order). The graph (geometry.
        tta view v: rotate by 90 * turns exactly (nearest neighbour: pixel centres map onto pixel centres)
     -> crop_mirror_normalize: the 112 crop (drawn position, or centred), mirror, (x - mean) / std, CHW float
 90*k rotations and a mirror together draw all 8 dihedral symmetries uniformly.
+Float shards (FITS bands, PipeSpec.image "float16"/"float32"): external_source gives each (bands, H, W) array
+as stored; no decode: copied to the GPU as stored (float16: half the bytes), cast to float32 and transposed
+to HWC there, then the same crop and rotate (linear, fill 0), the stretch asinh(x / softening) per band as a
+DALI arithmetic expression, and crop_mirror_normalize with the stretched values' statistics.
 This is the only module that imports DALI (inside define()/build(): the spec imports anywhere).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from .geometry import CENTRE, TRAIN, Geometry, View, check_view, dihedral
 
@@ -38,6 +44,7 @@ class PipeSpec:
     num_threads: int = 2
     seed: int = 42  # DALI's own generators (the draws come from fastgal.order)
     prefetch: int = 2
+    image: str = "jpeg"  # what external_source gives: "jpeg" bytes, or "float16"/"float32" (bands, H, W) arrays
     stages: dict = field(default_factory=dict, repr=False)  # filled by define(): stage -> DataNode
 
 
@@ -53,10 +60,12 @@ def define(spec: PipeSpec, source=None):
 
     check_view(spec.view)
     train = spec.view == TRAIN
-    types = [dtypes.UINT8, dtypes.FLOAT] + ([dtypes.FLOAT, dtypes.FLOAT, dtypes.FLOAT, dtypes.INT32] if train else [])
+    image_type = {"jpeg": dtypes.UINT8, "float16": dtypes.FLOAT16, "float32": dtypes.FLOAT}[spec.image]
+    types = [image_type, dtypes.FLOAT] + ([dtypes.FLOAT, dtypes.FLOAT, dtypes.FLOAT, dtypes.INT32] if train else [])
+    layouts = ["CHW" if spec.image != "jpeg" else ""] + [""] * (len(types) - 1)
     # a graph declared only to be inspected still needs a source: an empty one stands in
     jpg, y, *draws = fn.external_source(source=() if source is None else source, num_outputs=len(types),
-                                        batch=True, dtype=types)
+                                        batch=True, dtype=types, layout=layouts)
     return augment(spec, jpg, y, *draws)
 
 
@@ -67,9 +76,12 @@ def augment(spec: PipeSpec, jpg, y, angle=None, pos_x=0.5, pos_y=0.5, mirror=0):
     import nvidia.dali.types as dtypes
 
     gpu, g = spec.device == "gpu", spec.geometry
-    # fancy upsampling: nvJPEG ("mixed") then upsamples chroma as libjpeg-turbo does on the CPU (and as
-    # torchvision and PIL do), so a galaxy's colours - the metallicity signal - do not depend on the decoder
-    img = fn.decoders.image(jpg, device="mixed" if gpu else "cpu", output_type=dtypes.RGB, jpeg_fancy_upsampling=True)
+    if spec.image == "jpeg":
+        # fancy upsampling: nvJPEG ("mixed") then upsamples chroma as libjpeg-turbo does on the CPU (and as
+        # torchvision and PIL do), so a galaxy's colours - the metallicity signal - do not depend on the decoder
+        img = fn.decoders.image(jpg, device="mixed" if gpu else "cpu", output_type=dtypes.RGB, jpeg_fancy_upsampling=True)
+    else:  # float bands: to the GPU as stored, then float32 HWC (the layout crop and rotate take)
+        img = fn.transpose(fn.cast(jpg.gpu() if gpu else jpg, dtype=dtypes.FLOAT), perm=[1, 2, 0], output_layout="HWC")
     spec.stages["decode"] = img
     if not g.precropped:
         img = fn.crop(img, crop=(g.crop, g.crop))  # centred: CropPad(144)
@@ -83,6 +95,12 @@ def augment(spec: PipeSpec, jpg, y, angle=None, pos_x=0.5, pos_y=0.5, mirror=0):
             img = fn.rotate(img, angle=float(90 * turns), keep_size=True, fill_value=0, interp_type=dtypes.INTERP_NN)
             spec.stages["rotate"] = img
         mirror = int(flip)
+    if g.softening is not None:
+        import nvidia.dali.math as dmath
+
+        inv = np.asarray([1.0 / float(v) for v in g.softening], np.float32)
+        img = dmath.asinh(img * dtypes.Constant(inv))  # per band: broadcast over the last (channel) axis
+        spec.stages["stretch"] = img
     out = fn.crop_mirror_normalize(
         img, crop=(g.size, g.size), crop_pos_x=pos_x, crop_pos_y=pos_y, mirror=mirror,
         mean=list(map(float, g.mean)), std=list(map(float, g.std)), dtype=dtypes.FLOAT, output_layout="CHW",

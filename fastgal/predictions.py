@@ -1,4 +1,5 @@
-"""A trained model applied to data: a shard split or a folder of JPEG cutouts -> a table of predictions.
+"""A trained model applied to data: a shard split or a folder of cutouts (JPEG, or FITS bands for a model
+trained on them) -> a table of predictions.
 
     fastgal predict runs/r1 shards/synth --split valid --out preds.csv
     fastgal predict runs/r1 data/new/images --out preds.csv --tta
@@ -89,8 +90,15 @@ def _predict_shards(cfg: PredictConfig, forward, ckpt, device) -> pd.DataFrame:
     if shards.image_size != list(ckpt["image_size"]) or shards.precrop != ckpt.get("precrop"):
         raise ValueError(f"{cfg.input} holds {shards.image_size} px images (precrop {shards.precrop}) "
                          f"but the model was trained on {ckpt['image_size']} (precrop {ckpt.get('precrop')}); re-shard to match")
-    # normalised with the model's training statistics, cropped as it was trained
-    geo = geometry_for(shards, size=ckpt["size"], crop=ckpt["crop"], mean=ckpt["pixel_mean"], std=ckpt["pixel_std"])
+    kind = ckpt.get("image_kind", "jpeg")
+    if shards.kind != kind or (kind == "float" and shards.bands != list(ckpt["bands"])):
+        what = lambda k, b: "JPEGs" if k == "jpeg" else f"FITS bands {','.join(b)}"  # noqa: E731
+        raise ValueError(f"{cfg.input} holds {what(shards.kind, shards.bands)} but the model was trained on "
+                         f"{what(kind, ckpt.get('bands'))}; shard the cutouts as the model's shards were made")
+    # normalised with the model's training statistics (and stretch), cropped as it was trained
+    soft = ckpt.get("softening")
+    geo = geometry_for(shards, size=ckpt["size"], crop=ckpt["crop"], mean=ckpt["pixel_mean"], std=ckpt["pixel_std"],
+                       stretch="asinh" if soft else "auto" if kind == "jpeg" else "none", softening=soft)
     frames = []
     for part in (["train", "valid"] if cfg.split == "all" else [cfg.split]):
         sp = shards.split(part)
@@ -103,11 +111,12 @@ def _predict_shards(cfg: PredictConfig, forward, ckpt, device) -> pd.DataFrame:
 
 
 class _Files(torch.utils.data.Dataset):
-    """JPEG files -> (views, index, why): each file checked exactly as `fastgal shard` checks a cutout
+    """Cutout files -> (views, index, why): each file checked exactly as `fastgal shard` checks a cutout
     (cutouts.check_image: a full decode, RGB, the survey's size or at least the precrop, not blank; the same
-    reasons), the bytes shard would store (the re-encoded centre for a --precrop model) decoded as the
-    loaders decode them and transformed into every view (centre, or the 8 dihedral ones for TTA); unusable
-    files give zeros and the reason."""
+    reasons; FITS: the model's bands, finite, storable), the bytes shard would store (the re-encoded centre
+    for a --precrop model; FITS bands in the model's storage dtype) read as the loaders read them and
+    transformed into every view (centre, or the 8 dihedral ones for TTA); unusable files give zeros and the
+    reason."""
 
     def __init__(self, files, geometry: Geometry, views, rules: ImageRules):
         self.files, self.geometry, self.views, self.rules = files, geometry, list(views), rules
@@ -117,24 +126,30 @@ class _Files(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         s = self.geometry.size
-        zeros = torch.zeros(len(self.views), 3, s, s)
+        zeros = torch.zeros(len(self.views), self.geometry.channels, s, s)
         c = check_image(i, str(self.files[i]), self.rules)
         if c.reason:
             return zeros, i, f"{c.reason}: {c.detail}"
-        img = decoder()[1]([torch.frombuffer(bytearray(c.data), dtype=torch.uint8)], "cpu")[0]
+        if c.meta is not None:  # FITS bands, as stored in a shard
+            arr = np.frombuffer(c.data, "<f2" if c.meta["dtype"] == "float16" else "<f4").reshape(c.meta["shape"])
+            img = torch.from_numpy(arr.astype(np.float32))
+        else:
+            img = decoder()[1]([torch.frombuffer(bytearray(c.data), dtype=torch.uint8)], "cpu")[0]
         return torch.stack([transform(img, self.geometry, v) for v in self.views]), i, ""
 
 
 def _predict_images(cfg: PredictConfig, forward, ckpt, device) -> pd.DataFrame:
     # every file gets a row (one that is not a JPEG gets its reason), but hidden ones (.DS_Store, editors' files)
     files = sorted(p for p in Path(cfg.input).iterdir() if p.is_file() and not p.name.startswith("."))
+    fits = ckpt.get("image_kind") == "float"
     if not files:
-        raise ValueError(f"no files in {cfg.input}; give a folder of .jpg cutouts or a shard folder")
+        raise ValueError(f"no files in {cfg.input}; give a folder of {'.fits' if fits else '.jpg'} cutouts or a shard folder")
     pre, stored = ckpt.get("precrop"), tuple(ckpt["image_size"])
     # as the model's shards were made: the survey's size, or any size at least the precrop, stored as its centre
-    rules = ImageRules(crop=ckpt["crop"], precrop=pre, expect=None if pre else stored, region=ckpt["crop"], stored=stored)
+    rules = ImageRules(crop=ckpt["crop"], precrop=pre, expect=None if pre else stored, region=ckpt["crop"], stored=stored,
+                       bands=tuple(ckpt["bands"]) if fits else None, dtype=ckpt.get("dtype", "float16"))
     geo = Geometry(size=ckpt["size"], crop=pre or ckpt["crop"], precropped=bool(pre), mean=ckpt["pixel_mean"],
-                   std=ckpt["pixel_std"])
+                   std=ckpt["pixel_std"], softening=ckpt.get("softening"))
     workers = min(thread_budget(cfg.workers), 4)
     dl = torch.utils.data.DataLoader(_Files(files, geo, TTA_VIEWS if cfg.tta else [CENTRE], rules),
                                      batch_size=cfg.bs, num_workers=workers, **worker_context(device, workers))

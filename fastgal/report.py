@@ -26,7 +26,8 @@ def format_metrics(m: dict) -> str:
         lines.append(f"synthetic survey: observable reference RMSE {f['observable_reference_rmse']:.4f} dex (what the "
                      f"images show), latent floor {f['floor_rmse']:.4f} dex (an oracle knowing mass and SFR)")
     lines.append(f"{plural(m['epochs'], 'epoch')} in {m['fit_seconds']:.1f}s, {m['train_images_per_s']:.0f} train images/s "
-                 f"({m['device']}, {m['precision']}, {m['loader_backend']} loader, decode on {m['loader_decode']}"
+                 f"({m['device']}, {m['precision']}, {m['loader_backend']} loader, "
+                 f"{'decode on ' if not m['loader_decode'].startswith('no decode') else ''}{m['loader_decode']}"
                  + (f"; {m['arch']}, preset {m['preset']}" if m.get("preset") else "")
                  + f"); best epoch {m['best_epoch']} of {m['epochs']}")  # epochs count from 1, as the progress lines
     return "\n".join(lines)
@@ -68,6 +69,9 @@ def format_info(out, res: dict) -> str:
               for t, st in m["target_stats"].items()]
     lines += [f"  images {m['image']['size']} precrop {m['image']['precrop']}; centre {ps['region']} px mean "
               f"{[round(x, 2) for x in ps['mean']]} std {[round(x, 2) for x in ps['std']]}",
+              *([f"  FITS bands {','.join(m['image']['bands'])} as {m['image']['dtype']}; sky sigma "
+                 f"{[float(f'{x:.3g}') for x in ps['sky_sigma']]}; stretch {m['stretch']['name']}"]
+                if m["image"].get("kind") == "float" else []),
               "  verified: sha256s, indexes and counts match" if res["ok"] else
               f"  {plural(len(res['problems']), 'problem')}:"]
     if not res["ok"]:

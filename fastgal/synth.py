@@ -1,11 +1,16 @@
-"""The embedded synthetic SDSS-like survey: gri cutouts with known metallicities and a known floor.
+"""The embedded synthetic SDSS-like survey: cutouts with known metallicities and a known floor.
 
     fastgal synth data/synth --n 2000 --seed 1
+    fastgal synth data/synth-fits --n 2000 --seed 1 --format fits --bands ugriz
 
 writes, in the seed's layout,
     OUT/data/master.csv      objID (19-digit, exact), ra, dec, metallicity, latent truth columns
-    OUT/images/{objID}.jpg   224x224 RGB JPEGs made like SkyServer getjpeg cutouts
-    OUT/synth.json           generator version, parameters, seed and the accuracy references (floor.py)
+    OUT/images/{objID}.jpg   224x224 RGB JPEGs made like SkyServer getjpeg cutouts, or with --format fits
+    OUT/images/{objID}.fits  the same galaxies as calibrated fluxes: a (bands, H, W) float32 cube in
+                             nanomaggies per 0.396" SDSS pixel area, resampled to the cutout's PIXSCALE
+                             (fits.write_cube: header BANDS, BAND0.., BUNIT, PIXSCALE, NMGYPIX, OBJID)
+    OUT/synth.json           generator version, parameters, seed, format, bands and what sets each band
+                             (sky noise, colours), and the accuracy references for those bands (floor.py)
 
 The physics, in order (all vectorised over the catalog, one RNG stream):
   1. log stellar mass, redshift (volume-weighted under an r < 17.77 flux limit, like SDSS's
@@ -22,7 +27,10 @@ The physics, in order (all vectorised over the catalog, one RNG stream):
      concentration from mass and quenching, size-mass relation, surface brightness with
      cosmological dimming, spiral arms in star-forming disks, random inclination and position
      angle; SDSS-like PSF, sky noise resampled to the cutout's pixel scale, photobombers, and the
-     Lupton et al. (2004) asinh stretch of g, r, i onto B, G, R.
+     Lupton et al. (2004) asinh stretch of g, r, i onto B, G, R (render_fluxes -> _lupton_rgb).
+  6. u and z (--format fits): u-g from specific SFR, mass and redshift, i-z from g-r and redshift (UG, IZ),
+     drawn from a separate stream (seed, 2), and u/z sky noise from (seed, row, 2): asking for u or z
+     changes no g, r, i pixel, and the FITS g, r, i planes are exactly what the JPEG of the same seed stretches.
 
 Each image is drawn from its own RNG stream seeded by (seed, row), so the output is
 byte-identical whatever the number of workers.
@@ -64,6 +72,34 @@ FRAMING = {"frame": "original", "frame_r90": R90_SPAN, "scale": "frame_r90 * pet
            "clipped to [0.05, 1.5]; an image of another --size spans the same sky"}
 MAG_LIMIT = 17.77  # SDSS main galaxy sample
 SKY_SIGMA = np.array([0.0045, 0.0060, 0.0095], np.float32)  # g, r, i noise per native pixel, nmgy
+# u and z sky noise from SDSS's relative depths (95% point-source completeness u 22.0, g 22.2, r 22.2,
+# i 21.3, z 20.5; the DR7 paper, Abazajian+09): per-pixel noise scales as 10^(-0.4 m_lim) at a similar
+# PSF, so u = g's x 10^(0.4 (22.2 - 22.0)) = 1.20 x g's, and z = r's x 10^(0.4 (22.2 - 20.5)) = 4.8 x r's
+# (z's CCDs are less sensitive and its sky brighter). Anchored to the nearest of the existing g, r.
+SKY_SIGMA_UZ = np.array([0.0045 * 1.202, 0.0060 * 4.786], np.float32)  # u, z noise per native pixel, nmgy
+BANDS = "ugriz"
+SKY_SIGMA_BANDS = dict(zip(BANDS, [float(SKY_SIGMA_UZ[0]), *map(float, SKY_SIGMA), float(SKY_SIGMA_UZ[1])]))
+# u - g and i - z, drawn from their own stream (seed, 2) so the gri survey is unchanged by them.
+# u - g: the u band sits below the 4000 A break and sees stars a few 100 Myr old, so it follows recent star
+# formation more directly than g - r: a sigmoid in log sSFR at g - r's centre but 1.5x as wide (0.45 dex,
+# so it keeps rising through the blue cloud, where g - r flattens), blue 1.0 to red 1.75 at rest (a main-
+# sequence galaxy ~1.2, a quenched one ~1.6, as SDSS's blue cloud and red sequence), a little
+# mass (stellar metallicity) dependence, and a k-correction that grows with redness (the break moves
+# into g with redshift): rest + (kcorr_blue + (kcorr_red - kcorr_blue) f_q) z; observed red sequence
+# ~1.9 at z 0.1 as in SDSS. i - z: small and mildly red, from g - r at rest and redshift.
+UG = {"blue": 1.0, "red": 1.75, "ssfr_mid": -10.6, "ssfr_width": 0.45, "mass_slope": 0.05,
+      "kcorr_blue": 0.8, "kcorr_red": 2.0, "scatter": 0.05,
+      "relation": "u-g = blue + (red - blue) f_q + mass_slope (logM - 10) + (kcorr_blue + (kcorr_red - kcorr_blue) f_q) z "
+                  "+ N(0, scatter), f_q = 1 / (1 + exp((log sSFR - ssfr_mid) / ssfr_width))"}
+IZ = {"zero": 0.05, "gr_slope": 0.3, "kcorr": 0.3, "scatter": 0.03,
+      "relation": "i-z = zero + gr_slope (g-r)_rest + kcorr z + N(0, scatter)"}
+# bulges are redder than disks (the bulge's share of each band's flux, as for g and i below): stronger in u
+BULGE_UZ = {"u": 0.45, "z": 0.12}  # bulge_col = 1 - 0.45 (1 - B/T) in u, 1 + 0.12 (1 - B/T) in z
+ARM_UZ = {"u": 1.6, "z": 0.7}  # spiral arms are young and blue: brightest in u (g 1.3, r 1.0, i 0.8)
+# neighbours' u - g and i - z from their g - r (`col`) with no draws: stars along the SDSS stellar locus,
+# background galaxies (already k-corrected, col ~0.9) like the red half of the catalog
+NEIGHBOUR_COLOURS = {"star": {"u_g": (0.6, 1.5), "i_z": (0.0, 0.3)}, "galaxy": {"u_g": (0.7, 1.0), "i_z": (0.1, 0.2)},
+                     "relation": "colour = a + b (g-r)"}
 RGB_SCALE = np.array([1.0, 1.15, 1.9], np.float32)  # i->R, r->G, g->B channel weights
 LUPTON_Q, LUPTON_STRETCH = 8.0, 0.45
 
@@ -163,6 +199,7 @@ def make_catalog(n: int, seed: int) -> dict[str, np.ndarray]:
     ra = rng.uniform(120, 250, n)
     dec = np.degrees(np.arcsin(rng.uniform(np.sin(np.radians(-2)), np.sin(np.radians(65)), n)))
     objid = make_objids(n, seed)
+    ug, iz = _uz_colours(np.random.default_rng([seed, 2]), ssfr, logm, gr_rest, z)
 
     return {
         "objID": objid, "ra": ra, "dec": dec, "z": z, "metallicity": metallicity,
@@ -171,8 +208,18 @@ def make_catalog(n: int, seed: int) -> dict[str, np.ndarray]:
         "axis_ratio": axis_ratio, "pos_angle": pa, "scale": scale,
         # image-only parameters (not in the CSV)
         "_ri": ri, "_re_d": re_d, "_re_b": re_b, "_q_disk": q_disk, "_q_bulge": q_bulge,
-        "_ssfr": ssfr, "_dms": dms,
+        "_ssfr": ssfr, "_dms": dms, "_ug": ug, "_iz": iz,
     }
+
+
+def _uz_colours(rng, ssfr, logm, gr_rest, z):
+    """Observed u - g and i - z (UG, IZ), from their own RNG stream: the gri catalog does not change."""
+    n = len(z)
+    f_q = 1 / (1 + np.exp((ssfr - UG["ssfr_mid"]) / UG["ssfr_width"]))
+    ug = (UG["blue"] + (UG["red"] - UG["blue"]) * f_q + UG["mass_slope"] * (logm - 10)
+          + (UG["kcorr_blue"] + (UG["kcorr_red"] - UG["kcorr_blue"]) * f_q) * z + rng.normal(0, UG["scatter"], n))
+    iz = IZ["zero"] + IZ["gr_slope"] * gr_rest + IZ["kcorr"] * z + rng.normal(0, IZ["scatter"], n)
+    return ug, iz
 
 
 def make_objids(n: int, seed: int) -> np.ndarray:
@@ -218,8 +265,20 @@ def _grid(size: int):
     return _GRIDS[size]
 
 
-def render(row: dict, size: int, rng: np.random.Generator) -> np.ndarray:
-    """One galaxy as a (size, size, 3) uint8 RGB array, SkyServer getjpeg style."""
+def render_fluxes(row: dict, size: int, rng: np.random.Generator, bands: str = "gri",
+                  rng_uz: np.random.Generator | None = None) -> np.ndarray:
+    """One galaxy as calibrated fluxes: a (len(bands), size, size) float32 cube in nanomaggies per native
+    (0.396") pixel area, i.e. SDSS frame units resampled to this cutout's pixel keeping surface brightness,
+    as SkyServer resamples for its cutouts (flux in a pixel = value x (pixscale / 0.396)^2), after PSF,
+    neighbours and sky noise; planes in the order of `bands` (a subset of "ugriz").
+
+    g, r and i take every draw from `rng`, in the same order whatever `bands` asks, so they are the
+    planes the JPEG stretches (render). u and z take no draw from `rng`: their sky noise comes from
+    `rng_uz` (the survey seeds it (seed, row, 2)), their colours from the catalog (_ug, _iz).
+    """
+    uz = "u" in bands or "z" in bands
+    if uz and rng_uz is None:
+        raise ValueError("u and z need their own noise stream: pass rng_uz")
     s = float(row["scale"]) * 224 / size  # keep the angular span when size != 224
     c = (size - 1) / 2 + rng.uniform(-0.5, 0.5, 2)
     yy, xx = _grid(size)
@@ -258,21 +317,40 @@ def render(row: dict, size: int, rng: np.random.Generator) -> np.ndarray:
     rb = np.sqrt(xr * xr + (yr / qb) ** 2 + np.float32(psf * psf))
     bulge = np.exp(-7.669 * np.sqrt(np.sqrt(rb / re_b))) / (_NORM_DEV * re_b * re_b * qb)
 
+    def planes(img, flux, bulge_col, disk_col, arm_band):
+        for k in range(len(img)):
+            d = disk * np.float32(flux[k] * (1 - bt) * disk_col[k])
+            if arm is not None:
+                d = d * (1 + np.float32(arm_band[k]) * arm)
+            img[k] = (d + bulge * np.float32(flux[k] * bt * bulge_col[k])) * np.float32(to_native)
+
     img = np.empty((3, size, size), np.float32)
-    arm_band = (1.3, 1.0, 0.8)  # arms are blue: strongest in g
-    for k in range(3):
-        d = disk * np.float32(flux[k] * (1 - bt) * disk_col[k])
-        if arm is not None:
-            d = d * (1 + np.float32(arm_band[k]) * arm)
-        img[k] = (d + bulge * np.float32(flux[k] * bt * bulge_col[k])) * np.float32(to_native)
+    planes(img, flux, bulge_col, disk_col, (1.3, 1.0, 0.8))  # arms are blue: strongest in g
+    img_uz = None
+    if uz:  # u and z: the same components, their own colours (u = g + (u-g), z = i - (i-z))
+        flux_uz = 10 ** (-0.4 * (np.array([mag_r + gr + float(row["_ug"]), mag_r - ri - float(row["_iz"])]) - 22.5))
+        bulge_uz = np.array([1 - BULGE_UZ["u"] * (1 - bt), 1 + BULGE_UZ["z"] * (1 - bt)])
+        img_uz = np.empty((2, size, size), np.float32)
+        planes(img_uz, flux_uz, bulge_uz, (1 - bt * bulge_uz) / max(1 - bt, 1e-3), (ARM_UZ["u"], ARM_UZ["z"]))
 
-    _add_neighbours(img, rng, s, psf, to_native)
-    _add_sky_noise(img, rng, s)
-    return _lupton_rgb(img)
+    _add_neighbours(img, rng, s, psf, to_native, img_uz)
+    _add_sky_noise(img, rng, s, SKY_SIGMA)
+    if not uz:
+        return img if bands == "gri" else img[["gri".index(b) for b in bands]]
+    _add_sky_noise(img_uz, rng_uz, s, SKY_SIGMA_UZ)
+    by_band = {"u": img_uz[0], "g": img[0], "r": img[1], "i": img[2], "z": img_uz[1]}
+    return np.stack([by_band[b] for b in bands])
 
 
-def _add_neighbours(img, rng, s, psf, to_native):
-    """Photobombers: stars and small background galaxies, rendered in local windows."""
+def render(row: dict, size: int, rng: np.random.Generator) -> np.ndarray:
+    """One galaxy as a (size, size, 3) uint8 RGB array, SkyServer getjpeg style: the Lupton stretch of
+    exactly the g, r, i planes render_fluxes makes from the same draws."""
+    return _lupton_rgb(render_fluxes(row, size, rng))
+
+
+def _add_neighbours(img, rng, s, psf, to_native, img_uz=None):
+    """Photobombers: stars and small background galaxies, rendered in local windows. img_uz (u, z
+    planes, or None) gets their fluxes from NEIGHBOUR_COLOURS without a draw of its own."""
     size = img.shape[1]
     for _ in range(rng.poisson(0.7)):
         x0, y0 = rng.uniform(0, size, 2)
@@ -283,7 +361,9 @@ def _add_neighbours(img, rng, s, psf, to_native):
         col = rng.normal(0.6, 0.35) if star else rng.normal(0.9, 0.2)
         f = 10 ** (-0.4 * (np.array([mag + col, mag, mag - 0.4 * col]) - 22.5))
         sig = psf if star else math.hypot(psf, rng.uniform(0.6, 2.0) / s)
-        # window out to where the profile drops below 1/1000 of the sky noise (no hard edges)
+        # window out to where the profile drops below 1/1000 of the sky noise (no hard edges); set by
+        # g, r, i so their planes do not depend on u and z (z is at most a few times brighter than the
+        # brightest of them, and its sky noise ~5x r's, so its window is as safe)
         peak = float(f.max()) * to_native / (2 * math.pi * sig * sig)
         h = int(min(sig * math.sqrt(2 * math.log(max(peak / 5e-6, 1.0))) + 2, size))
         xa, xb = max(int(x0) - h, 0), min(int(x0) + h + 1, size)
@@ -294,18 +374,25 @@ def _add_neighbours(img, rng, s, psf, to_native):
         prof = np.exp(-((xx - x0) ** 2 + (yy - y0) ** 2) / np.float32(2 * sig * sig)) / np.float32(2 * math.pi * sig * sig)
         for k in range(3):
             img[k, ya:yb, xa:xb] += prof * np.float32(f[k] * to_native)
+        if img_uz is not None:
+            nc = NEIGHBOUR_COLOURS["star" if star else "galaxy"]
+            ug, iz = nc["u_g"][0] + nc["u_g"][1] * col, nc["i_z"][0] + nc["i_z"][1] * col
+            f_uz = 10 ** (-0.4 * (np.array([mag + col + ug, mag - 0.4 * col - iz]) - 22.5))
+            for k in range(2):
+                img_uz[k, ya:yb, xa:xb] += prof * np.float32(f_uz[k] * to_native)
 
 
-def _add_sky_noise(img, rng, s):
-    """Sky noise as SkyServer resamples it: white when binned, smooth when upsampled."""
+def _add_sky_noise(img, rng, s, sky_sigma):
+    """Sky noise as SkyServer resamples it: white when binned, smooth when upsampled. sky_sigma: one
+    noise per plane of img, in nmgy per native pixel."""
     size = img.shape[1]
     if s >= NATIVE_SCALE:
-        sig = SKY_SIGMA * np.float32(NATIVE_SCALE / s)
+        sig = sky_sigma * np.float32(NATIVE_SCALE / s)
         img += rng.standard_normal(img.shape, dtype=np.float32) * sig[:, None, None]
         return
     nc = max(int(math.ceil(size * s / NATIVE_SCALE)) + 1, 2)
-    for k in range(3):
-        coarse = rng.standard_normal((nc, nc), dtype=np.float32) * SKY_SIGMA[k]
+    for k in range(len(img)):
+        coarse = rng.standard_normal((nc, nc), dtype=np.float32) * sky_sigma[k]
         img[k] += np.asarray(Image.fromarray(coarse, mode="F").resize((size, size), Image.BILINEAR))
 
 
@@ -331,20 +418,47 @@ def encode_jpeg(rgb: np.ndarray, quality: int) -> bytes:
 
 # --------------------------------------------------------------------------- the command
 
-_IMG_KEYS = ["scale", "pos_angle", "petroMag_r", "g_r", "_ri", "bulge_frac", "_re_d", "_q_disk", "_ssfr", "_re_b", "_q_bulge"]
+_IMG_KEYS = ["scale", "pos_angle", "petroMag_r", "g_r", "_ri", "bulge_frac", "_re_d", "_q_disk", "_ssfr", "_re_b", "_q_bulge",
+             "_ug", "_iz"]
 
 
 def _render_chunk(args):
-    """Worker: render rows [start, stop) and write their JPEGs. Returns the count."""
-    start, params, seed, size, quality, img_dir = args
+    """Worker: render rows [start, stop) and write their JPEGs or FITS cubes. Returns the count."""
+    start, params, seed, size, quality, img_dir, fmt, bands = args
     ids = params["objID"]
     for j in range(len(ids)):
         row = {k: params[k][j] for k in _IMG_KEYS}
         rng = np.random.default_rng([seed, start + j, 1])
-        data = encode_jpeg(render(row, size, rng), quality)
-        with open(os.path.join(img_dir, f"{ids[j]}.jpg"), "wb") as f:
-            f.write(data)
+        if fmt == "jpeg":
+            data = encode_jpeg(render(row, size, rng), quality)
+            with open(os.path.join(img_dir, f"{ids[j]}.jpg"), "wb") as f:
+                f.write(data)
+            continue
+        from .fits import write_cube
+
+        rng_uz = np.random.default_rng([seed, start + j, 2]) if ("u" in bands or "z" in bands) else None
+        cube = render_fluxes(row, size, rng, bands, rng_uz)
+        # SDSS frame units (nmgy per native pixel), resampled keeping surface brightness: the JPEG's input
+        write_cube(os.path.join(img_dir, f"{ids[j]}.fits"), cube, bands, float(row["scale"]) * 224 / size, ids[j],
+                   nmgy_pixel=NATIVE_SCALE)
     return len(ids)
+
+
+def check_bands(fmt: str, bands: str) -> str:
+    """The band string --format takes: 'gri' for jpeg; for fits distinct letters of ugriz in that order
+    (commas allowed: g,r,i). A one-line ValueError otherwise."""
+    b = bands.replace(",", "").strip()
+    if fmt == "jpeg":
+        if b != "gri":
+            raise ValueError(f"--format jpeg writes g, r, i as RGB: --bands must be gri, got {bands!r} "
+                             "(use --format fits for other bands)")
+        return b
+    if fmt != "fits":
+        raise ValueError(f"--format must be jpeg or fits, got {fmt!r}")
+    pos = [BANDS.find(c) for c in b]
+    if not b or -1 in pos or pos != sorted(set(pos)):
+        raise ValueError(f"--bands must be distinct letters of ugriz in that order (e.g. ugriz, gri, griz), got {bands!r}")
+    return b
 
 
 @dataclass
@@ -353,6 +467,7 @@ class SynthResult:
     n: int
     seconds: float
     floor: dict
+    bands: str = "gri"
 
     @property
     def images_per_s(self) -> float:
@@ -379,6 +494,11 @@ def synth(cfg: SynthConfig) -> SynthResult:
         raise ValueError(f"--n must be a positive number of galaxies, got {cfg.n}")
     if cfg.size < 64:
         raise ValueError(f"--size must be at least 64 pixels, got {cfg.size}")
+    bands = check_bands(cfg.format, cfg.bands)
+    if cfg.format == "fits":
+        from .fits import require_astropy
+
+        require_astropy("fastgal synth --format fits")  # before any work, in this process
     out = Path(cfg.out)
     _prepare_out(out, cfg)
     workers = cfg.workers or default_workers()
@@ -392,7 +512,8 @@ def synth(cfg: SynthConfig) -> SynthResult:
         chunk = 64
         params = {k: cat[k] for k in _IMG_KEYS + ["objID"]}
         tasks = [
-            (a, {k: v[a:a + chunk] for k, v in params.items()}, cfg.seed, cfg.size, cfg.jpeg_quality, str(img_dir))
+            (a, {k: v[a:a + chunk] for k, v in params.items()}, cfg.seed, cfg.size, cfg.jpeg_quality, str(img_dir),
+             cfg.format, bands)
             for a in range(0, cfg.n, chunk)
         ]
         with worker_pool(workers) as pool:  # each chunk writes its own files: any order gives the same bytes
@@ -402,15 +523,20 @@ def synth(cfg: SynthConfig) -> SynthResult:
 
         (tmp / "data").mkdir()
         write_catalog_csv(tmp / "data" / "master.csv", cat)
-        floor = floor_stats(cat, GENERATOR_VERSION, SIGMA_HIDDEN)
+        floor = floor_stats(cat, GENERATOR_VERSION, SIGMA_HIDDEN, bands)
         meta = {
             "generator": "fastgal.synth",
             "generator_version": GENERATOR_VERSION,
             "fastgal_version": __version__,
-            "params": {k: v for k, v in to_jsonable(cfg).items() if k not in ("out", "workers", "overwrite", "quiet")},
+            "params": {**{k: v for k, v in to_jsonable(cfg).items() if k not in ("out", "workers", "overwrite", "quiet")},
+                       "bands": bands},
             "n": cfg.n,
             "seed": cfg.seed,
             "target": "metallicity",
+            "format": cfg.format,
+            "bands": bands,
+            "images": _images_note(cfg.format, bands),
+            "bands_model": _bands_model(bands),
             "framing": FRAMING,
             "floor": floor,
             "metallicity_quantiles": {f"{p:g}": float(np.quantile(cat["metallicity"], p)) for p in (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)},
@@ -429,7 +555,38 @@ def synth(cfg: SynthConfig) -> SynthResult:
         write_json_atomic(out / "synth.json", meta)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return SynthResult(out=out, n=cfg.n, seconds=prog.elapsed, floor=floor)
+    return SynthResult(out=out, n=cfg.n, seconds=prog.elapsed, floor=floor, bands=bands)
+
+
+def _images_note(fmt: str, bands: str) -> str:
+    if fmt == "jpeg":
+        return "images/{objID}.jpg: RGB = Lupton asinh stretch of i, r, g (SkyServer getjpeg style), JPEG quality 75"
+    return (f"images/{{objID}}.fits: one primary HDU, a ({len(bands)}, H, W) float32 cube of bands {bands!r} in "
+            "nanomaggies per 0.396 arcsec SDSS pixel (SDSS frame units resampled to PIXSCALE keeping surface "
+            "brightness, like SkyServer's cutouts; flux in a pixel = value x (PIXSCALE / 0.396)^2); header BANDS, "
+            "BAND0.., BUNIT, PIXSCALE, NMGYPIX, OBJID; g, r, i are the planes the JPEG survey of the same seed stretches")
+
+
+def _bands_model(bands: str) -> dict:
+    """What sets each written band: sky noise per native pixel and the colour relations (UG, IZ...)."""
+    out = {"sky_sigma_nmgy_per_native_pixel": {b: round(SKY_SIGMA_BANDS[b], 7) for b in bands},
+           "sky_noise": "per output pixel: sky_sigma x 0.396 / pixscale when binned (white), sky_sigma on a "
+                        "bilinearly upsampled native grid when the pixel is finer than SDSS's",
+           "psf_fwhm_arcsec": "max(N(1.4, 0.2), 0.9), one per galaxy, every band",
+           "colours": {"g-r": "(g-r)_rest + 0.9 z (master.csv g_r), (g-r)_rest = 0.38 + 0.42 / (1 + exp((log sSFR "
+                               "+ 10.6) / 0.3)) + 0.06 (logM - 10) + N(0, 0.03)",
+                       "r-i": "0.12 + 0.32 (g-r)_rest + 0.35 z + N(0, 0.02)"}}
+    if "u" in bands:
+        out["colours"]["u-g"] = UG
+    if "z" in bands:
+        out["colours"]["i-z"] = IZ
+    if "u" in bands or "z" in bands:
+        out["bulge_colour_uz"] = {**BULGE_UZ, "relation": "bulge's flux factor: u 1 - u (1 - B/T), z 1 + z (1 - B/T) "
+                                                            "(g 1 - 0.25 (1 - B/T), i 1 + 0.08 (1 - B/T)); the disk keeps the total"}
+        out["arm_amplitude_uz"] = ARM_UZ
+        out["neighbour_colours_uz"] = NEIGHBOUR_COLOURS
+        out["streams"] = "u-g, i-z: rng (seed, 2) over the catalog; u, z sky noise: rng (seed, row, 2); g, r, i unchanged"
+    return out
 
 
 def write_catalog_csv(path: Path, cat: dict[str, np.ndarray]) -> None:

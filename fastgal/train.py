@@ -43,13 +43,13 @@ import torch
 from fastai.torch_core import set_seed
 
 from .callbacks import DDP, EpochCheckpoint, EpochSeed, best_epoch_callback, read_checkpoint
-from .checkpoint import inference, save_checkpoint
+from .checkpoint import image_meta, inference, save_checkpoint
 from .config import PRESET_FIELDS, RECIPE, TrainConfig, to_jsonable
 from .device import resolve_device, resolve_precision
 from .diagnostics import calibration, summarise
 from .env import versions
 from .learner import make_learner
-from .loaders import dataloaders, thread_budget
+from .loaders import dataloaders, resolve_stretch, thread_budget
 from .manifest import Shards
 from .model import make_model
 from .plots import coverage_plot, loss_curves, lr_find_plot, mzr_plot, pred_vs_true, residuals
@@ -146,6 +146,7 @@ def setup(cfg: TrainConfig) -> Setup:
     shards = Shards(cfg.shards)  # one-line ValueError on a bad folder
     targets = _check_targets(cfg, shards)
     crop = shards.crop(cfg.crop)
+    resolve_stretch(shards, cfg.stretch, cfg.softening)  # --stretch/--softening against the shards, before any work
     device = resolve_device(cfg.device)
     given = cfg
     cfg = cfg.resolved(gpu=device.type == "cuda", crop=crop)  # --preset fills what was not given
@@ -217,7 +218,8 @@ def build_loaders(s: Setup):
     """Train loader split across ranks; every rank validates on all of the validation set."""
     set_seed(s.cfg.seed)
     return dataloaders(s.shards, bs=s.cfg.bs, size=s.cfg.size, crop=s.crop, device=s.device, backend=s.cfg.loader,
-                       threads=thread_budget(s.cfg.workers), seed=s.cfg.seed, rank=s.rank, world=s.world, path=s.out)
+                       threads=thread_budget(s.cfg.workers), seed=s.cfg.seed, rank=s.rank, world=s.world, path=s.out,
+                       stretch=s.cfg.stretch, softening=s.cfg.softening)
 
 
 def _per_rank(value) -> list:
@@ -243,6 +245,8 @@ def write_config(s: Setup, dls) -> dict:
         "versions": versions(), "gpu": torch.cuda.get_device_name(s.device) if s.device.type == "cuda" else None,
         "recipe": RECIPE_TEXT, "from_preset": s.from_preset, "train_seed_per_rank": seeds,
         "shards_sha256": s.shards.sha256(),
+        "image": {"kind": s.shards.kind, "bands": s.shards.bands, "softening": dls.train.geometry.softening,
+                  "pixel_mean": list(dls.train.geometry.mean), "pixel_std": list(dls.train.geometry.std)},
     }
     if c.resume:
         if s.writer:
@@ -255,7 +259,8 @@ def write_config(s: Setup, dls) -> dict:
 
 
 def build_learner(s: Setup, dls):
-    model = make_model(s.cfg.arch, len(s.targets), s.target_mean, s.target_std, head=s.cfg.head)
+    model = make_model(s.cfg.arch, len(s.targets), s.target_mean, s.target_std, head=s.cfg.head,
+                       c_in=dls.train.geometry.channels)
     learn = make_learner(dls, model, targets=s.targets, path=s.out, precision=s.precision,
                          channels_last=_channels_last(s), quiet=s.cfg.quiet or not s.writer, opt=s.cfg.opt,
                          compile=s.cfg.compile, head=s.cfg.head)
@@ -375,12 +380,12 @@ def _channels_last(s: Setup) -> bool:
     return s.cfg.channels_last and s.device.type == "cuda"
 
 
-def save_model(s: Setup, learn) -> None:
-    sh = s.shards
+def save_model(s: Setup, learn, dls) -> None:
+    sh, g = s.shards, dls.train.geometry  # the normalisation the model was trained with (the stretched bands')
     save_checkpoint(s.out / "model.pt", learn.model, arch=s.cfg.arch, targets=s.targets, target_mean=s.target_mean,
-                    target_std=s.target_std, pixel_mean=sh.pixel_mean, pixel_std=sh.pixel_std, size=s.cfg.size,
+                    target_std=s.target_std, pixel_mean=list(g.mean), pixel_std=list(g.std), size=s.cfg.size,
                     crop=s.crop, precrop=sh.precrop, image_size=sh.image_size, precision=s.precision,
-                    channels_last=_channels_last(s), head=s.cfg.head)
+                    channels_last=_channels_last(s), head=s.cfg.head, **image_meta(sh, g))
 
 
 def train(cfg: TrainConfig, cbs=()) -> dict:
@@ -400,7 +405,7 @@ def train(cfg: TrainConfig, cbs=()) -> dict:
     hist = write_history(s, learn, rows)
     preds = predict_valid(s, learn, dls)
     per_target = score(s, preds)
-    save_model(s, learn)
+    save_model(s, learn, dls)
     t0 = s.targets[0]
     metrics = {
         **{k: v for k, v in per_target[t0].items() if not isinstance(v, (list, dict))}, "target": t0, "targets": per_target, "head": s.cfg.head,

@@ -11,7 +11,7 @@ import pytest
 from conftest import NO_DALI, dali_importable, run_cli
 from fastgal import env
 
-FIELDS = {"fastgal", "python", "platform", "torch", "torchvision", "fastai", "dali", "nvimgcodec", "webdataset",
+FIELDS = {"fastgal", "python", "platform", "torch", "torchvision", "fastai", "dali", "nvimgcodec", "webdataset", "astropy",
           "nvidia", "cores", "jpeg_decoder", "warnings", "notes"}
 
 H200 = "NVIDIA H200, 580.65.06, 143771 MiB"

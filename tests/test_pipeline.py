@@ -22,21 +22,28 @@ def test_dali_is_imported_only_where_a_graph_is_built():
     assert out.strip() == "[]"
 
 
+FLOAT5 = Geometry(size=56, crop=72, precropped=False, mean=[0.0] * 5, std=[1.0] * 5, softening=[0.01] * 5)
+
+
 @pytest.mark.dali
+@pytest.mark.parametrize("image", ["jpeg", "float16"])
 @pytest.mark.parametrize("view", ["train", "centre", 5, 4])
-def test_gpu_placement_in_the_declared_graph(view):
+def test_gpu_placement_in_the_declared_graph(view, image):
     """The GPU switch decodes with 'mixed' (its output is already on the GPU) and keeps every later stage
-    and the targets on the GPU; no GPU is needed to declare a graph. The CPU graph has the same stages."""
+    and the targets on the GPU; no GPU is needed to declare a graph. The CPU graph has the same stages.
+    Float bands (FITS shards) go to the GPU as stored, before the cast, and are stretched there."""
     from nvidia.dali import Pipeline
 
     from fastgal.pipeline import PipeSpec, define
 
-    spec = PipeSpec(view=view, geometry=GEO, device="gpu")
+    geo = GEO if image == "jpeg" else FLOAT5
+    spec = PipeSpec(view=view, geometry=geo, device="gpu", image=image)
     with Pipeline(batch_size=2, num_threads=1, device_id=0):
         define(spec)
     for stage, node in spec.stages.items():
         assert node.device == "gpu", (stage, node.device)  # a CPU decode + .gpu() would leave "decode" on cpu
-    cpu = PipeSpec(view=view, geometry=GEO, device="cpu")
+    assert ("stretch" in spec.stages) == (image != "jpeg")
+    cpu = PipeSpec(view=view, geometry=geo, device="cpu", image=image)
     with Pipeline(batch_size=2, num_threads=1, device_id=None):
         define(cpu)
     assert {n.device for n in cpu.stages.values()} == {"cpu"}
@@ -65,3 +72,11 @@ def test_the_no_dali_pass_blocks_dali_in_subprocesses_too():
     code = "import torch\ntry:\n    import nvidia.dali\nexcept ImportError as e:\n    print('blocked:', e)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
     assert out.startswith("blocked:") and "FASTGAL_NO_DALI" in out
+
+
+def test_astropy_is_imported_only_where_a_fits_file_is_touched():
+    """JPEG-only users need no astropy (the `fits` extra): no module imports it until a FITS file is read or written."""
+    code = ("import sys, fastgal.cli, fastgal.train, fastgal.predictions, fastgal.loaders, fastgal.shards, fastgal.cutouts, "
+            "fastgal.fits, fastgal.synth, fastgal.demo; print(sorted(m for m in sys.modules if m.startswith('astropy')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -163,3 +163,154 @@ def test_observable_reference_matches_an_independent_estimate(survey):
     # between the latent floor (an oracle knowing mass and SFR) and predicting the mean
     assert fl["floor_rmse"] < fl["observable_reference_rmse"] < fl["mean_baseline_rmse"]
     assert "best any" not in fl["note"]
+
+
+# --------------------------------------------------------------------------- --format fits (issue #20)
+
+FITS_ARGS = ("--n", 16, "--size", 64, "--seed", 3, "--quiet")
+
+
+@pytest.fixture(scope="module")
+def fits_surveys(tmp_path_factory):
+    """The same 16 galaxies as a JPEG survey, a ugriz FITS survey (1 and 2 workers) and a gri FITS survey."""
+    pytest.importorskip("astropy")
+    root = tmp_path_factory.mktemp("fits")
+    run_cli("synth", root / "jpeg", *FITS_ARGS)
+    run_cli("synth", root / "ugriz", *FITS_ARGS, "--format", "fits", "--bands", "ugriz", "--workers", 1)
+    run_cli("synth", root / "ugriz2", *FITS_ARGS, "--format", "fits", "--bands", "ugriz", "--workers", 2)
+    run_cli("synth", root / "gri", *FITS_ARGS, "--format", "fits", "--workers", 2)
+    return root
+
+
+def read_cube(path):
+    from astropy.io import fits
+
+    with fits.open(path) as hdul:
+        assert len(hdul) == 1
+        return hdul[0].data.copy(), hdul[0].header
+
+
+def test_fits_cube_shape_dtype_and_header(fits_surveys):
+    s = fits_surveys / "ugriz"
+    cat = pd.read_csv(s / "data" / "master.csv", dtype={"objID": str})
+    assert sorted(p.name for p in (s / "images").iterdir()) == sorted(f"{i}.fits" for i in cat.objID)
+    for i, scale in zip(cat.objID, cat.scale):
+        cube, h = read_cube(s / "images" / f"{i}.fits")
+        assert cube.shape == (5, 64, 64) and cube.dtype == np.dtype(">f4") and np.isfinite(cube).all()
+        assert h["BANDS"] == "ugriz" and [h[f"BAND{k}"] for k in range(5)] == list("ugriz") and "BAND5" not in h
+        assert h["BUNIT"] == "nanomaggy" and h["OBJID"] == i and isinstance(h["OBJID"], str)
+        assert h["PIXSCALE"] == pytest.approx(scale * 224 / 64, rel=1e-4)  # the cutout's own pixel, not 224 px's
+        assert "DATE" not in h and "CHECKSUM" not in h  # nothing that changes between runs
+    meta = json.loads((s / "synth.json").read_text())
+    assert meta["format"] == "fits" and meta["bands"] == "ugriz"
+    bm = meta["bands_model"]
+    assert list(bm["sky_sigma_nmgy_per_native_pixel"]) == list("ugriz")
+    sky = bm["sky_sigma_nmgy_per_native_pixel"]
+    assert sky["g"] < sky["u"] < sky["r"] < sky["i"] < sky["z"] and 4 < sky["z"] / sky["r"] < 5
+    assert {"u-g", "i-z"} <= set(bm["colours"])
+    ref = meta["floor"]["observable_reference"]
+    assert ref["bands"] == "ugriz" and {"u_g", "i_z"} <= set(ref["visible"])
+    assert meta["floor"]["observable_reference_rmse"] == ref["rmse"]
+
+
+def test_fits_r_band_is_calibrated(fits_surveys):
+    """Nanomaggies per 0.396" pixel area (NMGYPIX): the r plane summed over the cutout, times (PIXSCALE /
+    NMGYPIX)^2, gives the catalog's r magnitude (22.5 - 2.5 log10 f)."""
+    s = fits_surveys / "gri"
+    cat = pd.read_csv(s / "data" / "master.csv", dtype={"objID": str})
+    mags = []
+    for i in cat.objID:
+        cube, h = read_cube(s / "images" / f"{i}.fits")
+        assert h["NMGYPIX"] == pytest.approx(0.396)
+        mags.append(22.5 - 2.5 * np.log10(cube[1].astype(np.float64).sum() * (h["PIXSCALE"] / h["NMGYPIX"]) ** 2))
+    # within a few tenths (the renderer's PSF-softened cores and the wings past the ~5 x R90 frame lose ~0.15 mag,
+    # a bright neighbour adds some); read as nmgy per output pixel, they would be off by ~0.8 mag
+    assert np.median(np.abs(np.array(mags) - cat.petroMag_r)) < 0.3
+
+
+def test_fits_gri_planes_are_the_jpeg_surveys_galaxies(fits_surveys):
+    """The FITS g, r, i planes, stretched and encoded like the JPEG survey, give its bytes exactly; asking for
+    u and z changes no g, r, i pixel; the catalog is the same file."""
+    from fastgal.synth import _lupton_rgb, encode_jpeg
+
+    jp, ug, gri = fits_surveys / "jpeg", fits_surveys / "ugriz", fits_surveys / "gri"
+    assert (jp / "data/master.csv").read_bytes() == (ug / "data/master.csv").read_bytes() == (gri / "data/master.csv").read_bytes()
+    ids = pd.read_csv(jp / "data" / "master.csv", dtype={"objID": str}).objID
+    for i in ids:
+        cube5, _ = read_cube(ug / "images" / f"{i}.fits")
+        cube3, h = read_cube(gri / "images" / f"{i}.fits")
+        assert h["BANDS"] == "gri" and cube3.shape == (3, 64, 64)
+        assert np.array_equal(cube5[1:4], cube3)
+        assert encode_jpeg(_lupton_rgb(cube3), 75) == (jp / "images" / f"{i}.jpg").read_bytes()
+
+
+def test_fits_u_and_z_have_the_documented_colours(fits_surveys):
+    """u and z are their own planes, and their colours follow the relations: u - g redder at low specific SFR,
+    both close to the catalog's drawn colours; i - z small and red."""
+    s = fits_surveys / "ugriz"
+    cat = pd.read_csv(s / "data" / "master.csv", dtype={"objID": str})
+    drawn = make_catalog(16, 3)
+    ug, iz = [], []
+    for i in cat.objID:
+        cube = read_cube(s / "images" / f"{i}.fits")[0].astype(np.float64)
+        assert not np.allclose(cube[0], cube[1]) and not np.allclose(cube[4], cube[3])
+        # not a rescaled copy either: the ratio varies across the galaxy (bulge/disk colours, noise)
+        ap = cube[:, 22:42, 22:42].sum((1, 2))  # the central 20 x 20 px
+        ug.append(-2.5 * np.log10(ap[0] / ap[1]))
+        iz.append(-2.5 * np.log10(ap[3] / ap[4]))
+    ug, iz = np.array(ug), np.array(iz)
+    ssfr = (cat.sfr_tot_p50 - cat.lgm_tot_p50).to_numpy()
+    low = ssfr < np.median(ssfr)
+    assert np.median(ug[low]) > np.median(ug[~low]) + 0.1  # quenched-ward galaxies are redder in u - g
+    assert np.corrcoef(ug, ssfr)[0, 1] < -0.7
+    assert np.corrcoef(ug, drawn["_ug"])[0, 1] > 0.9 and np.corrcoef(iz, drawn["_iz"])[0, 1] > 0.8
+    assert 0.8 < np.median(ug) < 2.0 and 0.05 < np.median(iz) < 0.45
+
+
+def test_fits_reproducible_whatever_workers(fits_surveys):
+    assert tree_digest(fits_surveys / "ugriz") == tree_digest(fits_surveys / "ugriz2")
+
+
+@pytest.mark.parametrize("args,says", [
+    (("--bands", "ugriz"), "--bands must be gri"),  # jpeg is RGB from g, r, i
+    (("--format", "fits", "--bands", "ugx"), "letters of ugriz"),
+    (("--format", "fits", "--bands", "irg"), "in that order"),
+    (("--format", "fits", "--bands", "gg"), "distinct"),
+    (("--format", "fits", "--bands", ""), "letters of ugriz"),
+    (("--format", "png"), "png"),
+])
+def test_bad_format_or_bands(tmp_path, args, says):
+    res = run_cli("synth", tmp_path / "o", "--n", 4, "--size", 64, *args, ok=False)
+    assert res.exit_code != 0 and says in res.output
+    # one line; click's own choice check adds its usage lines
+    assert "png" in args or len(res.output.strip().splitlines()) == 1, res.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_fits_without_astropy_says_how_to_get_it(tmp_path, monkeypatch):
+    import sys
+
+    for mod in ("astropy", "astropy.io", "astropy.io.fits"):
+        monkeypatch.setitem(sys.modules, mod, None)  # `import astropy...` raises ImportError
+    res = run_cli("synth", tmp_path / "o", "--n", 4, "--size", 64, "--format", "fits", ok=False)
+    assert res.exit_code != 0 and len(res.output.strip().splitlines()) == 1
+    assert "needs astropy: pip install 'fastgal[fits]'" in res.output
+    assert not (tmp_path / "o").exists()
+    run_cli("synth", tmp_path / "j", "--n", 4, "--size", 64, "--quiet")  # JPEG surveys never need it
+
+
+def test_observable_reference_per_band_set():
+    """Every band set synth writes has a reference; gri's is today's, and the ugriz one agrees within 0.01 dex
+    with a fresh estimate (another draw and seed, a smaller model), as gri's does above."""
+    from itertools import combinations
+
+    from fastgal.floor import OBSERVABLE_REFERENCE, VISIBLE, floor_stats, observable_reference, reference_for, visible_names
+
+    sets = {"".join(c) for k in range(1, 6) for c in combinations("ugriz", k)}
+    assert {reference_for(b)["bands"] for b in sets} == sets
+    assert visible_names("gri") == VISIBLE and reference_for("gri")["rmse"] == OBSERVABLE_REFERENCE["rmse"]
+    assert visible_names("ugriz")[:5] == ["petroMag_r", "u_g", "g_r", "r_i", "i_z"]
+    cat = make_catalog(20_000, seed=2024)
+    assert floor_stats(cat, 2, 0.066)["observable_reference_rmse"] == OBSERVABLE_REFERENCE["rmse"]  # old callers
+    ref = floor_stats(cat, 2, 0.066, "ugriz")["observable_reference"]
+    assert abs(ref["rmse"] - observable_reference(cat, max_iter=150, seed=1, bands="ugriz")) < 0.01

@@ -137,3 +137,11 @@ def test_wheelhouse_user_errors(tmp_path):
         res = subprocess.run([sys.executable, str(ROOT / "tools" / "wheelhouse.py"), *argv], capture_output=True, text=True)
         assert res.returncode == 2 and needle in res.stderr, res.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_astropy_only_with_fits():
+    """FITS shards hold raw arrays: a box that trains never needs astropy, so it joins the wheels only when asked."""
+    plain, box = wheelhouse.plan("3.12")
+    fits, _ = wheelhouse.plan("3.12", fits=True)
+    assert "astropy" not in plain and "pyerfa" not in plain
+    assert {"astropy", "pyerfa"} <= set(fits) and set(plain) <= set(fits) and "numpy" in box

@@ -12,6 +12,8 @@ checkout. What is left out:
     matplotlib, pillow, click, requests) and everything those require;
   - spaCy, which fastai requires for fastai.text only: fastgal never imports it, and with its compiled
     dependencies it would double the size;
+  - astropy (fastgal's `fits` extra: FITS cutouts for synth, shard and predict), unless --with-fits (+13 MiB): a
+    box that trains on shards never needs it, since FITS shards hold raw float arrays;
   - DALI, unless --with-dali: ~250 MB of wheels, written as OUT/dali/dali.tar in parts of --part-mib MiB
     (each with its sha256 in OUT/dali/SHA256SUMS) so that each fits one transfer; OUT/dali/join.sh checks and
     joins them and unpacks the wheels into OUT.
@@ -76,10 +78,13 @@ def closure(names, stop=frozenset(), python: str = "3.12") -> dict[str, str | No
     return seen
 
 
-def plan(python: str) -> tuple[dict[str, str], list[str]]:
-    """(name -> version to download, names a box has anyway)."""
+FITS = ["astropy"]  # the `fits` extra
+
+
+def plan(python: str, fits: bool = False) -> tuple[dict[str, str], list[str]]:
+    """(name -> version to download, names a box has anyway); fits: with the `fits` extra's closure."""
     box = closure(BOX, python=python)
-    need = closure(["fastgal"], stop=frozenset(box) | NEVER | {norm(d) for ds in DALI.values() for d in ds}, python=python)
+    need = closure(["fastgal", *(FITS if fits else [])], stop=frozenset(box) | NEVER | {norm(d) for ds in DALI.values() for d in ds}, python=python)
     missing = sorted(n for n, v in need.items() if v is None)
     if missing:
         raise SystemExit(f"wheelhouse: {', '.join(missing)} not installed here; run from fastgal's venv (make venv)")
@@ -92,8 +97,11 @@ def pip(*args) -> None:
 
 
 def download(specs: list[str], out: Path, python: str, platform: str) -> None:
+    # pip takes --platform literally: the older manylinux2014 (glibc 2.17) tag too, which a glibc 2.28 box runs
+    # (pyerfa, astropy's, ships only that)
+    older = ["--platform", platform.replace("manylinux_2_28", "manylinux2014")] if "manylinux_2_28" in platform else []
     pip("download", "--quiet", "--no-deps", "--only-binary=:all:", "--python-version", python, "--platform", platform,
-        "--dest", str(out), *specs)
+        *older, "--dest", str(out), *specs)
 
 
 def sha256(path: Path) -> str:
@@ -156,6 +164,7 @@ def main(argv=None) -> int:
     ap.add_argument("--platform", default="linux-x86_64", choices=sorted(PLATFORMS), help="the box's platform")
     ap.add_argument("--with-dali", choices=sorted(DALI), help="also DALI's stack for this CUDA major, in parts")
     ap.add_argument("--part-mib", type=int, default=60, help="size of each DALI part, MiB [60]")
+    ap.add_argument("--with-fits", action="store_true", help="also astropy (FITS cutouts: synth, shard, predict on .fits)")
     ap.add_argument("--json", action="store_true", help="the result as JSON on stdout")
     a = ap.parse_args(argv)
     if a.out.exists() and any(a.out.iterdir()):
@@ -164,7 +173,7 @@ def main(argv=None) -> int:
         ap.error(f"--python {a.python!r}: give major.minor[.patch], e.g. 3.12 or 3.12.3")
     a.out.mkdir(parents=True, exist_ok=True)
     platform = PLATFORMS[a.platform]
-    need, box = plan(a.python)
+    need, box = plan(a.python, fits=a.with_fits)
     with tempfile.TemporaryDirectory() as tmp:  # fastgal from a copy, so the build leaves nothing in the checkout
         src = Path(tmp) / "fastgal"
         shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".venv", ".git", "build", "*.egg-info", "__pycache__",
