@@ -357,11 +357,12 @@ def download(as_json, **kw):
 @cli.command()
 @options(PredictConfig, json_help="Print a summary as JSON.")
 def predict(as_json, **kw):
-    """Apply a trained run to a shard folder or a folder of JPEG cutouts.
+    """Apply a trained run to a shard folder or a folder of cutouts.
 
+    A folder holds {id}.jpg cutouts, or {id}.fits for a model trained on FITS bands.
     Writes a CSV with one row per input: id, predictions (pred_<target>, pred_tta_<target> with
     --tta), sigma_<target> from a --head gaussian model, sigma_tta_<target> (the 8 views' spread)
-    with --tta, the true values when the shards have them, and for JPEG folders a status/reason
+    with --tta, the true values when the shards have them, and for a folder of cutouts a status/reason
     for files that could not be used. On shards it reports the calibration of each sigma.
 
     Example:

@@ -87,7 +87,7 @@ def reference_for(bands: str = "gri") -> dict:
     """The observable reference of a band set (letters of ugriz, any order): OBSERVABLE_REFERENCE with
     the set's rmse from OBSERVABLE_REFERENCES, its bands and its visible features."""
     key = "".join(b for b in "ugriz" if b in bands)
-    if key not in OBSERVABLE_REFERENCES:
+    if key not in OBSERVABLE_REFERENCES or not set(bands) <= set("ugriz"):
         raise ValueError(f"no observable reference for bands {bands!r}: they must be letters of ugriz")
     return {**OBSERVABLE_REFERENCE, "rmse": OBSERVABLE_REFERENCES[key], "bands": key, "visible": visible_names(key)}
 

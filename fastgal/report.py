@@ -23,8 +23,8 @@ def format_metrics(m: dict) -> str:
         lines += calibration_lines(v, f"{t}: ")
     if m.get("floor"):
         f = m["floor"]
-        lines.append(f"synthetic survey: observable reference RMSE {f['observable_reference_rmse']:.4f} dex (what the "
-                     f"images show), latent floor {f['floor_rmse']:.4f} dex (an oracle knowing mass and SFR)")
+        lines.append(f"synthetic survey: observable reference RMSE {f['observable_reference_rmse']:.4f} dex (what "
+                     f"{f.get('observable_reference', {}).get('bands', 'gri')} images show), latent floor {f['floor_rmse']:.4f} dex (an oracle knowing mass and SFR)")
     lines.append(f"{plural(m['epochs'], 'epoch')} in {m['fit_seconds']:.1f}s, {m['train_images_per_s']:.0f} train images/s "
                  f"({m['device']}, {m['precision']}, {m['loader_backend']} loader, "
                  f"{'decode on ' if not m['loader_decode'].startswith('no decode') else ''}{m['loader_decode']}"

@@ -97,12 +97,23 @@ class Setup:
 
 
 def synth_floor(manifest: dict) -> dict | None:
-    """The survey's accuracy references (floor.py) when the shards were made from `fastgal synth` output."""
+    """The survey's accuracy references (floor.py) when the shards were made from `fastgal synth` output.
+    The observable reference is that of the bands the shards hold (gri for JPEGs): gri shards of a ugriz
+    survey are judged against what g, r and i show, not against the survey's five bands."""
     meta = Path(manifest.get("source", {}).get("catalog", "")).parent.parent / "synth.json"
     try:
-        return json.loads(meta.read_text())["floor"] if meta.is_file() else None
+        floor = json.loads(meta.read_text())["floor"] if meta.is_file() else None
     except (ValueError, KeyError):
         return None
+    bands = "".join(manifest.get("image", {}).get("bands") or "gri")
+    if floor and floor.get("observable_reference", {}).get("bands", "gri") != bands:
+        from .floor import reference_for
+        try:
+            ref = reference_for(bands)
+        except ValueError:  # bands synth cannot write: no reference to judge them by
+            return None
+        floor = {**floor, "observable_reference_rmse": ref["rmse"], "observable_reference": ref}
+    return floor
 
 
 def default_run_dir(shards: Path) -> Path:

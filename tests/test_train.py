@@ -440,3 +440,32 @@ def test_stderr_is_one_line_per_step_off_a_terminal_and_redraws_only_on_one(smal
     readme = " ".join(README.read_text().split())
     assert "whole lines (the preset, each stage, lr_find's start and result, one per epoch) whether or not" in readme
     assert "`FASTGAL_NO_DALI=1` is read by the test suite only" in readme
+
+
+def test_the_observable_reference_is_that_of_the_bands_the_shards_hold(tmp_path):
+    """gri shards of a ugriz survey are judged against what g, r, i show (0.1012), not the survey's five
+    bands (0.1009); JPEG shards are gri; bands synth cannot write have no reference to give."""
+    from fastgal.floor import reference_for
+    from fastgal.report import format_metrics
+    from fastgal.train import synth_floor
+
+    survey = tmp_path / "survey"
+    (survey / "data").mkdir(parents=True)
+    ref = reference_for("ugriz")
+    (survey / "synth.json").write_text(json.dumps({"floor": {
+        "observable_reference_rmse": ref["rmse"], "observable_reference": ref, "floor_rmse": 0.08}}))
+    source = {"catalog": str(survey / "data" / "master.csv")}
+
+    def floor(bands):
+        return synth_floor({"source": source, "image": {"bands": bands} if bands else {}})
+
+    assert floor(list("ugriz"))["observable_reference_rmse"] == ref["rmse"] == 0.1009
+    gri = floor(["g", "r", "i"])
+    assert (gri["observable_reference_rmse"], gri["observable_reference"]["bands"]) == (0.1012, "gri")
+    assert gri["floor_rmse"] == 0.08  # the latent floor does not depend on what the images show
+    assert floor(None)["observable_reference"]["bands"] == "gri"  # JPEG shards
+    assert floor(["Ha", "r"]) is None
+    line = format_metrics({"targets": {}, "floor": gri, "epochs": 1, "fit_seconds": 1.0, "train_images_per_s": 1.0,
+                           "device": "cpu", "precision": "fp32", "loader_backend": "torch",
+                           "loader_decode": "no decode", "best_epoch": 1})
+    assert "0.1012 dex (what gri images show)" in line
