@@ -29,7 +29,7 @@ Backends choose only how bytes become tensors:
   "auto"  - pick_backend: DALI on a GPU where installed, else batched; on a CPU the fastest measured there.
 Float shards (FITS bands) take the same backends and draws: nothing to decode, the (bands, H, W) arrays are
 read from the tars as they are (float16 goes to the GPU as float16), then the same geometry, the stretch
-(asinh per band, geometry_for) and the normalisation.
+(asinh per band, preprocess.geometry_for) and the normalisation.
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ from .decode import decode_batch, decoder
 from .geometry import CENTRE, TRAIN, Geometry, View, check_view, norm_tensors, stretch_tensor, transform, transform_batch
 from .manifest import Shards, Split
 from .order import EpochPlan, file_order
+from .preprocess import geometry_for
 from .util import default_workers
 
 
@@ -427,70 +428,6 @@ class _Batched:
         finally:
             stop.set()
             worker.join()
-
-
-STRETCHES = ("auto", "asinh", "none")
-STRETCH_SAMPLE = 512  # training cutouts the stretched statistics are measured on
-
-
-def resolve_stretch(shards: Shards, stretch: str = "auto", softening=None) -> list[float] | None:
-    """The asinh softening per band (None: no stretch) for float shards: auto = what the manifest declares;
-    asinh = with `softening` or the manifest's; none = the fluxes as they are."""
-    if stretch not in STRETCHES:
-        raise ValueError(f"--stretch must be one of {', '.join(STRETCHES)}, got {stretch!r}")
-    if shards.kind != "float":
-        if stretch == "asinh" or softening:
-            raise ValueError(f"--stretch and --softening apply to shards of FITS bands; {shards.folder} holds JPEGs "
-                             "(their stretch was applied by SkyServer)")
-        return None
-    if stretch == "none":
-        return None
-    declared = (shards.stretch or {}).get("softening")
-    soft = list(map(float, softening)) if softening else declared
-    if soft is None or len(soft) != shards.channels or not all(v > 0 for v in soft):
-        raise ValueError(f"--softening needs one positive value per band ({','.join(shards.bands)}), got {soft}; "
-                         "or leave it out to use the manifest's (each band's sky noise)")
-    return soft
-
-
-def stretched_stats(split: Split, crop: int, precropped: bool, softening) -> tuple[list[float], list[float]]:
-    """Per-band mean and std of asinh(flux / softening) over the centre crop region of up to STRETCH_SAMPLE
-    training cutouts spread evenly over the split: the normalisation after the stretch (the manifest has the
-    raw fluxes' statistics; a stretch chosen at training time needs its own, measured once here)."""
-    n = len(split)
-    pos = np.unique(np.linspace(0, n - 1, min(n, STRETCH_SAMPLE)).round().astype(int))
-    inv = 1.0 / np.asarray(softening, np.float64)[:, None, None]
-    s = ss = 0.0
-    for i in pos:
-        a = split.image(int(i)).astype(np.float64)
-        if not precropped:
-            t, l = int(round((a.shape[1] - crop) / 2.0)), int(round((a.shape[2] - crop) / 2.0))
-            a = a[:, t:t + crop, l:l + crop]
-        v = np.arcsinh(a * inv)
-        s, ss = s + v.sum((1, 2)), ss + (v * v).sum((1, 2))
-    npix = len(pos) * crop * crop
-    mean = s / npix
-    return mean.tolist(), np.sqrt(np.maximum(ss / npix - mean * mean, 0)).tolist()
-
-
-def geometry_for(shards: Shards, *, size: int, crop: int | None = None, mean=None, std=None, stretch: str = "auto",
-                 softening=None) -> Geometry:
-    """The geometry of a shard folder's images: crops drawn from the region the shards were made for
-    (checked against `crop`), normalised with their pixel statistics unless mean/std say otherwise (a
-    trained model passes its own, so new data is normalised like its training data). Float shards: the
-    stretch (resolve_stretch) before the normalisation, whose statistics are then the stretched values'."""
-    region = shards.precrop or shards.crop(crop)
-    side = min(shards.image_size)
-    if size > region or region > side:
-        raise ValueError(f"crop sizes do not fit: image {side}px, region {region}px, model input {size}px")
-    soft = resolve_stretch(shards, stretch, softening)
-    if mean is None:
-        if soft is None:
-            mean, std = shards.pixel_mean, shards.pixel_std
-        else:
-            mean, std = stretched_stats(shards.split("train"), region, bool(shards.precrop), soft)
-    return Geometry(size=size, crop=region, precropped=bool(shards.precrop), mean=list(mean), std=list(std),
-                    softening=soft)
 
 
 def dataloaders(shards, *, bs: int = RECIPE.bs, size: int = RECIPE.size, crop: int | None = None, device="cpu",

@@ -33,7 +33,8 @@ from .diagnostics import calibration, summarise
 from .geometry import CENTRE, TTA_VIEWS, Geometry, transform
 from .heads import split as split_heads
 from .heads import view_stats
-from .loaders import Loader, geometry_for, thread_budget, worker_context
+from .loaders import Loader, thread_budget, worker_context
+from .preprocess import geometry_for
 from .manifest import Shards, Split
 from .util import write_bytes_atomic
 

@@ -49,7 +49,8 @@ from .device import resolve_device, resolve_precision
 from .diagnostics import calibration, summarise
 from .env import versions
 from .learner import make_learner
-from .loaders import dataloaders, resolve_stretch, thread_budget
+from .loaders import dataloaders, thread_budget
+from .preprocess import resolve_stretch
 from .manifest import Shards
 from .model import make_model
 from .plots import coverage_plot, loss_curves, lr_find_plot, mzr_plot, pred_vs_true, residuals

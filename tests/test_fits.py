@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import csv
-import io
 import json
 import tarfile
 
@@ -16,7 +15,8 @@ from PIL import Image
 
 from conftest import run_cli
 from fastgal.geometry import CENTRE, TRAIN
-from fastgal.loaders import Loader, dataloaders, geometry_for
+from fastgal.loaders import Loader, dataloaders
+from fastgal.preprocess import geometry_for
 from fastgal.manifest import Shards
 from fastgal.shards import FITS_ONLY, JPEG_ONLY, REASONS
 

@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 
 from fastgal.geometry import CENTRE, TRAIN, Geometry
-from fastgal.loaders import Loader, dataloaders, geometry_for, thread_budget, worker_context
+from fastgal.loaders import Loader, dataloaders, thread_budget, worker_context
+from fastgal.preprocess import geometry_for
 from fastgal.manifest import Shards
 
 GEOM = dict(size=56, crop=72)

@@ -14,7 +14,8 @@ from PIL import Image
 from conftest import run_cli
 from fastgal.checkpoint import inference_settings
 from fastgal.geometry import CENTRE
-from fastgal.loaders import Loader, geometry_for
+from fastgal.loaders import Loader
+from fastgal.preprocess import geometry_for
 from fastgal.manifest import Shards
 from fastgal.cutouts import ImageRules
 from fastgal.predictions import _Files
