@@ -231,7 +231,7 @@ def test_fits_r_band_is_calibrated(fits_surveys):
 def test_fits_gri_planes_are_the_jpeg_surveys_galaxies(fits_surveys):
     """The FITS g, r, i planes, stretched and encoded like the JPEG survey, give its bytes exactly; asking for
     u and z changes no g, r, i pixel; the catalog is the same file."""
-    from fastgal.synth import _lupton_rgb, encode_jpeg
+    from fastgal.render import _lupton_rgb, encode_jpeg
 
     jp, ug, gri = fits_surveys / "jpeg", fits_surveys / "ugriz", fits_surveys / "gri"
     assert (jp / "data/master.csv").read_bytes() == (ug / "data/master.csv").read_bytes() == (gri / "data/master.csv").read_bytes()
