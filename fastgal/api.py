@@ -19,11 +19,12 @@ from .config import RECIPE, PredictConfig
 
 
 def recipe_learner(dls, *, arch: str = RECIPE.arch, head: str = "rmse", opt: str = "ranger", precision: str = "auto",
-                   channels_last: bool | None = None, path=None, compile: bool = False):
+                   channels_last: bool | None = None, path=None, compile: bool | str = False):
     """The seed recipe's fastai Learner over `dls` (fastgal.dataloaders'): `arch`(n_out, sa=True,
     act_cls=Mish) with an output layer that denormalises to the shards' target scale, ranger, RMSE loss and
     a per-target RMSE metric, fastai's progress bars. On a GPU: bf16 (fp16 where bf16 is missing) and
-    channels-last, as `fastgal train` runs it.
+    channels-last, as `fastgal train` runs it. `compile`: True, or torch.compile's mode ("reduce-overhead"
+    replays each step as a CUDA graph on a GPU).
 
     Example:
         learn = fastgal.recipe_learner(dls, arch="xresnet18")

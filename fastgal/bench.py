@@ -11,7 +11,9 @@ Five sections; loaders, model, e2e and shuffle read the same shards, batch size 
            recipe did (CropPad 144 -> RandomCrop 112 item tfms, dihedral + rotate batch tfms, Normalize).
            Ratios are against that peer ("fastai"), or against the torch fallback when the JPEGs are gone.
   model    forward + backward + optimiser step of the learner's model through the same fastai fit loop,
-           on one synthetic batch reused on the device: the rate the data path has to feed.
+           on one synthetic batch reused on the device: the rate the data path has to feed. With --compile,
+           the eager model too, then the compiled one (--compile-mode; reduce-overhead = CUDA graphs on a GPU):
+           their ratio and the first step's seconds (tracing, compiling, recording).
   e2e      a short fit (a set number of batches, validation skipped) of the real Learner with each loader;
            images/s, the ratio to the peer, and data_bound_fraction = e2e images/s / model images/s
            (1.0: the data path keeps up with the model; 0.3: the model waits 70% of the time).
@@ -234,6 +236,8 @@ def bench(cfg: BenchConfig) -> dict:
     what = parse_what(cfg.what)
     if min(cfg.batches, cfg.bs, cfg.repeats) < 1 or cfg.warmup < 0:
         raise ValueError("--batches, --bs and --repeats must be >= 1 and --warmup >= 0")
+    if cfg.compile_mode != "default" and not cfg.compile:
+        raise ValueError(f"--compile-mode {cfg.compile_mode} applies to a compiled model: add --compile")
     step_only = what == ["step"] and not (Path(cfg.shards) / "manifest.json").is_file()  # the step section needs no shards
     shards = None if step_only else Shards(cfg.shards)  # one-line ValueError on a bad folder
     crop = shards.crop(cfg.crop) if shards else None
@@ -300,10 +304,10 @@ def bench(cfg: BenchConfig) -> dict:
         from fastai.data.core import DataLoaders
 
         with tempfile.TemporaryDirectory(prefix="fastgal-bench-") as tmp:
-            def learner(dls):
+            def learner(dls, compile=cfg.compile and cfg.compile_mode):
                 learn = make_learner(dls, make_model(cfg.arch, len(targets), tmean, tstd), targets=targets,
                                      path=Path(tmp), precision=precision, channels_last=device.type == "cuda",
-                                     quiet=True, opt=cfg.opt, compile=cfg.compile)
+                                     quiet=True, opt=cfg.opt, compile=compile)
                 learn.metrics = []  # validation is skipped anyway
                 return learn
 
@@ -312,9 +316,21 @@ def bench(cfg: BenchConfig) -> dict:
             y = torch.tensor(tmean, device=device).repeat(cfg.bs, 1) + 0.1 * torch.randn(cfg.bs, len(targets), device=device)
             syn = DataLoaders(SyntheticLoader(x, y, cfg.warmup + cfg.batches), SyntheticLoader(x, y, 1),
                               path=tmp, device=device)
-            rates = time_fit(learner(syn), name=cfg.arch, section="model", **window)
-            out["model"] = {"arch": cfg.arch, "precision": precision, "batch_shape": [cfg.bs, 3, cfg.size, cfg.size],
-                            **_stats(rates)}
+            model = {"arch": cfg.arch, "precision": precision, "batch_shape": [cfg.bs, 3, cfg.size, cfg.size]}
+            if cfg.compile:  # the same model eager and compiled, in this run: their ratio is the claim
+                eager = _stats(time_fit(learner(syn, compile=False), name=f"{cfg.arch} eager", section="model", **window))
+                learn = learner(syn)
+                t0 = time.perf_counter()  # tracing and compiling (and with reduce-overhead recording a CUDA graph)
+                time_fit(learn, batches=1, warmup=0, repeats=1, device=device)
+                first = time.perf_counter() - t0
+                log(f"  model {cfg.arch} compiled ({cfg.compile_mode}): first step {first:.1f} s")
+                rates = time_fit(learn, name=f"{cfg.arch} compiled ({cfg.compile_mode})", section="model", **window)
+                model["compiled"] = {"mode": cfg.compile_mode, "first_step_seconds": round(first, 2), "eager": eager,
+                                     "x_eager": round(max(rates) / eager["images_per_s"], 3),
+                                     "cuda_graphs": cfg.compile_mode == "reduce-overhead" and device.type == "cuda"}
+            else:
+                rates = time_fit(learner(syn), name=cfg.arch, section="model", **window)
+            out["model"] = {**model, **_stats(rates)}
             if "e2e" in what:
                 res = {}
                 with _quiet_fastai():
@@ -380,6 +396,11 @@ def format_table(res: dict) -> str:
         m = res["model"]
         lines += ["", f"model: {m['arch']} forward + backward + step on synthetic {tuple(m['batch_shape'])} batches, "
                       f"{m['precision']}", f"  {m['images_per_s']:,.1f} images/s (the most any data path can feed)"]
+        if "compiled" in m:
+            k = m["compiled"]
+            lines.append(f"  compiled ({k['mode']}{', CUDA graphs' if k['cuda_graphs'] else ''}): {k['x_eager']:.2f}x "
+                         f"the eager model's {k['eager']['images_per_s']:,.1f} images/s; first step (compiling) "
+                         f"{k['first_step_seconds']:.1f} s")
     if "e2e" in res:
         e = res["e2e"]
         block(f"e2e: Learner.fit ({res['config']['arch']}) with each loader; fraction = e2e / model images/s",

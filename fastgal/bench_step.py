@@ -19,7 +19,7 @@ from __future__ import annotations
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -260,10 +260,10 @@ def bench_step(cfg: BenchConfig, *, device: torch.device, precision: str, target
                               channels_last=device.type == "cuda")
                 if name == PEER:
                     if cfg.compile:
-                        model.compile()
+                        model.compile(mode=cfg.compile_mode)
                     learn = stock_learner(dls(1), model, **common)
                 else:
-                    learn = make_learner(dls(1), model, quiet=True, compile=cfg.compile, opt=cfg.opt, **common)
+                    learn = make_learner(dls(1), model, quiet=True, compile=cfg.compile and cfg.compile_mode, opt=cfg.opt, **common)
                 learn.create_opt()  # fit_one_cycle keeps it: the probe wraps this optimizer's zero_grad
                 learners[name], probes[name] = learn, _StepProbe(learn)
             monitor = f"rmse_{targets[0]}"
@@ -285,8 +285,11 @@ def bench_step(cfg: BenchConfig, *, device: torch.device, precision: str, target
                     log(f"  step {name}: repeat {r + 1}/{cfg.repeats} "
                         f"{windows[name][-1]['seconds'] / cfg.batches * 1e3:.2f} ms/step")
             results = {}
+            # the counting mode runs the model's ops one by one: with --compile, say so to dynamo (force_eager)
+            # rather than let it recompile each block under the mode until its recompile limit
             for name, learn in learners.items():
-                c = run(name, COUNT_STEPS, count=True)
+                with torch.compiler.set_stance("force_eager") if cfg.compile else nullcontext():
+                    c = run(name, COUNT_STEPS, count=True)
                 results[name] = _step_figures(windows[name], c, cfg.batches, learn, STEP_CONFIGS[name], cfg)
             learn = learners["fastgal"]
             n_tensors = len(list(learn.model.parameters()))

@@ -91,7 +91,11 @@ HEADS = ["rmse", "gaussian"]
 OPT_HELP = ("ranger: fastai's ranger computed over flat buffers, ~12 tensor ops a step (the same results); "
             "fastai-ranger: fastai's own, ~20 per parameter tensor.")
 COMPILE_HELP = ("torch.compile the model (off by default; on a GPU, measure it first with "
-                "`fastgal bench --what model,step --compile`).")
+                "`fastgal bench --what model --compile --compile-mode reduce-overhead`).")
+COMPILE_MODES = ["default", "reduce-overhead", "max-autotune"]
+COMPILE_MODE_HELP = ("torch.compile's mode with --compile: reduce-overhead replays each step as a CUDA graph "
+                     "(one launch instead of hundreds: the host cost fastgal is bound by on a GPU); on a CPU it "
+                     "compiles as default.")
 
 
 @dataclass
@@ -189,6 +193,7 @@ class TrainConfig:
     resume: bool = option(False, "Continue the interrupted run in --out from its last finished epoch (same settings).")
     quiet: bool = option(False, QUIET, short="-q")
     compile: bool = option(False, COMPILE_HELP)
+    compile_mode: str = option("default", COMPILE_MODE_HELP, choices=COMPILE_MODES)
     opt: str = option("ranger", OPT_HELP, choices=OPTIMIZERS)
 
     def resolved(self, gpu: bool, crop: int) -> "TrainConfig":
@@ -295,6 +300,7 @@ class BenchConfig:
     catalog: Path | None = option(None, "Catalog CSV for the fastai peer [default: the manifest's source.catalog].")
     seed: int = option(42)
     quiet: bool = option(False, QUIET, short="-q")
-    compile: bool = option(False, COMPILE_HELP)
+    compile: bool = option(False, COMPILE_HELP + " The model section then times the eager model too, in the same run.")
+    compile_mode: str = option("default", COMPILE_MODE_HELP, choices=COMPILE_MODES)
     opt: str = option("ranger", "Optimizer of fastgal's learner in every section (the step section's peer is always "
                    "fastai's ranger).", choices=OPTIMIZERS)

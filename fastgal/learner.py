@@ -33,19 +33,20 @@ from .ranger import optimizer
 
 
 def make_learner(dls, model: nn.Module, *, targets: list[str], path, precision: str = "fp32",
-                 channels_last: bool = False, quiet: bool = False, opt: str = "ranger", compile: bool = False,
+                 channels_last: bool = False, quiet: bool = False, opt: str = "ranger", compile: bool | str = False,
                  head: str = "rmse", progress: str = "stderr") -> FastgalLearner:
     """The seed's Learner around `model` (model.make_model's) with fastgal's callbacks. It writes no files:
     train adds the best-epoch weights and the epoch checkpoint (which holds the history rows).
 
     opt: 'ranger' (fastgal's flat-buffer Ranger) or 'fastai-ranger' (fastai's own).
-    compile: torch.compile the model in place (nn.Module.compile: state_dict keys are unchanged).
+    compile: torch.compile the model in place (nn.Module.compile: state_dict keys are unchanged); True, or
+    torch.compile's mode ("default", "reduce-overhead": CUDA graphs on a GPU, "max-autotune").
     head "gaussian": Gaussian NLL loss; the metrics stay the RMSE of the means (columns 0..k-1).
     progress: "stderr" (the commands: a line per epoch on stderr, nothing on stdout) or "fastai" (fastai's
     own bars and table, as a notebook shows them: the public API's recipe_learner).
     """
     if compile:
-        model.compile()
+        model.compile(mode=compile if isinstance(compile, str) else "default")
     loss = heads.gaussian_nll if head == "gaussian" else rmse_loss
     learn = FastgalLearner(dls, model, loss_func=loss, opt_func=optimizer(opt), metrics=target_metrics(targets),
                            path=path, model_dir=".")

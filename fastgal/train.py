@@ -159,6 +159,8 @@ def setup(cfg: TrainConfig) -> Setup:
     targets = _check_targets(cfg, shards)
     crop = shards.crop(cfg.crop)
     resolve_stretch(shards, cfg.stretch, cfg.softening)  # --stretch/--softening against the shards, before any work
+    if cfg.compile_mode != "default" and not cfg.compile:
+        raise ValueError(f"--compile-mode {cfg.compile_mode} applies to a compiled model: add --compile")
     device = resolve_device(cfg.device)
     given = cfg
     cfg = cfg.resolved(gpu=device.type == "cuda", crop=crop)  # --preset fills what was not given
@@ -275,7 +277,7 @@ def build_learner(s: Setup, dls):
                        c_in=dls.train.geometry.channels)
     learn = make_learner(dls, model, targets=s.targets, path=s.out, precision=s.precision,
                          channels_last=_channels_last(s), quiet=s.cfg.quiet or not s.writer, opt=s.cfg.opt,
-                         compile=s.cfg.compile, head=s.cfg.head)
+                         compile=s.cfg.compile and s.cfg.compile_mode, head=s.cfg.head)
     learn.add_cb(EpochSeed(dls.train.plan.aug_seed))
     if s.world > 1:
         learn.add_cb(DDP(s.device))

@@ -79,6 +79,8 @@ def test_bench_user_errors(small_shards, tmp_path):
     assert res.exit_code != 0 and "manifest.json" in res.output
     res = run_cli("bench", small_shards, "--images", tmp_path / "nope", *TINY, ok=False)
     assert res.exit_code != 0 and "--images" in res.output
+    res = run_cli("bench", small_shards, "--compile-mode", "reduce-overhead", *TINY, ok=False)
+    assert res.exit_code != 0 and "add --compile" in res.output
 
 
 def _imported(tree: ast.AST) -> set[str]:

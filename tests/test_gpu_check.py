@@ -13,7 +13,7 @@ import pytest
 from conftest import dali_importable
 
 TOOL = Path(__file__).resolve().parents[1] / "tools" / "gpu_check.py"
-STEPS = ["env", "data", "recipe", "bench", "predict", "peer", "decode", "equality", "short"]
+STEPS = ["env", "data", "recipe", "bench", "predict", "compile", "peer", "decode", "equality", "short"]
 
 
 def steps_of(out: Path) -> dict[str, dict]:
@@ -73,6 +73,10 @@ def test_dry_run_every_step(tmp_path):
         assert recs["peer"]["result"]["loader_backend"] == "batched"
     pred = recs["predict"]["result"]
     assert pred["n_jpegs"] == 16 and pred["valid_vs_predictions_valid_max_abs_dex"] <= 0.02
+    comp = recs["compile"]["result"]  # eager and compiled in one process; on a CPU no CUDA graphs
+    assert comp["mode"] == "reduce-overhead" and comp["cuda_graphs"] is False
+    assert comp["eager_images_per_s"] > 0 and comp["compiled_images_per_s"] > 0 and comp["first_step_seconds"] > 0
+    assert comp["compiled_x_eager"] == pytest.approx(comp["compiled_images_per_s"] / comp["eager_images_per_s"], rel=0.01)
 
 
 def test_the_timeouts_fit_the_budget(tmp_path):

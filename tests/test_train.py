@@ -95,6 +95,8 @@ def test_train_user_errors(small_shards, tmp_path):
     assert res.exit_code != 0 and "manifest.json" in res.output and len(res.output.strip().splitlines()) == 1
     res = run_cli("train", small_shards, "--out", tmp_path / "r", "--target", "oh_p84", ok=False)
     assert res.exit_code != 0 and "oh_p84" in res.output
+    res = run_cli("train", small_shards, "--out", tmp_path / "r", "--compile-mode", "reduce-overhead", ok=False)
+    assert res.exit_code != 0 and "add --compile" in res.output and not (tmp_path / "r").exists()
     if not torch.cuda.is_available():
         res = run_cli("train", small_shards, "--out", tmp_path / "r", "--device", "cuda", ok=False)
         assert res.exit_code != 0 and "GPU" in res.output
@@ -326,13 +328,14 @@ def test_compile_trains_the_same_run_folder(small_shards, small_run, tmp_path, m
     monkeypatch.setattr(torch.nn.Module, "compile", compile_eager)
     run = tmp_path / "compiled"
     run_cli("train", small_shards, "--out", run, "--epochs", 1, "--bs", 32, "--arch", "xresnet18", "--size", 56,
-            "--tta", "--quiet", "--compile")  # small_run's command + --compile
+            "--tta", "--quiet", "--compile", "--compile-mode", "reduce-overhead")  # small_run's + --compile (CUDA graphs on a GPU)
     a, b = small_run, run
     def written(r):  # test_predict adds predictions_<input>.csv to the shared small_run
         return sorted(p.name for p in r.iterdir() if not p.name.startswith("predictions_") or p.name.endswith("_valid.csv"))
 
     assert written(a) == written(b) and "model.pt" in written(b)
-    assert json.loads((b / "config.json").read_text())["compile"] is True and compiled == ["Sequential"]
+    config = json.loads((b / "config.json").read_text())
+    assert config["compile"] is True and config["compile_mode"] == "reduce-overhead" and compiled == ["Sequential"]
     wa, wb = (torch.load(r / "model.pt", weights_only=False)["state_dict"] for r in (a, b))
     assert list(wa) == list(wb)  # no "_orig_mod." prefix: predict reads it as any run
     pa, pb = (pd.read_csv(r / "predictions_valid.csv") for r in (a, b))

@@ -16,13 +16,15 @@ GPU box"). Steps, the most valuable answers first (each in its own subprocess(es
               epochs beside its 13.6 min on a P100; RMSE vs the mean, the observable reference and the floor
   3 bench     `fastgal bench --what step,model,loaders,e2e --device cuda`: every loader and fastai's peer
   4 predict   `fastgal predict` on the valid shards (= predictions_valid.csv) and on 500 JPEGs with --tta
-  5 peer      the recipe again with --loader batched where step 2 ran DALI (skipped without DALI)
-  6 decode    decode only, images/s: torch's batched decode (nvJPEG on CUDA; its pixels against the CPU's),
+  5 compile   `fastgal bench --what model --compile --compile-mode reduce-overhead`: the recipe's model eager,
+              then compiled with CUDA graphs, in one process: the ratio and the first step's seconds
+  6 peer      the recipe again with --loader batched where step 2 ran DALI (skipped without DALI)
+  7 decode    decode only, images/s: torch's batched decode (nvJPEG on CUDA; its pixels against the CPU's),
               and DALI `mixed` (GPU) vs DALI CPU where DALI is installed
-  7 equality  valid graph, the 8 TTA views, the train graph with the same draws: DALI GPU and CPU (where
+  8 equality  valid graph, the 8 TTA views, the train graph with the same draws: DALI GPU and CPU (where
               installed), the batched torch path (GPU and CPU), the torch worker path; |delta| p99/max and
               signed per-channel means in 0-255 units, targets identical, outputs on CUDA
-  8 short     one fp16 epoch (the loss must stay finite) and two epochs with `--loader torch`
+  9 short     one fp16 epoch (the loss must stay finite); the torch loader on the GPU is in step 3
 Verdicts: ok / fail / timeout / skipped, each with its reason. Exit status 1 when any step failed or
 timed out. Results: OUT holds three files, rewritten after every step so an outer limit leaves what was
 done: summary.json, summary.txt (the table) and steps.tar.gz (each step's JSON and log). The survey,
@@ -56,12 +58,13 @@ except ImportError:  # a checkout that is not installed: use it, and tell the su
 from fastgal.config import RECIPE  # noqa: E402
 from fastgal.util import atomic_path, write_bytes_atomic, write_json_atomic  # noqa: E402
 
-# the most valuable answers first: does it run, how fast is the recipe, how does it compare, does predict agree
-STEPS = ["env", "data", "recipe", "bench", "predict", "peer", "decode", "equality", "short"]
+# the most valuable answers first: does it run, how fast is the recipe, how does it compare, does predict agree,
+# does --compile with CUDA graphs pay
+STEPS = ["env", "data", "recipe", "bench", "predict", "compile", "peer", "decode", "equality", "short"]
 # Seconds per step on an H200 with 16 cores (estimates: no such machine has run this order yet), summing to
 # the --budget (330 s), so that a 15-minute device session can run the whole check twice with its start-up.
-TIMEOUTS = {"env": 15, "data": 40, "recipe": 90, "bench": 40, "predict": 25, "peer": 45, "decode": 15, "equality": 25,
-            "short": 30}
+TIMEOUTS = {"env": 10, "data": 30, "recipe": 90, "bench": 40, "predict": 20, "compile": 50, "peer": 40, "decode": 15,
+            "equality": 20, "short": 15}
 # the published recipe's job, which the recipe step projects its rates onto
 SEED_JOB = {"galaxies": 130_000, "epochs": RECIPE.epochs, "minutes_p100": 13.6}
 # every step of --dry-run: about 30 s of CPU each at most, but a 2-core machine shared with other jobs is slow
@@ -94,6 +97,7 @@ class Params:
     predict_tol: float = 0.02  # dex
     model_batches: int = 30  # the recipe step's model-only window (after model_warmup batches)
     model_warmup: int = 5
+    compile_mode: str = "reduce-overhead"  # torch.compile's CUDA graphs: one launch a step instead of ~540
     budget: float = 330.0
 
 
@@ -221,6 +225,27 @@ def step_bench(run: Runner, p: Params, work: Path) -> dict:
     return {"what": "step,model,loaders,e2e", "bench": run.fastgal(*args, "--what", "step,model,loaders,e2e")}
 
 
+def step_compile(run: Runner, p: Params, work: Path) -> dict:
+    """--compile measured where it matters: the recipe's model (fastgal bench's model section) eager, then
+    compiled with --compile-mode (reduce-overhead: each step replayed as a CUDA graph), in one process; the
+    ratio and the first step's seconds (tracing, compiling, recording). Its progress lines go to the log, so
+    a timeout still says how far it got."""
+    sh = shards_of(work)
+    args = ["bench", sh, "--what", "model", "--device", p.device, "--bs", p.bs, "--size", p.size, "--arch", p.arch,
+            "--batches", p.bench_batches, "--warmup", p.bench_warmup, "--repeats", p.bench_repeats,
+            "--compile", "--compile-mode", p.compile_mode]
+    try:
+        b = run.fastgal(*args)
+    except StepTimeout as e:
+        seen = [ln.strip() for ln in run.log.read_text().splitlines() if ln.strip().startswith("model ")]
+        raise StepTimeout(f"{e}; its last line: {seen[-1] if seen else 'none'}") from None
+    m = b["model"]
+    return {"mode": p.compile_mode, "cuda_graphs": m["compiled"]["cuda_graphs"], "arch": m["arch"],
+            "precision": m["precision"], "eager_images_per_s": m["compiled"]["eager"]["images_per_s"],
+            "compiled_images_per_s": m["images_per_s"], "compiled_x_eager": m["compiled"]["x_eager"],
+            "first_step_seconds": m["compiled"]["first_step_seconds"], "bench": b}
+
+
 def _check_recipe(res: dict, p: Params) -> dict:
     t = res["metrics"]
     if not all(math.isfinite(t.get(k, float("nan"))) for k in ("rmse", "tta_rmse")):
@@ -253,9 +278,8 @@ def step_short(run: Runner, p: Params, work: Path) -> dict:
     sh = shards_of(work)
     common = ["--bs", p.bs, "--arch", p.arch, "--size", p.size, "--device", p.device, "--quiet", "--overwrite"]
     prec = "fp16" if cuda(p) else "fp32"  # fp16 needs a GPU: the dry run checks the path in fp32
-    res = {}
-    for name, args in ((f"{prec}_epoch", ["--epochs", 1, "--precision", prec]),
-                       ("loader_torch", ["--epochs", 2, "--loader", "torch"])):
+    res = {}  # (the torch loader on a GPU is in the bench step's loaders and e2e)
+    for name, args in ((f"{prec}_epoch", ["--epochs", 1, "--precision", prec]),):
         m = run.fastgal("train", sh, "--out", work / f"run-{name}", *args, *common)
         hist = _history(work / f"run-{name}")
         losses = [float(h[k]) for h in hist for k in ("train_loss", "valid_loss")]
@@ -263,8 +287,6 @@ def step_short(run: Runner, p: Params, work: Path) -> dict:
                      "precision": m["precision"], "images_per_s": [float(h["images_per_s"]) for h in hist]}
         if not all(math.isfinite(v) for v in losses + [m["rmse"]]):
             raise StepError(f"{name}: a loss is not finite: {losses}", res)
-    if res["loader_torch"]["epochs"] != 2 or res["loader_torch"]["loader_backend"] != "torch":
-        raise StepError(f"--loader torch ran {res['loader_torch']}", res)
     return res
 
 
@@ -613,7 +635,7 @@ def work_peer(p: Params, work: Path) -> dict:
 
 WORKERS = {"decode": work_decode, "equality": work_equality, "recipe": work_recipe, "peer": work_peer}
 RUNNERS = {"env": step_env, "data": step_data, "recipe": step_recipe, "bench": step_bench, "predict": step_predict,
-           "peer": step_peer, "decode": step_decode, "equality": step_equality, "short": step_short}
+           "compile": step_compile, "peer": step_peer, "decode": step_decode, "equality": step_equality, "short": step_short}
 
 
 def worker_main(name: str, p: Params, out: Path) -> None:
@@ -690,6 +712,10 @@ def headline(rec: dict) -> str:
         b = r["bench"]
         e2e = ", ".join(f"{k} {v:.2f}" for k, v in b.get("e2e", {}).get("ratio_vs_baseline", {}).items())
         return f"model {b['model']['images_per_s']:,.0f} img/s; e2e x fastai: {e2e}"
+    if rec["name"] == "compile":
+        return (f"{r['arch']} {r['precision']}, --compile-mode {r['mode']}{' (CUDA graphs)' if r['cuda_graphs'] else ''}: "
+                f"{r['compiled_images_per_s']:,.0f} img/s = {r['compiled_x_eager']:.2f}x eager "
+                f"({r['eager_images_per_s']:,.0f}); first step {r['first_step_seconds']:.1f} s")
     if rec["name"] == "short":
         return "; ".join(f"{k}: {v['epochs']} epoch(s), losses finite, {max(v['images_per_s']):,.0f} img/s" for k, v in r.items())
     if rec["name"] == "predict":
