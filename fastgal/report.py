@@ -29,6 +29,7 @@ def format_metrics(m: dict) -> str:
                  f"({m['device']}, {m['precision']}, {m['loader_backend']} loader, "
                  f"{'decode on ' if not m['loader_decode'].startswith('no decode') else ''}{m['loader_decode']}"
                  + (f"; {m['arch']}, preset {m['preset']}" if m.get("preset") else "")
+                 + (f"; compiled ({m['compile']}): epoch 1 includes compiling" if m.get("compile") else "")
                  + f"); best epoch {m['best_epoch']} of {m['epochs']}")  # epochs count from 1, as the progress lines
     return "\n".join(lines)
 

@@ -423,7 +423,8 @@ def train(cfg: TrainConfig, cbs=()) -> dict:
     t0 = s.targets[0]
     metrics = {
         **{k: v for k, v in per_target[t0].items() if not isinstance(v, (list, dict))}, "target": t0, "targets": per_target, "head": s.cfg.head,
-        "floor": synth_floor(s.shards.manifest), "preset": s.cfg.preset, "arch": s.cfg.arch, "epochs": s.cfg.epochs,
+        "floor": synth_floor(s.shards.manifest), "preset": s.cfg.preset, "arch": s.cfg.arch,
+        "compile": s.cfg.compile and s.cfg.compile_mode, "epochs": s.cfg.epochs,
         "best_epoch": int(hist["epoch"].iloc[int(np.argmin(hist[s.monitor].values))]),  # counted from 1
         "fit_seconds": round(float(hist["seconds"].sum()), 2),  # every epoch's, whichever process ran it
         "n_train": len(dls.train.split), "n_valid": len(preds),
