@@ -4,6 +4,7 @@ cannot rot between the rare runs on a GPU machine."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -125,3 +126,16 @@ def test_the_work_folder_may_not_be_inside_the_results(tmp_path):
     res = subprocess.run([sys.executable, str(TOOL), str(tmp_path / "c"), "--dry-run", "--work", str(tmp_path / "c" / "w")],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 2 and "must not be OUT or inside it" in res.stderr and not (tmp_path / "c").exists()
+
+
+@pytest.mark.slow
+def test_a_compile_step_that_times_out_says_how_far_it_got(tmp_path):
+    """Compiling the recipe's model may outlast its 50 s estimate on the first GPU: the timeout's reason then
+    names the last progress line the bench reached (the eager rate, the first step), or says there was none."""
+    out = tmp_path / "check"
+    env = {**os.environ, "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1"}  # a cold compile, as on a fresh GPU box
+    res = subprocess.run([sys.executable, str(TOOL), str(out), "--dry-run", "--steps", "data,compile",
+                          "--timeout", "compile=15"], capture_output=True, text=True, timeout=600, env=env)
+    assert res.returncode == 1 and "FAILED" in res.stdout, res.stdout + res.stderr[-2000:]
+    rec = steps_of(out)["compile"]
+    assert rec["verdict"] == "timeout" and "still running at the step's timeout; its last line: " in rec["reason"], rec
