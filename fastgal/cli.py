@@ -13,6 +13,8 @@ User errors are ClickExceptions: one line, non-zero exit.
 from __future__ import annotations
 
 import json
+import signal
+import sys
 import typing
 import warnings
 from contextlib import contextmanager
@@ -22,8 +24,9 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .report import calibration_lines, format_info, format_metrics, info_summary
 from .config import PRESETS, BenchConfig, DemoConfig, DownloadConfig, PredictConfig, ShardConfig, SynthConfig, TrainConfig
+from .report import calibration_lines, format_info, format_metrics, info_summary
+from .util import stop_on_sigterm, terminated
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -331,8 +334,6 @@ def download(as_json, **kw):
         fastgal download data/sdss --limit 1000 --workers 4 --rate 4
         fastgal shard data/sdss/data/master.csv data/sdss/images shards/sdss
     """
-    import sys
-
     from .download import download as run_download
     from .skyserver import SkyServerError
 
@@ -444,7 +445,13 @@ def env(as_json):
 
 def main():  # console-script entry point
     quiet_dependency_warnings()
-    cli()
+    stop_on_sigterm()
+    try:
+        cli()
+    except SystemExit:
+        if terminated():  # whatever click or the command made of the unwinding: the shell's code for SIGTERM
+            sys.exit(128 + signal.SIGTERM)
+        raise
 
 
 if __name__ == "__main__":

@@ -43,7 +43,8 @@ def plain_file_mode() -> int:
 def atomic_path(path: str | os.PathLike, suffix: str = ".tmp"):
     """Yield a temporary sibling path; rename it onto `path` only if the block succeeds.
 
-    A crash or Ctrl-C leaves a `.name.*.tmp` file, never a file that looks finished. The file gets
+    An exception, Ctrl-C or SIGTERM removes the temp file; SIGKILL leaves it (`.name.*.tmp`), never a
+    file that looks finished. The file gets
     the mode a plain write would give (the umask's), not mkstemp's private 0600.
     """
     path = Path(path)
@@ -127,10 +128,45 @@ def default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM in a command's process: unwound as Ctrl-C is (see `stop_on_sigterm`)."""
+
+
+_terminated = False
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM (a batch scheduler's time limit, torchrun stopping the other ranks, `kill`) unwinds the command
+    as Ctrl-C does, instead of ending it where it stands: temporary folders (lr_find's weights), temp files of
+    atomic writes and loader workers are removed, and `download` writes its report. A forked worker that
+    inherits the handler dies as it would have without it; a second SIGTERM during the clean-up is ignored
+    (SIGKILL still ends everything). `terminated()` then says so, for the exit status 143."""
+    main = os.getpid()
+
+    def handler(signum, frame):
+        global _terminated
+        if os.getpid() != main:  # a forked worker (the shard pool): the default, as if never installed
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        if _terminated:
+            return
+        _terminated = True
+        print("fastgal: terminated (SIGTERM); cleaning up", file=sys.stderr, flush=True)
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def terminated() -> bool:
+    return _terminated
+
+
 def _quiet_worker() -> None:
     """Pool workers leave Ctrl-C to the parent (which reports and cleans up) and die quietly, without
-    a BrokenPipe traceback, when the parent is gone."""
+    a BrokenPipe traceback, when the parent is gone; the pool's own SIGTERM ends them at once."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if hasattr(signal, "SIGPIPE"):
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     # A SIGKILLed parent can leave a worker waiting forever on a queue lock that a sibling held when

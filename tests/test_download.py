@@ -395,8 +395,10 @@ def test_interrupt_leaves_consistent_state_and_resumes(httpserver_threaded, tmp_
 
 
 @pytest.mark.slow
-def test_ctrl_c_in_a_real_process(httpserver_threaded, tmp_path):
-    """SIGINT to `python -m fastgal download`: exit 130, a full report, no .part; then resume."""
+@pytest.mark.parametrize("sig, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_in_a_real_process(httpserver_threaded, tmp_path, sig, status):
+    """SIGINT (Ctrl-C) or SIGTERM (a scheduler's time limit, kill) to `python -m fastgal download`: exit 130 or
+    143, a full report, no .part; then resume."""
     names = [f"good{i % 3 + 1}" for i in range(30)]
     sky = FakeSkyServer(httpserver_threaded, names)
     slow, release = sky.cutout, threading.Event()
@@ -424,11 +426,11 @@ def test_ctrl_c_in_a_real_process(httpserver_threaded, tmp_path):
     while sky.cutout_requests() < 6 and time.monotonic() < deadline and p.poll() is None:
         time.sleep(0.02)
     assert sky.cutout_requests() >= 6, "the download made no progress in 60 s"
-    p.send_signal(signal.SIGINT)
+    p.send_signal(sig)
     time.sleep(0.5)  # the signal lands while requests are held, then they finish (or are abandoned)
     release.set()
     stdout, stderr = p.communicate(timeout=60)
-    assert p.returncode == 130, (stdout, stderr)
+    assert p.returncode == status, (stdout, stderr)
     rep = read_report(out)
     assert len(rep) == 30 and set(rep.status) <= {"ok", "interrupted"}
     assert 0 < (rep.status == "interrupted").sum() < 30

@@ -131,11 +131,15 @@ def test_the_work_folder_may_not_be_inside_the_results(tmp_path):
 @pytest.mark.slow
 def test_a_compile_step_that_times_out_says_how_far_it_got(tmp_path):
     """Compiling the recipe's model may outlast its 50 s estimate on the first GPU: the timeout's reason then
-    names the last progress line the bench reached (the eager rate, the first step), or says there was none."""
-    out = tmp_path / "check"
-    env = {**os.environ, "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1"}  # a cold compile, as on a fresh GPU box
+    names the last progress line the bench reached (the eager rate, the first step), or says there was none.
+    The step gets SIGTERM before SIGKILL, so the bench removes its temp folder."""
+    out, tmp = tmp_path / "check", tmp_path / "tmp"
+    tmp.mkdir()
+    # a cold compile, as on a fresh GPU box
+    env = {**os.environ, "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1", "TMPDIR": str(tmp)}
     res = subprocess.run([sys.executable, str(TOOL), str(out), "--dry-run", "--steps", "data,compile",
                           "--timeout", "compile=15"], capture_output=True, text=True, timeout=600, env=env)
     assert res.returncode == 1 and "FAILED" in res.stdout, res.stdout + res.stderr[-2000:]
     rec = steps_of(out)["compile"]
     assert rec["verdict"] == "timeout" and "still running at the step's timeout; its last line: " in rec["reason"], rec
+    assert not list(tmp.glob("fastgal-*")), sorted(tmp.glob("*"))

@@ -23,12 +23,13 @@ README = Path(__file__).parents[1] / "README.md"
 TRAIN = ("--epochs", "2", "--bs", "32", "--arch", "xresnet18", "--size", "32", "--quiet", "--workers", "1")
 
 
-def _train(shards, out, *extra, kill_at=None):
-    """`fastgal train` in a subprocess; kill_at=(epoch, batch): SIGKILLed right after that training batch
-    (tests/kill_after.py), a pre-emption at a point fixed in advance rather than a race with the clock."""
+def _train(shards, out, *extra, kill_at=None, env=None):
+    """`fastgal train` in a subprocess; kill_at=(epoch, batch[, "SIGTERM"]): SIGKILLed (or sent that signal)
+    right after that training batch (tests/kill_after.py), a pre-emption at a point fixed in advance rather
+    than a race with the clock."""
     cmd = [str(Path(__file__).with_name("kill_after.py")), *map(str, kill_at)] if kill_at else ["-m", "fastgal"]
     return subprocess.run([sys.executable, *cmd, "train", str(shards), "--out", str(out), *TRAIN, *extra],
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=900, env=env)
 
 
 @pytest.mark.slow
@@ -280,6 +281,30 @@ def test_a_run_that_finished_no_epoch_blocks_nothing(small_shards, tmp_path):
     assert p.returncode != 0 and "finished no epoch" in p.stderr and "without --resume" in p.stderr
     p = _train(small_shards, run, "--lr-find", "--lr-find-iters", "6")
     assert p.returncode == 0 and (run / "metrics.json").is_file(), p.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_sigterm_stops_train_as_ctrl_c_does(small_shards, tmp_path):
+    """A scheduler's time limit (SIGTERM, then SIGKILL) in lr_find leaves no lr_find weights in the temp folder
+    (43 MB each, found piling up in /tmp) nor in the run folder; in the second epoch it keeps the first for
+    --resume and leaves no temp file of an atomic write. Exit status 143, and one line says why."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = {**os.environ, "TMPDIR": str(tmp)}
+    run = tmp_path / "lr"
+    p = _train(small_shards, run, "--lr-find", "--lr-find-iters", "6", kill_at=(0, 2, "SIGTERM"), env=env)
+    assert p.returncode == 143 and "terminated (SIGTERM)" in p.stderr, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert not list(tmp.glob("fastgal-*")), sorted(tmp.rglob("*"))
+    assert (run / "config.json").is_file() and not list(run.rglob("*.pth")), sorted(run.rglob("*"))
+    run = tmp_path / "ep"
+    p = _train(small_shards, run, kill_at=(1, 2, "SIGTERM"), env=env)
+    assert p.returncode == 143 and "terminated (SIGTERM)" in p.stderr, p.stderr[-2000:]
+    assert torch.load(run / "checkpoint.pth", weights_only=False)["epoch"] == 0  # the last finished epoch
+    assert not (run / "metrics.json").exists()
+    assert not [f for f in run.iterdir() if f.name.startswith(".") or "tmp" in f.name], sorted(run.iterdir())
+    p = _train(small_shards, run, "--resume", env=env)
+    assert p.returncode == 0 and json.loads((run / "metrics.json").read_text())["resumed_from_epoch"] == 2
 
 
 def test_train_opt_option(small_shards, small_run, tmp_path, monkeypatch):
