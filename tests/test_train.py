@@ -114,11 +114,19 @@ def test_train_user_errors(small_shards, tmp_path):
     assert res.exit_code != 0 and tar.name in res.output
 
 
+def _own_tmp(tmp_path) -> dict:
+    """The environment with TMPDIR in the test's folder: what a killed process cannot remove (lr_find's
+    weights, multiprocessing's pymp-*) and torchrun's torchelastic_* stay out of the machine's /tmp."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir(exist_ok=True)
+    return {**os.environ, "TMPDIR": str(tmp)}
+
+
 @pytest.mark.slow
 def test_torchrun_ddp_on_cpu(small_shards, tmp_path):
     """Scale-out is torchrun + DDP: two CPU processes (gloo) train on disjoint halves, rank 0 writes."""
     run = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**_own_tmp(tmp_path), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "fastgal", "train",
          str(small_shards), "--out", str(run), "--epochs", "1", "--bs", "32", "--arch", "xresnet18",
@@ -226,7 +234,7 @@ def test_run_records_how_it_computed(small_run):
 @pytest.mark.parametrize("loader", [pytest.param("dali", marks=pytest.mark.dali), "torch", "batched"])
 def test_a_killed_run_resumes_to_the_same_result(small_shards, tmp_path, loader):
     whole, cut = tmp_path / "whole", tmp_path / "cut"
-    p = _train(small_shards, cut, "--loader", loader, kill_at=(1, 2))  # in the second epoch, after its 2nd batch
+    p = _train(small_shards, cut, "--loader", loader, kill_at=(1, 2), env=_own_tmp(tmp_path))  # epoch 2, batch 2
     ckpt = cut / "checkpoint.pth"
     assert p.returncode == -9 and ckpt.exists() and not (cut / "metrics.json").exists(), p.stderr[-2000:]
     assert torch.load(ckpt, weights_only=False)["epoch"] == 0  # the last finished epoch
@@ -274,7 +282,7 @@ def test_a_run_that_finished_no_epoch_blocks_nothing(small_shards, tmp_path):
     run = tmp_path / "c3"
     res = run_cli("train", small_shards, "--out", run, "--arch", "xresnet43", ok=False)
     assert res.exit_code != 0 and "xresnet34" in res.output and not run.exists()
-    p = _train(small_shards, run, "--lr-find", "--lr-find-iters", "6", kill_at=(0, 2))  # inside lr_find's fit
+    p = _train(small_shards, run, "--lr-find", "--lr-find-iters", "6", kill_at=(0, 2), env=_own_tmp(tmp_path))  # in lr_find
     assert p.returncode == -9 and (run / "config.json").is_file(), p.stderr[-2000:]
     assert not [f for f in run.rglob("*") if f.suffix == ".pth"], sorted(run.rglob("*"))  # no _tmp.pth, no checkpoint
     p = _train(small_shards, run, "--lr-find", "--lr-find-iters", "6", "--resume")
@@ -288,9 +296,8 @@ def test_sigterm_stops_train_as_ctrl_c_does(small_shards, tmp_path):
     """A scheduler's time limit (SIGTERM, then SIGKILL) in lr_find leaves no lr_find weights in the temp folder
     (43 MB each, found piling up in /tmp) nor in the run folder; in the second epoch it keeps the first for
     --resume and leaves no temp file of an atomic write. Exit status 143, and one line says why."""
-    tmp = tmp_path / "tmp"
-    tmp.mkdir()
-    env = {**os.environ, "TMPDIR": str(tmp)}
+    env = _own_tmp(tmp_path)
+    tmp = Path(env["TMPDIR"])
     run = tmp_path / "lr"
     p = _train(small_shards, run, "--lr-find", "--lr-find-iters", "6", kill_at=(0, 2, "SIGTERM"), env=env)
     assert p.returncode == 143 and "terminated (SIGTERM)" in p.stderr, p.stderr[-2000:]
