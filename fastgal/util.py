@@ -44,8 +44,8 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp"):
     """Yield a temporary sibling path; rename it onto `path` only if the block succeeds.
 
     An exception, Ctrl-C or SIGTERM removes the temp file; SIGKILL leaves it (`.name.*.tmp`), never a
-    file that looks finished. The file gets
-    the mode a plain write would give (the umask's), not mkstemp's private 0600.
+    file that looks finished. The file gets the mode a plain write would give (the umask's), not
+    mkstemp's private 0600.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -132,34 +132,52 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM in a command's process: unwound as Ctrl-C is (see `stop_on_sigterm`)."""
 
 
-_terminated = False
+_sigterm = {"received": False, "unwinding": False}
 
 
 def stop_on_sigterm() -> None:
     """SIGTERM (a batch scheduler's time limit, torchrun stopping the other ranks, `kill`) unwinds the command
     as Ctrl-C does, instead of ending it where it stands: temporary folders (lr_find's weights), temp files of
-    atomic writes and loader workers are removed, and `download` writes its report. A forked worker that
-    inherits the handler dies as it would have without it; a second SIGTERM during the clean-up is ignored
-    (SIGKILL still ends everything). `terminated()` then says so, for the exit status 143."""
+    atomic writes and loader workers are removed, and `download` writes its report. `terminated()` then says
+    so, for the exit status 143.
+
+    A forked worker that inherits the handler dies as it would have without it. A second SIGTERM during the
+    clean-up is ignored (SIGKILL still ends everything). Python swallows an exception raised where it cannot
+    propagate (an at-fork hook, seen when the signal landed as a DataLoader forked its workers; a __del__):
+    there the unraisable hook hands the signal back to the main thread, which then unwinds."""
     main = os.getpid()
 
     def handler(signum, frame):
-        global _terminated
         if os.getpid() != main:  # a forked worker (the shard pool): the default, as if never installed
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
-        if _terminated:
+        if _sigterm["unwinding"]:
             return
-        _terminated = True
-        print("fastgal: terminated (SIGTERM); cleaning up", file=sys.stderr, flush=True)
+        if not _sigterm["received"]:
+            print("fastgal: terminated (SIGTERM); cleaning up", file=sys.stderr, flush=True)
+        _sigterm.update(received=True, unwinding=True)
         raise Terminated()
 
+    previous = sys.unraisablehook
+
+    def unraisable(u):
+        if isinstance(u.exc_value, Terminated) and os.getpid() == main:
+            _sigterm["unwinding"] = False
+            # not from here (a handler run inside this hook is swallowed too): the signal again, to the main
+            # thread, from a thread of its own a moment later
+            again = threading.Timer(0.05, signal.pthread_kill, (threading.main_thread().ident, signal.SIGTERM))
+            again.daemon = True
+            again.start()
+            return
+        previous(u)
+
+    sys.unraisablehook = unraisable
     signal.signal(signal.SIGTERM, handler)
 
 
 def terminated() -> bool:
-    return _terminated
+    return _sigterm["received"]
 
 
 def _quiet_worker() -> None:

@@ -56,7 +56,7 @@ except ImportError:  # a checkout that is not installed: use it, and tell the su
     sys.path.insert(0, _root)
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [_root, os.environ.get("PYTHONPATH")]))
 from fastgal.config import RECIPE  # noqa: E402
-from fastgal.util import atomic_path, write_bytes_atomic, write_json_atomic  # noqa: E402
+from fastgal.util import atomic_path, stop_on_sigterm, write_bytes_atomic, write_json_atomic  # noqa: E402
 
 # the most valuable answers first: does it run, how fast is the recipe, how does it compare, does predict agree,
 # does --compile with CUDA graphs pay
@@ -650,6 +650,7 @@ RUNNERS = {"env": step_env, "data": step_data, "recipe": step_recipe, "bench": s
 
 def worker_main(name: str, p: Params, out: Path) -> None:
     """--worker NAME: the in-process part of a step; a Skip is reported in the result, not as a crash."""
+    stop_on_sigterm()  # the step's timeout sends SIGTERM first: clean up as fastgal's own commands do
     try:
         res = WORKERS[name](p, out)
     except Skip as e:
