@@ -1,5 +1,5 @@
 """Small leaf helpers every command shares: atomic writes that keep the umask, output folders,
-hashing, workers, one bounded ordered pool, one progress writer, one JPEG check.
+hashing, workers, one bounded ordered pool, one progress writer, one JPEG check, SIGTERM unwound as Ctrl-C.
 
 Nothing here knows about galaxies; every other module may import it.
 
