@@ -13,7 +13,6 @@ User errors are ClickExceptions: one line, non-zero exit.
 from __future__ import annotations
 
 import json
-import signal
 import sys
 import typing
 import warnings
@@ -26,7 +25,7 @@ import click
 from . import __version__
 from .config import PRESETS, BenchConfig, DemoConfig, DownloadConfig, PredictConfig, ShardConfig, SynthConfig, TrainConfig
 from .report import calibration_lines, format_info, format_metrics, info_summary
-from .util import stop_on_sigterm, terminated
+from .util import sigterm_unwinds
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -445,13 +444,8 @@ def env(as_json):
 
 def main():  # console-script entry point
     quiet_dependency_warnings()
-    stop_on_sigterm()
-    try:
+    with sigterm_unwinds():
         cli()
-    except SystemExit:
-        if terminated():  # whatever click or the command made of the unwinding: the shell's code for SIGTERM
-            sys.exit(128 + signal.SIGTERM)
-        raise
 
 
 if __name__ == "__main__":

@@ -139,7 +139,7 @@ def stop_on_sigterm() -> None:
     """SIGTERM (a batch scheduler's time limit, torchrun stopping the other ranks, `kill`) unwinds the command
     as Ctrl-C does, instead of ending it where it stands: temporary folders (lr_find's weights), temp files of
     atomic writes and loader workers are removed, and `download` writes its report. `terminated()` then says
-    so, for the exit status 143.
+    so (`sigterm_unwinds` makes it exit status 143).
 
     A forked worker that inherits the handler dies as it would have without it. A second SIGTERM during the
     clean-up is ignored (SIGKILL still ends everything). Python swallows an exception raised where it cannot
@@ -178,6 +178,19 @@ def stop_on_sigterm() -> None:
 
 def terminated() -> bool:
     return _sigterm["received"]
+
+
+@contextmanager
+def sigterm_unwinds():
+    """A command's whole process under `stop_on_sigterm`; whatever exit status click or the command made of
+    the unwinding, a SIGTERM'd one exits 143 (the shell's code for SIGTERM)."""
+    stop_on_sigterm()
+    try:
+        yield
+    except SystemExit:
+        if terminated():
+            sys.exit(128 + signal.SIGTERM)
+        raise
 
 
 def _quiet_worker() -> None:
