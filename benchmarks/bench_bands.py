@@ -48,7 +48,7 @@ def loader_rates(folders: dict[str, Path], bs: int, repeats: int, threads: int) 
     """img/s of one TRAIN epoch (the preset's geometry and stretch) per variant and backend: after one untimed
     warm-up epoch each, `repeats` rounds that take every variant and backend in turn (so a noisy moment on this
     shared machine hits them alike), the best epoch of each."""
-    from fastgal.loaders import dataloaders
+    from fastgal.load.loader import dataloaders
 
     loaders = {(v, b): dataloaders(f, bs=bs, size=56, backend=b, threads=threads, device="cpu").train
                for v, f in folders.items() for b in ("torch", "batched")}
@@ -120,7 +120,7 @@ def main() -> None:
 def _reference(syn: dict, bands: str) -> float:
     """The observable reference for the bands a model sees: synth.json's for its own bands, floor.py's table
     for a subset (the gri shards of a ugriz survey)."""
-    from fastgal.floor import OBSERVABLE_REFERENCES
+    from fastgal.survey.floor import OBSERVABLE_REFERENCES
 
     return OBSERVABLE_REFERENCES.get(bands, syn["floor"]["observable_reference_rmse"])
 

@@ -17,9 +17,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from fastgal.config import ShardConfig, SynthConfig
-from fastgal.shards import shard
-from fastgal.synth import synth
+from fastgal.options import ShardConfig, SynthConfig
+from fastgal.shards.write import shard
+from fastgal.survey.synth import synth
 from fastgal.util import default_workers
 
 

@@ -11,8 +11,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from fastgal.config import SynthConfig
-from fastgal.synth import synth
+from fastgal.options import SynthConfig
+from fastgal.survey.synth import synth
 from fastgal.util import default_workers
 
 

@@ -15,7 +15,7 @@ import json
 
 import torch
 
-from fastgal.loaders import dali_available, dataloaders
+from fastgal.load.loader import dali_available, dataloaders
 
 
 def figures(a, b, std) -> dict:

@@ -8,7 +8,7 @@ sequence, and the reads. Run it with PYTHONPATH=<another checkout> to trace that
 """
 import sys, collections
 from pathlib import Path
-import fastgal.manifest as man
+import fastgal.shards.read as man
 reads = collections.Counter()
 for name in ("load_manifest", "read_index"):
     real = getattr(man, name)
@@ -31,8 +31,8 @@ def prof(frame, event, arg):
     m = mod.split(".")[1]
     if not seq or seq[-1] != m:
         seq.append(m)
-from fastgal.config import TrainConfig
-from fastgal.train import train
+from fastgal.options import TrainConfig
+from fastgal.run import train
 cfg = TrainConfig(shards=Path(sys.argv[1]), out=Path(sys.argv[2]), epochs=1, bs=32, arch="xresnet18", size=56, tta=True,
                   quiet=True, overwrite=True, workers=1)
 sys.setprofile(prof)

@@ -1,3 +1,3 @@
-from .cli import main
+from fastgal.cli import main
 
 main()

@@ -15,7 +15,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from .config import RECIPE, PredictConfig
+from fastgal.recipe import RECIPE
+from fastgal.options import PredictConfig
 
 
 def recipe_learner(dls, *, arch: str = RECIPE.arch, head: str = "rmse", opt: str = "ranger", precision: str = "auto",
@@ -30,9 +31,9 @@ def recipe_learner(dls, *, arch: str = RECIPE.arch, head: str = "rmse", opt: str
         learn = fastgal.recipe_learner(dls, arch="xresnet18")
         learn.lr_find(); learn.fit_one_cycle(7, 1e-2)
     """
-    from .device import resolve_precision
-    from .learner import make_learner
-    from .model import make_model
+    from fastgal.train.device import resolve_precision
+    from fastgal.train.learner import make_learner
+    from fastgal.train.model import make_model
 
     shards = getattr(dls, "shards", None)
     if shards is None:
@@ -47,7 +48,7 @@ def recipe_learner(dls, *, arch: str = RECIPE.arch, head: str = "rmse", opt: str
 
 def _learner_meta(learn) -> dict:
     """What model.pt would record, read off a Learner over fastgal DataLoaders (raw outputs: one per target)."""
-    from .checkpoint import image_meta
+    from fastgal.train.checkpoints import image_meta
 
     dls = learn.dls
     g, sh = dls.train.geometry, dls.shards
@@ -68,9 +69,9 @@ def predict(model, data, *, split: str = "valid", tta: bool = False, bs: int = 2
         df = fastgal.predict("runs/r1", "shards/synth", tta=True)
         df = fastgal.predict(learn, "images/")            # the Learner's model on new cutouts
     """
-    from .checkpoint import inference, load_checkpoint
-    from .device import resolve_device
-    from .predictions import predict_table
+    from fastgal.train.checkpoints import inference, load_checkpoint
+    from fastgal.train.device import resolve_device
+    from fastgal.score.predict import predict_table
 
     if isinstance(model, (str, Path)):
         dev = resolve_device(device or "auto")

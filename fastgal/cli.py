@@ -3,7 +3,7 @@
     fastgal synth data/synth --n 2000 --seed 1
     fastgal demo
 
-Options are declared once, as the fields of the command's config dataclass (fastgal/config.py):
+Options are declared once, as the fields of the command's config dataclass (fastgal/options.py):
 `@options(TrainConfig)` turns each field into a click argument or option with the field's default
 and help, and `TrainConfig(**kwargs)` is built from what click parsed. Each command calls the
 library, prints results to stdout (`--json` where a machine reads them) and progress to stderr.
@@ -22,10 +22,20 @@ from pathlib import Path
 
 import click
 
-from . import __version__
-from .config import PRESETS, BenchConfig, DemoConfig, DownloadConfig, PredictConfig, ShardConfig, SynthConfig, TrainConfig
-from .report import calibration_lines, format_info, format_metrics, info_summary
-from .util import sigterm_unwinds
+from fastgal import __version__
+from fastgal.recipe import PRESETS
+from fastgal.options import (
+    BenchConfig,
+    DemoConfig,
+    DownloadConfig,
+    PredictConfig,
+    ShardConfig,
+    SynthConfig,
+    TrainConfig,
+)
+from fastgal.score.summary import calibration_lines, format_metrics
+from fastgal.shards.verify import format_info, info_summary
+from fastgal.util import sigterm_unwinds
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -176,7 +186,7 @@ def synth(as_json, **kw):
         fastgal synth data/synth --n 2000 --seed 1
         fastgal synth data/synth-fits --n 2000 --seed 1 --format fits --bands ugriz
     """
-    from .synth import synth as run_synth
+    from fastgal.survey.synth import synth as run_synth
 
     cfg = config(SynthConfig, kw)
     with _user_errors(writing=cfg.out):
@@ -211,7 +221,7 @@ def train(as_json, **kw):
 
         fastgal train shards/synth --out runs/r1 --lr-find --tta --head gaussian
     """
-    from .train import train as run_train
+    from fastgal.run import train as run_train
 
     with _user_errors():
         m = run_train(config(TrainConfig, kw))
@@ -236,7 +246,7 @@ def demo(as_json, **kw):
 
         fastgal demo --out runs/demo
     """
-    from .demo import demo as run_demo
+    from fastgal.demo import demo as run_demo
 
     cfg = config(DemoConfig, kw)
     log = (lambda msg: click.echo(msg, err=True)) if not cfg.quiet else (lambda msg: None)  # stage lines, as train's
@@ -266,7 +276,7 @@ def shard(as_json, **kw):
 
         fastgal shard data/synth/data/master.csv data/synth/images shards/synth
     """
-    from .shards import shard as run_shard
+    from fastgal.shards.write import shard as run_shard
 
     cfg = config(ShardConfig, kw)
     with _user_errors(writing=cfg.out):
@@ -303,7 +313,7 @@ def info(out, as_json):
 
         fastgal info shards/synth
     """
-    from .manifest import verify
+    from fastgal.shards.verify import verify
 
     with _user_errors():
         res = verify(out)
@@ -333,8 +343,8 @@ def download(as_json, **kw):
         fastgal download data/sdss --limit 1000 --workers 4 --rate 4
         fastgal shard data/sdss/data/master.csv data/sdss/images shards/sdss
     """
-    from .download import download as run_download
-    from .skyserver import SkyServerError
+    from fastgal.survey.download import download as run_download
+    from fastgal.survey.skyserver import SkyServerError
 
     cfg = config(DownloadConfig, kw)
     try:
@@ -369,8 +379,8 @@ def predict(as_json, **kw):
 
         fastgal predict runs/demo/run runs/demo/shards --split valid --tta
     """
-    from .predictions import diagnose
-    from .predictions import predict as run_predict
+    from fastgal.score.predict import diagnose
+    from fastgal.score.predict import predict as run_predict
 
     with _user_errors():
         df, path = run_predict(config(PredictConfig, kw))
@@ -409,8 +419,8 @@ def bench(as_json, **kw):
 
         fastgal bench shards/synth --what loaders,e2e --bs 128 --batches 20 --json
     """
-    from .bench import bench as run_bench
-    from .bench import format_table
+    from fastgal.bench.main import bench as run_bench
+    from fastgal.bench.main import format_table
 
     with _user_errors():
         res = run_bench(config(BenchConfig, kw))
@@ -433,7 +443,7 @@ def env(as_json):
 
         fastgal env --json
     """
-    from .env import format_table, gather
+    from fastgal.env import format_table, gather
 
     info = gather()
     if as_json:

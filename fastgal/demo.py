@@ -13,12 +13,12 @@ import shutil
 from pathlib import Path
 
 
-from .config import DemoConfig, ShardConfig, SynthConfig, TrainConfig
-from .device import resolve_device
-from .shards import shard
-from .synth import synth
-from .train import train
-from .util import write_json_atomic
+from fastgal.options import DemoConfig, ShardConfig, SynthConfig, TrainConfig
+from fastgal.train.device import resolve_device
+from fastgal.shards.write import shard
+from fastgal.survey.synth import synth
+from fastgal.run import train
+from fastgal.util import write_json_atomic
 
 
 def demo(cfg: DemoConfig, log=print) -> dict:

@@ -50,7 +50,7 @@ def versions() -> dict:
     blocked or absent). Unlike the probes below, which `fastgal env` uses, it imports what it names."""
     import torch
 
-    from . import __version__
+    from fastgal import __version__
 
     v = {"fastgal": __version__, "python": platform.python_version(), "torch": torch.__version__}
     for mod in VERSIONED:
@@ -133,7 +133,7 @@ def probe_nvimgcodec() -> dict:
 def probe_cores() -> dict:
     import os
 
-    from .util import default_workers
+    from fastgal.util import default_workers
 
     return {"usable": default_workers(), "total": os.cpu_count()}
 
@@ -192,8 +192,8 @@ def notes(info: dict) -> list[str]:
 
 
 def probe_decoder(dali: bool) -> dict:
-    """The JPEG decoder the torch loaders use (fastgal.decode), and what --loader auto picks per device."""
-    from .decode import decoder
+    """The JPEG decoder the torch loaders use (fastgal.load.decode), and what --loader auto picks per device."""
+    from fastgal.load.decode import decoder
 
     try:
         name = decoder()[0]
@@ -207,7 +207,7 @@ def probe_decoder(dali: bool) -> dict:
 
 def gather() -> dict:
     """Everything `fastgal env` reports (see the module docstring)."""
-    from . import __version__
+    from fastgal import __version__
 
     info = {
         "fastgal": __version__, "python": platform.python_version(), "platform": platform.platform(),

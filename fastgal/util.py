@@ -9,7 +9,6 @@ Nothing here knows about galaxies; every other module may import it.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -240,6 +239,11 @@ def imap_ordered(fn, tasks, pool, window: int):
         yield res
 
 
+def plural(n: int, word: str) -> str:
+    """'1 epoch', '3 epochs'."""
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 def chunks(seq, k: int) -> list:
     return [seq[a:a + k] for a in range(0, len(seq), k)]
 
@@ -313,40 +317,4 @@ class Progress:
 
 # --------------------------------------------------------------------------- JPEG
 
-def jpeg_problem(data: bytes, require_eoi: bool = False) -> tuple[str, str] | None:
-    """The cheap test, no decode: (reason, detail) when `data` cannot be a JPEG, else None.
-    require_eoi: also demand the end-of-image marker (a download cut short lacks it)."""
-    if len(data) == 0:
-        return "corrupt-image", "empty file"
-    if not data.startswith(b"\xff\xd8\xff"):
-        head = data[:16].decode("ascii", "replace").strip()
-        return "not-jpeg", f"starts with {head!r}"
-    if require_eoi and not data.rstrip(b"\x00\r\n ").endswith(b"\xff\xd9"):
-        return "corrupt-image", f"truncated JPEG (no end-of-image marker; {len(data)} bytes)"
-    return None
 
-
-def check_jpeg(data: bytes, *, size: tuple[int, int] | None = None, require_eoi: bool = False):
-    """The one JPEG check: (reason, detail, image). A full decode with PIL (load(), not verify(),
-    which passes truncated files); the image must be an RGB JPEG, of `size` (h, w) when given.
-    reason is None for a good image, which is returned loaded; else image is None. Reasons are
-    the shard rejects' vocabulary: not-jpeg, corrupt-image, not-rgb, wrong-size."""
-    from PIL import Image, ImageFile
-
-    ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated JPEG must fail, whatever a library set
-    bad = jpeg_problem(data, require_eoi)
-    if bad:
-        return (*bad, None)
-    try:
-        im = Image.open(io.BytesIO(data))
-        if im.format != "JPEG":
-            return "not-jpeg", f"PIL reads it as {im.format}", None
-        im.load()
-    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
-        return "corrupt-image", f"{type(e).__name__}: {e}"[:200], None
-    if im.mode != "RGB":
-        return "not-rgb", f"mode {im.mode}", None
-    w, h = im.size
-    if size is not None and (h, w) != tuple(size):
-        return "wrong-size", f"{w}x{h} px, expected {size[1]}x{size[0]}", None
-    return None, "", im

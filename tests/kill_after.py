@@ -10,7 +10,7 @@ import os
 import signal
 import sys
 
-from fastgal import callbacks
+from fastgal.train import callbacks
 
 EPOCH, BATCH = int(sys.argv[1]), int(sys.argv[2])
 SIGNAL = getattr(signal, sys.argv.pop(3)) if sys.argv[3].startswith("SIG") else signal.SIGKILL

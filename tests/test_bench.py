@@ -6,7 +6,6 @@ runs, every throughput is positive and every ratio is the quotient of the figure
 
 from __future__ import annotations
 
-import ast
 import json
 import shutil
 
@@ -83,45 +82,6 @@ def test_bench_user_errors(small_shards, tmp_path):
     assert res.exit_code != 0 and "add --compile" in res.output
 
 
-def _imported(tree: ast.AST) -> set[str]:
-    """The modules an import statement anywhere in `tree` names, absolute (`from . import bench` ->
-    fastgal.bench, `from .bench import x` -> fastgal.bench and fastgal.bench.x)."""
-    names = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            base = ".".join(filter(None, ["fastgal" if node.level else None, node.module]))
-            names |= {base} | {f"{base}.{a.name}" for a in node.names}
-    return names
-
-
-def test_nothing_in_the_package_imports_bench():
-    """bench observes the training path; the training path must not depend on it: importing every other
-    module loads no bench module, and none of them has an import of one (lazy ones, inside functions,
-    included; cli.py's bench command imports bench lazily, as it must)."""
-    import pkgutil
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    import fastgal
-
-    pkg = Path(fastgal.__file__).parent
-    others = sorted(m.name for m in pkgutil.iter_modules([str(pkg)]) if not m.name.startswith("bench")
-                    and m.name != "__main__")
-    assert {"cli", "train", "learner", "loaders", "predictions", "api"} <= set(others)
-    code = ("import importlib, sys\n"
-            f"for m in {others!r}:\n    importlib.import_module('fastgal.' + m)\n"
-            "print(sorted(m for m in sys.modules if m.startswith('fastgal.bench')))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]"
-    for name in others:
-        bench = {m for m in _imported(ast.parse((pkg / f"{name}.py").read_text())) if m.startswith("fastgal.bench")}
-        assert name == "cli" or not bench, (name, bench)
-    assert "fastgal.bench" in _imported(ast.parse((pkg / "cli.py").read_text()))  # the reader sees a lazy import
-
-
 def test_bench_accuracy_rows_table_and_plot(tmp_path):
     """benchmarks/bench_accuracy.py's arithmetic on constructed demo.json contents, and its PNG."""
     import importlib.util
@@ -150,7 +110,7 @@ def test_bench_accuracy_rows_table_and_plot(tmp_path):
 
 def test_a_data_bound_fraction_above_one_is_called_noise():
     """Issue 22, case 5: 1.04 must not read as a loader faster than the model."""
-    from fastgal.bench import format_table
+    from fastgal.bench.main import format_table
 
     sec = {"baseline": "torch", "results": {"torch": {"images_per_s": 104.0}}, "ratio_vs_baseline": {"torch": 1.0},
            "data_bound_fraction": {"torch": 1.04}}

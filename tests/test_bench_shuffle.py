@@ -1,4 +1,4 @@
-"""fastgal.bench_shuffle (`fastgal bench --what shuffle`): the shuffle metrics on known sequences, the section
+"""fastgal.bench.shuffle (`fastgal bench --what shuffle`): the shuffle metrics on known sequences, the section
 through the CLI, one simulated rank's loader alive at a time, and conftest's mapping guard that watches for it."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import dali_importable, private_writable_gib, run_cli
-from fastgal.bench_shuffle import cobatch_ratio, shuffle_section, spearman
+from fastgal.bench.shuffle import cobatch_ratio, shuffle_section, spearman
 
 
 def _batches(order: np.ndarray, bs: int) -> list[np.ndarray]:

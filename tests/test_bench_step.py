@@ -1,4 +1,4 @@
-"""fastgal.bench_step (`fastgal bench --what step`): the thin model keeps the layer graph, and the section
+"""fastgal.bench.step (`fastgal bench --what step`): the thin model keeps the layer graph, and the section
 reports what it claims. Speed figures live in benchmarks/RESULTS.md; here only structure and counts."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from conftest import run_cli
-from fastgal.bench import format_table
-from fastgal.bench_step import thin_model
-from fastgal.model import ARCHS, make_model
+from fastgal.bench.main import format_table
+from fastgal.bench.step import thin_model
+from fastgal.train.model import ARCHS, make_model
 
 # nothing here depends on whether DALI is installed: the no-DALI pass of `make test` leaves it out
 pytestmark = pytest.mark.dali_agnostic

@@ -1,4 +1,4 @@
-"""fastgal.config: the seed's recipe written once, and every command's defaults (and CLI options) read from it."""
+"""fastgal.options: the seed's recipe written once, and every command's defaults (and CLI options) read from it."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ from dataclasses import fields
 import pytest
 
 from conftest import run_cli
-from fastgal.config import CPU_RECIPE, RECIPE, BenchConfig, DemoConfig, ShardConfig, TrainConfig
-from fastgal.order import EpochPlan
+from fastgal.recipe import CPU_RECIPE, RECIPE
+from fastgal.options import BenchConfig, DemoConfig, ShardConfig, TrainConfig
+from fastgal.load.order import EpochPlan
 
 # nothing here depends on whether DALI is installed: the no-DALI pass of `make test` leaves it out
 pytestmark = pytest.mark.dali_agnostic

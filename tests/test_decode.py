@@ -1,12 +1,12 @@
-"""fastgal.decode: the batch JPEG decoder, torchvision's or TorchCodec's, and that they agree."""
+"""fastgal.load.decode: the batch JPEG decoder, torchvision's or TorchCodec's, and that they agree."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from fastgal import decode
-from fastgal.manifest import Shards
+from fastgal.load import decode
+from fastgal.shards.read import Shards
 
 pytestmark = pytest.mark.dali_agnostic  # no loader backend here: the no-DALI pass leaves it out
 

@@ -1,4 +1,4 @@
-"""fastgal.diagnostics on constructed data: a known bias lands in the right bin, a known scatter in the
+"""fastgal.score.diagnostics on constructed data: a known bias lands in the right bin, a known scatter in the
 right NMAD, a known mass-metallicity relation is recovered, and calibration reads known noise right."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fastgal.diagnostics import binned, calibration, mzr, nmad, running_band, summarise
-from fastgal.plots import mzr_plot, pred_vs_true, residuals
+from fastgal.score.diagnostics import binned, calibration, mzr, nmad, running_band, summarise
+from fastgal.score.plots import mzr_plot, pred_vs_true, residuals
 
 # nothing here depends on whether DALI is installed: the no-DALI pass of `make test` leaves it out
 pytestmark = pytest.mark.dali_agnostic

@@ -30,10 +30,10 @@ from pytest_httpserver import HTTPServer
 from werkzeug import Response
 
 from conftest import run_cli
-import fastgal.download as dl
-import fastgal.skyserver as sky_client
-from fastgal.config import DownloadConfig
-from fastgal.synth import make_catalog
+import fastgal.survey.download as dl
+import fastgal.survey.skyserver as sky_client
+from fastgal.options import DownloadConfig
+from fastgal.survey.synth import make_catalog
 
 # nothing here depends on whether DALI is installed: the no-DALI pass of `make test` leaves it out
 pytestmark = pytest.mark.dali_agnostic

@@ -68,7 +68,7 @@ def test_json_has_every_field_and_the_real_stack(tmp_path, monkeypatch):
     assert info["cores"]["usable"] == len(os.sched_getaffinity(0))
     no_dali = [w for w in info["warnings"] if "DALI is" in w]
     assert bool(no_dali) == (NO_DALI or not dali_importable())
-    from fastgal.decode import decoder
+    from fastgal.load.decode import decoder
 
     j = info["jpeg_decoder"]
     assert j["name"] == decoder()[0] == "torchvision" and j["version"] == info["torchvision"] and j["error"] is None

@@ -14,11 +14,11 @@ import torch
 from PIL import Image
 
 from conftest import run_cli
-from fastgal.geometry import CENTRE, TRAIN
-from fastgal.loaders import Loader, dataloaders
-from fastgal.preprocess import geometry_for
-from fastgal.manifest import Shards
-from fastgal.shards import FITS_ONLY, JPEG_ONLY, REASONS
+from fastgal.load.geometry import CENTRE, TRAIN
+from fastgal.load.loader import Loader, dataloaders
+from fastgal.load.preprocess import geometry_for
+from fastgal.shards.read import Shards
+from fastgal.shards.write import FITS_ONLY, JPEG_ONLY, REASONS
 
 fits = pytest.importorskip("astropy.io.fits")
 

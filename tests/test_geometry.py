@@ -1,11 +1,11 @@
-"""fastgal.geometry: the views and their torch implementation (the DALI graph is held to it in test_loaders)."""
+"""fastgal.load.geometry: the views and their torch implementation (the DALI graph is held to it in test_loaders)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from fastgal.geometry import CENTRE, TRAIN, Geometry, check_view, dihedral, transform
+from fastgal.load.geometry import CENTRE, TRAIN, Geometry, check_view, dihedral, transform
 
 # nothing here depends on whether DALI is installed: the no-DALI pass of `make test` leaves it out
 pytestmark = pytest.mark.dali_agnostic
@@ -79,7 +79,7 @@ def _forward(g: Geometry, row: int, col: int, angle: float, pos_x: float, pos_y:
     (0.0, 0.5, 0.5, 0), (90.0, 0.0, 1.0, 0), (180.0, 1.0, 0.25, 1), (270.0, 0.3, 0.7, 1), (30.0, 0.5, 0.5, 0),
     (-7.5, 0.9, 0.1, 1), (97.0, 0.2, 0.6, 1)])
 def test_a_marked_pixel_lands_where_the_stages_send_it(angle, pos_x, pos_y, mirror):
-    from fastgal.geometry import transform_batch
+    from fastgal.load.geometry import transform_batch
 
     g = Geometry(size=24, crop=36, precropped=False, mean=[0.0] * 3, std=[1.0] * 3)
     side, row, col = 48, 20, 27  # off-centre, so a wrong turn, shift or mirror moves it
@@ -95,7 +95,7 @@ def test_a_marked_pixel_lands_where_the_stages_send_it(angle, pos_x, pos_y, mirr
 def test_the_batched_views_equal_the_per_image_ones():
     """Evaluation views exactly; a training draw exactly away from the rotated region's edge, where torchvision's
     fill (it multiplies the zero-padded sample by the coverage again) and the zero-padded resample part."""
-    from fastgal.geometry import transform_batch
+    from fastgal.load.geometry import transform_batch
 
     import numpy as np
 

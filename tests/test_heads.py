@@ -15,10 +15,10 @@ from PIL import Image
 from torch import nn
 
 from conftest import run_cli
-from fastgal.diagnostics import calibration
-from fastgal.heads import GaussianHead, gaussian_nll, split, view_stats
-from fastgal.checkpoint import load_checkpoint
-from fastgal.model import Denormalize, make_model
+from fastgal.score.diagnostics import calibration
+from fastgal.train.heads import GaussianHead, gaussian_nll, split, view_stats
+from fastgal.train.checkpoints import load_checkpoint
+from fastgal.train.model import Denormalize, make_model
 
 # nothing here depends on whether DALI is installed: the no-DALI pass of `make test` leaves it out
 pytestmark = pytest.mark.dali_agnostic

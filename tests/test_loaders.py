@@ -1,4 +1,4 @@
-"""fastgal.loaders: one Loader over a Split, a plan and a view, through the DALI or the torch backend.
+"""fastgal.load.loader: one Loader over a Split, a plan and a view, through the DALI or the torch backend.
 
 The CPU geometry is the demo's: 112 px cutouts, crop 72 -> 56 (the seed's 224/144/112 at half scale).
 """
@@ -13,10 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
-from fastgal.geometry import CENTRE, TRAIN, Geometry
-from fastgal.loaders import Loader, dataloaders, thread_budget, worker_context
-from fastgal.preprocess import geometry_for
-from fastgal.manifest import Shards
+from fastgal.load.geometry import CENTRE, TRAIN, Geometry
+from fastgal.load.loader import Loader, dataloaders, thread_budget, worker_context
+from fastgal.load.preprocess import geometry_for
+from fastgal.shards.read import Shards
 
 GEOM = dict(size=56, crop=72)
 BACKENDS = [pytest.param("dali", marks=pytest.mark.dali), "torch", "batched"]
@@ -190,7 +190,7 @@ def test_the_batched_path_is_the_worker_path_but_at_the_rotated_edge(small_shard
 def test_the_batched_loader_prepares_ahead_and_stops_when_dropped(small_shards, monkeypatch):
     import threading
 
-    from fastgal.loaders import _Batched
+    from fastgal.load.loader import _Batched
 
     def producers():
         return [t for t in threading.enumerate() if t.name == "fastgal-batched"]
@@ -217,7 +217,7 @@ def test_the_batched_loader_prepares_ahead_and_stops_when_dropped(small_shards, 
 
 
 def test_auto_picks_batched_on_a_gpu_without_dali(monkeypatch):
-    import fastgal.loaders as L
+    import fastgal.load.loader as L
 
     monkeypatch.setattr(L, "dali_available", lambda: False)
     assert L.pick_backend("auto", "cuda") == "batched" and L.pick_backend("auto", "cpu") == "torch"
@@ -253,9 +253,9 @@ def test_ddp_ranks_share_one_permutation_and_draw_their_own_augmentations(small_
 
 
 def test_thread_budget_shares_the_cores_between_local_ranks(monkeypatch):
-    import fastgal.loaders
+    import fastgal.load.loader
 
-    monkeypatch.setattr(fastgal.loaders, "default_workers", lambda: 16)
+    monkeypatch.setattr(fastgal.load.loader, "default_workers", lambda: 16)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     assert thread_budget(0) == 4 and thread_budget(3) == 3
@@ -284,7 +284,7 @@ def test_torch_backend_starts_workers_safely_once_cuda_is_up(small_shards):
     if ctx["multiprocessing_context"].get_start_method() == "forkserver":  # workers fork from a server that has us
         from multiprocessing import forkserver
 
-        assert "fastgal.loaders" in forkserver._forkserver._preload_modules
+        assert "fastgal.load.loader" in forkserver._forkserver._preload_modules
     sp = Shards(small_shards).split("train")
     dl = Loader(sp, TRAIN, Geometry(56, 72, False, [0] * 3, [1] * 3), bs=16, device="cuda", backend="torch")  # not iterated
     assert dl._impl._dl.multiprocessing_context.get_start_method() in ("forkserver", "spawn")

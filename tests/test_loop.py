@@ -1,4 +1,4 @@
-"""fastgal.loop: fastai's Recorder and Learner with less host work per step; the same history, no sync
+"""fastgal.train.loop: fastai's Recorder and Learner with less host work per step; the same history, no sync
 between the loss reads."""
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ import torch
 from fastai.learner import Learner
 
 from conftest import tiny_regression
-from fastgal.bench_step import count_syncs, thin_model
-from fastgal.learner import dress, make_learner
-from fastgal.loop import DeviceRecorder, FastgalLearner
-from fastgal.model import rmse_loss, target_metrics
-from fastgal.ranger import Ranger
+from fastgal.bench.step import count_syncs, thin_model
+from fastgal.train.learner import dress, make_learner
+from fastgal.train.loop import DeviceRecorder, FastgalLearner
+from fastgal.train.model import rmse_loss, target_metrics
+from fastgal.train.ranger import Ranger
 
 # nothing here depends on whether DALI is installed: the no-DALI pass of `make test` leaves it out
 pytestmark = pytest.mark.dali_agnostic

@@ -1,4 +1,4 @@
-"""fastgal.manifest: a shard folder read back once (Shards), one split's index parsed once (Split)."""
+"""fastgal.shards.read: a shard folder read back once (Shards), one split's index parsed once (Split)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-import fastgal.manifest as manifest
-from fastgal.manifest import Shards, read_index
+import fastgal.shards.read as manifest
+from fastgal.shards.read import Shards
+from fastgal.shards.index import read_index
 
 # nothing here depends on whether DALI is installed: the no-DALI pass of `make test` leaves it out
 pytestmark = pytest.mark.dali_agnostic

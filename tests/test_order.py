@@ -1,12 +1,12 @@
-"""fastgal.order: each epoch's permutation and draws from (seed, epoch) alone, shared out like DistributedSampler."""
+"""fastgal.load.order: each epoch's permutation and draws from (seed, epoch) alone, shared out like DistributedSampler."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from fastgal.config import RECIPE
-from fastgal.order import EpochPlan, file_order
+from fastgal.recipe import RECIPE
+from fastgal.load.order import EpochPlan, file_order
 
 # nothing here depends on whether DALI is installed: the no-DALI pass of `make test` leaves it out
 pytestmark = pytest.mark.dali_agnostic

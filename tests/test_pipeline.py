@@ -1,4 +1,4 @@
-"""fastgal.pipeline: the DALI graph of each view, declared on a CPU; the GPU placement is inspected without a GPU."""
+"""fastgal.load.dali: the DALI graph of each view, declared on a CPU; the GPU placement is inspected without a GPU."""
 
 from __future__ import annotations
 
@@ -9,15 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from fastgal.geometry import Geometry
+from fastgal.load.geometry import Geometry
 
 GEO = Geometry(size=56, crop=72, precropped=False, mean=[0.0] * 3, std=[1.0] * 3)
 
 
 def test_dali_is_imported_only_where_a_graph_is_built():
     """Every module imports without DALI (the torch backend must be reachable on machines that lack it)."""
-    code = ("import sys, fastgal.cli, fastgal.train, fastgal.predictions, fastgal.loaders, fastgal.pipeline, fastgal.demo, "
-            "fastgal.bench, fastgal.bench_shuffle; print(sorted(m for m in sys.modules if m.startswith('nvidia.dali')))")
+    code = ("import sys, fastgal.cli, fastgal.run, fastgal.score.predict, fastgal.load.loader, fastgal.load.dali, fastgal.demo, "
+            "fastgal.bench.main, fastgal.bench.shuffle; print(sorted(m for m in sys.modules if m.startswith('nvidia.dali')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
@@ -34,7 +34,7 @@ def test_gpu_placement_in_the_declared_graph(view, image):
     Float bands (FITS shards) go to the GPU as stored, before the cast, and are stretched there."""
     from nvidia.dali import Pipeline
 
-    from fastgal.pipeline import PipeSpec, define
+    from fastgal.load.dali import PipeSpec, define
 
     geo = GEO if image == "jpeg" else FLOAT5
     spec = PipeSpec(view=view, geometry=geo, device="gpu", image=image)
@@ -56,7 +56,7 @@ def test_gpu_placement_in_the_declared_graph(view, image):
 def test_precropped_shards_skip_the_centre_crop_and_views_are_checked():
     from nvidia.dali import Pipeline
 
-    from fastgal.pipeline import PipeSpec, define
+    from fastgal.load.dali import PipeSpec, define
 
     spec = PipeSpec(view="centre", geometry=Geometry(56, 72, True, [0.0] * 3, [1.0] * 3))
     with Pipeline(batch_size=2, num_threads=1, device_id=None):
@@ -76,7 +76,7 @@ def test_the_no_dali_pass_blocks_dali_in_subprocesses_too():
 
 def test_astropy_is_imported_only_where_a_fits_file_is_touched():
     """JPEG-only users need no astropy (the `fits` extra): no module imports it until a FITS file is read or written."""
-    code = ("import sys, fastgal.cli, fastgal.train, fastgal.predictions, fastgal.loaders, fastgal.shards, fastgal.cutouts, "
-            "fastgal.fits, fastgal.synth, fastgal.demo; print(sorted(m for m in sys.modules if m.startswith('astropy')))")
+    code = ("import sys, fastgal.cli, fastgal.run, fastgal.score.predict, fastgal.load.loader, fastgal.shards.write, fastgal.shards.cutouts, "
+            "fastgal.shards.fits, fastgal.survey.synth, fastgal.demo; print(sorted(m for m in sys.modules if m.startswith('astropy')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

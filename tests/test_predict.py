@@ -12,13 +12,13 @@ import torch
 from PIL import Image
 
 from conftest import run_cli
-from fastgal.checkpoint import inference_settings
-from fastgal.geometry import CENTRE
-from fastgal.loaders import Loader
-from fastgal.preprocess import geometry_for
-from fastgal.manifest import Shards
-from fastgal.cutouts import ImageRules
-from fastgal.predictions import _Files
+from fastgal.train.checkpoints import inference_settings
+from fastgal.load.geometry import CENTRE
+from fastgal.load.loader import Loader
+from fastgal.load.preprocess import geometry_for
+from fastgal.shards.read import Shards
+from fastgal.shards.cutouts import ImageRules
+from fastgal.score.predict import _Files
 
 
 def test_predict_on_shards_reproduces_the_run(small_run, small_shards, tmp_path):
@@ -92,8 +92,8 @@ def test_predict_errors(small_run, tmp_path):
 def test_predict_input_errors(small_run, small_shards, survey, tmp_path):
     import torch
 
-    from fastgal.config import PredictConfig
-    from fastgal.predictions import predict
+    from fastgal.options import PredictConfig
+    from fastgal.score.predict import predict
 
     fake = tmp_path / "fake"
     fake.mkdir()
@@ -154,7 +154,7 @@ def test_predict_computes_as_training_did():
 def test_the_table_groups_columns_per_target():
     """One layout for predictions_valid.csv and `fastgal predict`: per target true, pred, sigma, pred_tta,
     sigma_tta; NaN for unusable rows; true values of other targets than the model's come first."""
-    from fastgal.predictions import table
+    from fastgal.score.predict import table
 
     est = {"pred": np.array([[1.0, 2.0], [3.0, 4.0]]), "sigma": None, "pred_tta": np.array([[5.0, 6.0], [7.0, 8.0]])}
     true = np.array([[0.5, 1.5], [2.5, 3.5]], dtype=np.float32)

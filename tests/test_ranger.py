@@ -1,4 +1,4 @@
-"""fastgal.ranger: fastgal's flat-buffer Ranger is fastai's ranger (parameters within 1e-5 under one-cycle,
+"""fastgal.train.ranger: fastgal's flat-buffer Ranger is fastai's ranger (parameters within 1e-5 under one-cycle,
 param groups, frozen layers, missing gradients, checkpoints across implementations, lr_find's reload)."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from fastai.optimizer import ranger
 from torch import nn
 
 from conftest import tiny_regression
-from fastgal.model import rmse_loss
-from fastgal.ranger import Ranger
+from fastgal.train.model import rmse_loss
+from fastgal.train.ranger import Ranger
 
 # nothing here depends on whether DALI is installed: the no-DALI pass of `make test` leaves it out
 pytestmark = pytest.mark.dali_agnostic

@@ -22,9 +22,11 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from conftest import run_cli
-from fastgal.catalog import random_split
-from fastgal.manifest import Shards, index_text, load_manifest, read_index, verify
-from fastgal.shards import FITS_ONLY, REASONS
+from fastgal.shards.catalog import random_split
+from fastgal.shards.read import Shards, load_manifest
+from fastgal.shards.index import index_text, read_index
+from fastgal.shards.verify import verify
+from fastgal.shards.write import FITS_ONLY, REASONS
 
 MANIFEST_KEYS = ["format", "format_version", "fastgal_version", "source", "id_col", "targets", "target_stats",
                  "components", "split", "order_seed", "counts", "rejects_by_reason", "shards", "index_format", "image",
@@ -177,7 +179,7 @@ def test_index_is_dalis_own(survey_shards, tmp_path, monkeypatch):
     """fastgal's own index (used where DALI is missing) is byte for byte what DALI's wds2idx writes."""
     from wds2idx import IndexCreator
 
-    from fastgal.manifest import make_index
+    from fastgal.shards.index import make_index
 
     for tar in sorted(survey_shards.glob("*.tar")):
         with IndexCreator(str(tar), str(tmp_path / "dali.idx"), verbose=False) as ic:
@@ -341,7 +343,7 @@ def test_refuse_then_overwrite_and_no_leftovers(survey, survey_shards, tmp_path)
 
 
 def test_interrupted_run_leaves_nothing_finished(survey, tmp_path, monkeypatch):
-    import fastgal.shards as shards_mod
+    import fastgal.shards.write as shards_mod
 
     calls = []
 
@@ -395,7 +397,7 @@ def test_next_run_removes_a_killed_runs_temp_folder(survey, tmp_path):
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
 
 
-# `fastgal shard ARGS` in a subprocess, after CODE has patched fastgal.shards (what a test cannot set up
+# `fastgal shard ARGS` in a subprocess, after CODE has patched fastgal.shards.write (what a test cannot set up
 # from outside: a full disk, a moment mid-run); its stdout and stderr as a real run's
 PATCHED_SHARD = """
 import sys
@@ -407,7 +409,7 @@ main()
 # the first tar is finished (its index written), the run goes on: stop there until killed
 WAIT_AFTER_FIRST_TAR = """
 import time
-import fastgal.shards as shards
+import fastgal.shards.write as shards
 finish = shards._SplitWriter._finish
 def finish_then_wait(self):
     finish(self)
@@ -420,7 +422,7 @@ shards._SplitWriter._finish = finish_then_wait
 # a disk with room for ROOM bytes of each tar: the write past it fails as on a full disk
 DISK_FULL = """
 import errno, io, os
-import fastgal.shards as shards
+import fastgal.shards.write as shards
 ROOM = 100_000
 class FullDisk(io.BufferedWriter):
     def write(self, b):

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from conftest import run_cli
-from fastgal.synth import REF_Q, make_catalog
+from fastgal.survey.synth import REF_Q, make_catalog
 
 # nothing here depends on whether DALI is installed: the no-DALI pass of `make test` leaves it out
 pytestmark = pytest.mark.dali_agnostic
@@ -154,8 +154,8 @@ def test_cli_version_and_help():
 def test_observable_reference_matches_an_independent_estimate(survey):
     """synth.json's observable reference (measured once per generator version on 200k latent draws) agrees
     within 0.01 dex with a fresh estimate: another draw, another seed, a smaller model."""
-    from fastgal.floor import observable_reference
-    from fastgal.synth import make_catalog
+    from fastgal.survey.floor import observable_reference
+    from fastgal.survey.synth import make_catalog
 
     fl = json.loads((survey / "synth.json").read_text())["floor"]
     fresh = observable_reference(make_catalog(20_000, seed=2024), max_iter=150, seed=1)
@@ -231,7 +231,7 @@ def test_fits_r_band_is_calibrated(fits_surveys):
 def test_fits_gri_planes_are_the_jpeg_surveys_galaxies(fits_surveys):
     """The FITS g, r, i planes, stretched and encoded like the JPEG survey, give its bytes exactly; asking for
     u and z changes no g, r, i pixel; the catalog is the same file."""
-    from fastgal.render import _lupton_rgb, encode_jpeg
+    from fastgal.survey.render import _lupton_rgb, encode_jpeg
 
     jp, ug, gri = fits_surveys / "jpeg", fits_surveys / "ugriz", fits_surveys / "gri"
     assert (jp / "data/master.csv").read_bytes() == (ug / "data/master.csv").read_bytes() == (gri / "data/master.csv").read_bytes()
@@ -304,7 +304,14 @@ def test_observable_reference_per_band_set():
     with a fresh estimate (another draw and seed, a smaller model), as gri's does above."""
     from itertools import combinations
 
-    from fastgal.floor import OBSERVABLE_REFERENCE, VISIBLE, floor_stats, observable_reference, reference_for, visible_names
+    from fastgal.survey.floor import (
+        OBSERVABLE_REFERENCE,
+        VISIBLE,
+        floor_stats,
+        observable_reference,
+        reference_for,
+        visible_names,
+    )
 
     sets = {"".join(c) for k in range(1, 6) for c in combinations("ugriz", k)}
     assert {reference_for(b)["bands"] for b in sets} == sets

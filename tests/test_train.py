@@ -1,4 +1,4 @@
-"""fastgal.train (`fastgal train`, `fastgal demo`): the run folder, user errors, DDP under torchrun, and
+"""fastgal.run (`fastgal train`, `fastgal demo`): the run folder, user errors, DDP under torchrun, and
 --resume after a kill, on a tiny half-resolution survey (112 px cutouts, crop 72 -> 56: the seed's
 224/144/112 at half scale)."""
 
@@ -34,13 +34,13 @@ def _train(shards, out, *extra, kill_at=None, env=None):
 
 @pytest.mark.slow
 def test_train_writes_the_run_folder(small_shards, tmp_path, monkeypatch):
-    import fastgal.manifest
+    import fastgal.shards.read
 
     reads = {"manifest": 0, "index": []}  # a run reads manifest.json once and each index file once
-    real_manifest, real_index = fastgal.manifest.load_manifest, fastgal.manifest.read_index
-    monkeypatch.setattr(fastgal.manifest, "load_manifest",
+    real_manifest, real_index = fastgal.shards.read.load_manifest, fastgal.shards.read.read_index
+    monkeypatch.setattr(fastgal.shards.read, "load_manifest",
                         lambda f: reads.__setitem__("manifest", reads["manifest"] + 1) or real_manifest(f))
-    monkeypatch.setattr(fastgal.manifest, "read_index", lambda p: reads["index"].append(Path(p).name) or real_index(p))
+    monkeypatch.setattr(fastgal.shards.read, "read_index", lambda p: reads["index"].append(Path(p).name) or real_index(p))
     run = tmp_path / "run"
     old = os.umask(0o027)  # files must get the umask's modes like a plain write, not mkstemp's 0600
     try:
@@ -185,9 +185,9 @@ def test_train_option_errors(small_shards, tmp_path, monkeypatch):
     assert len(res.output.strip().splitlines()) == 1
     res = run_cli("train", small_shards, "--out", r, "--size", 56, "--crop", 72, "--bs", 5000, ok=False)
     assert res.exit_code != 0 and "lower --bs" in res.output
-    import fastgal.loaders
+    import fastgal.load.loader
 
-    monkeypatch.setattr(fastgal.loaders, "dali_available", lambda: False)
+    monkeypatch.setattr(fastgal.load.loader, "dali_available", lambda: False)
     res = run_cli("train", small_shards, "--out", r, "--size", 56, "--loader", "dali", ok=False)
     assert res.exit_code != 0 and "--loader torch" in res.output
     assert not (r / "metrics.json").exists()
@@ -215,7 +215,7 @@ def test_train_refuses_index_files_of_another_format(small_shards, tmp_path):
 def test_the_summary_reads_as_a_person_would(small_run):
     """Issue 22, case 5: '1 epoch', and the TTA spread as what it is (the views' disagreement), not a failed
     calibration; metrics.json keeps its coverage figures."""
-    from fastgal.report import format_metrics
+    from fastgal.score.summary import format_metrics
 
     m = json.loads((small_run / "metrics.json").read_text())
     text = format_metrics(m)
@@ -317,11 +317,11 @@ def test_sigterm_stops_train_as_ctrl_c_does(small_shards, tmp_path):
 def test_train_opt_option(small_shards, small_run, tmp_path, monkeypatch):
     """--opt reaches the Learner and config.json (small_run trained with the default, fastgal's ranger):
     every optimizer the run makes is fastai's Lookahead(RAdam), and it stepped; an unknown name is refused."""
-    import fastgal.learner
+    import fastgal.train.learner
     from fastai.optimizer import Lookahead
 
     assert json.loads((small_run / "config.json").read_text())["opt"] == "ranger"
-    made, real = [], fastgal.learner.optimizer
+    made, real = [], fastgal.train.learner.optimizer
 
     def spy(name):  # the opt_func make_learner gets for --opt, recording each optimizer it makes
         f = real(name)
@@ -332,7 +332,7 @@ def test_train_opt_option(small_shards, small_run, tmp_path, monkeypatch):
 
         return opt_func
 
-    monkeypatch.setattr(fastgal.learner, "optimizer", spy)
+    monkeypatch.setattr(fastgal.train.learner, "optimizer", spy)
     run = tmp_path / "fastai-ranger"
     run_cli("train", small_shards, "--out", run, "--epochs", 1, "--bs", 32, "--arch", "xresnet18", "--size", 56,
             "--quiet", "--opt", "fastai-ranger")
@@ -385,7 +385,7 @@ def test_the_cpu_preset_sizes_train_for_a_cpu(small_shards, tmp_path):
     """Issue 22, case 2: --preset (auto: cpu on a CPU, the recipe on a GPU) fills the settings not given from
     config.CPU_RECIPE or RECIPE; what is given wins; the input size follows the shards' crop (7/9: 72 -> 56) in
     either preset; config.json records the preset, every value and which ones the preset set."""
-    from fastgal.config import CPU_RECIPE, RECIPE
+    from fastgal.recipe import CPU_RECIPE, RECIPE
 
     a = tmp_path / "auto"
     res = run_cli("train", small_shards, "--out", a, "--epochs", 1, "--device", "cpu", "--workers", 1)
@@ -413,7 +413,7 @@ def test_the_cpu_preset_sizes_train_for_a_cpu(small_shards, tmp_path):
 def test_epochs_count_from_1_everywhere(small_run):
     """Issue 22, case 5: the progress lines count epochs from 1, and so do history.csv, metrics.json's best_epoch
     and the summary (fastai's Recorder counts from 0; fastgal converts once, where it writes history.csv)."""
-    from fastgal.report import format_metrics
+    from fastgal.score.summary import format_metrics
 
     m = json.loads((small_run / "metrics.json").read_text())
     hist = pd.read_csv(small_run / "history.csv")
@@ -481,9 +481,9 @@ def test_stderr_is_one_line_per_step_off_a_terminal_and_redraws_only_on_one(smal
 def test_the_observable_reference_is_that_of_the_bands_the_shards_hold(tmp_path):
     """gri shards of a ugriz survey are judged against what g, r, i show (0.1012), not the survey's five
     bands (0.1009); JPEG shards are gri; bands synth cannot write have no reference to give."""
-    from fastgal.floor import reference_for
-    from fastgal.report import format_metrics
-    from fastgal.train import synth_floor
+    from fastgal.survey.floor import reference_for
+    from fastgal.score.summary import format_metrics
+    from fastgal.run import synth_floor
 
     survey = tmp_path / "survey"
     (survey / "data").mkdir(parents=True)

@@ -55,7 +55,7 @@ except ImportError:  # a checkout that is not installed: use it, and tell the su
     _root = str(Path(__file__).resolve().parents[1])
     sys.path.insert(0, _root)
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [_root, os.environ.get("PYTHONPATH")]))
-from fastgal.config import RECIPE  # noqa: E402
+from fastgal.recipe import RECIPE  # noqa: E402
 from fastgal.util import atomic_path, stop_on_sigterm, write_bytes_atomic, write_json_atomic  # noqa: E402
 
 # the most valuable answers first: does it run, how fast is the recipe, how does it compare, does predict agree,
@@ -344,21 +344,21 @@ def step_predict(run: Runner, p: Params, work: Path) -> dict:
 # --------------------------------------------------------------------------- workers (in-process work)
 
 def _loaders(p: Params, shards: Path, backend: str, device: str, threads: int):
-    from fastgal.loaders import dataloaders
+    from fastgal.load.loader import dataloaders
 
     return dataloaders(shards, bs=p.bs, size=p.size, crop=p.crop, device=device, backend=backend, threads=threads, seed=42)
 
 
 def work_decode(p: Params, work: Path) -> dict:
-    """images/s of the JPEG decoders alone over the training shards: torch's batched decode (fastgal.decode:
+    """images/s of the JPEG decoders alone over the training shards: torch's batched decode (fastgal.load.decode:
     nvJPEG on CUDA, libjpeg-turbo threads on the CPU) and, where installed, DALI's mixed (GPU) and CPU
     decoders; and nvJPEG's pixels against libjpeg-turbo's (chroma upsampling shifts colours, the signal)."""
     from concurrent.futures import ThreadPoolExecutor
 
     import torch
 
-    from fastgal.decode import decode_batch, decoder_name
-    from fastgal.loaders import dali_available
+    from fastgal.load.decode import decode_batch, decoder_name
+    from fastgal.load.loader import dali_available
     from fastgal.util import default_workers
 
     split = _loaders(p, work / "shards", "torch", "cpu", 0).train.split  # the shard and index lists
@@ -475,7 +475,7 @@ def work_equality(p: Params, work: Path) -> dict:
     """Every data path on the same samples with the same draws (see the module docstring, step 3)."""
     import gc
 
-    from fastgal.loaders import dali_available
+    from fastgal.load.loader import dali_available
     from fastgal.util import default_workers
 
     sh, threads = work / "shards", default_workers()
@@ -498,7 +498,7 @@ def work_equality(p: Params, work: Path) -> dict:
         comps.update({f"tta {v}: {n}": c for n, c in _compare(views, k, std, p.p99_tol, p.mean_tol, on_cuda).items()})
         del views
         gc.collect()
-    # one seed: every path reads the same order with the same augmentation draws (fastgal.order)
+    # one seed: every path reads the same order with the same augmentation draws (fastgal.load.order)
     comps.update({f"train: {n}": c for n, c in _compare({n: d.train for n, d in dls.items()}, k, std,
                                                        p.train_p99_tol, p.mean_tol, on_cuda).items()})
     for n in dls:
@@ -561,8 +561,8 @@ class _EpochDevice:
 def _model_rate(p: Params, work: Path) -> float | None:
     """Model-only images/s (forward + backward + step on one synthetic batch reused on the device) through
     `fastgal bench --what model` in this process: what no data path can beat, measured in the same run."""
-    from fastgal.bench import bench
-    from fastgal.config import BenchConfig
+    from fastgal.bench.main import bench
+    from fastgal.options import BenchConfig
 
     res = bench(BenchConfig(shards=work / "shards", what="model", arch=p.arch, bs=p.bs, size=p.size, device=p.device,
                             batches=p.model_batches, warmup=p.model_warmup, repeats=1, quiet=True))
@@ -588,10 +588,10 @@ def _projection(hist: list[dict], n_valid_frac: float, epochs: int) -> dict:
 
 
 def _recipe(p: Params, work: Path, loader: str, folder: Path) -> dict:
-    """The full recipe through fastgal.train.train, in this process (peak GPU memory, utilisation)."""
-    from fastgal.config import TrainConfig
-    from fastgal.manifest import Shards
-    from fastgal.train import train
+    """The full recipe through fastgal.run.train, in this process (peak GPU memory, utilisation)."""
+    from fastgal.options import TrainConfig
+    from fastgal.shards.read import Shards
+    from fastgal.run import train
 
     cfg = TrainConfig(shards=work / "shards", out=folder, epochs=p.epochs, bs=p.bs, arch=p.arch, size=p.size,
                       tta=True, device=p.device, precision="bf16" if cuda(p) else "fp32", quiet=True,
@@ -630,13 +630,13 @@ def _recipe(p: Params, work: Path, loader: str, folder: Path) -> dict:
 
 
 def work_recipe(p: Params, work: Path) -> dict:
-    from fastgal.loaders import pick_backend
+    from fastgal.load.loader import pick_backend
 
     return _recipe(p, work, pick_backend("auto", p.device), work / "run")
 
 
 def work_peer(p: Params, work: Path) -> dict:
-    from fastgal.loaders import dali_available
+    from fastgal.load.loader import dali_available
 
     if not dali_available():
         raise Skip("DALI not installed: the recipe step ran the batched loader already")

@@ -1,1 +1,1 @@
-../fastgal/metallicity_sample.sql
+../fastgal/survey/metallicity_sample.sql

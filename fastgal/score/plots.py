@@ -1,0 +1,164 @@
+"""PNG figures a person can open: sample cutouts, loss curves, lr_find, predicted vs true, residuals, MZR,
+the coverage of predicted uncertainties.
+
+A leaf module: it takes arrays and paths, never pipelines or learners.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import matplotlib
+
+if "ipykernel" not in sys.modules:  # the commands write files only, never a window; a notebook keeps its inline plots
+    matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def loss_curves(train_iters, train_losses, epoch_iters, valid_rmse, out: Path, title: str = "",
+                loss_name: str = "RMSE") -> Path:
+    """Training loss per batch (smoothed by fastai) and validation RMSE per epoch. A loss other than the
+    RMSE (the gaussian head's NLL, which goes negative) gets its own linear axis on the right."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    lax = ax if loss_name == "RMSE" else ax.twinx()
+    lax.plot(train_iters, train_losses, label=f"train loss ({loss_name}, smoothed)", lw=1, color="C0")
+    if len(valid_rmse):
+        ax.plot(epoch_iters, valid_rmse, "o-", label="valid RMSE", color="C1")
+    ax.set_xlabel("batch")
+    ax.set_ylabel("dex")
+    ax.set_yscale("log")
+    if lax is not ax:
+        lax.set_ylabel(loss_name)
+    # one legend for both axes, drawn on the top one
+    lines = [ln for a in dict.fromkeys((lax, ax)) for ln in a.get_lines()]
+    lax.legend(lines, [ln.get_label() for ln in lines])
+    ax.set_title(title or "loss")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def lr_find_plot(lrs, losses, suggested: float, out: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(lrs, losses)
+    ax.axvline(suggested, color="r", ls="--", label=f"suggested (valley) {suggested:.2e}")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.set_title("lr_find")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+DENSITY_ABOVE = 2000  # points: above this a scatter plot is a blob, so draw the density (hexbin) instead
+
+
+def _points(ax, x, y, extent=None):
+    if len(x) > DENSITY_ABOVE:
+        ax.hexbin(x, y, gridsize=60, mincnt=1, bins="log", cmap="viridis", extent=extent)
+    else:
+        ax.scatter(x, y, s=6, alpha=0.6)
+
+
+def _band(ax, band: dict, label: str, color: str = "C1"):
+    """A running median with its 16-84% band (diagnostics.running_band)."""
+    ax.plot(band["x"], band["p50"], color=color, lw=1.5, label=label)
+    ax.fill_between(band["x"], band["p16"], band["p84"], color=color, alpha=0.25, lw=0)
+
+
+def pred_vs_true(true, pred, out: Path, name: str = "metallicity", stats: dict | None = None) -> Path:
+    """Predicted vs true (a density plot when there are many points) with the 1:1 line, the running
+    median and 16-84% band of the prediction at fixed truth, and RMSE/NMAD in the corner."""
+    from fastgal.score.diagnostics import running_band
+
+    true, pred = np.asarray(true), np.asarray(pred)
+    fig, ax = plt.subplots(figsize=(5, 5))
+    lo, hi = float(min(true.min(), pred.min())), float(max(true.max(), pred.max()))
+    _points(ax, true, pred, (lo, hi, lo, hi))
+    _band(ax, running_band(true, pred), "median, 16-84%")
+    ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="1:1")
+    ax.set_xlim(lo, hi)
+    ax.set_ylim(lo, hi)
+    ax.set_xlabel(f"true {name}")
+    ax.set_ylabel(f"predicted {name}")
+    if stats:
+        ax.text(0.04, 0.96, "\n".join(f"{k} {v:.4f}" for k, v in stats.items()), transform=ax.transAxes,
+                va="top", fontsize=9, bbox=dict(facecolor="white", alpha=0.8))
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def residuals(true, pred, out: Path, name: str = "metallicity") -> Path:
+    """predicted - true against the true and against the predicted value, each with its running median and
+    16-84% band: regression to the mean shows as a tilt in the left panel."""
+    from fastgal.score.diagnostics import running_band
+
+    true, pred = np.asarray(true), np.asarray(pred)
+    d = pred - true
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, x, label in ((axes[0], true, f"true {name}"), (axes[1], pred, f"predicted {name}")):
+        _points(ax, x, d)
+        _band(ax, running_band(x, d), "median, 16-84%")
+        ax.axhline(0, color="k", ls="--", lw=1)
+        ax.set_xlabel(label)
+    axes[0].set_ylabel("predicted - true (dex)")
+    axes[0].legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def mzr_plot(mass, true, pred, fits: dict, out: Path) -> Path:
+    """The mass-metallicity relation from the true and from the predicted metallicity, with each fit and
+    the scatter about it (fits = diagnostics.summarise(...)["mzr"])."""
+    mass, true, pred = np.asarray(mass), np.asarray(true), np.asarray(pred)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    grid = np.linspace(*fits["true"]["mass_range"], 100)
+    for ax, z, key in ((axes[0], true, "true"), (axes[1], pred, "pred")):
+        _points(ax, mass, z)
+        for k, color in (("true", "C3"), ("pred", "C1")):
+            f = fits[k]
+            ax.plot(grid, np.polyval(f["coefficients"], grid), color=color, lw=1.5 if k == key else 1,
+                    ls="-" if k == key else ":", label=f"fit to {k}: scatter {f['rmse']:.3f} dex")
+        ax.set_xlabel("log stellar mass")
+        ax.set_title(f"{'true' if key == 'true' else 'predicted'} metallicity")
+        ax.legend(loc="lower right", fontsize=8)
+    axes[0].set_ylabel("12 + log(O/H)")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def coverage_plot(abs_z: dict, out: Path, k_max: float = 3.0) -> Path:
+    """Observed fraction of |error| / sigma <= k against k, for each named sigma ({label: |z| per galaxy}),
+    beside a Gaussian's erf(k / sqrt 2): a curve below it is overconfident, above it underconfident."""
+    from math import erf, sqrt
+
+    k = np.linspace(0, k_max, 121)
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot(k, [erf(v / sqrt(2)) for v in k], "k--", lw=1, label="Gaussian expectation")
+    for label, z in abs_z.items():
+        z = np.sort(np.asarray(z, np.float64))
+        ax.plot(k, np.searchsorted(z, k, side="right") / max(len(z), 1), lw=1.5, label=label)
+    for v in (1, 2):
+        ax.axvline(v, color="0.8", lw=0.8, zorder=0)
+    ax.set_xlim(0, k_max)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("k  (|predicted - true| <= k sigma)")
+    ax.set_ylabel("fraction of galaxies")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

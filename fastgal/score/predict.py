@@ -1,0 +1,212 @@
+"""A trained model applied to data: a shard split or a folder of cutouts (JPEG, or FITS bands for a model
+trained on them) -> a table of predictions.
+
+    fastgal predict runs/r1 shards/synth --split valid --out preds.csv
+    fastgal predict runs/r1 data/new/images --out preds.csv --tta
+
+`predict_split` is the one prediction path over shards: `fastgal train` calls it for the validation set
+(predictions_valid.csv) and `fastgal predict` for any split, so both compute the same numbers the same
+way. The run's model.pt carries everything needed: architecture, target names and scaling, the
+training pixel statistics (inputs are normalised with those, never with the new data's), and the crop
+geometry. A JPEG folder goes through geometry.transform with the same views. Every input ends up in
+the output: JPEGs that cannot be used get a row with an empty prediction and the reason.
+
+Columns: id, then per target true_<t> (shards), pred_<t>, sigma_<t> (a gaussian-head model's σ; for a
+JPEG folder with --tta the mean over the 8 views of each view's σ), pred_tta_<t> and sigma_tta_<t>
+(--tta: the mean and spread of the 8 dihedral views' predictions, for either head).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from fastgal.train.checkpoints import inference, load_checkpoint
+from fastgal.options import PredictConfig
+from fastgal.shards.cutouts import ImageRules, check_image
+from fastgal.load.decode import decoder
+from fastgal.train.device import resolve_device
+from fastgal.score.diagnostics import calibration, summarise
+from fastgal.load.geometry import CENTRE, TTA_VIEWS, Geometry, transform
+from fastgal.train.heads import split as split_heads
+from fastgal.train.heads import view_stats
+from fastgal.load.loader import Loader, thread_budget, worker_context
+from fastgal.load.preprocess import geometry_for
+from fastgal.shards.read import Shards, Split
+from fastgal.util import write_bytes_atomic
+
+ESTIMATES = ("pred", "sigma", "pred_tta", "sigma_tta")  # the column prefixes, in the order they are written
+
+
+def _run(forward, batches) -> tuple[np.ndarray, np.ndarray]:
+    """(model outputs, targets) over a loader."""
+    preds, ys = [], []
+    for x, y in batches:
+        preds.append(forward(x).cpu())
+        ys.append(y.float().cpu())
+    return torch.cat(preds).numpy(), torch.cat(ys).numpy()
+
+
+def table(ids, targets: list[str], est: dict, true: np.ndarray | None = None, true_names: list[str] | None = None,
+          bad=None, **first) -> pd.DataFrame:
+    """The predictions table: id, `first` columns, then per target true_<t>, pred_<t>, sigma_<t>,
+    pred_tta_<t>, sigma_tta_<t> (those that exist; NaN in the rows marked `bad`). true_names: the true
+    values' targets where they are not the model's (their columns then come first)."""
+    cols = {"id": list(ids), **first}
+    if true is not None and true_names not in (None, targets):
+        cols.update({f"true_{t}": true[:, j] for j, t in enumerate(true_names)})
+        true = None
+    for j, t in enumerate(targets):
+        if true is not None:
+            cols[f"true_{t}"] = true[:, j]
+        for name in ESTIMATES:
+            if est.get(name) is not None:
+                col = est[name][:, j].astype(np.float64)
+                if bad is not None:
+                    col[bad] = np.nan
+                cols[f"{name}_{t}"] = col
+    return pd.DataFrame(cols)
+
+
+def predict_split(forward, split: Split, geometry: Geometry, targets: list[str], *, bs: int, device, backend: str = "auto",
+                  threads: int = 2, tta: bool = False) -> pd.DataFrame:
+    """Every sample of a split, in file order: forward (x -> model outputs, see checkpoint.inference) on the
+    centre view, and with tta on the 8 dihedral views; the table with the true values."""
+    dl = Loader(split, CENTRE, geometry, bs=bs, device=device, backend=backend, threads=threads)
+    k = len(targets)
+    out, true = _run(forward, dl)
+    if len(split.keys) != len(out):
+        raise RuntimeError(f"{len(out)} predictions for {len(split.keys)} samples in {split.name}: shards and index disagree")
+    est = dict(zip(("pred", "sigma"), split_heads(out, k)))
+    if tta:
+        est["pred_tta"], est["sigma_tta"] = view_stats([split_heads(_run(forward, v)[0], k)[0] for v in dl.tta()])
+    return table(split.keys, targets, est, true, true_names=split.shards.targets)
+
+
+def _predict_shards(cfg: PredictConfig, forward, ckpt, device) -> pd.DataFrame:
+    shards = Shards(cfg.input)
+    if shards.image_size != list(ckpt["image_size"]) or shards.precrop != ckpt.get("precrop"):
+        raise ValueError(f"{cfg.input} holds {shards.image_size} px images (precrop {shards.precrop}) "
+                         f"but the model was trained on {ckpt['image_size']} (precrop {ckpt.get('precrop')}); re-shard to match")
+    kind = ckpt.get("image_kind", "jpeg")
+    if shards.kind != kind or (kind == "float" and shards.bands != list(ckpt["bands"])):
+        what = lambda k, b: "JPEGs" if k == "jpeg" else f"FITS bands {','.join(b)}"  # noqa: E731
+        raise ValueError(f"{cfg.input} holds {what(shards.kind, shards.bands)} but the model was trained on "
+                         f"{what(kind, ckpt.get('bands'))}; shard the cutouts as the model's shards were made")
+    # normalised with the model's training statistics (and stretch), cropped as it was trained
+    soft = ckpt.get("softening")
+    geo = geometry_for(shards, size=ckpt["size"], crop=ckpt["crop"], mean=ckpt["pixel_mean"], std=ckpt["pixel_std"],
+                       stretch="asinh" if soft else "auto" if kind == "jpeg" else "none", softening=soft)
+    frames = []
+    for part in (["train", "valid"] if cfg.split == "all" else [cfg.split]):
+        sp = shards.split(part)
+        if len(sp):
+            df = predict_split(forward, sp, geo, list(ckpt["targets"]), bs=cfg.bs, device=device, backend=cfg.loader,
+                               threads=thread_budget(cfg.workers), tta=cfg.tta)
+            df.insert(1, "split", part)
+            frames.append(df)
+    return pd.concat(frames, ignore_index=True)
+
+
+class _Files(torch.utils.data.Dataset):
+    """Cutout files -> (views, index, why): each file checked exactly as `fastgal shard` checks a cutout
+    (cutouts.check_image: a full decode, RGB, the survey's size or at least the precrop, not blank; the same
+    reasons; FITS: the model's bands, finite, storable), the bytes shard would store (the re-encoded centre
+    for a --precrop model; FITS bands in the model's storage dtype) read as the loaders read them and
+    transformed into every view (centre, or the 8 dihedral ones for TTA); unusable files give zeros and the
+    reason."""
+
+    def __init__(self, files, geometry: Geometry, views, rules: ImageRules):
+        self.files, self.geometry, self.views, self.rules = files, geometry, list(views), rules
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        s = self.geometry.size
+        zeros = torch.zeros(len(self.views), self.geometry.channels, s, s)
+        c = check_image(i, str(self.files[i]), self.rules)
+        if c.reason:
+            return zeros, i, f"{c.reason}: {c.detail}"
+        if c.meta is not None:  # FITS bands, as stored in a shard
+            arr = np.frombuffer(c.data, "<f2" if c.meta["dtype"] == "float16" else "<f4").reshape(c.meta["shape"])
+            img = torch.from_numpy(arr.astype(np.float32))
+        else:
+            img = decoder()[1]([torch.frombuffer(bytearray(c.data), dtype=torch.uint8)], "cpu")[0]
+        return torch.stack([transform(img, self.geometry, v) for v in self.views]), i, ""
+
+
+def _predict_images(cfg: PredictConfig, forward, ckpt, device) -> pd.DataFrame:
+    # every file gets a row (one that is not a JPEG gets its reason), but hidden ones (.DS_Store, editors' files)
+    files = sorted(p for p in Path(cfg.input).iterdir() if p.is_file() and not p.name.startswith("."))
+    fits = ckpt.get("image_kind") == "float"
+    if not files:
+        raise ValueError(f"no files in {cfg.input}; give a folder of {'.fits' if fits else '.jpg'} cutouts or a shard folder")
+    pre, stored = ckpt.get("precrop"), tuple(ckpt["image_size"])
+    # as the model's shards were made: the survey's size, or any size at least the precrop, stored as its centre
+    rules = ImageRules(crop=ckpt["crop"], precrop=pre, expect=None if pre else stored, region=ckpt["crop"], stored=stored,
+                       bands=tuple(ckpt["bands"]) if fits else None, dtype=ckpt.get("dtype", "float16"))
+    geo = Geometry(size=ckpt["size"], crop=pre or ckpt["crop"], precropped=bool(pre), mean=ckpt["pixel_mean"],
+                   std=ckpt["pixel_std"], softening=ckpt.get("softening"))
+    workers = min(thread_budget(cfg.workers), 4)
+    dl = torch.utils.data.DataLoader(_Files(files, geo, TTA_VIEWS if cfg.tta else [CENTRE], rules),
+                                     batch_size=cfg.bs, num_workers=workers, **worker_context(device, workers))
+    k, status = len(ckpt["targets"]), [""] * len(files)
+    parts: dict[str, list] = {"pred": [], "sigma": [], "sigma_tta": []}
+    for x, idx, why in dl:
+        b, v = x.shape[:2]
+        mu, sigma = split_heads(forward(x.flatten(0, 1).to(device)).view(b, v, -1), k)  # (b, views, k)
+        parts["pred"].append(mu.mean(1))  # mean over views
+        parts["sigma"].append(sigma.mean(1) if sigma is not None else None)
+        parts["sigma_tta"].append(mu.std(1) if cfg.tta else None)
+        for i, w in zip(idx.tolist(), why):
+            status[i] = w
+    # with --tta the 8 views' mean is the only prediction here: pred_tta_<t>
+    est = {("pred_tta" if n == "pred" and cfg.tta else n): np.concatenate(a) if a[0] is not None else None
+           for n, a in parts.items()}
+    df = table([p.stem for p in files], list(ckpt["targets"]), est, bad=np.array([bool(s) for s in status]),
+               file=[str(p) for p in files])
+    df["status"] = ["ok" if not s else s.split(":")[0] for s in status]
+    df["reason"] = [s.split(": ", 1)[1] if ": " in s else "" for s in status]
+    return df
+
+
+def diagnose(df: pd.DataFrame) -> dict:
+    """Where the input knew the truth (shards): diagnostics.summarise per target, of the TTA prediction
+    when there is one; the calibration of sigma_<t> (against pred_<t>) and of sigma_tta_<t> (against
+    pred_tta_<t>) where the model or --tta gave them."""
+    out = {}
+    for c in [c for c in df.columns if c.startswith("true_")]:
+        t = c[5:]
+        p = f"pred_tta_{t}" if f"pred_tta_{t}" in df else f"pred_{t}"
+        if p not in df:
+            continue
+        true = df[c].to_numpy()
+        out[t] = {"prediction": p, **summarise(true, df[p].to_numpy())}
+        for key, pc, sc in (("calibration", f"pred_{t}", f"sigma_{t}"), ("tta_calibration", f"pred_tta_{t}", f"sigma_tta_{t}")):
+            if pc in df and sc in df:
+                out[t][key] = calibration(true, df[pc].to_numpy(), df[sc].to_numpy())
+    return out
+
+
+def predict_table(cfg: PredictConfig, forward, meta: dict, device) -> pd.DataFrame:
+    """The table for cfg.input (a shard folder's cfg.split, or a folder of JPEGs): forward (x -> outputs) and
+    meta (model.pt's metadata: targets, geometry, pixel statistics) say how to feed the model."""
+    inp = Path(cfg.input)
+    if not inp.is_dir():
+        raise ValueError(f"{inp} is not a folder; give a shard folder (with manifest.json) or a folder of .jpg cutouts")
+    run = _predict_shards if (inp / "manifest.json").exists() else _predict_images
+    return run(cfg, forward, meta, device)
+
+
+def predict(cfg: PredictConfig) -> tuple[pd.DataFrame, Path]:
+    """`fastgal predict`: the run's model on a shard folder (cfg.split) or a folder of JPEGs; writes the CSV."""
+    device = resolve_device(cfg.device)
+    model, ckpt = load_checkpoint(cfg.run, device)
+    df = predict_table(cfg, inference(model, ckpt, device), ckpt, device)  # the training precision and memory format on a GPU
+    out = Path(cfg.out) if cfg.out else Path(cfg.run) / f"predictions_{Path(cfg.input).resolve().name}.csv"
+    write_bytes_atomic(out, df.to_csv(index=False, float_format="%.5f").encode())
+    return df, out
