@@ -9,8 +9,8 @@ the same split), the FITS ones as gri and ugriz, float16, plus gri float32 (what
 Each trains with the CPU preset (`fastgal demo`'s on a CPU: xresnet18 at 56 px, bs 64, fit_one_cycle(8, 1e-2),
 TTA; the floats with the manifest's asinh stretch, softening = each band's sky noise), in a fresh process per
 run, as a person runs it. Reports per variant: bytes per sample in the tars, loader img/s (an epoch of the
-TRAIN view through the torch workers and the batched path, best of --repeats rounds that interleave every
-variant and backend, one process, same bs and threads), the
+TRAIN view through the torch loader, best of --repeats rounds that interleave every variant, one process,
+same bs and threads; until #29 also the retired per-sample worker path), the
 validation RMSE (and with TTA) beside the observable reference for the bands it sees (synth.json), and each
 run's fit seconds. Finished steps are reused (their output files), so a killed run resumes.
 Commands on stderr, a markdown table on stderr, one JSON line on stdout (--save writes it too).
@@ -51,7 +51,7 @@ def loader_rates(folders: dict[str, Path], bs: int, repeats: int, threads: int) 
     from fastgal.load.loader import dataloaders
 
     loaders = {(v, b): dataloaders(f, bs=bs, size=56, backend=b, threads=threads, device="cpu").train
-               for v, f in folders.items() for b in ("torch", "batched")}
+               for v, f in folders.items() for b in ("torch",)}
     for dl in loaders.values():  # warm-up: decode threads, the decoder's first call, the page cache
         for _ in dl:
             pass
@@ -64,7 +64,7 @@ def loader_rates(folders: dict[str, Path], bs: int, repeats: int, threads: int) 
             best[k] = max(best[k], n / (time.perf_counter() - t0))
     for dl in loaders.values():
         dl.close()
-    return {v: {b: round(best[(v, b)], 1) for b in ("torch", "batched")} for v in folders}
+    return {v: {b: round(best[(v, b)], 1) for b in ("torch",)} for v in folders}
 
 
 def main() -> None:
@@ -126,12 +126,12 @@ def _reference(syn: dict, bands: str) -> float:
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| variant | bytes/sample | loader img/s (torch workers / batched) | RMSE | TTA RMSE | observable ref. "
+    head = ("| variant | bytes/sample | loader img/s (torch) | RMSE | TTA RMSE | observable ref. "
             "| RMSE / ref. | fit s |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         lr = r["loader_img_s"]
-        lines.append(f"| {r['variant']} | {r['bytes_per_sample']:,} | {lr['torch']:,.0f} / {lr['batched']:,.0f} "
+        lines.append(f"| {r['variant']} | {r['bytes_per_sample']:,} | {lr['torch']:,.0f} "
                      f"| {r['rmse']:.4f} | {r['tta_rmse']:.4f} | {r['observable_reference']:.4f} "
                      f"| {r['rmse_over_reference']:.3f} | {r['fit_seconds']:.0f} |")
     return "\n".join(lines)

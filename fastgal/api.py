@@ -15,8 +15,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from fastgal.recipe import RECIPE
 from fastgal.options import PredictConfig
+from fastgal.recipe import RECIPE
 
 
 def recipe_learner(dls, *, arch: str = RECIPE.arch, head: str = "rmse", opt: str = "ranger", precision: str = "auto",
@@ -69,9 +69,9 @@ def predict(model, data, *, split: str = "valid", tta: bool = False, bs: int = 2
         df = fastgal.predict("runs/r1", "shards/synth", tta=True)
         df = fastgal.predict(learn, "images/")            # the Learner's model on new cutouts
     """
+    from fastgal.score.predict import predict_table
     from fastgal.train.checkpoints import inference, load_checkpoint
     from fastgal.train.device import resolve_device
-    from fastgal.score.predict import predict_table
 
     if isinstance(model, (str, Path)):
         dev = resolve_device(device or "auto")

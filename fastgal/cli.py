@@ -23,7 +23,6 @@ from pathlib import Path
 import click
 
 from fastgal import __version__
-from fastgal.recipe import PRESETS
 from fastgal.options import (
     BenchConfig,
     DemoConfig,
@@ -33,6 +32,7 @@ from fastgal.options import (
     SynthConfig,
     TrainConfig,
 )
+from fastgal.recipe import PRESETS
 from fastgal.score.summary import calibration_lines, format_metrics
 from fastgal.shards.verify import format_info, info_summary
 from fastgal.util import sigterm_unwinds

@@ -12,12 +12,11 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-
 from fastgal.options import DemoConfig, ShardConfig, SynthConfig, TrainConfig
-from fastgal.train.device import resolve_device
+from fastgal.run import train
 from fastgal.shards.write import shard
 from fastgal.survey.synth import synth
-from fastgal.run import train
+from fastgal.train.device import resolve_device
 from fastgal.util import write_json_atomic
 
 

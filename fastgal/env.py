@@ -172,8 +172,8 @@ def diagnose(info: dict) -> list[str]:
                    f"{nv['driver']}: {fix}")
     if not d["importable"]:
         why = "not installed" if not d["distribution"] else f"installed ({d['distribution']}) but does not import: {d['error']}"
-        out.append(f"NVIDIA DALI is {why}; --loader auto takes the batched torch loader on a GPU and the torch "
-                   "worker loader on a CPU, and --loader dali fails")
+        out.append(f"NVIDIA DALI is {why}; --loader auto takes the torch loader (nvJPEG + one resample on a GPU), "
+                   "and --loader dali fails")
     return out
 
 
@@ -202,7 +202,7 @@ def probe_decoder(dali: bool) -> dict:
         name, error = None, str(e)
     return {"name": name, "version": dist_version(name) if name else None, "error": error,
             "torchcodec": dist_version("torchcodec"),
-            "auto_loader": {"cpu": "torch", "cuda": "dali" if dali else "batched"}}
+            "auto_loader": {"cpu": "torch", "cuda": "dali" if dali else "torch"}}
 
 
 def gather() -> dict:

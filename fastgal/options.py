@@ -46,9 +46,8 @@ QUIET = "No progress on stderr."
 WORKERS = "Processes; 0 = all cores."
 DEVICES = ["auto", "cpu", "cuda"]
 LOADERS = ["auto", "dali", "torch", "batched"]
-LOADER_HELP = ("Data path. dali: NVIDIA DALI's graph; torch: per sample in DataLoader workers on the CPU; "
-               "batched: per batch with torch only (nvJPEG decode and one resample on a GPU); "
-               "auto: DALI on a GPU where installed, else batched; torch on a CPU.")
+LOADER_HELP = ("Data path. dali: NVIDIA DALI's graph; torch: per batch with torch only (one decode call, nvJPEG on a "
+               "GPU, and one resample); auto: DALI on a GPU where installed, else torch. batched: torch's former name.")
 OPTIMIZERS = ["ranger", "fastai-ranger"]
 HEADS = ["rmse", "gaussian"]
 OPT_HELP = ("ranger: fastai's ranger computed over flat buffers, ~12 tensor ops a step (the same results); "

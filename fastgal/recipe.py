@@ -9,7 +9,6 @@ picks RECIPE or CPU_RECIPE for the settings a user did not give.
 
 from __future__ import annotations
 
-from __future__ import annotations
 from dataclasses import dataclass, replace
 
 
@@ -71,3 +70,10 @@ def input_size(crop: int) -> int:
 
 
 ARCH_NAMES = ["xresnet18", "xresnet34", "xresnet50", "xresnet18_deep", "xresnet34_deep"]  # model.ARCHS, checked by click
+
+
+def centre_offset(side: int, crop: int) -> int:
+    """Where a centred crop of `crop` px starts in `side` px: fastai's CropPad / center crop, (side - crop) // 2,
+    rounded down where side - crop is odd. The one rule for every centred crop fastgal makes: shard's --precrop
+    and statistics, the FITS region, the loaders (torch and DALI), predict on a folder."""
+    return (side - crop) // 2

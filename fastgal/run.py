@@ -42,21 +42,33 @@ import pandas as pd
 import torch
 from fastai.torch_core import set_seed
 
-from fastgal.train.callbacks import DDP, EpochSeed, best_epoch_callback
-from fastgal.train.checkpoints import EpochCheckpoint, read_checkpoint
-from fastgal.train.checkpoints import image_meta, inference, save_checkpoint
-from fastgal.recipe import PRESET_FIELDS, RECIPE
-from fastgal.options import TrainConfig, to_jsonable
-from fastgal.train.device import resolve_device, resolve_precision
-from fastgal.score.diagnostics import calibration, summarise
 from fastgal.env import versions
-from fastgal.train.learner import make_learner
 from fastgal.load.loader import dataloaders, thread_budget
 from fastgal.load.preprocess import resolve_stretch
-from fastgal.shards.read import Shards
-from fastgal.train.model import make_model
-from fastgal.score.plots import coverage_plot, loss_curves, lr_find_plot, mzr_plot, pred_vs_true, residuals
+from fastgal.options import TrainConfig, to_jsonable
+from fastgal.recipe import PRESET_FIELDS, RECIPE
+from fastgal.score.diagnostics import calibration, summarise
+from fastgal.score.plots import (
+    coverage_plot,
+    loss_curves,
+    lr_find_plot,
+    mzr_plot,
+    pred_vs_true,
+    residuals,
+)
 from fastgal.score.predict import predict_split
+from fastgal.shards.read import Shards
+from fastgal.train.callbacks import DDP, EpochSeed, best_epoch_callback
+from fastgal.train.checkpoints import (
+    EpochCheckpoint,
+    image_meta,
+    inference,
+    read_checkpoint,
+    save_checkpoint,
+)
+from fastgal.train.device import resolve_device, resolve_precision
+from fastgal.train.learner import make_learner
+from fastgal.train.model import make_model
 from fastgal.util import Progress, write_bytes_atomic, write_json_atomic
 
 CHECKPOINT = "checkpoint.pth"

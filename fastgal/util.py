@@ -23,7 +23,6 @@ from itertools import islice
 from multiprocessing import get_context
 from pathlib import Path
 
-
 # --------------------------------------------------------------------------- files
 
 def umask() -> int:

@@ -14,7 +14,7 @@ import pytest
 from conftest import dali_importable, run_cli
 
 # DALI is a backend only where it is installed (make test's second pass blocks it)
-BACKENDS = {"fastai", "torch", "batched"} | ({"dali"} if dali_importable() else set())
+BACKENDS = {"fastai", "torch"} | ({"dali"} if dali_importable() else set())
 
 TINY = ("--size", 56, "--arch", "xresnet18", "--batches", 2, "--warmup", 1, "--repeats", 1,
         "--bs", 16, "--workers", 1, "--quiet")
@@ -36,7 +36,7 @@ def test_bench_all_sections_json(small_shards):
     # the fastai peer reads the survey's JPEGs through the manifest's source paths
     _check_section(res["loaders"], BACKENDS)
     assert res["loaders"]["baseline"] == "fastai"
-    assert set(res["loaders"]["skipped"]) == {"fastai", "dali", "torch", "batched"} - BACKENDS
+    assert set(res["loaders"]["skipped"]) == {"fastai", "dali", "torch"} - BACKENDS
     m = res["model"]
     assert m["images_per_s"] > 0 and m["batch_shape"] == [16, 3, 56, 56] and m["arch"] == "xresnet18"
     e = res["e2e"]

@@ -72,7 +72,7 @@ def test_json_has_every_field_and_the_real_stack(tmp_path, monkeypatch):
 
     j = info["jpeg_decoder"]
     assert j["name"] == decoder()[0] == "torchvision" and j["version"] == info["torchvision"] and j["error"] is None
-    assert j["auto_loader"] == {"cpu": "torch", "cuda": "dali" if dali_importable() and not NO_DALI else "batched"}
+    assert j["auto_loader"] == {"cpu": "torch", "cuda": "dali" if dali_importable() and not NO_DALI else "torch"}
 
 
 def test_table_lists_versions_and_warnings(tmp_path, monkeypatch):
@@ -153,8 +153,8 @@ def test_dali_blocked_means_the_fallback_loader(tmp_path, monkeypatch):
     info = report(monkeypatch)
     assert info["dali"]["importable"] is False and "Error" in info["dali"]["error"]
     [w] = info["warnings"]
-    assert "batched torch loader on a GPU" in w and ("does not import" in w or "not installed" in w)
-    assert info["jpeg_decoder"]["auto_loader"]["cuda"] == "batched"
+    assert "takes the torch loader" in w and ("does not import" in w or "not installed" in w)
+    assert info["jpeg_decoder"]["auto_loader"]["cuda"] == "torch"
 
 
 def test_warn_if_gpu_unused(tmp_path, monkeypatch, capsys):

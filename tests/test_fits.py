@@ -238,7 +238,7 @@ def _epoch(folder, backend, view=TRAIN, epoch=2):
     return torch.cat([x for x, _ in dl]), torch.cat([y for _, y in dl])
 
 
-@pytest.mark.parametrize("backend", ["torch", "batched", pytest.param("dali", marks=pytest.mark.dali)])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("dali", marks=pytest.mark.dali)])
 def test_a_float_twin_lands_where_its_jpeg_lands(twins, backend):
     sj, sf = Shards(twins / "sh_jpg"), Shards(twins / "sh_fits")
     assert sj.kind == "jpeg" and sf.kind == "float" and sf.split("train").keys == sj.split("train").keys
@@ -267,13 +267,10 @@ def _mark_centre(x):
 
 @pytest.mark.dali
 def test_float_backends_agree(twins):
-    """batched (one grid_sample) and DALI (rotate) give the same float training batches; the worker path
-    differs only on the rotated border (torchvision's fill multiplies by the coverage again)."""
-    xb, _ = _epoch(twins / "sh_fits", "batched")
+    """torch (one grid_sample) and DALI (rotate) give the same float training batches."""
+    xb, _ = _epoch(twins / "sh_fits", "torch")
     xd, _ = _epoch(twins / "sh_fits", "dali")
-    xt, _ = _epoch(twins / "sh_fits", "torch")
     assert (xb - xd).abs().max().item() < 0.05  # 0-255 units: float rounding of two bilinear samplers
-    assert (xb - xt).abs().flatten().quantile(0.99).item() < 1e-3
 
 
 # --------------------------------------------------------------------------- the stretch

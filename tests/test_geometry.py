@@ -1,11 +1,13 @@
-"""fastgal.load.geometry: the views and their torch implementation (the DALI graph is held to it in test_loaders)."""
+"""fastgal.load.geometry: the views and their one torch implementation, transform_batch (the DALI graph is held to
+it in test_loaders)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from fastgal.load.geometry import CENTRE, TRAIN, Geometry, check_view, dihedral, transform
+from fastgal.load.geometry import CENTRE, TRAIN, Geometry, check_view, dihedral, transform_batch
+from fastgal.recipe import centre_offset
 
 # nothing here depends on whether DALI is installed: the no-DALI pass of `make test` leaves it out
 pytestmark = pytest.mark.dali_agnostic
@@ -15,6 +17,11 @@ G = Geometry(size=4, crop=6, precropped=False, mean=[0.0, 0.0, 0.0], std=[1.0, 1
 
 def _img():
     return torch.arange(3 * 8 * 8, dtype=torch.uint8).view(3, 8, 8)
+
+
+def transform(img, g, view, draw=None):
+    """One image through transform_batch, as a batch of one."""
+    return transform_batch(img[None], g, view, None if draw is None else tuple([v] for v in draw))[0]
 
 
 def test_the_eight_views_are_the_dihedral_group():
@@ -92,28 +99,17 @@ def test_a_marked_pixel_lands_where_the_stages_send_it(angle, pos_x, pos_y, mirr
     assert torch.equal(x[0], x[1])  # the same draw, the same output
 
 
-def test_the_batched_views_equal_the_per_image_ones():
-    """Evaluation views exactly; a training draw exactly away from the rotated region's edge, where torchvision's
-    fill (it multiplies the zero-padded sample by the coverage again) and the zero-padded resample part."""
-    from fastgal.load.geometry import transform_batch
-
+def test_the_centre_rule_is_fastais_and_every_view_follows_dalis_stage_order():
+    """recipe.centre_offset is fastai's CropPad centre, (side - crop) // 2, also where side - crop is odd; each view
+    is the region turned, its centre cropped, then mirrored (DALI's order), written here stage by stage in numpy."""
     import numpy as np
 
-    g = Geometry(size=40, crop=56, precropped=False, mean=[30.0, 20.0, 10.0], std=[2.0, 3.0, 4.0])
-    gen = torch.Generator().manual_seed(0)
-    imgs = torch.nn.functional.interpolate(torch.rand(6, 3, 9, 9, generator=gen) * 255, size=(72, 72), mode="bilinear")
-    imgs = imgs.round().to(torch.uint8)
+    assert [centre_offset(s, 8) for s in (8, 9, 10, 11, 13)] == [0, 0, 1, 1, 2]
+    g = Geometry(size=5, crop=8, precropped=False, mean=[0.0] * 3, std=[1.0] * 3)  # 11 -> 8: odd; 8 -> 5: odd
+    img = torch.arange(3 * 11 * 11, dtype=torch.uint8).view(3, 11, 11)
+    region = img.numpy()[:, 1:9, 1:9]  # (11 - 8) // 2 = 1
     for v in [CENTRE, *range(8)]:
-        want = torch.stack([transform(i, g, v) for i in imgs])
-        assert torch.equal(transform_batch(imgs, g, v), want), v
-    rng = np.random.default_rng(3)
-    d = ((rng.integers(0, 4, 6) * 90 + rng.uniform(-10, 10, 6)).astype(np.float32), rng.random(6, dtype=np.float32),
-         rng.random(6, dtype=np.float32), (rng.random(6) < 0.5).astype(np.int32))
-    got = transform_batch(imgs, g, TRAIN, d)
-    want = torch.stack([transform(imgs[i], g, TRAIN, tuple(float(a[i]) for a in d)) for i in range(6)])
-    std = torch.tensor(g.std).view(3, 1, 1)
-    inner = ((got - want) * std)[..., 9:-9, 9:-9]  # 9 px: the +-10 deg corner of a 56 px region reaches ~8 px in
-    assert float(inner.abs().max()) <= 1.0 and float((inner != 0).float().mean()) < 0.01
-    pre = Geometry(size=40, crop=56, precropped=True, mean=g.mean, std=g.std)
-    region = imgs[..., 8:64, 8:64]
-    assert torch.equal(transform_batch(region, pre, TRAIN, d), got)  # a pre-cropped batch is the region itself
+        turns, mirror = (0, False) if v == CENTRE else dihedral(v)
+        want = np.rot90(region, turns, axes=(1, 2))[:, 1:6, 1:6]  # (8 - 5) // 2 = 1, in the turned region
+        want = want[:, :, ::-1] if mirror else want
+        assert np.array_equal(transform(img, g, v).numpy(), want.astype(np.float32)), v

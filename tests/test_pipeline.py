@@ -37,13 +37,13 @@ def test_gpu_placement_in_the_declared_graph(view, image):
     from fastgal.load.dali import PipeSpec, define
 
     geo = GEO if image == "jpeg" else FLOAT5
-    spec = PipeSpec(view=view, geometry=geo, device="gpu", image=image)
+    spec = PipeSpec(view=view, geometry=geo, device="gpu", image=image, stored=(112, 112))
     with Pipeline(batch_size=2, num_threads=1, device_id=0):
         define(spec)
     for stage, node in spec.stages.items():
         assert node.device == "gpu", (stage, node.device)  # a CPU decode + .gpu() would leave "decode" on cpu
     assert ("stretch" in spec.stages) == (image != "jpeg")
-    cpu = PipeSpec(view=view, geometry=geo, device="cpu", image=image)
+    cpu = PipeSpec(view=view, geometry=geo, device="cpu", image=image, stored=(112, 112))
     with Pipeline(batch_size=2, num_threads=1, device_id=None):
         define(cpu)
     assert {n.device for n in cpu.stages.values()} == {"cpu"}
@@ -63,7 +63,9 @@ def test_precropped_shards_skip_the_centre_crop_and_views_are_checked():
         define(spec)
     assert "centre_crop" not in spec.stages
     with pytest.raises(ValueError, match="0..7"):
-        define(PipeSpec(view=8, geometry=GEO))
+        define(PipeSpec(view=8, geometry=GEO, stored=(112, 112)))
+    with Pipeline(batch_size=2, num_threads=1, device_id=None), pytest.raises(ValueError, match="stored size"):
+        define(PipeSpec(view="centre", geometry=GEO))  # where the region starts needs the images' size
 
 
 def test_the_no_dali_pass_blocks_dali_in_subprocesses_too():

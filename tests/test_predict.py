@@ -18,7 +18,7 @@ from fastgal.load.loader import Loader
 from fastgal.load.preprocess import geometry_for
 from fastgal.shards.read import Shards
 from fastgal.shards.cutouts import ImageRules
-from fastgal.score.predict import _Files
+from fastgal.score.predict import _checked
 
 
 def test_predict_on_shards_reproduces_the_run(small_run, small_shards, tmp_path):
@@ -37,10 +37,6 @@ def test_predict_on_shards_reproduces_the_run(small_run, small_shards, tmp_path)
     d = summary["diagnostics"]["metallicity"]  # shards know the truth: the TTA prediction's diagnostics
     assert d["prediction"] == "pred_tta_metallicity" and sum(b["n"] for b in d["by_true"]) == summary["rows"]
     assert summary["rmse_metallicity"] == pytest.approx(np.sqrt(np.mean((got.pred_tta_metallicity - got.true_metallicity) ** 2)), abs=1e-4)
-    # the batched loader reads the same views exactly (integer crops, quarter turns, flips): the same predictions
-    run_cli("predict", small_run, small_shards, "--split", "valid", "--tta", "--loader", "batched", "--out", tmp_path / "b.csv")
-    b = pd.read_csv(tmp_path / "b.csv", dtype={"id": str})
-    assert list(b.id) == list(got.id) and all(np.allclose(b[c], got[c], rtol=0, atol=1.01e-5) for c in ref.columns[1:])
     run_cli("predict", small_run, small_shards, "--split", "all")  # default --out: inside the run folder
     both = pd.read_csv(small_run / f"predictions_{small_shards.name}.csv", dtype={"id": str})
     man = json.loads((small_shards / "manifest.json").read_text())
@@ -112,18 +108,24 @@ def test_predict_input_errors(small_run, small_shards, survey, tmp_path):
 
 
 def test_predict_decodes_a_jpeg_folder_as_the_loaders_do(small_shards):
-    """A JPEG folder is cropped and normalised as the loaders do the shards (the centre view and the 8 TTA views)."""
+    """A JPEG folder's files become the bytes the shards hold, then go through the torch loader's own decode and
+    transform (the centre view and the 8 TTA views): the same tensors as the loader's."""
+    from fastgal.load.decode import decode_batch
+    from fastgal.load.geometry import transform_batch
+
     sh = Shards(small_shards)
     dl = Loader(sh.split("valid"), CENTRE, geometry_for(sh, size=56), bs=8, backend="torch")
     survey = small_shards.parent / "s" / "images"
     ids = dl.split.keys[:8]
     size = tuple(sh.image_size)
     rules = ImageRules(crop=72, precrop=None, expect=size, region=72, stored=size)
-    files = _Files([survey / f"{i}.jpg" for i in ids], dl.geometry, [CENTRE, *range(8)], rules)
-    got = torch.stack([files[i][0] for i in range(len(ids))])  # (8 files, 9 views, 3, 56, 56)
-    assert torch.equal(got[:, 0], dl.one_batch()[0])
+    data = [_checked(survey / f"{i}.jpg", rules) for i in ids]
+    assert all(why == "" and np.array_equal(d, dl.split.jpeg(k)) for k, (d, why) in enumerate(data))
+    imgs = decode_batch([d for d, _ in data])
+    assert torch.equal(transform_batch(imgs, dl.geometry, CENTRE), dl.one_batch()[0])
     for v in (3, 6):
-        assert torch.equal(got[:, 1 + v], dl.view_of(v).one_batch()[0])
+        assert torch.equal(transform_batch(imgs, dl.geometry, v), dl.view_of(v).one_batch()[0])
+    assert _checked(survey.parent / "data" / "master.csv", rules)[1].startswith("not-jpeg")
 
 
 @pytest.mark.slow

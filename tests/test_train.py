@@ -231,7 +231,7 @@ def test_run_records_how_it_computed(small_run):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("loader", [pytest.param("dali", marks=pytest.mark.dali), "torch", "batched"])
+@pytest.mark.parametrize("loader", [pytest.param("dali", marks=pytest.mark.dali), "torch"])
 def test_a_killed_run_resumes_to_the_same_result(small_shards, tmp_path, loader):
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     p = _train(small_shards, cut, "--loader", loader, kill_at=(1, 2), env=_own_tmp(tmp_path))  # epoch 2, batch 2

@@ -4,6 +4,9 @@ these pieces, never on main.py (which imports the sections)."""
 
 from __future__ import annotations
 
+import gc
+from contextlib import contextmanager
+
 import torch
 
 PEER = "fastai"  # the baseline name in the JSON and the table
@@ -40,3 +43,21 @@ class SyntheticLoader:
 
     def new(self, *a, **k):
         return self
+
+
+@contextmanager
+def fork_safe():
+    """Collect, then freeze the GC while the fastai peer's DataLoader forks its workers.
+
+    Workers are forked copies of this process. A DALI Pipeline that is garbage but not yet collected (the DALI
+    loader timed just before) is copied into each worker; when the worker's GC finalises it, Pipeline.__del__
+    waits on a lock held by a DALI thread that does not exist there, and the worker hangs forever. Collecting
+    first, then freezing what is left (workers never collect inherited frozen objects), removes that hazard;
+    the parent unfreezes afterwards and collects as usual.
+    """
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()

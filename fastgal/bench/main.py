@@ -6,8 +6,7 @@
 
 Five sections; loaders, model, e2e and shuffle read the same shards, batch size and geometry:
   loaders  images/s of the training loaders alone: DALI (on --device: the GPU graph on cuda), torch (per
-           sample in CPU workers), batched (torch only, per batch on --device: nvJPEG + one resample on
-           cuda), and the peer the project claims to beat, fastai's PIL DataBlock pipeline reading the original JPEGs the way the seed
+           batch on --device: one decode call, nvJPEG on cuda, and one resample), and the peer the project claims to beat, fastai's PIL DataBlock pipeline reading the original JPEGs the way the seed
            recipe did (CropPad 144 -> RandomCrop 112 item tfms, dihedral + rotate batch tfms, Normalize).
            Ratios are against that peer ("fastai"), or against the torch fallback when the JPEGs are gone.
   model    forward + backward + optimiser step of the learner's model through the same fastai fit loop,
@@ -39,10 +38,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastgal.bench.common import PEER, SyntheticLoader, sync
-from fastgal.recipe import RECIPE
+from fastgal.bench.common import PEER, SyntheticLoader, fork_safe, sync
 from fastgal.options import BenchConfig, to_jsonable
-from fastgal.load.loader import fork_safe
+from fastgal.recipe import RECIPE
 
 SECTIONS = ("loaders", "model", "e2e", "step", "shuffle")
 
@@ -227,11 +225,11 @@ def _ratios(results: dict, base: str) -> dict:
 
 def bench(cfg: BenchConfig) -> dict:
     """Run the requested sections; return the JSON-ready result (see the module docstring)."""
+    from fastgal.load.loader import dali_available, dataloaders
+    from fastgal.shards.read import Shards
     from fastgal.train.device import resolve_device, resolve_precision
     from fastgal.train.learner import make_learner
     from fastgal.train.model import make_model
-    from fastgal.load.loader import dali_available, dataloaders
-    from fastgal.shards.read import Shards
     from fastgal.util import Progress, default_workers
 
     what = parse_what(cfg.what)
@@ -276,7 +274,6 @@ def bench(cfg: BenchConfig) -> dict:
         else:
             skipped["dali"] = "NVIDIA DALI is not importable here"
         backends["torch"] = dataloaders(shards, backend="torch", **common)
-        backends["batched"] = dataloaders(shards, backend="batched", **common)
         return backends
 
     out: dict = {

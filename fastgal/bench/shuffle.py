@@ -27,8 +27,8 @@ import time
 
 import numpy as np
 
-from fastgal.recipe import RECIPE
 from fastgal.load.geometry import TRAIN
+from fastgal.recipe import RECIPE
 
 # DALI's WebDataset reader in the settings one could try instead of the index reader
 STREAM_VARIANTS = {
@@ -173,14 +173,15 @@ class _Stream:
     training graph's augmentation, as the training loader was before the index reader; (x, y, positions)."""
 
     def __init__(self, split, geometry, *, bs, threads, seed, rank, world, shuffle_buffer=0, shuffle_after_epoch=False):
+        import nvidia.dali.types as dtypes
         from nvidia.dali import fn
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
-        import nvidia.dali.types as dtypes
 
         from fastgal.load.dali import PipeSpec, augment, pipeline
 
         self.split, self.steps = split, (len(split) // world) // bs  # the index reader's equal steps per rank
-        spec = PipeSpec(view=TRAIN, geometry=geometry, batch_size=bs, num_threads=threads, seed=seed + rank)
+        spec = PipeSpec(view=TRAIN, geometry=geometry, batch_size=bs, num_threads=threads, seed=seed + rank,
+                        stored=split.stored)
         self.pipe = pipeline(spec)
         with self.pipe:
             jpg, y = fn.readers.webdataset(

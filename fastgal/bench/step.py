@@ -26,10 +26,9 @@ import torch
 from fastai.vision.models import xresnet
 from torch import nn
 
-from fastgal.bench.common import PEER, SyntheticLoader, sync
-from fastgal.recipe import RECIPE
+from fastgal.bench.common import PEER, SyntheticLoader, fork_safe, sync
 from fastgal.options import BenchConfig
-from fastgal.load.loader import fork_safe
+from fastgal.recipe import RECIPE
 
 STEP_WIDTH = 1 / 16  # channel scale of the thin model: xresnet34 keeps its 118 parameter tensors, ~84k weights
 STEP_BATCH = (8, 3, 32, 32)  # tiny synthetic inputs: what is timed is Python, dispatch and fastai, not arithmetic

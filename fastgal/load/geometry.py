@@ -1,25 +1,26 @@
 """What a model sees of a cutout: the crop geometry, the views (training draws, centre, the 8 dihedral TTA
-views) and their torch implementation. The DALI graph (dali.py) implement the same, from here.
+views) and their one torch implementation. The DALI graph (dali.py) implements the same, from here.
 
-    from fastgal.load.geometry import Geometry, TRAIN, CENTRE, dihedral, transform
+    from fastgal.load.geometry import Geometry, TRAIN, CENTRE, dihedral, transform_batch
     g = Geometry(size=112, crop=144, precropped=False, mean=[...], std=[...])
-    x = transform(img_uint8_chw, g, view=3)          # TTA view 3: turned 270 degrees, not mirrored
+    x = transform_batch(imgs_uint8_nchw, g, 3)        # TTA view 3: turned 270 degrees, not mirrored
+    x = transform_batch(imgs_uint8_nchw, g, TRAIN, (angle, pos_x, pos_y, mirror))   # float NCHW, normalised
 
 A view is TRAIN (a sample's augmentation draws: rotate by 90*k + jitter with dark fill, random crop,
 mirror; fastgal.load.order makes them), CENTRE (the centre crop: validation, prediction) or an int 0..7, a
 dihedral TTA view: `dihedral(v)` = (quarter turns counter-clockwise, mirror). The eight views and their
 order are defined here only.
 
-Two torch implementations of the same views: `transform` (one image, torchvision ops: the worker path)
-and `transform_batch` (a whole batch: a TRAIN view's centre crop, rotation, random crop and mirror as one
-2x3 affine map per sample, applied with one affine_grid + grid_sample; other views by integer slicing,
-rot90 and flip, which are exact):
-
-    x = transform_batch(imgs_uint8_nchw, g, TRAIN, (angle, pos_x, pos_y, mirror))   # float NCHW, normalised
+Every view is the DALI graph's order of stages: the centre `crop` region (recipe.centre_offset, the one
+rule for centred crops), turned (TRAIN: by its angle; a TTA view: by quarter turns), the `size` crop (TRAIN:
+at the drawn position; otherwise centred), then mirrored. `transform_batch` does it for a whole batch on
+the batch's device: a TRAIN view as one 2x3 affine map per sample, applied with one affine_grid +
+grid_sample; the other views by integer slicing, rot90 and flip, which are exact. The torch loader, predict
+on a folder of cutouts and the benchmarks all call it; a single image is a batch of one.
 
 Images are 8-bit RGB (JPEG shards) or float fluxes in any number of bands (FITS shards): the same crops,
 rotation (bilinear, zero fill: dark sky in either) and mirror; uint8 results are rounded to whole grey
-levels as the uint8 rotate rounds them, floats are not. Then, for floats, the stretch (`Geometry.softening`:
+levels as DALI's uint8 rotate rounds them, floats are not. Then, for floats, the stretch (`Geometry.softening`:
 asinh(flux / softening) per band, or none), and the per-channel normalisation.
 """
 
@@ -32,7 +33,8 @@ from typing import Sequence, Union
 import numpy as np
 import torch
 import torch.nn.functional as NF
-import torchvision.transforms.v2.functional as F
+
+from fastgal.recipe import centre_offset
 
 TRAIN, CENTRE = "train", "centre"
 View = Union[str, int]  # TRAIN | CENTRE | 0..7
@@ -98,39 +100,11 @@ def finish(x: torch.Tensor, g: Geometry, mean: torch.Tensor, std: torch.Tensor, 
     return x.sub_(mean).div_(std)
 
 
-def transform(img: torch.Tensor, g: Geometry, view: View, draw=None) -> torch.Tensor:
-    """One view of a decoded image in torchvision v2 functional ops; CHW uint8 (or float bands) in, CHW float out.
-    draw: for TRAIN, the sample's (angle, pos_x, pos_y, mirror) from fastgal.load.order, as DALI gets them."""
-    if not g.precropped:
-        img = F.center_crop(img, [g.crop, g.crop])
-    if view == TRAIN:
-        angle, pos_x, pos_y, mirror = draw
-        img = F.rotate(img, angle, interpolation=F.InterpolationMode.BILINEAR, fill=0)
-        h = img.shape[-1] - g.size
-        img = F.crop(img, round(pos_y * h), round(pos_x * h), g.size, g.size)
-        if mirror:
-            img = F.horizontal_flip(img)
-    else:
-        img = F.center_crop(img, [g.size, g.size])
-        if view != CENTRE:
-            turns, mirror = dihedral(view)
-            img = torch.rot90(img, k=turns, dims=(-2, -1))  # counter-clockwise, like DALI's rotate
-            if mirror:
-                img = F.horizontal_flip(img)
-    mean, std = norm_tensors(g)
-    return finish(img.float().clone() if img.dtype == torch.float32 else img.float(), g, mean, std, stretch_tensor(g))
-
-
-def _centre(side: int, crop: int) -> int:
-    """The first row/column of a centred crop, rounded as torchvision's center_crop rounds it."""
-    return int(round((side - crop) / 2.0))
-
-
 def region(imgs: torch.Tensor, g: Geometry) -> torch.Tensor:
     """The centre `crop` region of a (N, C, H, W) batch (a view, no copy), or the batch if pre-cropped."""
     if g.precropped:
         return imgs
-    t, l = _centre(imgs.shape[-2], g.crop), _centre(imgs.shape[-1], g.crop)
+    t, l = centre_offset(imgs.shape[-2], g.crop), centre_offset(imgs.shape[-1], g.crop)
     return imgs[..., t:t + g.crop, l:l + g.crop]
 
 
@@ -150,7 +124,7 @@ def train_affine(g: Geometry, angle, pos_x, pos_y, mirror) -> torch.Tensor:
     a = torch.deg2rad(col(angle))
     cos, sin = torch.cos(a), torch.sin(a)
     m = 1.0 - 2.0 * col(mirror)  # -1 where mirrored
-    tx = torch.round(col(pos_x, torch.float32).double() * (c - s)) + (s - c) / 2  # as transform's round(pos * h)
+    tx = torch.round(col(pos_x, torch.float32).double() * (c - s)) + (s - c) / 2  # the crop at round(pos * (c - s))
     ty = torch.round(col(pos_y, torch.float32).double() * (c - s)) + (s - c) / 2
     h = s / 2
     theta = torch.stack([torch.stack([cos * m * h, -sin * h, cos * tx - sin * ty], -1),
@@ -164,7 +138,7 @@ def transform_batch(imgs: torch.Tensor, g: Geometry, view: View, draws=None, *, 
 
     TRAIN: draws = (angle, pos_x, pos_y, mirror), one per sample (fastgal.load.order's, as DALI gets them); one
     bilinear grid_sample over the centre region with zero fill (dark sky) outside it, rounded to whole grey
-    levels as the uint8 rotate of DALI and of `transform` round them (floats are not rounded). Other views are
+    levels as DALI's uint8 rotate rounds them (floats are not rounded). Other views are
     exact (no resample). mean/std/inv: (C, 1, 1) tensors on the batch's device, to skip the copy per batch
     (norm_tensors(g) and stretch_tensor(g) otherwise).
     """
@@ -179,14 +153,12 @@ def transform_batch(imgs: torch.Tensor, g: Geometry, view: View, draws=None, *, 
         x = NF.grid_sample(src.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         if imgs.dtype == torch.uint8:
             x = x.round_()
-    else:
-        t = _centre(src.shape[-2], g.size)
-        l = _centre(src.shape[-1], g.size)
-        x = src[..., t:t + g.size, l:l + g.size]
-        if view != CENTRE:
-            turns, mirror = dihedral(view)
-            x = torch.rot90(x, k=turns, dims=(-2, -1))
-            if mirror:
-                x = x.flip(-1)
+    else:  # DALI's order: turn the region, crop its centre, mirror the crop (all exact: views, no resample)
+        turns, mirror = (0, False) if view == CENTRE else dihedral(view)
+        x = torch.rot90(src, k=turns, dims=(-2, -1)) if turns else src  # counter-clockwise, like DALI's rotate
+        t, l = centre_offset(x.shape[-2], g.size), centre_offset(x.shape[-1], g.size)
+        x = x[..., t:t + g.size, l:l + g.size]
+        if mirror:
+            x = x.flip(-1)
         x = x.float() if x.dtype != torch.float32 else x.clone()
     return finish(x, g, mean, std, inv)

@@ -20,13 +20,13 @@ every sample once in file order, on every rank.
 
 Backends choose only how bytes become tensors:
   "dali"  - fastgal.load.dali's graph fed by external_source (CPU or GPU placement).
-  "torch" - per sample in DataLoader workers: decoded on the CPU (libjpeg-turbo, bit-identical to DALI's
-            CPU decoder) and transformed with geometry.transform.
-  "batched" - per batch, torch only: the batch's JPEGs decoded in one call (nvJPEG on a GPU, fastgal.load.decode)
-            and its augmentation applied as one affine_grid + grid_sample (geometry.transform_batch), on
-            the loader's device, in a background thread that prepares batch k+1 while batch k trains (on
-            its own CUDA stream on a GPU). The GPU path for boxes without DALI, and DALI's peer.
-  "auto"  - pick_backend: DALI on a GPU where installed, else batched; on a CPU the fastest measured there.
+  "torch" - per batch, torch only: the batch's JPEGs decoded in one call (nvJPEG on a GPU, libjpeg-turbo on a
+            CPU: fastgal.load.decode) and its view applied by geometry.transform_batch (a TRAIN view as one
+            affine_grid + grid_sample), on the loader's device, in a background thread that prepares batch k+1
+            while batch k trains (on its own CUDA stream on a GPU). The GPU path for boxes without DALI, the CPU
+            path everywhere, and DALI's peer. ("batched", its name before it became the only torch path, is
+            still accepted.)
+  "auto"  - pick_backend: DALI on a GPU where installed, else torch.
 Float shards (FITS bands) take the same backends and draws: nothing to decode, the (bands, H, W) arrays are
 read from the tars as they are (float16 goes to the GPU as float16), then the same geometry, the stretch
 (asinh per band, preprocess.geometry_for) and the normalisation.
@@ -34,20 +34,18 @@ read from the tars as they are (float16 goes to the GPU as float16), then the sa
 
 from __future__ import annotations
 
-import gc
 import math
 import os
 import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
 from fastai.data.core import DataLoaders
 
-from fastgal.recipe import RECIPE
 from fastgal.load.decode import decode_batch, decoder
 from fastgal.load.geometry import (
     CENTRE,
@@ -57,12 +55,12 @@ from fastgal.load.geometry import (
     check_view,
     norm_tensors,
     stretch_tensor,
-    transform,
     transform_batch,
 )
-from fastgal.shards.read import Shards, Split
 from fastgal.load.order import EpochPlan, file_order
 from fastgal.load.preprocess import geometry_for
+from fastgal.recipe import RECIPE
+from fastgal.shards.read import Shards, Split
 from fastgal.util import default_workers
 
 
@@ -75,32 +73,14 @@ def dali_available() -> bool:
     return True
 
 
-@contextmanager
-def fork_safe():
-    """Collect, then freeze the GC while loader workers fork.
-
-    Workers are forked copies of this process. A DALI Pipeline that is garbage but not yet collected
-    is copied into each worker; when the worker's GC finalises it, Pipeline.__del__ waits on a lock held
-    by a DALI thread that does not exist there, and the worker hangs forever. Collecting first, then
-    freezing what is left (workers never collect inherited frozen objects), removes that hazard; the
-    parent unfreezes afterwards and collects as usual.
-    """
-    gc.collect()
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
-
-
 def pick_backend(backend: str, device) -> str:
     """--loader auto: on a GPU, DALI where installed (decode and augment there: what fastgal is built around),
-    else batched (nvJPEG + one resample: the CPU workers of `torch` cannot feed a GPU); on a CPU the torch
-    workers: every path is model-bound there (e2e within 3% on 2 cores, benchmarks/RESULTS.md)."""
-    if backend == "auto":
-        if torch.device(device).type == "cuda":
-            return "dali" if dali_available() else "batched"
+    else torch (nvJPEG + one resample); on a CPU torch (every path is model-bound there: benchmarks/RESULTS.md).
+    "batched" is the torch backend's former name."""
+    if backend == "batched":
         return "torch"
+    if backend == "auto":
+        return "dali" if torch.device(device).type == "cuda" and dali_available() else "torch"
     if backend == "dali" and not dali_available():
         raise ValueError("--loader dali needs NVIDIA DALI (pip install nvidia-dali-cuda120, Linux only); use --loader torch")
     return backend
@@ -113,24 +93,6 @@ def thread_budget(workers: int = 0) -> int:
         return workers
     local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1)))
     return max(1, default_workers() // max(1, local))
-
-
-def worker_context(device, num_workers: int) -> dict:
-    """How the torch backend starts its workers. On a CPU: fork (cheap; fork_safe guards DALI's
-    leftovers). Once CUDA is up, a forked child inherits a CUDA context it cannot use and recent torch
-    crashes there, so on CUDA the workers start from a clean forkserver (spawn where there is no fork)
-    and persist across epochs, paying that start-up once."""
-    if num_workers == 0 or torch.device(device).type != "cuda":
-        return {}
-    import multiprocessing as mp
-
-    method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
-    ctx = mp.get_context(method)
-    if method == "forkserver":
-        # the server imports this module (torch, fastai, ~4 s) once, before CUDA exists in it; each worker
-        # is then a fork of it, ready at once, instead of a fresh interpreter importing all of it again
-        ctx.set_forkserver_preload([__name__])
-    return {"multiprocessing_context": ctx, "persistent_workers": True}
 
 
 class Loader:
@@ -149,8 +111,8 @@ class Loader:
         self.plan = EpochPlan(self.n, bs, order_seed=seed, aug_seed=seed + rank, shard_id=rank,
                               num_shards=world) if view == TRAIN else None
         self.epoch = 0  # the training epoch the next complete pass reads
-        # view_of() passes its loader's backend: the views of one split share its workers, threads and buffers
-        self._impl = _impl or {"dali": _Dali, "torch": _Torch, "batched": _Batched}[self.backend](self)
+        # view_of() passes its loader's backend: the views of one split share its decode threads and buffers
+        self._impl = _impl or {"dali": _Dali, "torch": _Torch}[self.backend](self)
 
     @property
     def c(self) -> int:
@@ -161,7 +123,7 @@ class Loader:
     def decode(self) -> str:
         """Where JPEGs are decoded and by what, e.g. "GPU (nvJPEG, torchvision)": the run's config and the GPU
         check's headline name it beside the backend."""
-        gpu = self.device.type == "cuda" and self.backend in ("dali", "batched")
+        gpu = self.device.type == "cuda"
         if self.split.kind == "float":
             return f"no decode (raw {self.split.dtype.name} bands{', to the GPU' if gpu else ''})"
         lib = "DALI" if self.backend == "dali" else decoder()[0]
@@ -202,8 +164,8 @@ class Loader:
         raise ValueError("the loader yields no batch: fewer samples than the batch size")
 
     def view_of(self, view: View) -> "Loader":
-        """The same split in another view, through this loader's backend (one set of worker processes, decode
-        threads or DALI settings for the 8 TTA views; the view travels with each pass)."""
+        """The same split in another view, through this loader's backend (one set of decode threads or DALI
+        settings for the 8 TTA views; the view travels with each pass)."""
         return Loader(self.split, view, self.geometry, bs=self.bs, device=self.device, backend=self.backend,
                       seed=self.seed, rank=self.rank, world=self.world, threads=self.threads, _impl=self._impl)
 
@@ -221,7 +183,7 @@ class Loader:
         return self.view_of(CENTRE if shuffle is False and self.view == TRAIN else self.view)
 
     def close(self) -> None:
-        """Release what iteration built (a DALI pipeline, worker processes); the loader stays usable."""
+        """Release what iteration built (a DALI pipeline, decode threads); the loader stays usable."""
         self._impl.close()
 
     def show_batch(self, max_n: int = 16, path: str | Path | None = None, target_names=None, ncols: int = 4):
@@ -257,7 +219,7 @@ class _Dali:
         self.dl, self._it = dl, None
         self.spec = PipeSpec(view=dl.view, geometry=dl.geometry, batch_size=dl.bs, device="gpu" if cuda else "cpu",
                              device_id=(dl.device.index or 0) if cuda else None, num_threads=dl.threads, seed=dl.seed,
-                             image="jpeg" if dl.split.kind == "jpeg" else dl.split.dtype.name)
+                             image="jpeg" if dl.split.kind == "jpeg" else dl.split.dtype.name, stored=dl.split.stored)
 
     def close(self) -> None:
         self._it = None
@@ -287,66 +249,8 @@ class _Dali:
         self._it = None
 
 
-class _Samples(torch.utils.data.Dataset):
-    """A split's samples by key: (position, view), or for training (position, TRAIN, angle, pos_x, pos_y,
-    mirror), the view and the draws coming from the loader so workers need no state of their own."""
-
-    def __init__(self, split: Split, geometry: Geometry):
-        self.split, self.geometry = split, geometry
-
-    def __len__(self):
-        return len(self.split)
-
-    def __getitem__(self, key):
-        i, view, *draw = key
-        if self.split.kind == "float":
-            img = torch.from_numpy(self.split.image(i).astype(np.float32))
-        else:
-            img = decoder()[1]([torch.from_numpy(self.split.jpeg(i).copy())], "cpu")[0]
-        y = torch.from_numpy(self.split.target(i).copy())
-        return transform(img, self.geometry, view, draw or None), y
-
-
-class _PassKeys(torch.utils.data.Sampler):
-    """The batch sampler: the keys of the pass the loader is about to read."""
-
-    def __init__(self):
-        self.keys: list[list] = []
-
-    def __len__(self):
-        return len(self.keys)
-
-    def __iter__(self):
-        return iter(self.keys)
-
-
 class _Torch:
-    """The torch backend: a torch DataLoader over _Samples in the loader's order."""
-
-    def __init__(self, dl: Loader):
-        self.keys = _PassKeys()
-        g = torch.Generator()
-        g.manual_seed(dl.seed + (dl.rank if dl.view == TRAIN else 0))  # iter() draws worker seeds from it
-        self._dl = torch.utils.data.DataLoader(
-            _Samples(dl.split, dl.geometry), batch_sampler=self.keys, num_workers=dl.threads, generator=g,
-            pin_memory=dl.device.type == "cuda", **worker_context(dl.device, dl.threads))
-
-    def close(self) -> None:
-        pass
-
-    def run(self, view, batches, draws):
-        if draws is None:
-            self.keys.keys = [[(int(i), view) for i in pos] for pos in batches]
-        else:
-            d = draws
-            self.keys.keys = [[(int(i), view, float(d.angle[i]), float(d.pos_x[i]), float(d.pos_y[i]), int(d.mirror[i]))
-                               for i in pos] for pos in batches]
-        with fork_safe():  # iter() forks the workers (on a CPU)
-            it = iter(self._dl)
-        yield from it
-
-class _Batched:
-    """The batched backend: a whole batch decoded in one call and resampled once, on the loader's device.
+    """The torch backend: a whole batch decoded in one call and resampled once, on the loader's device.
 
     A producer thread prepares up to `PREFETCH` batches ahead (decode and resample release the GIL; on a
     GPU they run on the thread's own CUDA stream, and the consumer's stream waits on an event recorded
@@ -419,7 +323,7 @@ class _Batched:
             except BaseException as e:  # handed to the consumer, which raises it where the user sees it
                 put(e)
 
-        worker = threading.Thread(target=produce, name="fastgal-batched", daemon=True)
+        worker = threading.Thread(target=produce, name="fastgal-loader", daemon=True)
         worker.start()
         try:
             while True:

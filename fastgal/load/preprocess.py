@@ -17,8 +17,8 @@ from __future__ import annotations
 import numpy as np
 
 from fastgal.load.geometry import Geometry
+from fastgal.recipe import centre_offset
 from fastgal.shards.read import Shards, Split
-
 
 STRETCHES = ("auto", "asinh", "none")
 STRETCH_SAMPLE = 512  # training cutouts the stretched statistics are measured on
@@ -55,7 +55,7 @@ def stretched_stats(split: Split, crop: int, precropped: bool, softening) -> tup
     for i in pos:
         a = split.image(int(i)).astype(np.float64)
         if not precropped:
-            t, l = int(round((a.shape[1] - crop) / 2.0)), int(round((a.shape[2] - crop) / 2.0))
+            t, l = centre_offset(a.shape[1], crop), centre_offset(a.shape[2], crop)
             a = a[:, t:t + crop, l:l + crop]
         v = np.arcsinh(a * inv)
         s, ss = s + v.sum((1, 2)), ss + (v * v).sum((1, 2))

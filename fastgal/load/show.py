@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from __future__ import annotations
 from pathlib import Path
+
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 

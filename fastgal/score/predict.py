@@ -8,8 +8,9 @@ trained on them) -> a table of predictions.
 (predictions_valid.csv) and `fastgal predict` for any split, so both compute the same numbers the same
 way. The run's model.pt carries everything needed: architecture, target names and scaling, the
 training pixel statistics (inputs are normalised with those, never with the new data's), and the crop
-geometry. A JPEG folder goes through geometry.transform with the same views. Every input ends up in
-the output: JPEGs that cannot be used get a row with an empty prediction and the reason.
+geometry. A folder of cutouts goes through the torch loader's decode and transform (geometry.transform_batch)
+with the same views. Every input ends up in the output: files that cannot be used get a row with an empty
+prediction and the reason.
 
 Columns: id, then per target true_<t> (shards), pred_<t>, sigma_<t> (a gaussian-head model's σ; for a
 JPEG folder with --tta the mean over the 8 views of each view's σ), pred_tta_<t> and sigma_tta_<t>
@@ -18,24 +19,25 @@ JPEG folder with --tta the mean over the 8 views of each view's σ), pred_tta_<t
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-from fastgal.train.checkpoints import inference, load_checkpoint
+from fastgal.load.decode import decode_batch
+from fastgal.load.geometry import CENTRE, TTA_VIEWS, Geometry, transform_batch
+from fastgal.load.loader import Loader, thread_budget
+from fastgal.load.preprocess import geometry_for
 from fastgal.options import PredictConfig
-from fastgal.shards.cutouts import ImageRules, check_image
-from fastgal.load.decode import decoder
-from fastgal.train.device import resolve_device
 from fastgal.score.diagnostics import calibration, summarise
-from fastgal.load.geometry import CENTRE, TTA_VIEWS, Geometry, transform
+from fastgal.shards.cutouts import ImageRules, check_image
+from fastgal.shards.read import Shards, Split
+from fastgal.train.checkpoints import inference, load_checkpoint
+from fastgal.train.device import resolve_device
 from fastgal.train.heads import split as split_heads
 from fastgal.train.heads import view_stats
-from fastgal.load.loader import Loader, thread_budget, worker_context
-from fastgal.load.preprocess import geometry_for
-from fastgal.shards.read import Shards, Split
 from fastgal.util import write_bytes_atomic
 
 ESTIMATES = ("pred", "sigma", "pred_tta", "sigma_tta")  # the column prefixes, in the order they are written
@@ -111,36 +113,24 @@ def _predict_shards(cfg: PredictConfig, forward, ckpt, device) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
-class _Files(torch.utils.data.Dataset):
-    """Cutout files -> (views, index, why): each file checked exactly as `fastgal shard` checks a cutout
-    (cutouts.check_image: a full decode, RGB, the survey's size or at least the precrop, not blank; the same
-    reasons; FITS: the model's bands, finite, storable), the bytes shard would store (the re-encoded centre
-    for a --precrop model; FITS bands in the model's storage dtype) read as the loaders read them and
-    transformed into every view (centre, or the 8 dihedral ones for TTA); unusable files give zeros and the
-    reason."""
-
-    def __init__(self, files, geometry: Geometry, views, rules: ImageRules):
-        self.files, self.geometry, self.views, self.rules = files, geometry, list(views), rules
-
-    def __len__(self):
-        return len(self.files)
-
-    def __getitem__(self, i):
-        s = self.geometry.size
-        zeros = torch.zeros(len(self.views), self.geometry.channels, s, s)
-        c = check_image(i, str(self.files[i]), self.rules)
-        if c.reason:
-            return zeros, i, f"{c.reason}: {c.detail}"
-        if c.meta is not None:  # FITS bands, as stored in a shard
-            arr = np.frombuffer(c.data, "<f2" if c.meta["dtype"] == "float16" else "<f4").reshape(c.meta["shape"])
-            img = torch.from_numpy(arr.astype(np.float32))
-        else:
-            img = decoder()[1]([torch.frombuffer(bytearray(c.data), dtype=torch.uint8)], "cpu")[0]
-        return torch.stack([transform(img, self.geometry, v) for v in self.views]), i, ""
+def _checked(path: Path, rules: ImageRules) -> tuple[np.ndarray | None, str]:
+    """One cutout file checked exactly as `fastgal shard` checks it (cutouts.check_image: a full decode, RGB, the
+    survey's size or at least the precrop, not blank, the same reasons; FITS: the model's bands, finite,
+    storable): (what a shard would store, as the loaders read it: JPEG bytes, the re-encoded centre for a
+    --precrop model, or the (bands, H, W) array in the model's storage dtype; "") or (None, "reason: detail")."""
+    c = check_image(0, str(path), rules)
+    if c.reason:
+        return None, f"{c.reason}: {c.detail}"
+    if c.meta is not None:
+        return np.frombuffer(c.data, "<f2" if c.meta["dtype"] == "float16" else "<f4").reshape(c.meta["shape"]), ""
+    return np.frombuffer(c.data, np.uint8), ""
 
 
 def _predict_images(cfg: PredictConfig, forward, ckpt, device) -> pd.DataFrame:
-    # every file gets a row (one that is not a JPEG gets its reason), but hidden ones (.DS_Store, editors' files)
+    """A folder of cutouts, a batch of files at a time: checked in threads (PIL's decode releases the GIL), then
+    decoded and transformed as the torch loader does (decode.decode_batch, geometry.transform_batch) into every
+    view (centre, or the 8 dihedral ones for TTA). Unusable files get a row with the reason."""
+    # every file gets a row (one that is not a cutout gets its reason), but hidden ones (.DS_Store, editors' files)
     files = sorted(p for p in Path(cfg.input).iterdir() if p.is_file() and not p.name.startswith("."))
     fits = ckpt.get("image_kind") == "float"
     if not files:
@@ -151,22 +141,28 @@ def _predict_images(cfg: PredictConfig, forward, ckpt, device) -> pd.DataFrame:
                        bands=tuple(ckpt["bands"]) if fits else None, dtype=ckpt.get("dtype", "float16"))
     geo = Geometry(size=ckpt["size"], crop=pre or ckpt["crop"], precropped=bool(pre), mean=ckpt["pixel_mean"],
                    std=ckpt["pixel_std"], softening=ckpt.get("softening"))
-    workers = min(thread_budget(cfg.workers), 4)
-    dl = torch.utils.data.DataLoader(_Files(files, geo, TTA_VIEWS if cfg.tta else [CENTRE], rules),
-                                     batch_size=cfg.bs, num_workers=workers, **worker_context(device, workers))
+    views = TTA_VIEWS if cfg.tta else [CENTRE]
     k, status = len(ckpt["targets"]), [""] * len(files)
-    parts: dict[str, list] = {"pred": [], "sigma": [], "sigma_tta": []}
-    for x, idx, why in dl:
-        b, v = x.shape[:2]
-        mu, sigma = split_heads(forward(x.flatten(0, 1).to(device)).view(b, v, -1), k)  # (b, views, k)
-        parts["pred"].append(mu.mean(1))  # mean over views
-        parts["sigma"].append(sigma.mean(1) if sigma is not None else None)
-        parts["sigma_tta"].append(mu.std(1) if cfg.tta else None)
-        for i, w in zip(idx.tolist(), why):
-            status[i] = w
-    # with --tta the 8 views' mean is the only prediction here: pred_tta_<t>
-    est = {("pred_tta" if n == "pred" and cfg.tta else n): np.concatenate(a) if a[0] is not None else None
-           for n, a in parts.items()}
+    width = 2 * k if ckpt.get("head") == "gaussian" else k
+    outs = np.zeros((len(views), len(files), width), np.float32)  # unusable files' rows stay 0, then NaN in table()
+    with ThreadPoolExecutor(min(thread_budget(cfg.workers), 4), thread_name_prefix="fastgal-predict") as pool:
+        for start in range(0, len(files), cfg.bs):
+            idx = range(start, min(start + cfg.bs, len(files)))
+            checked = list(pool.map(lambda i: _checked(files[i], rules), idx))
+            good = [i for i, (data, why) in zip(idx, checked) if data is not None]
+            for i, (_, why) in zip(idx, checked):
+                status[i] = why
+            if not good:
+                continue
+            data = [d for d, _ in checked if d is not None]
+            imgs = torch.from_numpy(np.stack(data)).to(device) if fits else decode_batch(data, device, pool=pool)
+            for v, view in enumerate(views):
+                outs[v, good] = forward(transform_batch(imgs, geo, view)).cpu().numpy()
+    mu, sigma = split_heads(outs, k)  # (views, files, k)
+    est = {"pred": mu[0], "sigma": None if sigma is None else sigma.mean(0)}
+    if cfg.tta:  # the 8 views' mean is the only prediction here: pred_tta_<t> (and sigma: the views' mean σ)
+        est = {"pred_tta": None, "sigma": est["sigma"]}
+        est["pred_tta"], est["sigma_tta"] = view_stats(list(mu))
     df = table([p.stem for p in files], list(ckpt["targets"]), est, bad=np.array([bool(s) for s in status]),
                file=[str(p) for p in files])
     df["status"] = ["ok" if not s else s.split(":")[0] for s in status]

@@ -13,8 +13,8 @@ every bad row at once; only problems with the file as a whole raise ValueError.
 from __future__ import annotations
 
 import math
-from decimal import Decimal, InvalidOperation
 import re
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 import numpy as np

@@ -26,6 +26,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from fastgal.recipe import centre_offset
 from fastgal.shards.fits import Unusable, read_fits
 from fastgal.util import chunks, imap_ordered
 
@@ -82,9 +83,9 @@ def _blank(im) -> str | None:
 
 
 def _centre(im, px: int):
-    """The centre px x px crop of a PIL image."""
+    """The centre px x px crop of a PIL image (recipe.centre_offset)."""
     w, h = im.size
-    top, left = (h - px) // 2, (w - px) // 2
+    top, left = centre_offset(h, px), centre_offset(w, px)
     return im.crop((left, top, left + px, top + px))
 
 
@@ -124,8 +125,8 @@ def check_image(pos: int, path: str, geo: ImageRules) -> Checked:
 
 FLOAT16_MAX = 65504.0
 def _region_slice(side_h: int, side_w: int, px: int) -> tuple[slice, slice]:
-    """The centre px x px region, placed as torchvision's center_crop (and geometry.region) places it."""
-    t, l = int(round((side_h - px) / 2.0)), int(round((side_w - px) / 2.0))
+    """The centre px x px region (recipe.centre_offset, as every centred crop in fastgal)."""
+    t, l = centre_offset(side_h, px), centre_offset(side_w, px)
     return slice(t, t + px), slice(l, l + px)
 
 

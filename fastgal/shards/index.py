@@ -9,11 +9,9 @@ components, the bytes `wds2idx` writes (tests/test_manifest.py compares them).
 
 from __future__ import annotations
 
-from __future__ import annotations
 import re
 import tarfile
 from pathlib import Path
-
 
 INDEX_VERSION = "v1.2"  # DALI's wds2idx format
 

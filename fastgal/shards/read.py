@@ -184,10 +184,10 @@ class Split:
         self.ntargets = len(m["targets"])
         image = m["image"]
         self.kind = image.get("kind", "jpeg")
+        side = image["precrop"] or None
+        self.stored: tuple[int, int] = (side, side) if side else tuple(image["size"])  # every sample's (h, w)
         if self.kind == "float":  # every sample's (bands, H, W) little-endian array
-            side = image["precrop"] or None
-            h, w = (side, side) if side else image["size"]
-            self.shape = (len(image["bands"]), h, w)
+            self.shape = (len(image["bands"]), *self.stored)
             self.dtype = np.dtype("<f2" if image["dtype"] == "float16" else "<f4")
             nbytes = int(np.prod(self.shape)) * self.dtype.itemsize
             if len(a) and int(self.img_size[0]) != nbytes:

@@ -7,11 +7,11 @@ and what the command prints of it.
 
 from __future__ import annotations
 
-from __future__ import annotations
 import csv
 import json
 import tarfile
 from pathlib import Path
+
 from fastgal.shards.cutouts import jpeg_problem
 from fastgal.shards.index import index_text, split_name
 from fastgal.shards.read import load_manifest

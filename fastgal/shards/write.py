@@ -43,12 +43,18 @@ from pathlib import Path
 import numpy as np
 
 from fastgal import __version__
-from fastgal.shards.catalog import SPLIT_METHOD, check_rows, json_value, read_catalog, split_order
 from fastgal.options import ShardConfig
+from fastgal.shards.catalog import (
+    SPLIT_METHOD,
+    check_rows,
+    json_value,
+    read_catalog,
+    split_order,
+)
 from fastgal.shards.cutouts import ImageRules, check_chunk, modal_size
 from fastgal.shards.fits import modal_layout
-from fastgal.shards.read import FLOAT_FORMAT_VERSION, FORMAT, FORMAT_VERSION
 from fastgal.shards.index import INDEX_VERSION, index_count, is_shard_file, make_index
+from fastgal.shards.read import FLOAT_FORMAT_VERSION, FORMAT, FORMAT_VERSION
 from fastgal.util import (
     Progress,
     check_out,

@@ -33,9 +33,10 @@ import pandas as pd
 import requests
 
 from fastgal import __version__
-from fastgal.shards.catalog import id_reason, written_as_float
-from fastgal.recipe import FRAMES
 from fastgal.options import DownloadConfig, to_jsonable
+from fastgal.recipe import FRAMES
+from fastgal.shards.catalog import id_reason, written_as_float
+from fastgal.shards.cutouts import check_jpeg
 from fastgal.survey.skyserver import (
     MAX_SCALE,
     MAX_SIZE,
@@ -54,7 +55,6 @@ from fastgal.survey.skyserver import (
     unreachable_message,
 )
 from fastgal.util import Progress, write_bytes_atomic, write_json_atomic
-from fastgal.shards.cutouts import check_jpeg
 
 DEFAULT_SQL = Path(__file__).with_name("metallicity_sample.sql")  # shipped as package data
 STATUSES = ("ok", "skipped-existing", "not-found", "failed", "invalid-image", "interrupted")

@@ -297,7 +297,11 @@ def _root(e: BaseException) -> BaseException:
 
 def connect_failure(e: BaseException) -> str | None:
     """Why no connection could be made (the request never reached a server), or None when one was made."""
-    from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConnectionError
+    from urllib3.exceptions import (
+        ConnectTimeoutError,
+        NameResolutionError,
+        NewConnectionError,
+    )
 
     root = _root(e)
     if isinstance(root, NameResolutionError):

@@ -48,8 +48,8 @@ import numpy as np
 from scipy.interpolate import PchipInterpolator
 
 from fastgal import __version__
-from fastgal.recipe import FRAMES, NATIVE_SCALE
 from fastgal.options import SynthConfig, to_jsonable
+from fastgal.recipe import FRAMES, NATIVE_SCALE
 from fastgal.survey.floor import floor_stats
 from fastgal.survey.render import (
     ARM_UZ,

@@ -17,8 +17,8 @@ from fastai.metrics import AccumMetric
 from fastai.vision.models import xresnet
 from torch import nn
 
-from fastgal.train import heads
 from fastgal.recipe import ARCH_NAMES
+from fastgal.train import heads
 from fastgal.train.loop import DeviceAccumMetric
 
 ARCHS = {name: getattr(xresnet, name) for name in ARCH_NAMES}

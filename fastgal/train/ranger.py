@@ -19,7 +19,6 @@ from fastcore.foundation import L
 from torch import nn
 
 
-
 def _dense(t: torch.Tensor) -> bool:
     """True when t's elements fill a block of numel() slots exactly (contiguous, channels_last, ...)."""
     expect = 1
