@@ -25,14 +25,13 @@ venv: $(VENV)/.installed
 demo: venv
 	$(VENV)/bin/fastgal demo --out $(DEMO_OUT) --overwrite
 
-# twice: as installed, then with DALI blocked (FASTGAL_NO_DALI=1, see tests/conftest.py), as on a
-# machine without DALI, where every command must still work through the torch fallback. The second pass
-# leaves out the slow tests (subprocess and training runs that do the same on a CPU either way) except
-# those marked `fallback` (the main job itself), and the files marked `dali_agnostic` (code that never
-# reaches a loader backend: the same either way).
+# twice: as installed, then with DALI blocked (FASTGAL_NO_DALI=1, see tests/conftest.py) as on a machine
+# without DALI, for the tests marked `nodali`: what differs there (the fallback loader, `fastgal env`, bench's
+# backends, the index writer, the main job). Everything else takes the same path either way on a CPU
+# (--loader auto is torch there), so running it twice would test nothing new.
 test: venv
 	$(VENV)/bin/python -m pytest -q
-	FASTGAL_NO_DALI=1 $(VENV)/bin/python -m pytest -q -m "(not slow or fallback) and not dali_agnostic"
+	FASTGAL_NO_DALI=1 $(VENV)/bin/python -m pytest -q -m nodali
 
 bench: venv
 	$(VENV)/bin/python benchmarks/bench_synth.py

@@ -1,8 +1,8 @@
 """Shared fixtures: tiny synthetic surveys made once per session through the real CLI.
 
-`make test` runs the suite twice: as is, and with FASTGAL_NO_DALI=1, which makes `import nvidia.dali`
-fail here and in every subprocess, as on a machine without DALI. Tests marked `dali` need DALI and
-skip in that pass (with the reason); everything else must pass both ways.
+`make test` runs the suite, then the tests marked `nodali` again with FASTGAL_NO_DALI=1, which makes
+`import nvidia.dali` fail here and in every subprocess, as on a machine without DALI. Tests marked `dali`
+need DALI and skip where it is missing (with the reason); every test must pass both ways.
 """
 
 from __future__ import annotations
@@ -117,13 +117,39 @@ def small_shards(tmp_path_factory):
     return root / "sh"
 
 
+# the suite's one whole training run: what test_train checks of a run folder, and what predict, the API, the
+# heads and --compile/--resume are compared with
+SMALL_RUN = ("--epochs", 2, "--bs", 32, "--arch", "xresnet18", "--size", 56, "--tta", "--lr-find", "--lr-find-iters", 6,
+             "--workers", 1, "--quiet")
+
+
 @pytest.fixture(scope="session")
-def small_run(small_shards, tmp_path_factory):
-    """A one-epoch run on small_shards (xresnet18 at 56 px) with TTA predictions."""
+def made_run(small_shards, tmp_path_factory):
+    """Two epochs on small_shards (xresnet18 at 56 px, lr_find, TTA), made in-process under umask 027 while
+    counting how often the manifest and each index file are read: (path, reads, output)."""
+    from types import SimpleNamespace
+
+    import fastgal.shards.read as read
+
     run = tmp_path_factory.mktemp("run") / "r"
-    run_cli("train", small_shards, "--out", run, "--epochs", 1, "--bs", 32, "--arch", "xresnet18",
-            "--size", 56, "--tta", "--quiet")
-    return run
+    reads = {"manifest": 0, "index": []}
+    real_manifest, real_index = read.load_manifest, read.read_index
+    mp = pytest.MonkeyPatch()
+    mp.setattr(read, "load_manifest", lambda f: reads.__setitem__("manifest", reads["manifest"] + 1) or real_manifest(f))
+    mp.setattr(read, "read_index", lambda p: reads["index"].append(Path(p).name) or real_index(p))
+    old = os.umask(0o027)  # files must get the umask's modes like a plain write, not mkstemp's 0600
+    try:
+        res = run_cli("train", small_shards, "--out", run, *SMALL_RUN)
+    finally:
+        os.umask(old)
+        mp.undo()
+    return SimpleNamespace(path=run, reads=reads, output=res.output)
+
+
+@pytest.fixture(scope="session")
+def small_run(made_run):
+    """The run folder of made_run."""
+    return made_run.path
 
 
 def tiny_regression(n=80, bs=8, seed=0):

@@ -13,8 +13,6 @@ from fastgal.bench.main import format_table
 from fastgal.bench.step import thin_model
 from fastgal.train.model import ARCHS, make_model
 
-# nothing here depends on whether DALI is installed: the no-DALI pass of `make test` leaves it out
-pytestmark = pytest.mark.dali_agnostic
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 from dataclasses import fields
 
-import pytest
 
 from conftest import run_cli
 from fastgal.recipe import CPU_RECIPE, RECIPE
 from fastgal.options import BenchConfig, DemoConfig, ShardConfig, TrainConfig
 from fastgal.load.order import EpochPlan
 
-# nothing here depends on whether DALI is installed: the no-DALI pass of `make test` leaves it out
-pytestmark = pytest.mark.dali_agnostic
 
 
 def test_defaults_are_the_recipe():

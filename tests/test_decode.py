@@ -8,7 +8,6 @@ import torch
 from fastgal.load import decode
 from fastgal.shards.read import Shards
 
-pytestmark = pytest.mark.dali_agnostic  # no loader backend here: the no-DALI pass leaves it out
 
 
 def _jpegs(shards, n=24):

@@ -10,8 +10,6 @@ from PIL import Image
 from fastgal.score.diagnostics import binned, calibration, mzr, nmad, running_band, summarise
 from fastgal.score.plots import mzr_plot, pred_vs_true, residuals
 
-# nothing here depends on whether DALI is installed: the no-DALI pass of `make test` leaves it out
-pytestmark = pytest.mark.dali_agnostic
 
 
 def test_nmad_and_outliers_on_known_noise():

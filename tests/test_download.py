@@ -35,8 +35,6 @@ import fastgal.survey.skyserver as sky_client
 from fastgal.options import DownloadConfig
 from fastgal.survey.synth import make_catalog
 
-# nothing here depends on whether DALI is installed: the no-DALI pass of `make test` leaves it out
-pytestmark = pytest.mark.dali_agnostic
 
 SQL_PATH = "/dr17/SkyServerWS/SearchTools/SqlSearch"
 JPEG_PATH = "/dr17/SkyServerWS/ImgCutout/getjpeg"

@@ -306,7 +306,6 @@ def fits_run(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.fallback
 def test_train_and_predict_on_fits_bands(fits_run, tmp_path):
     root = fits_run
     m = json.loads((root / "sh/manifest.json").read_text())

@@ -9,8 +9,6 @@ import torch
 from fastgal.load.geometry import CENTRE, TRAIN, Geometry, check_view, dihedral, transform_batch
 from fastgal.recipe import centre_offset
 
-# nothing here depends on whether DALI is installed: the no-DALI pass of `make test` leaves it out
-pytestmark = pytest.mark.dali_agnostic
 
 G = Geometry(size=4, crop=6, precropped=False, mean=[0.0, 0.0, 0.0], std=[1.0, 1.0, 1.0])
 

@@ -20,8 +20,6 @@ from fastgal.train.heads import GaussianHead, gaussian_nll, split, view_stats
 from fastgal.train.checkpoints import load_checkpoint
 from fastgal.train.model import Denormalize, make_model
 
-# nothing here depends on whether DALI is installed: the no-DALI pass of `make test` leaves it out
-pytestmark = pytest.mark.dali_agnostic
 
 
 def _draw(rng, n):

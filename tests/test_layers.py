@@ -7,10 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.dali_agnostic
 
 
 def lint(cwd: Path) -> subprocess.CompletedProcess:

@@ -15,8 +15,6 @@ from fastgal.train.loop import DeviceRecorder, FastgalLearner
 from fastgal.train.model import rmse_loss, target_metrics
 from fastgal.train.ranger import Ranger
 
-# nothing here depends on whether DALI is installed: the no-DALI pass of `make test` leaves it out
-pytestmark = pytest.mark.dali_agnostic
 
 
 def _make(tmp_path, name, stock, sync_every=7):

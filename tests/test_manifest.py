@@ -15,8 +15,6 @@ import fastgal.shards.read as manifest
 from fastgal.shards.read import Shards
 from fastgal.shards.index import read_index
 
-# nothing here depends on whether DALI is installed: the no-DALI pass of `make test` leaves it out
-pytestmark = pytest.mark.dali_agnostic
 
 
 def test_a_split_is_its_index_read_once(survey, survey_shards, monkeypatch):

@@ -20,7 +20,6 @@ def test_the_committed_notebook_has_no_outputs():
 
 
 @pytest.mark.slow
-@pytest.mark.fallback  # the notebook is how many users meet fastgal: it must run without DALI too
 def test_the_quickstart_notebook_runs(tmp_path, monkeypatch):
     import nbformat
     from nbclient import NotebookClient

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 from fastgal.recipe import RECIPE
 from fastgal.load.order import EpochPlan, file_order
 
-# nothing here depends on whether DALI is installed: the no-DALI pass of `make test` leaves it out
-pytestmark = pytest.mark.dali_agnostic
 
 
 def test_ranks_share_one_permutation_in_disjoint_equal_parts():

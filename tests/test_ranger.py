@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 
 import fastai.callback.schedule  # noqa: F401  (patches fit_one_cycle and lr_find onto Learner)
-import pytest
 import torch
 from fastai.layers import ConvLayer, Flatten
 from fastai.learner import Learner
@@ -17,8 +16,6 @@ from conftest import tiny_regression
 from fastgal.train.model import rmse_loss
 from fastgal.train.ranger import Ranger
 
-# nothing here depends on whether DALI is installed: the no-DALI pass of `make test` leaves it out
-pytestmark = pytest.mark.dali_agnostic
 
 
 def _model(seed=0):

@@ -14,8 +14,6 @@ from PIL import Image
 from conftest import run_cli
 from fastgal.survey.synth import REF_Q, make_catalog
 
-# nothing here depends on whether DALI is installed: the no-DALI pass of `make test` leaves it out
-pytestmark = pytest.mark.dali_agnostic
 
 REF = {0.01: 8.286, 0.05: 8.492, 0.25: 8.809, 0.5: 8.956, 0.75: 9.054, 0.95: 9.134, 0.99: 9.190}
 

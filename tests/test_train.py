@@ -17,38 +17,27 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import run_cli
+from conftest import SMALL_RUN, run_cli
 
 README = Path(__file__).parents[1] / "README.md"
 TRAIN = ("--epochs", "2", "--bs", "32", "--arch", "xresnet18", "--size", "32", "--quiet", "--workers", "1")
 
 
-def _train(shards, out, *extra, kill_at=None, env=None):
+def _train(shards, out, *extra, kill_at=None, env=None, args=TRAIN):
     """`fastgal train` in a subprocess; kill_at=(epoch, batch[, "SIGTERM"]): SIGKILLed (or sent that signal)
     right after that training batch (tests/kill_after.py), a pre-emption at a point fixed in advance rather
     than a race with the clock."""
     cmd = [str(Path(__file__).with_name("kill_after.py")), *map(str, kill_at)] if kill_at else ["-m", "fastgal"]
-    return subprocess.run([sys.executable, *cmd, "train", str(shards), "--out", str(out), *TRAIN, *extra],
+    return subprocess.run([sys.executable, *cmd, "train", str(shards), "--out", str(out), *map(str, args), *extra],
                           capture_output=True, text=True, timeout=900, env=env)
 
 
-@pytest.mark.slow
-def test_train_writes_the_run_folder(small_shards, tmp_path, monkeypatch):
-    import fastgal.shards.read
-
-    reads = {"manifest": 0, "index": []}  # a run reads manifest.json once and each index file once
-    real_manifest, real_index = fastgal.shards.read.load_manifest, fastgal.shards.read.read_index
-    monkeypatch.setattr(fastgal.shards.read, "load_manifest",
-                        lambda f: reads.__setitem__("manifest", reads["manifest"] + 1) or real_manifest(f))
-    monkeypatch.setattr(fastgal.shards.read, "read_index", lambda p: reads["index"].append(Path(p).name) or real_index(p))
-    run = tmp_path / "run"
-    old = os.umask(0o027)  # files must get the umask's modes like a plain write, not mkstemp's 0600
-    try:
-        res = run_cli("train", small_shards, "--out", run, "--epochs", 2, "--bs", 32, "--arch", "xresnet18",
-                      "--size", 56, "--lr-find", "--lr-find-iters", "6", "--tta", "--quiet")
-    finally:
-        os.umask(old)
-    assert {stat.S_IMODE(p.stat().st_mode) for p in run.iterdir()} == {0o640}
+def test_train_writes_the_run_folder(made_run, small_shards):
+    """The suite's one whole run (conftest.made_run: 2 epochs, lr_find, TTA, made under umask 027)."""
+    run, reads, res = made_run.path, made_run.reads, made_run
+    # test_predict may add predictions_<input>.csv to it later, under the default umask
+    mine = [p for p in run.iterdir() if not p.name.startswith("predictions_") or p.name == "predictions_valid.csv"]
+    assert {stat.S_IMODE(p.stat().st_mode) for p in mine} == {0o640}
     assert "RMSE" in res.output and "lgm_tot_p50" in res.output
     idx = sorted(p.name for p in small_shards.glob("*.idx"))
     assert reads["manifest"] == 1 and sorted(reads["index"]) == idx, reads  # lr_find, fit, TTA, scoring: once
@@ -87,8 +76,8 @@ def test_train_writes_the_run_folder(small_shards, tmp_path, monkeypatch):
     w = torch.load(run / "model.pt", weights_only=False)
     assert w["targets"] == ["metallicity", "lgm_tot_p50"] and len(w["pixel_mean"]) == 3 and w["state_dict"]
     # a second run into the same folder refuses without --overwrite
-    res = run_cli("train", small_shards, "--out", run, "--epochs", 1, ok=False)
-    assert res.exit_code != 0 and "--overwrite" in res.output
+    again = run_cli("train", small_shards, "--out", run, "--epochs", 1, ok=False)
+    assert again.exit_code != 0 and "--overwrite" in again.output
 
 
 def test_train_user_errors(small_shards, tmp_path):
@@ -146,7 +135,7 @@ def test_torchrun_ddp_on_cpu(small_shards, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.fallback
+@pytest.mark.nodali
 def test_demo_runs_the_main_job(tmp_path):
     """fastgal demo: synth -> shard -> train -> report, with the RMSE, baseline and floor printed."""
     out = tmp_path / "demo"
@@ -230,27 +219,49 @@ def test_run_records_how_it_computed(small_run):
     assert w["precision"] == cfg["precision"] == "fp32" and w["channels_last"] is False
 
 
+@pytest.fixture(scope="module")
+def killed_run(small_shards, tmp_path_factory):
+    """small_run's command (conftest.SMALL_RUN) SIGTERMed after batch 2 of epoch 2, as a scheduler's time limit
+    stops it: what it left, then the same command with --resume, in-process."""
+    from types import SimpleNamespace
+
+    root = tmp_path_factory.mktemp("killed")
+    env = _own_tmp(root)
+    run = root / "cut"
+    p = _train(small_shards, run, kill_at=(1, 2, "SIGTERM"), env=env, args=SMALL_RUN)
+    ckpt = run / "checkpoint.pth"
+    left = SimpleNamespace(returncode=p.returncode, stderr=p.stderr, files=sorted(f.name for f in run.iterdir()),
+                           temp=sorted(Path(env["TMPDIR"]).rglob("*")),
+                           epoch=torch.load(ckpt, weights_only=False)["epoch"] if ckpt.exists() else None)
+    res = run_cli("train", small_shards, "--out", run, *SMALL_RUN, "--resume")
+    return SimpleNamespace(path=run, left=left, output=res.output)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("loader", [pytest.param("dali", marks=pytest.mark.dali), "torch"])
-def test_a_killed_run_resumes_to_the_same_result(small_shards, tmp_path, loader):
-    whole, cut = tmp_path / "whole", tmp_path / "cut"
-    p = _train(small_shards, cut, "--loader", loader, kill_at=(1, 2), env=_own_tmp(tmp_path))  # epoch 2, batch 2
-    ckpt = cut / "checkpoint.pth"
-    assert p.returncode == -9 and ckpt.exists() and not (cut / "metrics.json").exists(), p.stderr[-2000:]
-    assert torch.load(ckpt, weights_only=False)["epoch"] == 0  # the last finished epoch
-    p = _train(small_shards, cut, "--loader", loader, "--resume")
-    assert p.returncode == 0 and (cut / "metrics.json").exists(), p.stderr[-2000:]
-    p = _train(small_shards, whole, "--loader", loader)
-    assert p.returncode == 0 and (whole / "metrics.json").exists(), p.stderr[-2000:]
-    # --quiet: no progress, and a clean run shows no dependency warnings (fastai's import of torch.jit.script,
-    # numpy.core in Learner.load, pandas options) on stderr; the results go to stdout
-    assert p.stderr == "" and "RMSE" in p.stdout
+def test_sigterm_in_an_epoch_keeps_the_last_one_for_resume(killed_run):
+    """Exit status 143 and one line says why; the last finished epoch is kept; no temp file of an atomic write."""
+    left = killed_run.left
+    assert left.returncode == 143 and "terminated (SIGTERM)" in left.stderr, left.stderr[-2000:]
+    assert "Traceback" not in left.stderr, left.stderr[-2000:]
+    assert left.epoch == 0  # the last finished epoch (fastai counts from 0)
+    assert "checkpoint.pth" in left.files and "metrics.json" not in left.files
+    assert not [f for f in left.files if f.startswith(".") or "tmp" in f], left.files
+    assert not [f for f in left.temp if f.name.startswith("fastgal-")], left.temp  # lr_find's weights went with it
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_to_the_same_result(killed_run, made_run):
+    """The killed run, resumed, ends where the run that was never stopped ended (small_run)."""
+    cut, whole = killed_run.path, made_run.path
     m_cut, m_whole = (json.loads((d / "metrics.json").read_text()) for d in (cut, whole))
     assert m_cut["resumed_from_epoch"] == 2 and m_whole["resumed_from_epoch"] is None and m_whole["epochs"] == 2
+    assert m_cut["lr_find_suggested"] == m_whole["lr_find_suggested"]  # kept in the checkpoint, not found again
     assert abs(m_cut["rmse"] - m_whole["rmse"]) <= 1e-6
     h_cut, h_whole = (pd.read_csv(d / "history.csv") for d in (cut, whole))
     cols = ["epoch", "train_loss", "valid_loss", "rmse_metallicity", "rmse_lgm_tot_p50"]
     assert np.allclose(h_cut[cols].values, h_whole[cols].values, rtol=0, atol=1e-6)
+    p_cut, p_whole = (pd.read_csv(d / "predictions_valid.csv") for d in (cut, whole))
+    assert np.allclose(p_cut.filter(like="pred_").values, p_whole.filter(like="pred_").values, rtol=0, atol=2e-5)
     assert not (cut / "checkpoint.pth").exists() and not (cut / "best.pth").exists()  # finished: cleaned up
 
 
@@ -275,43 +286,25 @@ def test_resume_refusals(small_shards, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_run_that_finished_no_epoch_blocks_nothing(small_shards, tmp_path):
-    """Issue 22, case 1: a typo fails before anything is written; a run stopped during lr_find leaves no
-    lr_find weights in the run folder, --resume says there is nothing to resume, and the same command
-    (without --overwrite) then trains."""
+def test_a_run_stopped_in_lr_find_blocks_nothing(small_shards, tmp_path):
+    """Issue 22, case 1 and a scheduler's SIGTERM in lr_find: a typo fails before anything is written; a run
+    stopped in lr_find leaves no lr_find weights (43 MB each, found piling up in /tmp) in the temp folder nor in
+    the run folder, --resume says there is nothing to resume, and the same command (without --overwrite) then
+    trains; with --quiet a clean run prints nothing on stderr (no dependency warnings) and its results on stdout."""
     run = tmp_path / "c3"
     res = run_cli("train", small_shards, "--out", run, "--arch", "xresnet43", ok=False)
     assert res.exit_code != 0 and "xresnet34" in res.output and not run.exists()
-    p = _train(small_shards, run, "--lr-find", "--lr-find-iters", "6", kill_at=(0, 2), env=_own_tmp(tmp_path))  # in lr_find
-    assert p.returncode == -9 and (run / "config.json").is_file(), p.stderr[-2000:]
-    assert not [f for f in run.rglob("*") if f.suffix == ".pth"], sorted(run.rglob("*"))  # no _tmp.pth, no checkpoint
-    p = _train(small_shards, run, "--lr-find", "--lr-find-iters", "6", "--resume")
-    assert p.returncode != 0 and "finished no epoch" in p.stderr and "without --resume" in p.stderr
-    p = _train(small_shards, run, "--lr-find", "--lr-find-iters", "6")
-    assert p.returncode == 0 and (run / "metrics.json").is_file(), p.stderr[-2000:]
-
-
-@pytest.mark.slow
-def test_sigterm_stops_train_as_ctrl_c_does(small_shards, tmp_path):
-    """A scheduler's time limit (SIGTERM, then SIGKILL) in lr_find leaves no lr_find weights in the temp folder
-    (43 MB each, found piling up in /tmp) nor in the run folder; in the second epoch it keeps the first for
-    --resume and leaves no temp file of an atomic write. Exit status 143, and one line says why."""
     env = _own_tmp(tmp_path)
-    tmp = Path(env["TMPDIR"])
-    run = tmp_path / "lr"
-    p = _train(small_shards, run, "--lr-find", "--lr-find-iters", "6", kill_at=(0, 2, "SIGTERM"), env=env)
-    assert p.returncode == 143 and "terminated (SIGTERM)" in p.stderr, p.stderr[-2000:]
-    assert "Traceback" not in p.stderr, p.stderr[-2000:]
-    assert not list(tmp.glob("fastgal-*")), sorted(tmp.rglob("*"))
+    lr = ("--lr-find", "--lr-find-iters", "6")
+    p = _train(small_shards, run, *lr, kill_at=(0, 2, "SIGTERM"), env=env)  # in lr_find
+    assert p.returncode == 143 and "terminated (SIGTERM)" in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert not list(Path(env["TMPDIR"]).glob("fastgal-*")), sorted(Path(env["TMPDIR"]).rglob("*"))
     assert (run / "config.json").is_file() and not list(run.rglob("*.pth")), sorted(run.rglob("*"))
-    run = tmp_path / "ep"
-    p = _train(small_shards, run, kill_at=(1, 2, "SIGTERM"), env=env)
-    assert p.returncode == 143 and "terminated (SIGTERM)" in p.stderr, p.stderr[-2000:]
-    assert torch.load(run / "checkpoint.pth", weights_only=False)["epoch"] == 0  # the last finished epoch
-    assert not (run / "metrics.json").exists()
-    assert not [f for f in run.iterdir() if f.name.startswith(".") or "tmp" in f.name], sorted(run.iterdir())
-    p = _train(small_shards, run, "--resume", env=env)
-    assert p.returncode == 0 and json.loads((run / "metrics.json").read_text())["resumed_from_epoch"] == 2
+    res = run_cli("train", small_shards, "--out", run, *TRAIN, *lr, "--resume", ok=False)
+    assert res.exit_code != 0 and "finished no epoch" in res.output and "without --resume" in res.output
+    p = _train(small_shards, run, *lr, env=env)
+    assert p.returncode == 0 and (run / "metrics.json").is_file(), p.stderr[-2000:]
+    assert p.stderr == "" and "RMSE" in p.stdout
 
 
 def test_train_opt_option(small_shards, small_run, tmp_path, monkeypatch):
@@ -359,8 +352,8 @@ def test_compile_trains_the_same_run_folder(small_shards, small_run, tmp_path, m
 
     monkeypatch.setattr(torch.nn.Module, "compile", compile_eager)
     run = tmp_path / "compiled"
-    res = run_cli("train", small_shards, "--out", run, "--epochs", 1, "--bs", 32, "--arch", "xresnet18", "--size", 56,
-                  "--tta", "--quiet", "--compile", "--compile-mode", "reduce-overhead")  # small_run's + --compile (CUDA graphs on a GPU)
+    res = run_cli("train", small_shards, "--out", run, *SMALL_RUN, "--compile", "--compile-mode",
+                  "reduce-overhead")  # small_run's + --compile (CUDA graphs on a GPU)
     assert "compiled (reduce-overhead): epoch 1 includes compiling" in res.output  # its images/s are not steady state
     a, b = small_run, run
     def written(r):  # test_predict adds predictions_<input>.csv to the shared small_run
@@ -400,14 +393,15 @@ def test_the_cpu_preset_sizes_train_for_a_cpu(small_shards, tmp_path):
     assert m["preset"] == "cpu" and m["arch"] == "xresnet18" and m["steps_per_epoch"] == cfg["n_train"] // 64
     assert "xresnet18, preset cpu" in res.stdout
     # the recipe by name, on the same CPU: its values where none are given (size still from the shards' crop,
-    # where the recipe's own 112 would not fit a 72 px region)
-    r = tmp_path / "recipe"
-    run_cli("train", small_shards, "--out", r, "--preset", "recipe", "--arch", "xresnet18", "--bs", 32, "--epochs", 1,
-            "--device", "cpu", "--workers", 1, "--quiet")
-    cfg = json.loads((r / "config.json").read_text())
-    assert (cfg["preset"], cfg["arch"], cfg["bs"], cfg["epochs"], cfg["lr"], cfg["lr_find_iters"], cfg["size"]) == (
+    # where the recipe's own 112 would not fit a 72 px region); decided before any fit, so no second training
+    from fastgal.options import TrainConfig
+
+    given = TrainConfig(shards=small_shards, preset="recipe", arch="xresnet18", bs=32, epochs=1)
+    cfg = given.resolved(gpu=False, crop=72)
+    assert (cfg.preset, cfg.arch, cfg.bs, cfg.epochs, cfg.lr, cfg.lr_find_iters, cfg.size) == (
         "recipe", "xresnet18", 32, 1, RECIPE.lr, RECIPE.lr_find_iters, 56)
-    assert cfg["from_preset"] == ["lr", "lr_find_iters"]
+    assert given.from_preset() == ["lr", "lr_find_iters"]
+    assert TrainConfig(shards=small_shards).resolved(gpu=True, crop=144).arch == RECIPE.arch  # auto on a GPU
 
 
 def test_epochs_count_from_1_everywhere(small_run):
@@ -417,8 +411,9 @@ def test_epochs_count_from_1_everywhere(small_run):
 
     m = json.loads((small_run / "metrics.json").read_text())
     hist = pd.read_csv(small_run / "history.csv")
-    assert list(hist.epoch) == [1] and m["best_epoch"] == 1 and m["epochs"] == 1
-    assert "best epoch 1 of 1" in format_metrics(m)
+    assert list(hist.epoch) == [1, 2] and m["best_epoch"] in (1, 2) and m["epochs"] == 2
+    best = int(hist.epoch[hist.rmse_metallicity.idxmin()])  # the monitored metric's best, counted from 1
+    assert m["best_epoch"] == best and f"best epoch {best} of 2" in format_metrics(m)
 
 
 def _stderr_on_a_terminal(cmd: list[str]) -> tuple[int, str]:
@@ -455,7 +450,7 @@ def test_stderr_is_one_line_per_step_off_a_terminal_and_redraws_only_on_one(smal
     result, one per epoch) whether or not stderr is a terminal; the redrawn counter (lr_find's `lr_find: iteration
     i/N`, then each epoch's batches) only on a terminal; --quiet silences both. The README says exactly that."""
     cmd = [sys.executable, "-m", "fastgal", "train", str(small_shards), "--epochs", "2", "--bs", "32", "--arch",
-           "xresnet18", "--lr-find", "--lr-find-iters", "6", "--workers", "1", "--device", "cpu"]
+           "xresnet18", "--size", "32", "--lr-find", "--lr-find-iters", "6", "--workers", "1", "--device", "cpu"]
     p = subprocess.run([*cmd, "--out", str(tmp_path / "log")], capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
     lines = p.stderr.splitlines()  # a batch job's log: one line per step, nothing redrawn

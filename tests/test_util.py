@@ -7,9 +7,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import pytest
 
-pytestmark = pytest.mark.dali_agnostic
 
 PROLOGUE = """
 import os, signal, sys, time

@@ -60,7 +60,6 @@ def box_venv(where: Path, have: set[str]) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.fallback  # the no-DALI pass runs it too: it is the GPU check as the box without DALI sees it
 def test_the_gpu_check_runs_on_a_torch_only_box(tmp_path):
     wh = tmp_path / "wheels"
     import platform
