@@ -126,6 +126,16 @@ def small_run(small_shards, tmp_path_factory):
     return run
 
 
+@pytest.fixture(scope="session")
+def fits_survey(tmp_path_factory):
+    """A 120-galaxy survey of ugriz FITS cutouts at half resolution (s/) and its float shards (sh/: crop 72,
+    50 samples per tar); test_fits.py's fits_run trains into r/ beside them."""
+    root = tmp_path_factory.mktemp("fitsrun")
+    run_cli("synth", root / "s", "--n", 120, "--seed", 4, "--size", 112, "--format", "fits", "--bands", "ugriz", "--quiet")
+    run_cli("shard", root / "s/data/master.csv", root / "s/images", root / "sh", "--crop", 72, "--shard-size", 50, "--quiet")
+    return root
+
+
 def tiny_regression(n=80, bs=8, seed=0):
     """A tiny regression (80 samples of 3x8x8, 10 steps per epoch), in a fixed order."""
     g = torch.Generator().manual_seed(seed)

@@ -249,10 +249,10 @@ def bench(cfg: BenchConfig) -> dict:
     torch.manual_seed(cfg.seed)
 
     if shards:
-        targets = shards.targets
+        targets, channels = shards.targets, shards.channels  # channels: 3 for JPEG shards, one per FITS band
         tmean, tstd = shards.target_stats()
-    else:  # the step section alone, without shards: the recipe's one target at a typical scale
-        targets, tmean, tstd = [RECIPE.target], [8.9], [0.2]
+    else:  # the step section alone, without shards: the recipe's one target at a typical scale, RGB
+        targets, tmean, tstd, channels = [RECIPE.target], [8.9], [0.2], 3
     window = dict(batches=cfg.batches, warmup=cfg.warmup, repeats=cfg.repeats, device=device, log=log)
 
     backends: dict[str, object] = {}  # name -> DataLoaders (built once, shared by loaders and e2e)
@@ -306,18 +306,18 @@ def bench(cfg: BenchConfig) -> dict:
 
         with tempfile.TemporaryDirectory(prefix="fastgal-bench-") as tmp:
             def learner(dls, compile=cfg.compile and cfg.compile_mode):
-                learn = make_learner(dls, make_model(cfg.arch, len(targets), tmean, tstd), targets=targets,
+                learn = make_learner(dls, make_model(cfg.arch, len(targets), tmean, tstd, c_in=channels), targets=targets,
                                      path=Path(tmp), precision=precision, channels_last=device.type == "cuda",
                                      quiet=True, opt=cfg.opt, compile=compile)
                 learn.metrics = []  # validation is skipped anyway
                 return learn
 
             # e2e needs the model figure for its data-bound fraction, so it always runs the model section
-            x = torch.randn(cfg.bs, 3, cfg.size, cfg.size, device=device)
+            x = torch.randn(cfg.bs, channels, cfg.size, cfg.size, device=device)
             y = torch.tensor(tmean, device=device).repeat(cfg.bs, 1) + 0.1 * torch.randn(cfg.bs, len(targets), device=device)
             syn = DataLoaders(SyntheticLoader(x, y, cfg.warmup + cfg.batches), SyntheticLoader(x, y, 1),
                               path=tmp, device=device)
-            model = {"arch": cfg.arch, "precision": precision, "batch_shape": [cfg.bs, 3, cfg.size, cfg.size]}
+            model = {"arch": cfg.arch, "precision": precision, "batch_shape": list(x.shape)}
             if cfg.compile:  # the same model eager and compiled, in this run: their ratio is the claim
                 eager = _stats(time_fit(learner(syn, compile=False), name=f"{cfg.arch} eager", section="model", **window))
                 learn = learner(syn)
@@ -347,7 +347,7 @@ def bench(cfg: BenchConfig) -> dict:
         from fastgal.bench.step import bench_step
 
         out["step"] = bench_step(cfg, device=device, precision=precision, targets=targets, tmean=tmean, tstd=tstd,
-                                 log=log)
+                                 channels=channels, log=log)
     return out
 
 

@@ -228,10 +228,15 @@ def shuffle_bench(cfg, shards, crop: int, device, threads: int, log) -> dict:
         return _Stream(t.split, t.geometry, bs=cfg.bs, threads=threads, seed=cfg.seed, rank=shard_id, world=num_shards,
                        **spec)
 
+    skipped = {} if dali_available() else {"dali": "NVIDIA DALI is not importable here"}
+    streams = list(STREAM_VARIANTS) if dali_available() else []
+    if streams and shards.kind == "float":  # _Stream hands the reader's bytes to DALI's image decoder
+        skipped.update({n: "the stream reader decodes JPEGs; these shards hold FITS bands" for n in streams})
+        streams = []
     # torch first: its workers fork before any DALI reader has mapped its buffers into this process
-    names = ["torch"] + (["dali", *STREAM_VARIANTS] if dali_available() else [])
+    names = ["torch"] + (["dali", *streams] if dali_available() else [])
     res = shuffle_section(make, names, len(shards.split("train")), cfg.epochs, cfg.ranks, log)
-    res["skipped"] = {} if dali_available() else {"dali": "NVIDIA DALI is not importable here"}
+    res["skipped"] = skipped
     return res
 
 
