@@ -22,6 +22,10 @@ Five sections; loaders, model, e2e and shuffle read the same shards, batch size 
   step     the host cost of a training step, fastgal's Learner against stock fastai's: ms, aten ops and
            would-be device syncs per phase (step.py; needs no shards).
 
+On FITS shards (float bands) the model, e2e and step sections build the network and the synthetic batches
+with the shards' channel count (one per band); what cannot read float bands (the fastai peer's PIL
+pipeline, the shuffle section's DALI stream reader) is listed as skipped, with the reason.
+
 Every figure is the best of --repeats windows of --batches batches, each after --warmup untimed ones
 (worker start-up, pipeline build, autotune). Compare the ratios of one run, not figures across runs.
 bench observes: nothing in the package imports it.
