@@ -48,7 +48,7 @@ from fastgal.train.checkpoints import image_meta, inference, save_checkpoint
 from fastgal.recipe import PRESET_FIELDS, RECIPE
 from fastgal.options import TrainConfig, to_jsonable
 from fastgal.train.device import resolve_device, resolve_precision
-from fastgal.score.diagnostics import calibration, summarise
+from fastgal.score.diagnostics import target_scores
 from fastgal.env import versions
 from fastgal.train.learner import make_learner
 from fastgal.load.loader import dataloaders, thread_budget
@@ -368,25 +368,22 @@ def score(s: Setup, df: pd.DataFrame) -> dict:
     per_target, curves = {}, {}
     for j, t in enumerate(s.targets):
         true, pred = df[f"true_{t}"].to_numpy(), df[f"pred_{t}"].to_numpy()
-        sigma = df[f"sigma_{t}"].to_numpy() if f"sigma_{t}" in df else None
-        d = summarise(true, pred, mass=mass if has_mass and j == 0 else None, sigma=sigma)
-        m = {k: d[k] for k in ("rmse", "nmad", "bias", "r2", "outlier_fraction")}
-        m["baseline_rmse"] = float(np.sqrt(np.mean((true - s.target_mean[j]) ** 2)))  # the training mean
-        if f"pred_tta_{t}" in df:
-            tta, sigma_tta = df[f"pred_tta_{t}"].to_numpy(), df[f"sigma_tta_{t}"].to_numpy()
-            m["tta_rmse"] = float(np.sqrt(np.mean((tta - true) ** 2)))
-            m["tta_calibration"] = calibration(true, tta, sigma_tta)
+        sigma, tta, sigma_tta = (df[f"{c}_{t}"].to_numpy() if f"{c}_{t}" in df else None
+                                 for c in ("sigma", "pred_tta", "sigma_tta"))
+        # the scores `fastgal predict` reports too (one function, the same keys)
+        m = target_scores(true, pred, pred_tta=tta, sigma=sigma, sigma_tta=sigma_tta,
+                          mass=mass if has_mass and j == 0 else None, train_mean=s.target_mean[j])
+        if tta is not None:
             curves[f"{t}: TTA spread"] = np.abs(tta - true) / sigma_tta
         if sigma is not None:
             curves[f"{t}: model sigma"] = np.abs(pred - true) / sigma
-        m.update({k: d[k] for k in ("by_true", "by_pred", "mzr", "calibration") if k in d})
         per_target[t] = m
         suffix = "" if j == 0 else f"_{t}"
         pred_vs_true(true, pred, s.out / f"pred_vs_true{suffix}.png", name=t,
                      stats={"RMSE": m["rmse"], "NMAD": m["nmad"], "baseline": m["baseline_rmse"]})
         residuals(true, pred, s.out / f"residuals{suffix}.png", name=t)
-        if "mzr" in d:
-            mzr_plot(mass, true, pred, d["mzr"], s.out / "mzr.png")
+        if "mzr" in m:
+            mzr_plot(mass, true, pred, m["mzr"], s.out / "mzr.png")
     if curves:
         coverage_plot(curves, s.out / "coverage.png")
     return per_target

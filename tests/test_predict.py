@@ -34,9 +34,25 @@ def test_predict_on_shards_reproduces_the_run(small_run, small_shards, tmp_path)
     assert list(got.columns) == ["id", "split", *ref.columns[1:]]
     for c in ref.columns[1:]:
         assert np.allclose(got[c], ref[c], rtol=0, atol=1.01e-5), c
-    d = summary["diagnostics"]["metallicity"]  # shards know the truth: the TTA prediction's diagnostics
-    assert d["prediction"] == "pred_tta_metallicity" and sum(b["n"] for b in d["by_true"]) == summary["rows"]
-    assert summary["rmse_metallicity"] == pytest.approx(np.sqrt(np.mean((got.pred_tta_metallicity - got.true_metallicity) ** 2)), abs=1e-4)
+    # shards know the truth: the scores train wrote to metrics.json, one function and the same names (issue 29):
+    # rmse of the plain prediction, tta_rmse of the 8 views' mean
+    metrics = json.loads((small_run / "metrics.json").read_text())["targets"]
+    assert set(summary["diagnostics"]) == set(metrics) == {"metallicity", "lgm_tot_p50"}
+    for t, m in metrics.items():
+        d = summary["diagnostics"][t]
+        assert d["n"] == summary["rows"] and sum(b["n"] for b in d["by_true"]) == summary["rows"]
+        rmse = np.sqrt(np.mean((got[f"pred_{t}"] - got[f"true_{t}"]) ** 2))
+        tta = np.sqrt(np.mean((got[f"pred_tta_{t}"] - got[f"true_{t}"]) ** 2))
+        assert abs(rmse - tta) > 4e-5  # apart by more than the tolerance below, so a swap of the two fails
+        for key, want in (("rmse", rmse), ("tta_rmse", tta)):
+            assert summary[f"{key}_{t}"] == d[key]
+            assert d[key] == pytest.approx(m[key], abs=2e-5) and d[key] == pytest.approx(want, abs=2e-5), (t, key)
+        for key in ("nmad", "bias", "r2", "outlier_fraction"):  # the rest of train's keys: the plain prediction's
+            assert d[key] == pytest.approx(m[key], abs=1e-4), (t, key)
+        assert d["tta_calibration"]["n"] == m["tta_calibration"]["n"] == summary["rows"]
+    printed = run_cli("predict", small_run, small_shards, "--split", "valid", "--tta", "--out", out).output
+    d = summary["diagnostics"]["metallicity"]
+    assert f"metallicity: RMSE {d['rmse']:.4f}  TTA RMSE {d['tta_rmse']:.4f}  NMAD" in printed
     # the batched loader reads the same views exactly (integer crops, quarter turns, flips): the same predictions
     run_cli("predict", small_run, small_shards, "--split", "valid", "--tta", "--loader", "batched", "--out", tmp_path / "b.csv")
     b = pd.read_csv(tmp_path / "b.csv", dtype={"id": str})
