@@ -29,7 +29,7 @@ def test_predict_on_shards_reproduces_the_run(small_run, small_shards, tmp_path)
     got = pd.read_csv(out, dtype={"id": str})
     ref = pd.read_csv(small_run / "predictions_valid.csv", dtype={"id": str})
     assert list(got.id) == list(ref.id)
-    # train's predictions_valid.csv and `fastgal predict` are one function (predictions.predict_split): the same
+    # train's predictions_valid.csv and `fastgal predict` are one function (score.predict.predict_split): the same
     # numbers, to the CSV's 5 decimals (batches of 32 vs 256 may move the last bit of a float32)
     assert list(got.columns) == ["id", "split", *ref.columns[1:]]
     for c in ref.columns[1:]:

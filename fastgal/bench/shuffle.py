@@ -3,7 +3,7 @@
     fastgal bench shards/synth --what shuffle --epochs 2 --ranks 2 --json
 
 Reads --epochs full epochs of sample positions (places in the split's file order) from each training
-loader, built the way `fastgal train` builds it (loaders.dataloaders: same backend, batch size, threads,
+loader, built the way `fastgal train` builds it (load.loader.dataloaders: same backend, batch size, threads,
 seed):
   dali, torch        what training uses: the loader's plan (fastgal.load.order), an exact permutation per epoch;
                      the positions are the plan's, checked against the targets the loader delivered
@@ -213,7 +213,7 @@ class _Stream:
 
 
 def shuffle_bench(cfg, shards, crop: int, device, threads: int, log) -> dict:
-    """The shuffle section over the training loaders `fastgal train` builds (shards: a manifest.Shards)."""
+    """The shuffle section over the training loaders `fastgal train` builds (shards: a shards.read.Shards)."""
     from fastgal.load.loader import dali_available, dataloaders
 
     if cfg.epochs < 2 or cfg.ranks < 1:
