@@ -373,7 +373,9 @@ def predict(as_json, **kw):
     Writes a CSV with one row per input: id, predictions (pred_<target>, pred_tta_<target> with
     --tta), sigma_<target> from a --head gaussian model, sigma_tta_<target> (the 8 views' spread)
     with --tta, the true values when the shards have them, and for a folder of cutouts a status/reason
-    for files that could not be used. On shards it reports the calibration of each sigma.
+    for files that could not be used. On shards it reports what `fastgal train` writes to metrics.json,
+    under the same names: rmse (of pred_<target>), tta_rmse (of pred_tta_<target>, with --tta), NMAD,
+    bias, outliers and the calibration of each sigma.
 
     Example:
 
@@ -390,14 +392,17 @@ def predict(as_json, **kw):
         raise click.ClickException(f"none of the {len(df)} inputs could be scored (first reason: "
                                    f"{top}: {df.loc[df.status == top, 'reason'].iloc[0]}); their rows are in {path}")
     diag = diagnose(df)
+    # the names of train's metrics.json: rmse of pred_<t>, tta_rmse of pred_tta_<t> (--tta)
     summary = {"out": str(path), "rows": len(df), "unusable": n_bad,
-               **{f"rmse_{t}": d["rmse"] for t, d in diag.items()}, "diagnostics": diag}
+               **{f"{k}_{t}": d[k] for t, d in diag.items() for k in ("rmse", "tta_rmse") if k in d},
+               "diagnostics": diag}
     if as_json:
         _echo_json(summary)
         return
     click.echo(f"wrote {len(df)} predictions to {path}" + (f" ({n_bad} unusable inputs, see its status column)" if n_bad else ""))
     for t, d in diag.items():
-        click.echo(f"  {t} ({d['prediction']}): RMSE {d['rmse']:.4f}  NMAD {d['nmad']:.4f}  bias {d['bias']:+.4f}  "
+        tta = f"  TTA RMSE {d['tta_rmse']:.4f}" if "tta_rmse" in d else ""
+        click.echo(f"  {t}: RMSE {d['rmse']:.4f}{tta}  NMAD {d['nmad']:.4f}  bias {d['bias']:+.4f}  "
                    f"outliers {d['outlier_fraction']:.1%}")
         for line in calibration_lines(d, "    "):
             click.echo(line)

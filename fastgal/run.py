@@ -12,7 +12,7 @@ Run folder (metrics.json is written last: its presence means the run finished):
     history.csv            per epoch: train loss, valid loss, valid RMSE per target, seconds, images/s
     loss.png, lr_find.png  (lr_find.png with --lr-find; the suggested lr is printed)
     show_batch.png         a training batch as the model sees it (denormalised)
-    model.pt               weights + what predict needs (checkpoint.save_checkpoint)
+    model.pt               weights + what predict needs (train.checkpoints.save_checkpoint)
     checkpoint.pth         while training: the state after the last finished epoch, for --resume (removed at the end)
     predictions_valid.csv  id, true_<t>, pred_<t>, sigma_<t> (--head gaussian); pred_tta_<t>, sigma_tta_<t> (--tta)
     pred_vs_true.png       with the 1:1 line and RMSE/NMAD
@@ -20,7 +20,8 @@ Run folder (metrics.json is written last: its presence means the run finished):
     metrics.json           RMSE, NMAD, bias, R2, TTA RMSE, predict-the-training-mean RMSE, calibration, timings
 
 Distributed: launched by `torchrun --nproc_per_node=K -m fastgal train ...`, each rank reads its part
-of the training shards (DALI shard_id/num_shards) and trains a DistributedDataParallel model (the DDP
+of the training shards (load.order.EpochPlan: one permutation per epoch, the same on every rank, dealt out
+round-robin) and trains a DistributedDataParallel model (the DDP
 callback in callbacks.py); every rank validates on all of the validation set; rank 0 writes the run folder.
 
 Resume: every epoch's order, augmentation draws and global RNG state derive from (seed, epoch) (loaders,
@@ -47,7 +48,7 @@ from fastgal.load.loader import dataloaders, thread_budget
 from fastgal.load.preprocess import resolve_stretch
 from fastgal.options import TrainConfig, to_jsonable
 from fastgal.recipe import PRESET_FIELDS, RECIPE
-from fastgal.score.diagnostics import calibration, summarise
+from fastgal.score.diagnostics import target_scores
 from fastgal.score.plots import (
     coverage_plot,
     loss_curves,
@@ -337,11 +338,14 @@ def fit(s: Setup, learn) -> tuple[dict, list[dict]]:
     if s.world > 1:
         import torch.distributed as dist
 
-        # Training is the only collective part. Rank 0 predicts and writes the run folder alone;
-        # fastai decides whether to all_gather predictions from WORLD_SIZE, so say so there too.
+        # Training is the only collective part: from here rank 0 works alone (history, predictions, scores,
+        # model.pt) and the others return. WORLD_SIZE is left as torchrun set it (this used to set it to 1):
+        # fastai's to_detach/maybe_gather all_gather whenever WORLD_SIZE > 1, which would now fail, but rank 0
+        # no longer calls them: it predicts with score.predict.predict_split (its own loop, not get_preds or
+        # validate), and fastai's other readers (Learner.save/load, distrib_barrier) run inside the fit or check
+        # RANK and dist.is_initialized(). tests/test_train.py's torchrun test (with --tta) runs this path.
         dist.barrier()
         dist.destroy_process_group()
-        os.environ["WORLD_SIZE"] = "1"
     return result, ckpt.rows
 
 
@@ -361,7 +365,7 @@ def write_history(s: Setup, learn, rows: list[dict]) -> pd.DataFrame:
 
 
 def predict_valid(s: Setup, learn, dls) -> pd.DataFrame:
-    """The validation set's predictions in file order through predictions.predict_split, the path `fastgal
+    """The validation set's predictions in file order through score.predict.predict_split, the path `fastgal
     predict` takes (computed as training computed: its precision and memory format); writes
     predictions_valid.csv: id, true_<t>, pred_<t>, and sigma_<t>, pred_tta_<t>, sigma_tta_<t> where they exist."""
     forward = inference(learn.model.eval(), {"precision": s.precision, "channels_last": _channels_last(s)}, s.device)
@@ -380,25 +384,22 @@ def score(s: Setup, df: pd.DataFrame) -> dict:
     per_target, curves = {}, {}
     for j, t in enumerate(s.targets):
         true, pred = df[f"true_{t}"].to_numpy(), df[f"pred_{t}"].to_numpy()
-        sigma = df[f"sigma_{t}"].to_numpy() if f"sigma_{t}" in df else None
-        d = summarise(true, pred, mass=mass if has_mass and j == 0 else None, sigma=sigma)
-        m = {k: d[k] for k in ("rmse", "nmad", "bias", "r2", "outlier_fraction")}
-        m["baseline_rmse"] = float(np.sqrt(np.mean((true - s.target_mean[j]) ** 2)))  # the training mean
-        if f"pred_tta_{t}" in df:
-            tta, sigma_tta = df[f"pred_tta_{t}"].to_numpy(), df[f"sigma_tta_{t}"].to_numpy()
-            m["tta_rmse"] = float(np.sqrt(np.mean((tta - true) ** 2)))
-            m["tta_calibration"] = calibration(true, tta, sigma_tta)
+        sigma, tta, sigma_tta = (df[f"{c}_{t}"].to_numpy() if f"{c}_{t}" in df else None
+                                 for c in ("sigma", "pred_tta", "sigma_tta"))
+        # the scores `fastgal predict` reports too (one function, the same keys)
+        m = target_scores(true, pred, pred_tta=tta, sigma=sigma, sigma_tta=sigma_tta,
+                          mass=mass if has_mass and j == 0 else None, train_mean=s.target_mean[j])
+        if tta is not None:
             curves[f"{t}: TTA spread"] = np.abs(tta - true) / sigma_tta
         if sigma is not None:
             curves[f"{t}: model sigma"] = np.abs(pred - true) / sigma
-        m.update({k: d[k] for k in ("by_true", "by_pred", "mzr", "calibration") if k in d})
         per_target[t] = m
         suffix = "" if j == 0 else f"_{t}"
         pred_vs_true(true, pred, s.out / f"pred_vs_true{suffix}.png", name=t,
                      stats={"RMSE": m["rmse"], "NMAD": m["nmad"], "baseline": m["baseline_rmse"]})
         residuals(true, pred, s.out / f"residuals{suffix}.png", name=t)
-        if "mzr" in d:
-            mzr_plot(mass, true, pred, d["mzr"], s.out / "mzr.png")
+        if "mzr" in m:
+            mzr_plot(mass, true, pred, m["mzr"], s.out / "mzr.png")
     if curves:
         coverage_plot(curves, s.out / "coverage.png")
     return per_target

@@ -1,9 +1,10 @@
 """Small leaf helpers every command shares: atomic writes that keep the umask, output folders,
-hashing, workers, one bounded ordered pool, one progress writer, one JPEG check, SIGTERM unwound as Ctrl-C.
+hashing, workers, one bounded ordered pool, one progress writer, SIGTERM unwound as Ctrl-C.
 
-Nothing here knows about galaxies; every other module may import it.
+Nothing here knows about galaxies, images or shards (the JPEG check is shards/cutouts.py's); it imports
+nothing of fastgal, and every other module may import it.
 
-    from fastgal.util import write_json_atomic, Progress, worker_pool, imap_ordered, check_jpeg
+    from fastgal.util import write_json_atomic, Progress, worker_pool, imap_ordered
 """
 
 from __future__ import annotations
@@ -312,8 +313,3 @@ class Progress:
 
     def __exit__(self, *exc):
         self.close()
-
-
-# --------------------------------------------------------------------------- JPEG
-
-

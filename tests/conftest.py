@@ -19,8 +19,8 @@ if NO_DALI:
     sys.path.insert(0, _block)
     os.environ["PYTHONPATH"] = os.pathsep.join([_block, *filter(None, [os.environ.get("PYTHONPATH")])])
 
-from click.testing import CliRunner  # noqa: E402
 import torch  # noqa: E402
+from click.testing import CliRunner  # noqa: E402
 from fastai.data.core import DataLoaders  # noqa: E402
 from fastai.data.load import DataLoader  # noqa: E402
 
@@ -150,6 +150,16 @@ def made_run(small_shards, tmp_path_factory):
 def small_run(made_run):
     """The run folder of made_run."""
     return made_run.path
+
+
+@pytest.fixture(scope="session")
+def fits_survey(tmp_path_factory):
+    """A 120-galaxy survey of ugriz FITS cutouts at half resolution (s/) and its float shards (sh/: crop 72,
+    50 samples per tar); test_fits.py's fits_run trains into r/ beside them."""
+    root = tmp_path_factory.mktemp("fitsrun")
+    run_cli("synth", root / "s", "--n", 120, "--seed", 4, "--size", 112, "--format", "fits", "--bands", "ugriz", "--quiet")
+    run_cli("shard", root / "s/data/master.csv", root / "s/images", root / "sh", "--crop", 72, "--shard-size", 50, "--quiet")
+    return root
 
 
 def tiny_regression(n=80, bs=8, seed=0):

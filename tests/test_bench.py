@@ -10,7 +10,6 @@ import json
 import shutil
 
 import pytest
-
 from conftest import dali_importable, run_cli
 
 # DALI is a backend only where it is installed (make test's second pass blocks it)
@@ -121,3 +120,32 @@ def test_a_data_bound_fraction_above_one_is_called_noise():
     assert "noise: that loader keeps up" in format_table(res)
     sec["data_bound_fraction"]["torch"] = 0.9
     assert "noise" not in format_table(res)
+
+
+def test_bench_every_section_on_fits_shards(fits_survey):
+    """Issue 29: bench on shards of five FITS bands runs every section with a five-channel model and batches
+    (it used to build a three-channel model and crash); what cannot read float shards says why it is skipped."""
+    res = json.loads(run_cli("bench", fits_survey / "sh", "--what", "all", "--epochs", 2, "--json", *TINY).stdout)
+    assert res["sections"] == ["loaders", "model", "e2e", "step", "shuffle"]
+    why = "the shards hold FITS bands, which fastai's PIL pipeline cannot read"
+    loaders = BACKENDS - {"fastai"}
+    for name in ("loaders", "e2e"):  # no peer: the ratios are against the torch loader
+        _check_section(res[name], loaders)
+        assert res[name]["baseline"] == "torch" and res[name]["skipped"]["fastai"] == why
+    m = res["model"]
+    assert m["batch_shape"] == [16, 5, 56, 56] and m["images_per_s"] > 0
+    for k, v in res["e2e"]["results"].items():
+        assert res["e2e"]["data_bound_fraction"][k] == pytest.approx(v["images_per_s"] / m["images_per_s"], rel=1e-3)
+    st = res["step"]
+    assert st["batch_shape"] == [8, 5, 32, 32] and set(st["results"]) == {"fastgal", "fastai"}
+    assert all(r["ms"]["total"] > 0 for r in st["results"].values())
+    sh = res["shuffle"]
+    assert set(sh["results"]) == {"torch"} | ({"dali"} & BACKENDS)
+    for r in sh["results"].values():  # every training sample read once per epoch
+        assert sh["n_train"] - sh["n_train"] % 16 == sum(r["steps_per_rank"][0]) * 16
+    if "dali" in BACKENDS:  # DALI's stream reader decodes JPEGs: its variants are skipped, with the reason
+        from fastgal.bench.shuffle import STREAM_VARIANTS
+
+        assert set(sh["skipped"]) == set(STREAM_VARIANTS) and all("FITS" in v for v in sh["skipped"].values())
+    else:
+        assert set(sh["skipped"]) == {"dali"}

@@ -7,8 +7,8 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import dali_importable, private_writable_gib, run_cli
+
 from fastgal.bench.shuffle import cobatch_ratio, shuffle_section, spearman
 
 

@@ -7,12 +7,11 @@ import json
 
 import pytest
 import torch
-
 from conftest import run_cli
+
 from fastgal.bench.main import format_table
 from fastgal.bench.step import thin_model
 from fastgal.train.model import ARCHS, make_model
-
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))

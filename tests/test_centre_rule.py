@@ -12,9 +12,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli
 from PIL import Image
 
-from conftest import run_cli
 from fastgal.load.geometry import CENTRE
 from fastgal.load.loader import Loader
 from fastgal.load.preprocess import geometry_for

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from dataclasses import fields
 
-
 from conftest import run_cli
-from fastgal.recipe import CPU_RECIPE, RECIPE
-from fastgal.options import BenchConfig, DemoConfig, ShardConfig, TrainConfig
-from fastgal.load.order import EpochPlan
 
+from fastgal.load.order import EpochPlan
+from fastgal.options import BenchConfig, DemoConfig, ShardConfig, TrainConfig
+from fastgal.recipe import CPU_RECIPE, RECIPE
 
 
 def test_defaults_are_the_recipe():

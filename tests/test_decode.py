@@ -9,7 +9,6 @@ from fastgal.load import decode
 from fastgal.shards.read import Shards
 
 
-
 def _jpegs(shards, n=24):
     return Shards(shards).split("valid").batch(range(n))[0]
 

@@ -7,9 +7,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fastgal.score.diagnostics import binned, calibration, mzr, nmad, running_band, summarise
+from fastgal.score.diagnostics import (
+    binned,
+    calibration,
+    mzr,
+    nmad,
+    running_band,
+    summarise,
+)
 from fastgal.score.plots import mzr_plot, pred_vs_true, residuals
-
 
 
 def test_nmad_and_outliers_on_known_noise():
@@ -90,3 +96,20 @@ def test_plots_are_pngs_a_person_can_open(tmp_path):
             assert im.format == "PNG" and min(im.size) > 300
     band = running_band(true, pred)
     assert np.all(band["p16"] <= band["p50"]) and np.all(band["p50"] <= band["p84"])
+
+
+def test_target_scores_names_the_plain_and_the_tta_prediction():
+    """train's metrics.json and predict's diagnostics share one function (issue 29): rmse is the plain
+    prediction's, tta_rmse the TTA mean's, baseline_rmse predicting the training mean."""
+    from fastgal.score.diagnostics import target_scores
+
+    rng = np.random.default_rng(0)
+    true = rng.normal(8.9, 0.2, 400)
+    pred, tta = true + rng.normal(0, 0.1, 400), true + rng.normal(0, 0.05, 400)
+    m = target_scores(true, pred, pred_tta=tta, sigma_tta=np.full(400, 0.05), train_mean=8.8)
+    assert list(m)[:8] == ["rmse", "nmad", "bias", "r2", "outlier_fraction", "baseline_rmse", "tta_rmse", "tta_calibration"]
+    assert m["rmse"] == pytest.approx(np.sqrt(np.mean((pred - true) ** 2)))
+    assert m["tta_rmse"] == pytest.approx(np.sqrt(np.mean((tta - true) ** 2)))
+    assert m["baseline_rmse"] == pytest.approx(np.sqrt(np.mean((true - 8.8) ** 2)))
+    plain = target_scores(true, pred)
+    assert "tta_rmse" not in plain and "baseline_rmse" not in plain and plain["rmse"] == m["rmse"]

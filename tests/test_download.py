@@ -25,16 +25,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import run_cli
 from PIL import Image
 from pytest_httpserver import HTTPServer
 from werkzeug import Response
 
-from conftest import run_cli
 import fastgal.survey.download as dl
 import fastgal.survey.skyserver as sky_client
 from fastgal.options import DownloadConfig
 from fastgal.survey.synth import make_catalog
-
 
 SQL_PATH = "/dr17/SkyServerWS/SearchTools/SqlSearch"
 JPEG_PATH = "/dr17/SkyServerWS/ImgCutout/getjpeg"

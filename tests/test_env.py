@@ -7,8 +7,8 @@ import os
 import sys
 
 import pytest
-
 from conftest import NO_DALI, dali_importable, run_cli
+
 from fastgal import env
 
 FIELDS = {"fastgal", "python", "platform", "torch", "torchvision", "fastai", "dali", "nvimgcodec", "webdataset", "astropy",

@@ -11,9 +11,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import run_cli
 from PIL import Image
 
-from conftest import run_cli
 from fastgal.load.geometry import CENTRE, TRAIN
 from fastgal.load.loader import Loader, dataloaders
 from fastgal.load.preprocess import geometry_for
@@ -296,10 +296,8 @@ def test_stretch_choices(twins, tmp_path):
 # --------------------------------------------------------------------------- a survey of FITS bands, trained and predicted
 
 @pytest.fixture(scope="module")
-def fits_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fitsrun")
-    run_cli("synth", root / "s", "--n", 120, "--seed", 4, "--size", 112, "--format", "fits", "--bands", "ugriz", "--quiet")
-    run_cli("shard", root / "s/data/master.csv", root / "s/images", root / "sh", "--crop", 72, "--shard-size", 50, "--quiet")
+def fits_run(fits_survey):
+    root = fits_survey  # conftest's session survey of FITS bands and its shards
     run_cli("train", root / "sh", "--out", root / "r", "--epochs", 1, "--bs", 16, "--arch", "xresnet18", "--size", 56,
             "--quiet")
     return root

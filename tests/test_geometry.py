@@ -6,9 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastgal.load.geometry import CENTRE, TRAIN, Geometry, check_view, dihedral, transform_batch
+from fastgal.load.geometry import (
+    CENTRE,
+    TRAIN,
+    Geometry,
+    check_view,
+    dihedral,
+    transform_batch,
+)
 from fastgal.recipe import centre_offset
-
 
 G = Geometry(size=4, crop=6, precropped=False, mean=[0.0, 0.0, 0.0], std=[1.0, 1.0, 1.0])
 

@@ -11,15 +11,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import run_cli
 from PIL import Image
 from torch import nn
 
-from conftest import run_cli
 from fastgal.score.diagnostics import calibration
-from fastgal.train.heads import GaussianHead, gaussian_nll, split, view_stats
 from fastgal.train.checkpoints import load_checkpoint
+from fastgal.train.heads import GaussianHead, gaussian_nll, split, view_stats
 from fastgal.train.model import Denormalize, make_model
-
 
 
 def _draw(rng, n):

@@ -6,15 +6,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_regression
 from fastai.learner import Learner
 
-from conftest import tiny_regression
 from fastgal.bench.step import count_syncs, thin_model
 from fastgal.train.learner import dress, make_learner
 from fastgal.train.loop import DeviceRecorder, FastgalLearner
 from fastgal.train.model import rmse_loss, target_metrics
 from fastgal.train.ranger import Ranger
-
 
 
 def _make(tmp_path, name, stock, sync_every=7):

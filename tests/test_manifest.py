@@ -12,9 +12,8 @@ import pytest
 from PIL import Image
 
 import fastgal.shards.read as manifest
-from fastgal.shards.read import Shards
 from fastgal.shards.index import read_index
-
+from fastgal.shards.read import Shards
 
 
 def test_a_split_is_its_index_read_once(survey, survey_shards, monkeypatch):

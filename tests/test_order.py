@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from fastgal.recipe import RECIPE
 from fastgal.load.order import EpochPlan, file_order
-
+from fastgal.recipe import RECIPE
 
 
 def test_ranks_share_one_permutation_in_disjoint_equal_parts():

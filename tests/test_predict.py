@@ -9,16 +9,16 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import run_cli
 from PIL import Image
 
-from conftest import run_cli
-from fastgal.train.checkpoints import inference_settings
 from fastgal.load.geometry import CENTRE
 from fastgal.load.loader import Loader
 from fastgal.load.preprocess import geometry_for
-from fastgal.shards.read import Shards
-from fastgal.shards.cutouts import ImageRules
 from fastgal.score.predict import _checked
+from fastgal.shards.cutouts import ImageRules
+from fastgal.shards.read import Shards
+from fastgal.train.checkpoints import inference_settings
 
 
 def test_predict_on_shards_reproduces_the_run(small_run, small_shards, tmp_path):
@@ -29,14 +29,30 @@ def test_predict_on_shards_reproduces_the_run(small_run, small_shards, tmp_path)
     got = pd.read_csv(out, dtype={"id": str})
     ref = pd.read_csv(small_run / "predictions_valid.csv", dtype={"id": str})
     assert list(got.id) == list(ref.id)
-    # train's predictions_valid.csv and `fastgal predict` are one function (predictions.predict_split): the same
+    # train's predictions_valid.csv and `fastgal predict` are one function (score.predict.predict_split): the same
     # numbers, to the CSV's 5 decimals (batches of 32 vs 256 may move the last bit of a float32)
     assert list(got.columns) == ["id", "split", *ref.columns[1:]]
     for c in ref.columns[1:]:
         assert np.allclose(got[c], ref[c], rtol=0, atol=1.01e-5), c
-    d = summary["diagnostics"]["metallicity"]  # shards know the truth: the TTA prediction's diagnostics
-    assert d["prediction"] == "pred_tta_metallicity" and sum(b["n"] for b in d["by_true"]) == summary["rows"]
-    assert summary["rmse_metallicity"] == pytest.approx(np.sqrt(np.mean((got.pred_tta_metallicity - got.true_metallicity) ** 2)), abs=1e-4)
+    # shards know the truth: the scores train wrote to metrics.json, one function and the same names (issue 29):
+    # rmse of the plain prediction, tta_rmse of the 8 views' mean
+    metrics = json.loads((small_run / "metrics.json").read_text())["targets"]
+    assert set(summary["diagnostics"]) == set(metrics) == {"metallicity", "lgm_tot_p50"}
+    for t, m in metrics.items():
+        d = summary["diagnostics"][t]
+        assert d["n"] == summary["rows"] and sum(b["n"] for b in d["by_true"]) == summary["rows"]
+        rmse = np.sqrt(np.mean((got[f"pred_{t}"] - got[f"true_{t}"]) ** 2))
+        tta = np.sqrt(np.mean((got[f"pred_tta_{t}"] - got[f"true_{t}"]) ** 2))
+        assert abs(rmse - tta) > 4e-5  # apart by more than the tolerance below, so a swap of the two fails
+        for key, want in (("rmse", rmse), ("tta_rmse", tta)):
+            assert summary[f"{key}_{t}"] == d[key]
+            assert d[key] == pytest.approx(m[key], abs=2e-5) and d[key] == pytest.approx(want, abs=2e-5), (t, key)
+        for key in ("nmad", "bias", "r2", "outlier_fraction"):  # the rest of train's keys: the plain prediction's
+            assert d[key] == pytest.approx(m[key], abs=1e-4), (t, key)
+        assert d["tta_calibration"]["n"] == m["tta_calibration"]["n"] == summary["rows"]
+    printed = run_cli("predict", small_run, small_shards, "--split", "valid", "--tta", "--out", out).output
+    d = summary["diagnostics"]["metallicity"]
+    assert f"metallicity: RMSE {d['rmse']:.4f}  TTA RMSE {d['tta_rmse']:.4f}  NMAD" in printed
     run_cli("predict", small_run, small_shards, "--split", "all")  # default --out: inside the run folder
     both = pd.read_csv(small_run / f"predictions_{small_shards.name}.csv", dtype={"id": str})
     man = json.loads((small_shards / "manifest.json").read_text())

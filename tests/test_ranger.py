@@ -7,15 +7,14 @@ import copy
 
 import fastai.callback.schedule  # noqa: F401  (patches fit_one_cycle and lr_find onto Learner)
 import torch
+from conftest import tiny_regression
 from fastai.layers import ConvLayer, Flatten
 from fastai.learner import Learner
 from fastai.optimizer import ranger
 from torch import nn
 
-from conftest import tiny_regression
 from fastgal.train.model import rmse_loss
 from fastgal.train.ranger import Ranger
-
 
 
 def _model(seed=0):

@@ -17,14 +17,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import run_cli
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from conftest import run_cli
 from fastgal.shards.catalog import random_split
-from fastgal.shards.read import Shards, load_manifest
 from fastgal.shards.index import index_text, read_index
+from fastgal.shards.read import Shards, load_manifest
 from fastgal.shards.verify import verify
 from fastgal.shards.write import FITS_ONLY, REASONS
 
@@ -111,8 +111,8 @@ def test_round_trip_webdataset(survey, survey_shards):
 
 @pytest.mark.dali
 def test_round_trip_dali(survey, survey_shards, capfd):
-    from nvidia.dali import fn, pipeline_def
     import nvidia.dali.types as dtypes
+    from nvidia.dali import fn, pipeline_def
 
     sh = Shards(survey_shards)
     tars, idxs = [], []

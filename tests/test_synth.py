@@ -9,11 +9,10 @@ import os
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import run_cli
 from PIL import Image
 
-from conftest import run_cli
 from fastgal.survey.synth import REF_Q, make_catalog
-
 
 REF = {0.01: 8.286, 0.05: 8.492, 0.25: 8.809, 0.5: 8.956, 0.75: 9.054, 0.95: 9.134, 0.99: 9.190}
 

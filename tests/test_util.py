@@ -7,8 +7,6 @@ from __future__ import annotations
 import subprocess
 import sys
 
-
-
 PROLOGUE = """
 import os, signal, sys, time
 from fastgal.util import Terminated, stop_on_sigterm, terminated

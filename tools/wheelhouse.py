@@ -21,7 +21,9 @@ checkout. What is left out:
 On the box, with nothing but its own Python (see the README, "Checking fastgal on a GPU box"):
     python -m venv --system-site-packages ~/fg && ~/fg/bin/pip install --no-index --no-deps OUT/*.whl
 or, without a venv:  pip install --no-index --no-deps --target ~/fg-site OUT/*.whl; export PYTHONPATH=~/fg-site
-Prints the list and the total size; --json for a machine.
+Prints the list and the total size; --json for a machine. A user error or a failed pip step is one line on
+stderr, `wheelhouse: ...`, naming the package and why (pip's last error line, or the fix where it is known,
+e.g. the box's full Python version), and OUT is left as it was found (absent, or empty).
 """
 
 from __future__ import annotations
@@ -87,13 +89,54 @@ def plan(python: str, fits: bool = False) -> tuple[dict[str, str], list[str]]:
     need = closure(["fastgal", *(FITS if fits else [])], stop=frozenset(box) | NEVER | {norm(d) for ds in DALI.values() for d in ds}, python=python)
     missing = sorted(n for n, v in need.items() if v is None)
     if missing:
-        raise SystemExit(f"wheelhouse: {', '.join(missing)} not installed here; run from fastgal's venv (make venv)")
+        raise Refused(f"{', '.join(missing)} not installed here; run from fastgal's venv (make venv)")
     need.pop("fastgal")
     return {n: v for n, v in sorted(need.items())}, sorted(box)
 
 
-def pip(*args) -> None:
-    subprocess.run([sys.executable, "-m", "pip", *args], check=True)
+class Refused(Exception):
+    """A user error or a failed pip step: main() prints it as one line, `wheelhouse: <message>`, and exits 1."""
+
+
+class BadArgument(Refused):
+    """A bad command-line argument: exit status 2, as argparse's own errors."""
+
+
+def pip(*args, python: str = "", what: str = "") -> None:
+    """pip in a subprocess; its output (warnings) goes to stderr. A failure raises Refused with the one line
+    that says why (pip_failure); what: the step, for that line (e.g. "building fastgal's wheel")."""
+    res = subprocess.run([sys.executable, "-m", "pip", *args], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise Refused(pip_failure(res.stdout + "\n" + res.stderr, python, what))
+    sys.stderr.write(res.stdout + res.stderr)
+
+
+def pip_failure(output: str, python: str, what: str = "") -> str:
+    """One line from a failed pip's output: the package it could not get and why (its last ERROR line), and
+    the fix where it is known: a --python without the patch level that pip reads as X.Y.0, below what the
+    package's wheel requires (e.g. soupsieve 4.1 needs Python >= 3.11.5)."""
+    errors = [ln[len("ERROR:"):].strip() for ln in output.splitlines() if ln.startswith("ERROR:")]
+    last = errors[-1] if errors else next((ln.strip() for ln in reversed(output.splitlines()) if ln.strip()),
+                                          "pip exited with an error and said nothing")
+    m = re.search(r"(?:No matching distribution found for|satisfies the requirement) ([A-Za-z0-9_.\-]+)==(\S+)", output)
+    if m:
+        name, version = m.groups()
+        need = re.search(rf"(?:: |; ){re.escape(version)} Requires-Python (\S+?)(?:;|$)", output, re.M)
+        if need:
+            fix = (f"pip reads --python {python} as {python}.0: give the box's full version (python3 -V there), "
+                   f"e.g. --python {_example(python)}" if python.count(".") == 1 else
+                   f"Python {python} cannot use it: make the wheelhouse from a venv made with the box's Python")
+            return f"{name} {version} (the version installed here) requires Python {need.group(1)}; {fix}"
+        return f"pip could not download {name} {version} for Python {python or '?'}: {last}"
+    return f"{what or 'pip'} failed: {last}"
+
+
+def _example(python: str) -> str:
+    """A full version for the hint: this interpreter's where it is the same minor, else X.Y.<patch>."""
+    import platform
+
+    here = platform.python_version()
+    return here if here.startswith(python + ".") else f"{python}.<patch>"
 
 
 def download(specs: list[str], out: Path, python: str, platform: str) -> None:
@@ -101,7 +144,7 @@ def download(specs: list[str], out: Path, python: str, platform: str) -> None:
     # (pyerfa, astropy's, ships only that)
     older = ["--platform", platform.replace("manylinux_2_28", "manylinux2014")] if "manylinux_2_28" in platform else []
     pip("download", "--quiet", "--no-deps", "--only-binary=:all:", "--python-version", python, "--platform", platform,
-        *older, "--dest", str(out), *specs)
+        *older, "--dest", str(out), *specs, python=python, what="downloading the wheels")
 
 
 def sha256(path: Path) -> str:
@@ -157,6 +200,16 @@ def split_dali(flavour: str, out: Path, python: str, platform: str, part_mib: in
 
 
 def main(argv=None) -> int:
+    """The command; a user error or a pip failure is one line on stderr, `wheelhouse: ...` (exit 2 for a bad
+    argument, as argparse's own, 1 otherwise), with OUT left as it was found."""
+    try:
+        return _main(argv)
+    except Refused as e:
+        print(f"wheelhouse: {e}", file=sys.stderr)
+        return 2 if isinstance(e, BadArgument) else 1
+
+
+def _main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out", type=Path, help="folder for the wheels (created; must be empty or absent)")
     ap.add_argument("--python", default="3.12", help="the box's Python, major.minor[.patch] (3.12 means 3.12.0 to pip: "
@@ -167,18 +220,45 @@ def main(argv=None) -> int:
     ap.add_argument("--with-fits", action="store_true", help="also astropy (FITS cutouts: synth, shard, predict on .fits)")
     ap.add_argument("--json", action="store_true", help="the result as JSON on stdout")
     a = ap.parse_args(argv)
-    if a.out.exists() and any(a.out.iterdir()):
-        ap.error(f"{a.out} is not empty: choose a new folder or empty it")
+    if a.out.exists() and (not a.out.is_dir() or any(a.out.iterdir())):
+        raise BadArgument(f"{a.out} is not an empty folder: choose a new folder or empty it")
     if not re.fullmatch(r"3\.\d+(\.\d+)?", a.python):
-        ap.error(f"--python {a.python!r}: give major.minor[.patch], e.g. 3.12 or 3.12.3")
-    a.out.mkdir(parents=True, exist_ok=True)
+        raise BadArgument(f"--python {a.python!r}: give major.minor[.patch], e.g. 3.12 or 3.12.3")
     platform = PLATFORMS[a.platform]
     need, box = plan(a.python, fits=a.with_fits)
+    made = not a.out.exists()
+    a.out.mkdir(parents=True, exist_ok=True)
+    try:
+        res = _build(a, need, box, platform)
+    except BaseException:  # a failed download (or Ctrl-C) leaves OUT as it was found: absent, or empty
+        if made:
+            shutil.rmtree(a.out, ignore_errors=True)
+        else:
+            for p in a.out.iterdir():
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        raise
+    if a.json:
+        print(json.dumps(res, indent=1))
+        return 0
+    for w in res["wheels"]:
+        print(f"{w['bytes'] / 2**20:8.2f} MiB  {w['file']}")
+    print(f"{res['total_bytes'] / 2**20:8.2f} MiB  in {len(res['wheels'])} wheels for Python {a.python} ({platform}) in {a.out}")
+    if a.with_dali:
+        d = res["dali"]
+        print(f"{d['total_bytes'] / 2**20:8.2f} MiB  DALI ({a.with_dali}) in {len(d['parts'])} parts of <= {a.part_mib} MiB "
+              f"in {a.out}/dali; join and check them with: {d['join']}")
+    print(f"install on the box: {res['install']}")
+    return 0
+
+
+def _build(a, need: dict[str, str], box: list[str], platform: str) -> dict:
+    """fastgal's wheel, the others downloaded, DALI's parts: into a.out; the JSON-ready result."""
     with tempfile.TemporaryDirectory() as tmp:  # fastgal from a copy, so the build leaves nothing in the checkout
         src = Path(tmp) / "fastgal"
         shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".venv", ".git", "build", "*.egg-info", "__pycache__",
                                                                   "shards", "runs", "demo", "data"))
-        pip("wheel", "--quiet", "--no-deps", "--no-build-isolation", "--wheel-dir", str(a.out.resolve()), str(src))
+        pip("wheel", "--quiet", "--no-deps", "--no-build-isolation", "--wheel-dir", str(a.out.resolve()), str(src),
+            what="building fastgal's wheel")
     download([f"{n}=={v}" for n, v in need.items()], a.out, a.python, platform)
     wheels = sorted(a.out.glob("*.whl"))
     res = {"out": str(a.out), "python": a.python, "platform": platform, "box_has": box, "left_out": sorted(NEVER),
@@ -189,18 +269,7 @@ def main(argv=None) -> int:
         res["dali"] = {"flavour": a.with_dali, "parts": split_dali(a.with_dali, a.out, a.python, platform, a.part_mib),
                        "join": f"sh {a.out}/dali/join.sh"}
         res["dali"]["total_bytes"] = sum(p["bytes"] for p in res["dali"]["parts"])
-    if a.json:
-        print(json.dumps(res, indent=1))
-        return 0
-    for w in res["wheels"]:
-        print(f"{w['bytes'] / 2**20:8.2f} MiB  {w['file']}")
-    print(f"{res['total_bytes'] / 2**20:8.2f} MiB  in {len(wheels)} wheels for Python {a.python} ({platform}) in {a.out}")
-    if a.with_dali:
-        d = res["dali"]
-        print(f"{d['total_bytes'] / 2**20:8.2f} MiB  DALI ({a.with_dali}) in {len(d['parts'])} parts of <= {a.part_mib} MiB "
-              f"in {a.out}/dali; join and check them with: {d['join']}")
-    print(f"install on the box: {res['install']}")
-    return 0
+    return res
 
 
 if __name__ == "__main__":

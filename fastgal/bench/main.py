@@ -21,6 +21,10 @@ Five sections; loaders, model, e2e and shuffle read the same shards, batch size 
   step     the host cost of a training step, fastgal's Learner against stock fastai's: ms, aten ops and
            would-be device syncs per phase (step.py; needs no shards).
 
+On FITS shards (float bands) the model, e2e and step sections build the network and the synthetic batches
+with the shards' channel count (one per band); what cannot read float bands (the fastai peer's PIL
+pipeline, the shuffle section's DALI stream reader) is listed as skipped, with the reason.
+
 Every figure is the best of --repeats windows of --batches batches, each after --warmup untimed ones
 (worker start-up, pipeline build, autotune). Compare the ratios of one run, not figures across runs.
 bench observes: nothing in the package imports it.
@@ -247,10 +251,10 @@ def bench(cfg: BenchConfig) -> dict:
     torch.manual_seed(cfg.seed)
 
     if shards:
-        targets = shards.targets
+        targets, channels = shards.targets, shards.channels  # channels: 3 for JPEG shards, one per FITS band
         tmean, tstd = shards.target_stats()
-    else:  # the step section alone, without shards: the recipe's one target at a typical scale
-        targets, tmean, tstd = [RECIPE.target], [8.9], [0.2]
+    else:  # the step section alone, without shards: the recipe's one target at a typical scale, RGB
+        targets, tmean, tstd, channels = [RECIPE.target], [8.9], [0.2], 3
     window = dict(batches=cfg.batches, warmup=cfg.warmup, repeats=cfg.repeats, device=device, log=log)
 
     backends: dict[str, object] = {}  # name -> DataLoaders (built once, shared by loaders and e2e)
@@ -303,18 +307,18 @@ def bench(cfg: BenchConfig) -> dict:
 
         with tempfile.TemporaryDirectory(prefix="fastgal-bench-") as tmp:
             def learner(dls, compile=cfg.compile and cfg.compile_mode):
-                learn = make_learner(dls, make_model(cfg.arch, len(targets), tmean, tstd), targets=targets,
+                learn = make_learner(dls, make_model(cfg.arch, len(targets), tmean, tstd, c_in=channels), targets=targets,
                                      path=Path(tmp), precision=precision, channels_last=device.type == "cuda",
                                      quiet=True, opt=cfg.opt, compile=compile)
                 learn.metrics = []  # validation is skipped anyway
                 return learn
 
             # e2e needs the model figure for its data-bound fraction, so it always runs the model section
-            x = torch.randn(cfg.bs, 3, cfg.size, cfg.size, device=device)
+            x = torch.randn(cfg.bs, channels, cfg.size, cfg.size, device=device)
             y = torch.tensor(tmean, device=device).repeat(cfg.bs, 1) + 0.1 * torch.randn(cfg.bs, len(targets), device=device)
             syn = DataLoaders(SyntheticLoader(x, y, cfg.warmup + cfg.batches), SyntheticLoader(x, y, 1),
                               path=tmp, device=device)
-            model = {"arch": cfg.arch, "precision": precision, "batch_shape": [cfg.bs, 3, cfg.size, cfg.size]}
+            model = {"arch": cfg.arch, "precision": precision, "batch_shape": list(x.shape)}
             if cfg.compile:  # the same model eager and compiled, in this run: their ratio is the claim
                 eager = _stats(time_fit(learner(syn, compile=False), name=f"{cfg.arch} eager", section="model", **window))
                 learn = learner(syn)
@@ -344,7 +348,7 @@ def bench(cfg: BenchConfig) -> dict:
         from fastgal.bench.step import bench_step
 
         out["step"] = bench_step(cfg, device=device, precision=precision, targets=targets, tmean=tmean, tstd=tstd,
-                                 log=log)
+                                 channels=channels, log=log)
     return out
 
 

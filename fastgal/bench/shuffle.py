@@ -3,7 +3,7 @@
     fastgal bench shards/synth --what shuffle --epochs 2 --ranks 2 --json
 
 Reads --epochs full epochs of sample positions (places in the split's file order) from each training
-loader, built the way `fastgal train` builds it (loaders.dataloaders: same backend, batch size, threads,
+loader, built the way `fastgal train` builds it (load.loader.dataloaders: same backend, batch size, threads,
 seed):
   dali, torch        what training uses: the loader's plan (fastgal.load.order), an exact permutation per epoch;
                      the positions are the plan's, checked against the targets the loader delivered
@@ -214,7 +214,7 @@ class _Stream:
 
 
 def shuffle_bench(cfg, shards, crop: int, device, threads: int, log) -> dict:
-    """The shuffle section over the training loaders `fastgal train` builds (shards: a manifest.Shards)."""
+    """The shuffle section over the training loaders `fastgal train` builds (shards: a shards.read.Shards)."""
     from fastgal.load.loader import dali_available, dataloaders
 
     if cfg.epochs < 2 or cfg.ranks < 1:
@@ -229,10 +229,15 @@ def shuffle_bench(cfg, shards, crop: int, device, threads: int, log) -> dict:
         return _Stream(t.split, t.geometry, bs=cfg.bs, threads=threads, seed=cfg.seed, rank=shard_id, world=num_shards,
                        **spec)
 
+    skipped = {} if dali_available() else {"dali": "NVIDIA DALI is not importable here"}
+    streams = list(STREAM_VARIANTS) if dali_available() else []
+    if streams and shards.kind == "float":  # _Stream hands the reader's bytes to DALI's image decoder
+        skipped.update({n: "the stream reader decodes JPEGs; these shards hold FITS bands" for n in streams})
+        streams = []
     # torch first: its workers fork before any DALI reader has mapped its buffers into this process
-    names = ["torch"] + (["dali", *STREAM_VARIANTS] if dali_available() else [])
+    names = ["torch"] + (["dali", *streams] if dali_available() else [])
     res = shuffle_section(make, names, len(shards.split("train")), cfg.epochs, cfg.ranks, log)
-    res["skipped"] = {} if dali_available() else {"dali": "NVIDIA DALI is not importable here"}
+    res["skipped"] = skipped
     return res
 
 

@@ -32,6 +32,7 @@ from fastgal.recipe import RECIPE
 
 STEP_WIDTH = 1 / 16  # channel scale of the thin model: xresnet34 keeps its 118 parameter tensors, ~84k weights
 STEP_BATCH = (8, 3, 32, 32)  # tiny synthetic inputs: what is timed is Python, dispatch and fastai, not arithmetic
+# (the channel count is the shards': 3 for JPEGs, one per band for FITS shards)
 COUNT_STEPS = 60  # steps of the counting pass: 10 Lookahead syncs (k=6) and 3 loss reads (every 20)
 SYNC_METHODS = ("item", "cpu", "tolist", "numpy", "__bool__", "__float__", "__int__")  # each one waits for a GPU
 STEP_CONFIGS = {  # name -> optimizer; "fastai" is the peer: stock fastai's Learner, ranger, Recorder, AccumMetric
@@ -70,9 +71,9 @@ class _ThinXResNet(xresnet.XResNet):
                                     **kwargs)
 
 
-def thin_model(arch: str, n_out: int, mean, std, width: float = STEP_WIDTH) -> nn.Module:
+def thin_model(arch: str, n_out: int, mean, std, width: float = STEP_WIDTH, c_in: int = 3) -> nn.Module:
     """make_model's network with every channel count scaled by `width`: the same layer graph and parameter
-    tensors (what the host works through per step), a fraction of the arithmetic."""
+    tensors (what the host works through per step), a fraction of the arithmetic; c_in input channels."""
     from fastgal.train.model import ARCHS, Denormalize
 
     if arch not in ARCHS:
@@ -80,7 +81,8 @@ def thin_model(arch: str, n_out: int, mean, std, width: float = STEP_WIDTH) -> n
     # xresnetNN = _xresnet(pretrained, expansion, layers): read both off a tiny build
     probe = ARCHS[arch](n_out=n_out, sa=True, act_cls=nn.Mish, widen=1 / 64, stem_szs=(1, 1, 1))
     layers = [len(stage) for stage in list(probe.children())[4:-4]]
-    body = _ThinXResNet(xresnet.ResBlock, probe.expansion, layers, n_out=n_out, sa=True, act_cls=nn.Mish, width=width)
+    body = _ThinXResNet(xresnet.ResBlock, probe.expansion, layers, c_in=c_in, n_out=n_out, sa=True, act_cls=nn.Mish,
+                        width=width)
     return nn.Sequential(body, Denormalize(mean, std))
 
 
@@ -231,8 +233,10 @@ def _step_window(probe: _StepProbe, *, warmup: int, steps: int, device: torch.de
     return StepWindow()
 
 
-def bench_step(cfg: BenchConfig, *, device: torch.device, precision: str, targets, tmean, tstd, log) -> dict:
-    """The `step` section: fastgal's and stock fastai's training step, host cost per phase, ops and syncs."""
+def bench_step(cfg: BenchConfig, *, device: torch.device, precision: str, targets, tmean, tstd, log,
+               channels: int = 3) -> dict:
+    """The `step` section: fastgal's and stock fastai's training step, host cost per phase, ops and syncs;
+    channels: the input's (the shards': 3 for JPEGs, one per FITS band)."""
     from fastai.data.core import DataLoaders
 
     from fastgal.train.callbacks import best_epoch_callback
@@ -244,7 +248,8 @@ def bench_step(cfg: BenchConfig, *, device: torch.device, precision: str, target
     try:
         with tempfile.TemporaryDirectory(prefix="fastgal-bench-step-") as tmp:
             torch.manual_seed(cfg.seed)
-            x = torch.randn(*STEP_BATCH, device=device)
+            bs, _, h, w = STEP_BATCH
+            x = torch.randn(bs, channels, h, w, device=device)
             y = torch.tensor(tmean, device=device).repeat(len(x), 1) + 0.1 * torch.randn(len(x), len(targets),
                                                                                          device=device)
 
@@ -255,7 +260,7 @@ def bench_step(cfg: BenchConfig, *, device: torch.device, precision: str, target
             learners, probes = {}, {}
             for name in STEP_CONFIGS:
                 (Path(tmp) / name).mkdir()
-                model = thin_model(cfg.arch, len(targets), tmean, tstd)
+                model = thin_model(cfg.arch, len(targets), tmean, tstd, c_in=channels)
                 common = dict(targets=targets, path=Path(tmp) / name, precision=precision,
                               channels_last=device.type == "cuda")
                 if name == PEER:
@@ -304,7 +309,7 @@ def bench_step(cfg: BenchConfig, *, device: torch.device, precision: str, target
     ceiling = {name: {"outside_fwd_bwd": round(cfg.bs / r["ms"]["outside_fwd_bwd"] * 1e3),
                       "total": round(cfg.bs / r["ms"]["total"] * 1e3)} for name, r in results.items()}
     return {
-        "arch": cfg.arch, "width": STEP_WIDTH, "batch_shape": list(STEP_BATCH), "param_tensors": n_tensors,
+        "arch": cfg.arch, "width": STEP_WIDTH, "batch_shape": list(x.shape), "param_tensors": n_tensors,
         "weights": n_weights, "torch_threads": 1, "precision": precision, "compile": cfg.compile,
         "sync_every": SYNC_EVERY, "count_steps": COUNT_STEPS, "baseline": PEER, "results": results,
         "speedup_vs_baseline": speedup,

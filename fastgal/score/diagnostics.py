@@ -2,8 +2,9 @@
 true and of the predicted value, outliers, the mass-metallicity relation recovered from the predictions,
 and (for a model that predicts sigma) calibration.
 
-    from fastgal.score.diagnostics import summarise
-    d = summarise(true, pred, mass=catalog["lgm_tot_p50"])   # JSON-ready; train and predict write it
+    from fastgal.score.diagnostics import summarise, target_scores
+    d = summarise(true, pred, mass=catalog["lgm_tot_p50"])   # JSON-ready
+    m = target_scores(true, pred, pred_tta=tta, sigma_tta=spread)  # what train and predict report per target
 
 A CNN regressor pulls the extremes toward the mean: bins of the *true* value show it as a bias that
 changes sign across the range (positive at low Z, negative at high Z), which the overall bias hides.
@@ -113,3 +114,24 @@ def summarise(true, pred, mass=None, sigma=None, n_bins: int = 8) -> dict:
     if sigma is not None:
         out["calibration"] = calibration(true, pred, sigma)
     return out
+
+
+def target_scores(true, pred, *, pred_tta=None, sigma=None, sigma_tta=None, mass=None, train_mean=None,
+                  n_bins: int = 8) -> dict:
+    """One target's scores: the one definition behind `fastgal train`'s metrics.json and `fastgal predict`'s
+    diagnostics, under the same keys. rmse, nmad, bias, r2, outlier_fraction, the bins (by_true, by_pred),
+    the MZR fits (with mass) and the calibration of sigma: all of the plain (centre-view) prediction;
+    baseline_rmse: predicting train_mean for every galaxy; tta_rmse: the RMSE of pred_tta, the mean of the 8
+    dihedral views (--tta), and tta_calibration: that of its spread sigma_tta against it."""
+    true, pred = np.asarray(true, np.float64), np.asarray(pred, np.float64)
+    d = summarise(true, pred, mass=mass, sigma=sigma, n_bins=n_bins)
+    m = {k: d[k] for k in ("rmse", "nmad", "bias", "r2", "outlier_fraction")}
+    if train_mean is not None:
+        m["baseline_rmse"] = float(np.sqrt(np.mean((true - train_mean) ** 2)))
+    if pred_tta is not None:
+        tta = np.asarray(pred_tta, np.float64)
+        m["tta_rmse"] = scatter(tta - true)["rmse"]
+        if sigma_tta is not None:
+            m["tta_calibration"] = calibration(true, tta, sigma_tta)
+    m.update({k: d[k] for k in ("by_true", "by_pred", "mzr", "calibration") if k in d})
+    return m

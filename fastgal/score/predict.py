@@ -27,11 +27,16 @@ import pandas as pd
 import torch
 
 from fastgal.load.decode import decode_batch
-from fastgal.load.geometry import CENTRE, TTA_VIEWS, Geometry, transform_batch
+from fastgal.load.geometry import (
+    CENTRE,
+    TTA_VIEWS,
+    Geometry,
+    transform_batch,
+)
 from fastgal.load.loader import Loader, thread_budget
 from fastgal.load.preprocess import geometry_for
 from fastgal.options import PredictConfig
-from fastgal.score.diagnostics import calibration, summarise
+from fastgal.score.diagnostics import target_scores
 from fastgal.shards.cutouts import ImageRules, check_image
 from fastgal.shards.read import Shards, Split
 from fastgal.train.checkpoints import inference, load_checkpoint
@@ -171,20 +176,18 @@ def _predict_images(cfg: PredictConfig, forward, ckpt, device) -> pd.DataFrame:
 
 
 def diagnose(df: pd.DataFrame) -> dict:
-    """Where the input knew the truth (shards): diagnostics.summarise per target, of the TTA prediction
-    when there is one; the calibration of sigma_<t> (against pred_<t>) and of sigma_tta_<t> (against
-    pred_tta_<t>) where the model or --tta gave them."""
+    """Where the input knew the truth (shards): per target, n and diagnostics.target_scores, the scores
+    `fastgal train` writes to metrics.json under the same keys: rmse, nmad, bias, ... of pred_<t>, tta_rmse
+    of pred_tta_<t> (--tta), the calibration of sigma_<t> and of sigma_tta_<t> where the model or --tta
+    gave them."""
     out = {}
     for c in [c for c in df.columns if c.startswith("true_")]:
         t = c[5:]
-        p = f"pred_tta_{t}" if f"pred_tta_{t}" in df else f"pred_{t}"
-        if p not in df:
+        if f"pred_{t}" not in df:
             continue
-        true = df[c].to_numpy()
-        out[t] = {"prediction": p, **summarise(true, df[p].to_numpy())}
-        for key, pc, sc in (("calibration", f"pred_{t}", f"sigma_{t}"), ("tta_calibration", f"pred_tta_{t}", f"sigma_tta_{t}")):
-            if pc in df and sc in df:
-                out[t][key] = calibration(true, df[pc].to_numpy(), df[sc].to_numpy())
+        col = {k: df[f"{k}_{t}"].to_numpy() if f"{k}_{t}" in df else None for k in ESTIMATES}
+        out[t] = {"n": len(df), **target_scores(df[c].to_numpy(), col["pred"], pred_tta=col["pred_tta"],
+                                                 sigma=col["sigma"], sigma_tta=col["sigma_tta"])}
     return out
 
 

@@ -90,7 +90,7 @@ def _centre(im, px: int):
 
 
 def check_image(pos: int, path: str, geo: ImageRules) -> Checked:
-    """Read and fully decode one image (util.check_jpeg, or read_fits), then the survey's own checks: size, blank."""
+    """Read and fully decode one image (check_jpeg below, or read_fits), then the survey's own checks: size, blank."""
     if geo.bands is not None:
         return check_fits(pos, path, geo)
     try:

@@ -207,7 +207,7 @@ def plan_scales(df: pd.DataFrame, cfg: DownloadConfig) -> tuple[np.ndarray, list
 
 
 def inspect_jpeg(data: bytes, size: int) -> tuple[str | None, float | None]:
-    """(problem or None, black fraction): util.check_jpeg's full decode at size x size RGB (with
+    """(problem or None, black fraction): shards.cutouts.check_jpeg's full decode at size x size RGB (with
     the end-of-image marker a cut-short download lacks), then how much of the frame is no-data."""
     reason, detail, im = check_jpeg(data, size=(size, size), require_eoi=True)
     if reason:

@@ -84,7 +84,7 @@ _Q_REF = PchipInterpolator(REF_P, REF_Q)
 
 SIGMA_HIDDEN = 0.066  # dex in the latent (Tremonti) scale; gives a floor RMSE ~0.08 dex
 FMR_ALPHA = 0.12  # metallicity drop per dex of SFR above the main sequence (Mannucci+10-like)
-R90_SPAN = FRAMES["original"]  # the original study's framing (config.FRAMES), as `fastgal download` asks for
+R90_SPAN = FRAMES["original"]  # the original study's framing (recipe.FRAMES), as `fastgal download` asks for
 FRAMING = {"frame": "original", "frame_r90": R90_SPAN, "scale": "frame_r90 * petroR90_r / 224 arcsec/px, "
            "clipped to [0.05, 1.5]; an image of another --size spans the same sky"}
 MAG_LIMIT = 17.77  # SDSS main galaxy sample

@@ -306,7 +306,7 @@ class Ranger(Optimizer):
 
 
 def optimizer(name: str):
-    """The opt_func for --opt (config.OPTIMIZERS): 'ranger' (fastgal's flat-buffer Ranger) or 'fastai-ranger'
+    """The opt_func for --opt (options.OPTIMIZERS): 'ranger' (fastgal's flat-buffer Ranger) or 'fastai-ranger'
     (fastai's own)."""
     return {"ranger": Ranger, "fastai-ranger": ranger}[name]
 
