@@ -268,7 +268,7 @@ def write_config(s: Setup, dls) -> dict:
     seeds = _per_rank(seed) if s.world > 1 else [seed]
     config = {
         **to_jsonable(c), "crop": s.crop, "out": str(s.out), "targets": s.targets, "device": str(s.device),
-        "precision": s.precision, "loader_backend": dls.train.backend, "loader_decode": dls.train.decode,
+        "precision": s.precision, "loader_backend": dls.train.backend, "loader_decode": dls.train.decoded_by,
         "loader_threads": thread_budget(c.workers), "world_size": s.world,
         "n_train": len(dls.train.split), "n_valid": len(dls.valid.split),
         "versions": versions(), "gpu": torch.cuda.get_device_name(s.device) if s.device.type == "cuda" else None,

@@ -17,7 +17,7 @@ from torch import nn
 
 from fastgal.score.diagnostics import calibration
 from fastgal.train.checkpoints import load_checkpoint
-from fastgal.train.heads import GaussianHead, gaussian_nll, split, view_stats
+from fastgal.train.heads import GaussianHead, gaussian_nll, split_outputs, view_stats
 from fastgal.train.model import Denormalize, make_model
 
 
@@ -39,7 +39,7 @@ def test_gaussian_head_recovers_known_heteroscedastic_noise():
         m = nn.Sequential(nn.Linear(1, 32), nn.Mish(), nn.Linear(32, 32), nn.Mish(), nn.Linear(32, 2),
                           GaussianHead(Denormalize([y.mean()], [y.std()]), [y.std()]))
         with torch.no_grad():  # it starts at the training mean with sigma about the training spread
-            mu0, s0 = split(m(torch.zeros(1, 1)), 1)
+            mu0, s0 = split_outputs(m(torch.zeros(1, 1)), 1)
         assert abs(mu0[0, 0] - y.mean()) < 2 * y.std() and 0.1 < s0[0, 0] / y.std() < 10
         opt = torch.optim.Adam(m.parameters(), 1e-2)
         X, Y = torch.tensor(x), torch.tensor(y)
@@ -51,7 +51,7 @@ def test_gaussian_head_recovers_known_heteroscedastic_noise():
             opt.step()
         xt, yt, st = _draw(rng, 20000)  # fresh data
         with torch.no_grad():
-            mu, sigma = split(m(torch.tensor(xt)), 1)
+            mu, sigma = split_outputs(m(torch.tensor(xt)), 1)
     finally:
         torch.set_num_threads(threads)
     in_bin = [(xt[:, 0] >= lo) & (xt[:, 0] < lo + 0.25) for lo in np.linspace(-1, 0.75, 8)]
@@ -75,7 +75,7 @@ def test_gaussian_nll_is_the_textbook_value_and_views_spread():
     mean, spread = view_stats([np.array([[1.0]]), np.array([[3.0]])])
     assert mean[0, 0] == 2.0 and spread[0, 0] == 1.0
     with pytest.raises(ValueError, match="columns"):
-        split(np.zeros((2, 3)), 2)
+        split_outputs(np.zeros((2, 3)), 2)
 
 
 def test_gaussian_model_shapes_and_sigma_clamp():
@@ -86,7 +86,7 @@ def test_gaussian_model_shapes_and_sigma_clamp():
     assert out.shape == (3, 4)
     head = m[1]
     with torch.no_grad():  # an absurd raw output still gives a finite sigma inside [std e^-7, std e^2]
-        s = split(head(torch.tensor([[0.0, 0.0, 1e6, -1e6]])), 2)[1]
+        s = split_outputs(head(torch.tensor([[0.0, 0.0, 1e6, -1e6]])), 2)[1]
     assert s[0, 0] == pytest.approx(0.2 * np.exp(2), rel=1e-5) and s[0, 1] == pytest.approx(0.5 * np.exp(-7), rel=1e-5)
     torch.manual_seed(0)  # the default head draws the same weights as before --head existed
     a = make_model("xresnet18", 2, [8.9, 10.0], [0.2, 0.5])
@@ -178,7 +178,7 @@ def test_default_head_writes_no_model_sigma(small_run, small_shards, tmp_path):
 
 def test_split_refuses_outputs_that_fit_neither_head():
     """A model whose output width is neither k (rmse) nor 2k (gaussian) is an inconsistent model.pt: say so."""
-    mu, sigma = split(np.zeros((2, 2), np.float32), 2)
+    mu, sigma = split_outputs(np.zeros((2, 2), np.float32), 2)
     assert mu.shape == (2, 2) and sigma is None
     with pytest.raises(ValueError, match="3 columns for 2 targets"):
-        split(np.zeros((2, 3), np.float32), 2)
+        split_outputs(np.zeros((2, 3), np.float32), 2)

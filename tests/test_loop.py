@@ -11,8 +11,8 @@ from fastai.learner import Learner
 
 from fastgal.bench.step import count_syncs, thin_model
 from fastgal.train.learner import dress, make_learner
-from fastgal.train.loop import DeviceRecorder, FastgalLearner
-from fastgal.train.model import rmse_loss, target_metrics
+from fastgal.train.loop import DeviceRecorder, FastgalLearner, target_metrics
+from fastgal.train.model import rmse_loss
 from fastgal.train.ranger import Ranger
 
 

@@ -48,7 +48,8 @@ def stock_learner(dls, model, *, targets, path, precision="fp32", channels_last=
     from fastai.optimizer import ranger
 
     from fastgal.train.learner import dress
-    from fastgal.train.model import rmse_loss, target_metrics
+    from fastgal.train.loop import target_metrics
+    from fastgal.train.model import rmse_loss
 
     learn = Learner(dls, model, loss_func=rmse_loss, opt_func=ranger, metrics=target_metrics(targets, on_device=False),
                     path=path, model_dir=".")

@@ -120,7 +120,7 @@ class Loader:
         return self.split.ntargets
 
     @property
-    def decode(self) -> str:
+    def decoded_by(self) -> str:
         """Where JPEGs are decoded and by what, e.g. "GPU (nvJPEG, torchvision)": the run's config and the GPU
         check's headline name it beside the backend."""
         gpu = self.device.type == "cuda"

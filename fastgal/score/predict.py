@@ -41,8 +41,7 @@ from fastgal.shards.cutouts import ImageRules, check_image
 from fastgal.shards.read import Shards, Split
 from fastgal.train.checkpoints import inference, load_checkpoint
 from fastgal.train.device import resolve_device
-from fastgal.train.heads import split as split_heads
-from fastgal.train.heads import view_stats
+from fastgal.train.heads import split_outputs, view_stats
 from fastgal.util import write_bytes_atomic
 
 ESTIMATES = ("pred", "sigma", "pred_tta", "sigma_tta")  # the column prefixes, in the order they are written
@@ -80,16 +79,16 @@ def table(ids, targets: list[str], est: dict, true: np.ndarray | None = None, tr
 
 def predict_split(forward, split: Split, geometry: Geometry, targets: list[str], *, bs: int, device, backend: str = "auto",
                   threads: int = 2, tta: bool = False) -> pd.DataFrame:
-    """Every sample of a split, in file order: forward (x -> model outputs, see checkpoint.inference) on the
+    """Every sample of a split, in file order: forward (x -> model outputs, see train.checkpoints.inference) on the
     centre view, and with tta on the 8 dihedral views; the table with the true values."""
     dl = Loader(split, CENTRE, geometry, bs=bs, device=device, backend=backend, threads=threads)
     k = len(targets)
     out, true = _run(forward, dl)
     if len(split.keys) != len(out):
         raise RuntimeError(f"{len(out)} predictions for {len(split.keys)} samples in {split.name}: shards and index disagree")
-    est = dict(zip(("pred", "sigma"), split_heads(out, k)))
+    est = dict(zip(("pred", "sigma"), split_outputs(out, k)))
     if tta:
-        est["pred_tta"], est["sigma_tta"] = view_stats([split_heads(_run(forward, v)[0], k)[0] for v in dl.tta()])
+        est["pred_tta"], est["sigma_tta"] = view_stats([split_outputs(_run(forward, v)[0], k)[0] for v in dl.tta()])
     return table(split.keys, targets, est, true, true_names=split.shards.targets)
 
 
@@ -163,7 +162,7 @@ def _predict_images(cfg: PredictConfig, forward, ckpt, device) -> pd.DataFrame:
             imgs = torch.from_numpy(np.stack(data)).to(device) if fits else decode_batch(data, device, pool=pool)
             for v, view in enumerate(views):
                 outs[v, good] = forward(transform_batch(imgs, geo, view)).cpu().numpy()
-    mu, sigma = split_heads(outs, k)  # (views, files, k)
+    mu, sigma = split_outputs(outs, k)  # (views, files, k)
     est = {"pred": mu[0], "sigma": None if sigma is None else sigma.mean(0)}
     if cfg.tta:  # the 8 views' mean is the only prediction here: pred_tta_<t> (and sigma: the views' mean σ)
         est = {"pred_tta": None, "sigma": est["sigma"]}

@@ -78,7 +78,7 @@ def inference_settings(meta: dict, device) -> tuple[torch.dtype | None, bool]:
 
 def inference(model: nn.Module, meta: dict, device):
     """x -> float32 model outputs, computed the way training computed them (inference_settings): (B, k)
-    predictions, or for a gaussian head (B, 2k) means then log σ; heads.split(out, k) gives (means, σ)."""
+    predictions, or for a gaussian head (B, 2k) means then log σ; heads.split_outputs(out, k) gives (means, σ)."""
     dtype, channels_last = inference_settings(meta, device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)

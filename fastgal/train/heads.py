@@ -1,9 +1,9 @@
 """Output heads: the seed's point estimate (`rmse`) or a per-galaxy Gaussian (`gaussian`: a mean and a σ).
 
-    from fastgal.train.heads import GaussianHead, gaussian_nll, split
+    from fastgal.train.heads import GaussianHead, gaussian_nll, split_outputs
     model = nn.Sequential(body_with_2k_outputs, GaussianHead(Denormalize(mean, std), std))
     loss = gaussian_nll(model(x), y)          # x -> (B, 2k): k means, then k log-σ
-    mu, sigma = split(outputs, k)             # numpy (N, k) each; sigma is None for an rmse head
+    mu, sigma = split_outputs(outputs, k)           # numpy (N, k) each; sigma is None for an rmse head
 
 A gaussian head's network emits 2 numbers per target. The first k go through the same fixed
 `Denormalize` as the rmse head (so the mean starts at the training mean); the last k are log σ in the
@@ -60,7 +60,7 @@ def gaussian_nll(pred, targ):
     return (log_sigma + 0.5 * z**2).mean() + HALF_LOG_2PI
 
 
-def split(out, n_targets: int) -> tuple[np.ndarray, np.ndarray | None]:
+def split_outputs(out, n_targets: int) -> tuple[np.ndarray, np.ndarray | None]:
     """Model outputs (..., k) or (..., 2k) -> (means, σ or None), as float numpy arrays."""
     out = out.float().cpu().numpy() if isinstance(out, torch.Tensor) else np.asarray(out, np.float32)
     if out.shape[-1] == n_targets:

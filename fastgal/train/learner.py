@@ -6,7 +6,7 @@
     learn.fit_one_cycle(7, 1e-2)
 
 Everything is stock fastai, extended with callbacks rather than a custom loop. What a Learner is made of
-lives by job: the network, loss and metrics in model.py, the callbacks in callbacks.py, the optimizer in
+lives by job: the network and loss in model.py, the metrics beside the loop (loop.py), the callbacks in callbacks.py, the optimizer in
 ranger.py, the training loop's device-side recorder in loop.py, the output heads in heads.py; model.pt
 (save_checkpoint / load_checkpoint) in checkpoints.py; --device / --precision in device.py.
 
@@ -27,8 +27,8 @@ from torch import nn
 
 from fastgal.train import heads
 from fastgal.train.callbacks import EpochStats, StderrProgress
-from fastgal.train.loop import DeviceRecorder, FastgalLearner
-from fastgal.train.model import rmse_loss, target_metrics
+from fastgal.train.loop import DeviceRecorder, FastgalLearner, target_metrics
+from fastgal.train.model import rmse_loss
 from fastgal.train.ranger import optimizer
 
 

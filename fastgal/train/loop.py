@@ -51,6 +51,21 @@ class DeviceAccumMetric(AccumMetric):
 
 
 
+def _col_rmse(j):
+    def f(pred, targ):
+        return torch.sqrt(((pred[:, j].float() - targ[:, j].float()) ** 2).mean())
+
+    return f
+
+
+def target_metrics(targets: list[str], on_device: bool = True):
+    """Exact per-target RMSE over the whole validation set (not a mean of batch RMSEs).
+
+    on_device=False: fastai's AccumMetric, which reads every batch back to the CPU."""
+    cls = DeviceAccumMetric if on_device else AccumMetric
+    return [cls(_col_rmse(j), flatten=False, name=f"rmse_{t}") for j, t in enumerate(targets)]
+
+
 class DeviceAvgLoss(AvgLoss):
     """fastai's AvgLoss (validation loss) summed on the device and read once, when its value is."""
 

@@ -1,25 +1,23 @@
-"""The seed recipe's network and its loss and metrics: xresnet34(n_out, sa=True, act_cls=Mish), RMSE.
+"""The seed recipe's network and its loss: xresnet34(n_out, sa=True, act_cls=Mish), RMSE.
 
-    from fastgal.train.model import make_model, rmse_loss, target_metrics
+    from fastgal.train.model import make_model, rmse_loss
     model = make_model("xresnet34", n_out=1, mean=[8.9], std=[0.2])          # head="gaussian": + a log σ each
-    loss = rmse_loss(model(x), y); metrics = target_metrics(["metallicity"])  # rmse_metallicity
+    loss = rmse_loss(model(x), y)        # the metrics, rmse_<target>: loop.target_metrics
 
 One addition to the seed: the network ends in a fixed `Denormalize` layer (out * std + mean of the
 training targets), so it starts predicting the mean instead of 0 for a ~8.9 dex target. The loss and
-the metrics are still the seed's RMSE in the targets' own units (dex). head="gaussian" (heads.py) adds
+the metrics (loop.target_metrics) are still the seed's RMSE in the targets' own units (dex). head="gaussian" (heads.py) adds
 a log σ per target; the metrics stay the RMSE of the means.
 """
 
 from __future__ import annotations
 
 import torch
-from fastai.metrics import AccumMetric
 from fastai.vision.models import xresnet
 from torch import nn
 
 from fastgal.recipe import ARCH_NAMES
 from fastgal.train import heads
-from fastgal.train.loop import DeviceAccumMetric
 
 ARCHS = {name: getattr(xresnet, name) for name in ARCH_NAMES}
 
@@ -50,18 +48,3 @@ def make_model(arch: str, n_out: int, mean, std, head: str = "rmse", c_in: int =
     if head == "gaussian":
         return nn.Sequential(body, heads.GaussianHead(Denormalize(mean, std), std))
     return nn.Sequential(body, Denormalize(mean, std))
-
-
-def _col_rmse(j):
-    def f(pred, targ):
-        return torch.sqrt(((pred[:, j].float() - targ[:, j].float()) ** 2).mean())
-
-    return f
-
-
-def target_metrics(targets: list[str], on_device: bool = True):
-    """Exact per-target RMSE over the whole validation set (not a mean of batch RMSEs).
-
-    on_device=False: fastai's AccumMetric, which reads every batch back to the CPU."""
-    cls = DeviceAccumMetric if on_device else AccumMetric
-    return [cls(_col_rmse(j), flatten=False, name=f"rmse_{t}") for j, t in enumerate(targets)]
