@@ -149,7 +149,7 @@ def equality_table(res: dict) -> list[str]:
         lines.append(f"  {'comparison':<40}{'rule':<10}{'max':>8}{'p99':>8}{'differ':>10}  problems")
         for k, c in res["comparisons"].items():
             lines.append(f"  {k:<40}{c['rule']:<10}{c['max_abs']:>8.3f}{c['p99_abs']:>8.2f}"
-                         f"{c["fraction_differing"]:>10.4%}  {'; '.join(c['problems']) or '-'}")
+                         f"{c['fraction_differing']:>10.4%}  {'; '.join(c['problems']) or '-'}")
     lines += [f"  {name} skipped ({why})" for name, why in res["skipped"].items()]
     if res["ok"] is not None:
         lines.append(f"  {'ok' if res['ok'] else 'PROBLEMS: ' + '; '.join(res['problems'][:3])}")
