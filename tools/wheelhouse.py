@@ -176,8 +176,13 @@ def main(argv=None) -> int:
     need, box = plan(a.python, fits=a.with_fits)
     with tempfile.TemporaryDirectory() as tmp:  # fastgal from a copy, so the build leaves nothing in the checkout
         src = Path(tmp) / "fastgal"
-        shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".venv", ".git", "build", "*.egg-info", "__pycache__",
-                                                                  "shards", "runs", "demo", "data"))
+        anywhere = shutil.ignore_patterns(".git", "*.egg-info", "__pycache__")
+
+        def ignore(folder, names):  # the checkout's own venv, build and data folders, not fastgal/shards/ (a subpackage)
+            top = {".venv", "build", "shards", "runs", "demo", "data"} if Path(folder) == ROOT else set()
+            return set(anywhere(folder, names)) | (top & set(names))
+
+        shutil.copytree(ROOT, src, ignore=ignore)
         pip("wheel", "--quiet", "--no-deps", "--no-build-isolation", "--wheel-dir", str(a.out.resolve()), str(src))
     download([f"{n}=={v}" for n, v in need.items()], a.out, a.python, platform)
     wheels = sorted(a.out.glob("*.whl"))
