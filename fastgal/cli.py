@@ -418,6 +418,8 @@ def bench(as_json, **kw):
     learner's model on synthetic batches. e2e: a short Learner.fit with each loader, and its
     data-bound fraction (e2e / model images/s). step: the host cost of a training step (ms, aten
     ops, device syncs) against stock fastai's. shuffle: each loader's sample order across epochs.
+    decode: the JPEG decoders alone. equality: the torch loader against DALI on the same
+    samples and draws (evaluation views exact, training views within one grey level).
     Machines are noisy: read the ratios.
 
     Example:

@@ -246,8 +246,9 @@ class BenchConfig:
 
     shards: Path = option(Path("shards/synth"), argument=True)
     what: str = option("all", "Sections, comma-separated: loaders, model, e2e (e2e also runs model), step "
-                           "(the host cost of a training step, fastgal vs stock fastai), shuffle, all.")
-    batches: int = option(20, "Timed batches per window.")
+                           "(the host cost of a training step, fastgal vs stock fastai), shuffle, decode (the JPEG "
+                           "decoders alone), equality (the torch loader vs DALI: the same pixels?), all.")
+    batches: int = option(20, "Timed batches per window (equality: batches compared per view).")
     warmup: int = option(2, "Untimed batches before each window (worker start, pipeline build, autotune).")
     repeats: int = option(3, "Windows per backend; the best is reported.")
     bs: int = option(RECIPE.bs, "Batch size.")

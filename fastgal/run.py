@@ -9,7 +9,8 @@ predictions (+ TTA) -> model.pt -> metrics.json.
 
 Run folder (metrics.json is written last: its presence means the run finished):
     config.json            final settings, versions, device, backend
-    history.csv            per epoch: train loss, valid loss, valid RMSE per target, seconds, images/s
+    history.csv            per epoch: train loss, valid loss, valid RMSE per target, seconds, images/s (on CUDA also
+                           peak GPU memory and utilisation: callbacks.DeviceStats)
     loss.png, lr_find.png  (lr_find.png with --lr-find; the suggested lr is printed)
     show_batch.png         a training batch as the model sees it (denormalised)
     model.pt               weights + what predict needs (train.checkpoints.save_checkpoint)
@@ -59,7 +60,7 @@ from fastgal.score.plots import (
 )
 from fastgal.score.predict import predict_split
 from fastgal.shards.read import Shards
-from fastgal.train.callbacks import DDP, EpochSeed, best_epoch_callback
+from fastgal.train.callbacks import DDP, DeviceStats, EpochSeed, best_epoch_callback
 from fastgal.train.checkpoints import (
     EpochCheckpoint,
     image_meta,
@@ -294,6 +295,8 @@ def build_learner(s: Setup, dls):
                          channels_last=_channels_last(s), quiet=s.cfg.quiet or not s.writer, opt=s.cfg.opt,
                          compile=s.cfg.compile and s.cfg.compile_mode, head=s.cfg.head)
     learn.add_cb(EpochSeed(dls.train.plan.aug_seed))
+    if s.device.type == "cuda":  # history.csv's peak GPU memory and utilisation columns; a CPU run's stay as they are
+        learn.add_cb(DeviceStats(s.device))
     if s.world > 1:
         learn.add_cb(DDP(s.device))
     return learn
@@ -419,7 +422,7 @@ def save_model(s: Setup, learn, dls) -> None:
 
 def train(cfg: TrainConfig, cbs=()) -> dict:
     """Train on cfg.shards, write the run folder, return metrics.json's content ({} on ranks > 0).
-    cbs: fastai callbacks added to the Learner (tools/gpu_check.py adds per-epoch device figures)."""
+    cbs: fastai callbacks added to the Learner."""
     t_start = time.perf_counter()
     s = setup(cfg)
     dls = build_loaders(s)

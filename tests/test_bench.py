@@ -31,7 +31,7 @@ def _check_section(sec, names):
 
 def test_bench_all_sections_json(small_shards):
     res = json.loads(run_cli("bench", small_shards, "--what", "all", "--json", *TINY).stdout)  # stdout only: warnings go to stderr
-    assert res["sections"] == ["loaders", "model", "e2e", "step", "shuffle"]
+    assert res["sections"] == ["loaders", "model", "e2e", "step", "shuffle", "decode", "equality"]
     # the fastai peer reads the survey's JPEGs through the manifest's source paths
     _check_section(res["loaders"], BACKENDS)
     assert res["loaders"]["baseline"] == "fastai"
@@ -47,6 +47,7 @@ def test_bench_all_sections_json(small_shards):
     assert res["config"]["device"] == ("cuda" if torch.cuda.is_available() else "cpu")  # --device auto
     assert res["config"]["crop"] == 72  # the shards' own region
     assert {"dali", "torch"} & BACKENDS <= set(res["shuffle"]["results"])  # test_shuffle.py checks its figures
+    assert res["decode"]["results"] and res["equality"]["ok"] is (True if "dali" in BACKENDS else None)  # test_bench_equality.py
 
 
 def test_bench_without_source_images_falls_back_to_torch(small_shards, tmp_path):

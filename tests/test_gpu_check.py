@@ -14,7 +14,7 @@ import pytest
 from conftest import dali_importable
 
 TOOL = Path(__file__).resolve().parents[1] / "tools" / "gpu_check.py"
-STEPS = ["env", "data", "recipe", "bench", "predict", "compile", "peer", "decode", "equality", "short"]
+STEPS = ["env", "data", "recipe", "bench", "predict", "peer", "decode", "equality", "short"]
 
 
 def steps_of(out: Path) -> dict[str, dict]:
@@ -28,56 +28,87 @@ def steps_of(out: Path) -> dict[str, dict]:
     return {r["name"]: r for r in recs}
 
 
-@pytest.mark.slow
-def test_dry_run_every_step(tmp_path):
-    out = tmp_path / "check"
+@pytest.fixture(scope="module")
+def dry(tmp_path_factory):
+    """ONE `gpu_check.py OUT --dry-run` for the module's tests: (OUT, the process, summary.json, the records)."""
+    out = tmp_path_factory.mktemp("gpu") / "check"
     res = subprocess.run([sys.executable, str(TOOL), str(out), "--dry-run"], capture_output=True, text=True,
                          timeout=3000)
     assert res.returncode == 0, res.stdout + res.stderr[-3000:]
+    return out, res, json.loads((out / "summary.json").read_text()), steps_of(out)
+
+
+@pytest.mark.slow
+def test_dry_run_every_step_and_three_files(dry):
+    out, res, summary, recs = dry
     assert sorted(p.name for p in out.iterdir()) == ["steps.tar.gz", "summary.json", "summary.txt"]  # results only
-    assert (tmp_path / "check-work" / "shards" / "manifest.json").is_file()  # the bulk lives beside OUT
-    summary = json.loads((out / "summary.json").read_text())
+    assert (out.with_name("check-work") / "shards" / "manifest.json").is_file()  # the bulk lives beside OUT
     assert [s["name"] for s in summary["steps"]] == STEPS and summary["ok"] and summary["dry_run"] and summary["finished"]
-    recs = steps_of(out)
-    for k, name in enumerate(STEPS):
-        rec = recs[name]
-        if name == "peer" and not dali_importable():
-            assert rec["verdict"] == "skipped" and "DALI not installed" in rec["reason"], rec
-        else:
-            assert rec["verdict"] == "ok", rec  # with DALI or without: the torch paths answer every other step
-        assert rec["verdict"] in res.stdout.splitlines()[k + 1]
-    # what the steps measured, not only that they ran
+    assert set(recs) == set(STEPS)
+    skipped = set() if dali_importable() else {"peer", "equality"}  # without DALI nothing is its peer on a CPU
+    assert {n for n, r in recs.items() if r["verdict"] != "ok"} == skipped, recs
+    for n in skipped:
+        assert "DALI" in recs[n]["reason"] and "not" in recs[n]["reason"], recs[n]
+    table = res.stdout.splitlines()
+    for k, name in enumerate(STEPS):  # the table: a row per step, its verdict and headline
+        assert table[k + 1].startswith(f"{k} {name}") and recs[name]["verdict"] in table[k + 1]
+
+
+@pytest.mark.slow
+def test_dry_run_headlines(dry):
+    _, res, summary, _ = dry
+    heads = {s["name"]: s["headline"] for s in summary["steps"]}
+    assert all(h and not h.startswith("(no headline") for h in heads.values()), heads
+    assert heads["env"].startswith("torch ") and "DALI" in heads["env"]
+    assert heads["data"].startswith("synth ") and "shard " in heads["data"]
+    assert "seed job (7 x 130k) projected" in heads["recipe"] and "RMSE" in heads["recipe"]
+    assert "e2e x fastai" in heads["bench"] and "--compile-mode reduce-overhead" in heads["bench"]
+    assert "dex" in heads["predict"] and "torch_cpu" in heads["decode"]
+    assert ("comparisons ok" in heads["equality"]) == dali_importable()
+    assert "losses finite" in heads["short"]
+    assert all(h in res.stdout for h in heads.values())
+
+
+@pytest.mark.slow
+def test_dry_run_measures(dry):
+    """What the steps measured, not only that they ran."""
+    _, _, _, recs = dry
     env = recs["env"]["result"]["env"]
     assert env["dali"]["importable"] == dali_importable()
     data = recs["data"]["result"]
     assert data["shard"]["train"] + data["shard"]["valid"] == 80 and data["shard"]["rejected"] == 0
     dec = recs["decode"]["result"]
-    assert dec["torch_decoder"] == "torchvision" and dec["torch_cpu_images_per_s"] > 0
-    assert ("dali_cpu_images_per_s" in dec) == dali_importable()
-    eq = recs["equality"]["result"]["comparisons"]
-    pairs = ["batched vs torch"] + (["dali_cpu vs batched", "dali_cpu vs torch"] if dali_importable() else [])
-    for pair in pairs:
-        valid = eq[f"valid: {pair}"]
-        assert valid["images"] == 16 and valid["targets_identical"] and valid["problems"] == [], (pair, valid)
-        assert valid["max_abs"] <= 1.0  # exact views: the decoders agree
-        assert {f"tta {v}: {pair}" for v in range(8)} <= set(eq) and eq[f"train: {pair}"]["problems"] == []
+    assert dec["torch_decoder"] == "torchvision" and dec["results"]["torch_cpu"]["images_per_s"] > 0
+    assert ("dali_cpu" in dec["results"]) == dali_importable() and ("dali" in dec["skipped"]) != dali_importable()
+    if dali_importable():
+        eq = recs["equality"]["result"]["comparisons"]
+        for view in ["centre"] + [f"tta {v}" for v in range(8)]:
+            c = eq[f"{view}: torch_cpu vs dali_cpu"]
+            assert c["rule"] == "exact" and c["images"] == 16 and c["targets_identical"] and c["problems"] == [], c
+        train = eq["train: torch_cpu vs dali_cpu"]
+        assert train["rule"] == "grey" and train["max_abs"] <= 1.01 and train["problems"] == []
     recipe = recs["recipe"]["result"]
-    assert recipe["loader_backend"] == "torch"  # --loader auto on a CPU (on a GPU: dali, or batched without DALI)
+    assert recipe["loader_backend"] == "torch"  # --loader auto on a CPU (on a GPU: dali, or torch without DALI)
     [epoch] = recipe["per_epoch"]
     assert epoch["train_images_per_s"] > 0 and epoch["valid_images_per_s"] > 0 and epoch["checkpoint_seconds"] > 0
+    assert epoch["peak_gpu_memory_gib"] is None and recipe["peak_gpu_memory_gib"] is None  # no GPU columns on a CPU
     assert recipe["model_images_per_s"] > 0 and recipe["data_bound_fraction"] > 0
     job = recipe["seed_job"]
     assert job["galaxies"] == 130_000 and job["projected_minutes"] > 0 and job["seed_minutes_p100"] == 13.6
     assert job["speedup_vs_seed"] == pytest.approx(13.6 * 60 / job["projected_seconds"], rel=0.02, abs=0.006)  # 2 decimals
     assert recipe["metrics"]["baseline_rmse"] > 0
     if dali_importable():
-        assert recs["peer"]["result"]["loader_backend"] == "batched"
+        peer = recs["peer"]["result"]
+        assert peer["loader_backend"] == "torch" and peer["model_images_per_s"] == recipe["model_images_per_s"]
     pred = recs["predict"]["result"]
     assert pred["n_jpegs"] == 16 and pred["valid_vs_predictions_valid_max_abs_dex"] <= 0.02
-    comp = recs["compile"]["result"]  # eager and compiled in one process; on a CPU no CUDA graphs
+    bench = recs["bench"]["result"]
+    assert set(bench["bench"]["sections"]) == {"step", "model", "loaders", "e2e"}
+    comp = bench["compile"]  # eager and compiled in one process; on a CPU no CUDA graphs
     assert comp["mode"] == "reduce-overhead" and comp["cuda_graphs"] is False
     assert comp["eager_images_per_s"] > 0 and comp["compiled_images_per_s"] > 0 and comp["first_step_seconds"] > 0
     assert comp["compiled_x_eager"] == pytest.approx(comp["compiled_images_per_s"] / comp["eager_images_per_s"], rel=0.01)
+    assert recs["short"]["result"]["fp32_epoch"]["epochs"] == 1
 
 
 def test_the_timeouts_fit_the_budget(tmp_path):
@@ -86,10 +117,11 @@ def test_the_timeouts_fit_the_budget(tmp_path):
     spec = importlib.util.spec_from_file_location("gpu_check", TOOL)
     tool = sys.modules["gpu_check"] = importlib.util.module_from_spec(spec)  # dataclasses look their module up
     spec.loader.exec_module(tool)
-    assert sum(tool.TIMEOUTS.values()) <= tool.Params().budget <= 330 and list(tool.TIMEOUTS) == STEPS
+    timeouts = {s.name: s.timeout for s in tool.STEPS}
+    assert sum(timeouts.values()) <= tool.Params().budget <= 330 and list(timeouts) == STEPS
     res = subprocess.run([sys.executable, str(TOOL), str(tmp_path / "c"), "--timeout", "recipe=400"],
                          capture_output=True, text=True, timeout=300)
-    total = sum(tool.TIMEOUTS.values()) - tool.TIMEOUTS["recipe"] + 400
+    total = sum(timeouts.values()) - timeouts["recipe"] + 400
     assert res.returncode == 2 and f"sum to {total} s, more than --budget 330 s" in res.stderr
 
 
@@ -100,9 +132,9 @@ import importlib.util, sys
 spec = importlib.util.spec_from_file_location("gpu_check", sys.argv[1])
 tool = sys.modules["gpu_check"] = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(tool)
-def never_ends(run, p, out):
-    run([sys.executable, "-c", "import time; time.sleep(3600)"], "a command that never ends")
-tool.RUNNERS["env"] = never_ends
+def never_ends(ctx):
+    ctx([sys.executable, "-c", "import time; time.sleep(3600)"], "a command that never ends")
+tool.STEPS[0].run = never_ends
 sys.exit(tool.main(sys.argv[2:]))
 """
 
@@ -117,7 +149,7 @@ def test_a_failing_step_leaves_the_others(tmp_path):
     recs = {r["name"]: r for r in json.loads((out / "summary.json").read_text())["steps"]}
     assert recs["env"]["verdict"] == "timeout", recs["env"]
     assert recs["env"]["reason"].startswith("a command that never ends still running at the step's timeout")
-    assert recs["predict"]["verdict"] == "skipped" and "step 1" in recs["predict"]["reason"]
+    assert recs["predict"]["verdict"] == "skipped" and "the data step's shards" in recs["predict"]["reason"]
     assert recs["recipe"]["verdict"] == "skipped" and recs["recipe"]["reason"] == "not in --steps"
     assert set(steps_of(out)) == set(STEPS)
 
@@ -129,17 +161,17 @@ def test_the_work_folder_may_not_be_inside_the_results(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_compile_step_that_times_out_says_how_far_it_got(tmp_path):
-    """Compiling the recipe's model may outlast its 50 s estimate on the first GPU: the timeout's reason then
-    names the last progress line the bench reached (the eager rate, the first step), or says there was none.
-    The step gets SIGTERM before SIGKILL, so the bench removes its temp folder."""
+def test_a_bench_step_that_times_out_says_how_far_it_got(tmp_path):
+    """Compiling the recipe's model may outlast its estimate on the first GPU: a command that times out is
+    reported with the last line it wrote, or says there was none. The step gets SIGTERM before SIGKILL, so
+    the bench removes its temp folder."""
     out, tmp = tmp_path / "check", tmp_path / "tmp"
     tmp.mkdir()
     # a cold compile, as on a fresh GPU box
     env = {**os.environ, "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1", "TMPDIR": str(tmp)}
-    res = subprocess.run([sys.executable, str(TOOL), str(out), "--dry-run", "--steps", "data,compile",
-                          "--timeout", "compile=15"], capture_output=True, text=True, timeout=600, env=env)
+    res = subprocess.run([sys.executable, str(TOOL), str(out), "--dry-run", "--steps", "data,bench",
+                          "--timeout", "bench=15"], capture_output=True, text=True, timeout=600, env=env)
     assert res.returncode == 1 and "FAILED" in res.stdout, res.stdout + res.stderr[-2000:]
-    rec = steps_of(out)["compile"]
+    rec = steps_of(out)["bench"]
     assert rec["verdict"] == "timeout" and "still running at the step's timeout; its last line: " in rec["reason"], rec
     assert not list(tmp.glob("fastgal-*")), sorted(tmp.glob("*"))

@@ -255,8 +255,13 @@ def _build(a, need: dict[str, str], box: list[str], platform: str) -> dict:
     """fastgal's wheel, the others downloaded, DALI's parts: into a.out; the JSON-ready result."""
     with tempfile.TemporaryDirectory() as tmp:  # fastgal from a copy, so the build leaves nothing in the checkout
         src = Path(tmp) / "fastgal"
-        shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".venv", ".git", "build", "*.egg-info", "__pycache__",
-                                                                  "shards", "runs", "demo", "data"))
+        anywhere = shutil.ignore_patterns(".git", "*.egg-info", "__pycache__")
+
+        def ignore(folder, names):  # the checkout's own venv, build and data folders, not fastgal/shards/ (a subpackage)
+            top = {".venv", "build", "shards", "runs", "demo", "data"} if Path(folder) == ROOT else set()
+            return set(anywhere(folder, names)) | (top & set(names))
+
+        shutil.copytree(ROOT, src, ignore=ignore)
         pip("wheel", "--quiet", "--no-deps", "--no-build-isolation", "--wheel-dir", str(a.out.resolve()), str(src),
             what="building fastgal's wheel")
     download([f"{n}=={v}" for n, v in need.items()], a.out, a.python, platform)

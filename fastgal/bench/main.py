@@ -4,7 +4,7 @@
     fastgal shard /tmp/bench_s/data/master.csv /tmp/bench_s/images /tmp/bench_sh --quiet
     fastgal bench /tmp/bench_sh --what loaders --bs 64 --batches 20 --json
 
-Five sections; loaders, model, e2e and shuffle read the same shards, batch size and geometry:
+Seven sections; loaders, model, e2e, shuffle, decode and equality read the same shards, batch size and geometry:
   loaders  images/s of the training loaders alone: DALI (on --device: the GPU graph on cuda), torch (per
            batch on --device: one decode call, nvJPEG on cuda, and one resample), and the peer the project claims to beat, fastai's PIL DataBlock pipeline reading the original JPEGs the way the seed
            recipe did (CropPad 144 -> RandomCrop 112 item tfms, dihedral + rotate batch tfms, Normalize).
@@ -20,6 +20,10 @@ Five sections; loaders, model, e2e and shuffle read the same shards, batch size 
            co-batch recurrence vs chance, time to the first batch, DDP ranks' sets (shuffle.py).
   step     the host cost of a training step, fastgal's Learner against stock fastai's: ms, aten ops and
            would-be device syncs per phase (step.py; needs no shards).
+  decode   images/s of the JPEG decoders alone: fastgal's batched torch decode (CPU; nvJPEG on cuda) and
+           DALI's (CPU; mixed on cuda), and on cuda nvJPEG's pixels against libjpeg-turbo's (decode.py).
+  equality the torch loader against DALI on the same samples and draws: centre and TTA views
+           exact, training views within one grey level; on cuda also GPU against CPU (equality.py).
 
 On FITS shards (float bands) the model, e2e and step sections build the network and the synthetic batches
 with the shards' channel count (one per band); what cannot read float bands (the fastai peer's PIL
@@ -46,7 +50,7 @@ from fastgal.bench.common import PEER, SyntheticLoader, fork_safe, sync
 from fastgal.options import BenchConfig, to_jsonable
 from fastgal.recipe import RECIPE
 
-SECTIONS = ("loaders", "model", "e2e", "step", "shuffle")
+SECTIONS = ("loaders", "model", "e2e", "step", "shuffle", "decode", "equality")
 
 
 def parse_what(what: str) -> list[str]:
@@ -56,7 +60,7 @@ def parse_what(what: str) -> list[str]:
         return list(SECTIONS)
     bad = sorted(parts - set(SECTIONS))
     if bad:
-        raise ValueError(f"--what {bad[0]!r} is not a section; use loaders, model, e2e, step, shuffle or all (comma-separated)")
+        raise ValueError(f"--what {bad[0]!r} is not a section; use {', '.join(SECTIONS)} or all (comma-separated)")
     return [s for s in SECTIONS if s in parts]
 
 
@@ -344,6 +348,18 @@ def bench(cfg: BenchConfig) -> dict:
                               "data_bound_fraction": {k: round(v["images_per_s"] / m, 4) for k, v in res.items()},
                               "skipped": dict(skipped)}
 
+    if "decode" in what:
+        from fastgal.bench.decode import decode_bench
+
+        out["decode"] = decode_bench(shards, bs=cfg.bs, batches=cfg.batches, warmup=cfg.warmup, repeats=cfg.repeats,
+                                     device=device, threads=threads, log=log)
+
+    if "equality" in what:
+        from fastgal.bench.equality import equality_bench
+
+        out["equality"] = equality_bench(shards, bs=cfg.bs, size=cfg.size, crop=crop, batches=cfg.batches,
+                                         device=device, threads=threads, seed=cfg.seed, log=log)
+
     if "step" in what:
         from fastgal.bench.step import bench_step
 
@@ -417,4 +433,12 @@ def format_table(res: dict) -> str:
         from fastgal.bench.shuffle import shuffle_table
 
         lines += shuffle_table(res["shuffle"])
+    if "decode" in res:
+        from fastgal.bench.decode import decode_table
+
+        lines += decode_table(res["decode"])
+    if "equality" in res:
+        from fastgal.bench.equality import equality_table
+
+        lines += equality_table(res["equality"])
     return "\n".join(lines)

@@ -1,5 +1,5 @@
-"""fastgal's fastai callbacks: epoch timings and progress, data parallelism, the best epoch, the epoch's
-seed, and the epoch checkpoint (checkpoint.pth: what --resume reads back).
+"""fastgal's fastai callbacks: epoch timings and progress, the GPU's memory and utilisation per epoch, data
+parallelism, the best epoch, the epoch's seed, and the epoch checkpoint (checkpoint.pth: what --resume reads back).
 
     from fastgal.train.callbacks import EpochCheckpoint, EpochSeed, best_epoch_callback, read_checkpoint
     learn.add_cb(EpochSeed(seed))                                   # every epoch's draws from (seed, epoch)
@@ -7,11 +7,15 @@ seed, and the epoch checkpoint (checkpoint.pth: what --resume reads back).
     ckpt = EpochCheckpoint(run / "checkpoint.pth", best, meta, resume=read_checkpoint(run / "checkpoint.pth", device))
 
 make_learner (learner.py) adds EpochStats and StderrProgress to every Learner (fastai names them
-learn.epoch_stats and learn.stderr_progress); train adds the others.
+learn.epoch_stats and learn.stderr_progress); train adds the others (DeviceStats on CUDA only).
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import threading
 import time
 
 import numpy as np
@@ -60,6 +64,104 @@ class EpochStats(Callback):
         self.rows.append({"epoch": self.epoch, "seconds": round(dt, 3),
                           "images_per_s": round(self.seen / max(self.t_train, 1e-9), 2),
                           "valid_images_per_s": round(self.seen_valid / max(valid, 1e-9), 2) if self.seen_valid else None})
+
+
+class GpuUtilisation:
+    """The GPU's utilisation (%, the share of time a kernel ran, as nvidia-smi reports it), sampled every
+    `every` seconds by a daemon thread: through NVML (nvidia-ml-py, `import pynvml`) where it imports and
+    initialises, else `nvidia-smi`, else not at all (`source` None). mean(t0, t1) averages the samples taken
+    between two time.monotonic() readings."""
+
+    def __init__(self, device: torch.device, every: float = 0.2):
+        self.every, self.samples, self.source = every, [], None
+        self.ident = _nvml_ident(device)
+        self._read = self._nvml() or self._smi()
+        self._stop = threading.Event()
+        if self._read is not None:
+            threading.Thread(target=self._run, name="fastgal-gpu-utilisation", daemon=True).start()
+
+    def _nvml(self):
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            h = (pynvml.nvmlDeviceGetHandleByUUID(self.ident) if self.ident.startswith("GPU-")
+                 else pynvml.nvmlDeviceGetHandleByIndex(int(self.ident)))
+        except Exception:  # not installed, no driver library, another GPU naming: try nvidia-smi
+            return None
+        self.source = "nvml"
+        return lambda: float(pynvml.nvmlDeviceGetUtilizationRates(h).gpu)
+
+    def _smi(self):
+        exe = shutil.which("nvidia-smi")
+        if exe is None:
+            return None
+        self.source = "nvidia-smi"
+        cmd = [exe, "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-i", self.ident]
+        return lambda: float(subprocess.run(cmd, capture_output=True, text=True, timeout=2).stdout.split()[0])
+
+    def _run(self):
+        while not self._stop.is_set():
+            try:
+                self.samples.append((time.monotonic(), self._read()))
+            except Exception:  # the tool went away or answered nonsense: no more samples, the fit goes on
+                return
+            self._stop.wait(self.every)
+
+    def mean(self, t0: float, t1: float) -> float | None:
+        got = [u for t, u in list(self.samples) if t0 <= t <= t1]
+        return round(sum(got) / len(got), 1) if got else None
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+def _nvml_ident(device: torch.device) -> str:
+    """How NVML and nvidia-smi name torch's `device`: its UUID ("GPU-..."), or failing that the index among
+    all GPUs (CUDA_VISIBLE_DEVICES renumbers torch's)."""
+    index = device.index if device.index is not None else (torch.cuda.current_device() if torch.cuda.is_available() else 0)
+    try:
+        uuid = str(torch.cuda.get_device_properties(index).uuid)
+        return uuid if uuid.startswith("GPU-") else f"GPU-{uuid}"
+    except Exception:
+        pass
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    return visible[index] if index < len(visible) else str(index)
+
+
+class DeviceStats(Callback):
+    """Per trained epoch on a CUDA device, two history.csv columns beside EpochStats' figures: the peak GPU
+    memory torch's allocator held (peak_gpu_memory_gib, torch.cuda.max_memory_allocated) and the mean GPU
+    utilisation over the epoch (gpu_utilisation_pct: NVML, else nvidia-smi, else empty). `fastgal train`
+    adds it only on CUDA, so a CPU run's history.csv keeps its columns; on any other device it does nothing."""
+
+    order = 62  # after EpochStats (60) closed the epoch's figures, before EpochCheckpoint (65) copies its row
+
+    def __init__(self, device, every: float = 0.2):
+        self.device, self.every, self.util = torch.device(device), every, None
+
+    def before_fit(self):
+        self.active = (self.device.type == "cuda" and not hasattr(self.learn, "lr_finder")
+                       and not hasattr(self.learn, "gather_preds"))
+        if self.active and self.util is None:
+            self.util = GpuUtilisation(self.device, self.every)
+
+    def before_epoch(self):
+        if self.active:
+            self.n_rows, self.t0 = len(self.learn.epoch_stats.rows), time.monotonic()
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def after_epoch(self):
+        rows = self.learn.epoch_stats.rows
+        if not self.active or len(rows) == self.n_rows:  # an epoch without training (resume skips it)
+            return
+        rows[-1]["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)
+        rows[-1]["gpu_utilisation_pct"] = self.util.mean(self.t0, time.monotonic())
+
+    def after_fit(self):
+        if self.util is not None and self.active:
+            self.util.close()
+            self.util = None
 
 
 class StderrProgress(Callback):

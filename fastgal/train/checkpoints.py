@@ -143,9 +143,9 @@ class EpochCheckpoint(Callback):
             return
         rec = self.recorder
         row = {k: v for k, v in zip(rec.metric_names, rec.log) if k != "time"}
+        # EpochStats' figures (seconds, images/s) and what other callbacks added to its row (DeviceStats' on CUDA)
         stats = self.learn.epoch_stats.rows[-1]
-        self.rows.append({**row, "seconds": stats["seconds"], "images_per_s": stats["images_per_s"],
-                          "valid_images_per_s": stats["valid_images_per_s"]})
+        self.rows.append({**row, **{k: v for k, v in stats.items() if k != "epoch"}})
         if self.writer:
             # outside the epoch's seconds (EpochStats closed them); its own cost goes into this row afterwards,
             # so the file holds it for every epoch but its own last one
