@@ -162,6 +162,21 @@ def fits_survey(tmp_path_factory):
     return root
 
 
+# bench's smallest windows, for the tests that read what it reports, never how fast
+BENCH_TINY = ("--size", 56, "--arch", "xresnet18", "--batches", 2, "--warmup", 1, "--repeats", 1, "--bs", 16,
+              "--workers", 1, "--quiet")
+
+
+@pytest.fixture(scope="session")
+def bench_all(small_shards):
+    """`fastgal bench --what all --json` once on small_shards (the shuffle section over 3 epochs of 2 simulated
+    ranks): test_bench, test_bench_shuffle, test_bench_step and test_bench_equality read its sections."""
+    import json
+
+    return json.loads(run_cli("bench", small_shards, "--what", "all", "--json", *BENCH_TINY, "--epochs", 3,
+                              "--ranks", 2).stdout)  # stdout only: warnings go to stderr
+
+
 def tiny_regression(n=80, bs=8, seed=0):
     """A tiny regression (80 samples of 3x8x8, 10 steps per epoch), in a fixed order."""
     g = torch.Generator().manual_seed(seed)

@@ -10,13 +10,12 @@ import json
 import shutil
 
 import pytest
-from conftest import dali_importable, run_cli
+from conftest import BENCH_TINY, dali_importable, run_cli
 
 # DALI is a backend only where it is installed (make test's second pass blocks it)
 BACKENDS = {"fastai", "torch"} | ({"dali"} if dali_importable() else set())
 
-TINY = ("--size", 56, "--arch", "xresnet18", "--batches", 2, "--warmup", 1, "--repeats", 1,
-        "--bs", 16, "--workers", 1, "--quiet")
+TINY = BENCH_TINY
 
 
 def _check_section(sec, names):
@@ -29,8 +28,8 @@ def _check_section(sec, names):
     assert sec["ratio_vs_baseline"][sec["baseline"]] == pytest.approx(1.0)
 
 
-def test_bench_all_sections_json(small_shards):
-    res = json.loads(run_cli("bench", small_shards, "--what", "all", "--json", *TINY).stdout)  # stdout only: warnings go to stderr
+def test_bench_all_sections_json(bench_all):
+    res = bench_all
     assert res["sections"] == ["loaders", "model", "e2e", "step", "shuffle", "decode", "equality"]
     # the fastai peer reads the survey's JPEGs through the manifest's source paths
     _check_section(res["loaders"], BACKENDS)
@@ -46,7 +45,7 @@ def test_bench_all_sections_json(small_shards):
 
     assert res["config"]["device"] == ("cuda" if torch.cuda.is_available() else "cpu")  # --device auto
     assert res["config"]["crop"] == 72  # the shards' own region
-    assert {"dali", "torch"} & BACKENDS <= set(res["shuffle"]["results"])  # test_shuffle.py checks its figures
+    assert {"dali", "torch"} & BACKENDS <= set(res["shuffle"]["results"])  # test_bench_shuffle.py checks its figures
     assert res["decode"]["results"] and res["equality"]["ok"] is (True if "dali" in BACKENDS else None)  # test_bench_equality.py
 
 
@@ -61,13 +60,17 @@ def test_bench_without_source_images_falls_back_to_torch(small_shards, tmp_path)
     assert "skipped" in res.output and "x torch" in res.output and "images/s" in res.output
 
 
+@pytest.mark.nodali  # without DALI: its loader is named as skipped, with the reason, and the rest still run
 def test_bench_progress_lines_reach_a_log(small_shards):
     """Issue 22, case 6: bench's per-window lines follow the one rule (whole lines whether or not stderr is a
     terminal; they used to show on a terminal only); stdout keeps the results alone."""
     tiny = [a for a in TINY if a != "--quiet"]
     res = run_cli("bench", small_shards, "--what", "loaders", "--json", *tiny)  # CliRunner's stderr: not a terminal
     assert "  loaders torch: repeat 1/1 " in res.stderr and "\r" not in res.stderr
-    assert json.loads(res.stdout)["sections"] == ["loaders"]
+    loaders = json.loads(res.stdout)["loaders"]
+    _check_section(loaders, BACKENDS)
+    assert set(loaders["skipped"]) == {"fastai", "dali", "torch"} - BACKENDS
+    assert all("not importable" in why for why in loaders["skipped"].values())
     assert run_cli("bench", small_shards, "--what", "loaders", *TINY).stderr == ""
 
 
@@ -127,7 +130,9 @@ def test_bench_every_section_on_fits_shards(fits_survey):
     """Issue 29: bench on shards of five FITS bands runs every section with a five-channel model and batches
     (it used to build a three-channel model and crash); what cannot read float shards says why it is skipped."""
     res = json.loads(run_cli("bench", fits_survey / "sh", "--what", "all", "--epochs", 2, "--json", *TINY).stdout)
-    assert res["sections"] == ["loaders", "model", "e2e", "step", "shuffle"]
+    assert res["sections"] == ["loaders", "model", "e2e", "step", "shuffle", "decode", "equality"]
+    assert res["decode"] == {"results": {}, "skipped": {"decode": "the shards hold FITS bands: there is no JPEG to decode"}}
+    assert res["equality"]["ok"] is (True if "dali" in BACKENDS else None)  # float bands: torch vs DALI as for JPEGs
     why = "the shards hold FITS bands, which fastai's PIL pipeline cannot read"
     loaders = BACKENDS - {"fastai"}
     for name in ("loaders", "e2e"):  # no peer: the ratios are against the torch loader

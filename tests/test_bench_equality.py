@@ -8,28 +8,27 @@ import json
 
 import pytest
 import torch
-
 from conftest import dali_importable, run_cli
+
 from fastgal.bench.equality import EXACT, Pair
+from fastgal.bench.main import format_table
 
 TINY = ("--size", 56, "--batches", 2, "--warmup", 1, "--repeats", 1, "--bs", 16, "--workers", 1, "--device", "cpu")
 
 
-def test_bench_decode_section(small_shards):
-    res = run_cli("bench", small_shards, "--what", "decode", "--json", *TINY)
-    dec = json.loads(res.stdout)["decode"]
+def test_bench_decode_section(bench_all):
+    dec = bench_all["decode"]
     assert dec["bs"] == 16 and dec["batches"] == 2 and dec["torch_decoder"] in ("torchvision", "torchcodec")
     assert set(dec["results"]) == {"torch_cpu"} | ({"dali_cpu"} if dali_importable() else set())
     assert all(r["images_per_s"] > 0 for r in dec["results"].values())
     assert ("dali" in dec["skipped"]) != dali_importable() and "torch_gpu_vs_cpu_pixels" not in dec  # no GPU here
-    assert "  decode torch_cpu: " in res.stderr  # progress on stderr, results on stdout
-    table = run_cli("bench", small_shards, "--what", "decode", "--quiet", *TINY).stdout
+    table = format_table(bench_all)  # what the command prints without --json
     assert "decode: JPEG decoders alone" in table and "torch_cpu" in table
 
 
 @pytest.mark.dali
-def test_bench_equality_torch_vs_dali_on_cpu(small_shards):
-    eq = json.loads(run_cli("bench", small_shards, "--what", "equality", "--json", "--quiet", *TINY).stdout)["equality"]
+def test_bench_equality_torch_vs_dali_on_cpu(bench_all):
+    eq = bench_all["equality"]
     assert eq["ok"] is True and eq["problems"] == [] and eq["skipped"] == {}
     views = ["centre"] + [f"tta {v}" for v in range(8)]
     assert set(eq["comparisons"]) == {f"{v}: torch_cpu vs dali_cpu" for v in views + ["train"]}
@@ -41,7 +40,7 @@ def test_bench_equality_torch_vs_dali_on_cpu(small_shards):
     assert train["rule"] == "grey" and train["images"] == 32 and train["targets_identical"]
     assert train["max_abs"] <= 1 + EXACT and train["fraction_differing"] < 0.01, train
     assert eq["outputs_on_their_device"] == {"torch_cpu": True, "dali_cpu": True}
-    table = run_cli("bench", small_shards, "--what", "equality", "--quiet", *TINY).stdout
+    table = format_table({**bench_all, "sections": ["equality"]})
     assert "centre: torch_cpu vs dali_cpu" in table and table.rstrip().endswith("ok")
 
 

@@ -28,11 +28,10 @@ def test_thin_model_keeps_the_layer_graph(arch):
     assert thin(torch.randn(2, 3, 32, 32)).shape == (2, 2)
 
 
-def test_bench_step_section(tmp_path):
-    """`fastgal bench --what step` without shards: the issue's counts, ratios that are the quotient of the figures."""
-    res = json.loads(run_cli("bench", tmp_path / "none", "--what", "step", "--arch", "xresnet18", "--batches", 3,
-                             "--warmup", 1, "--repeats", 1, "--quiet", "--json").stdout)
-    assert res["sections"] == ["step"] and res["n_train"] is None
+def test_bench_step_section(bench_all, tmp_path):
+    """The step section (of the suite's one `bench --what all`): the issue's counts, ratios that are the quotient
+    of the figures; it needs no shards."""
+    res = bench_all
     st = res["step"]
     assert st["param_tensors"] == len(list(make_model("xresnet18", 1, [0], [1]).parameters()))
     f, p = st["results"]["fastgal"], st["results"]["fastai"]
@@ -49,3 +48,6 @@ def test_bench_step_section(tmp_path):
     assert g["fastgal"]["outside_fwd_bwd"] == pytest.approx(g["bs"] / f["ms"]["outside_fwd_bwd"] * 1e3, rel=1e-2)
     table = format_table(res)  # what the command prints without --json
     assert "fastai / fastgal" in table and "aten ops" in table and "GPU ceiling" in table
+    alone = json.loads(run_cli("bench", tmp_path / "none", "--what", "step", "--arch", "xresnet18", "--batches", 1,
+                               "--warmup", 0, "--repeats", 1, "--quiet", "--json").stdout)
+    assert alone["sections"] == ["step"] and alone["n_train"] is None and alone["step"]["results"]["fastgal"]["ms"]["total"] > 0

@@ -10,8 +10,8 @@ import types
 import pandas as pd
 import pytest
 import torch
-
 from conftest import tiny_regression
+
 from fastgal.train import callbacks
 from fastgal.train.callbacks import DeviceStats, GpuUtilisation
 
