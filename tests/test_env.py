@@ -11,6 +11,8 @@ from conftest import NO_DALI, dali_importable, run_cli
 
 from fastgal import env
 
+pytestmark = pytest.mark.nodali  # what `fastgal env` says of DALI and the loader is what differs without it
+
 FIELDS = {"fastgal", "python", "platform", "torch", "torchvision", "fastai", "dali", "nvimgcodec", "webdataset", "astropy",
           "nvidia", "cores", "jpeg_decoder", "warnings", "notes"}
 

@@ -11,6 +11,7 @@ import io
 import numpy as np
 import pytest
 import torch
+from conftest import dali_importable, run_cli
 from PIL import Image
 
 from fastgal.load.geometry import CENTRE, TRAIN
@@ -210,6 +211,18 @@ def test_auto_picks_torch_on_a_gpu_without_dali_and_batched_is_torch(monkeypatch
     monkeypatch.setattr(L, "dali_available", lambda: True)
     assert L.pick_backend("auto", "cuda") == "dali" and L.pick_backend("auto", "cpu") == "torch"
     assert L.pick_backend("batched", "cuda") == "torch"  # the torch path's former name, in old commands and configs
+
+
+@pytest.mark.nodali
+@pytest.mark.skipif(dali_importable(), reason="checks a machine without DALI: make test's second pass blocks it")
+def test_without_dali_auto_is_torch_and_dali_is_refused_in_one_line(small_shards, tmp_path):
+    from fastgal.load.loader import pick_backend
+
+    assert pick_backend("auto", "cuda") == "torch" and pick_backend("auto", "cpu") == "torch"
+    assert dataloaders(small_shards, bs=16, **GEOM).train.backend == "torch"
+    res = run_cli("train", small_shards, "--out", tmp_path / "r", "--loader", "dali", ok=False)
+    assert res.exit_code != 0 and "--loader dali needs NVIDIA DALI" in res.output and "--loader torch" in res.output
+    assert len(res.output.strip().splitlines()) == 1 and not (tmp_path / "r" / "metrics.json").exists()
 
 
 def test_ddp_ranks_share_one_permutation_and_draw_their_own_augmentations(small_shards):
