@@ -236,7 +236,7 @@ class PredictConfig:
     bs: int = option(256)
     device: str = option("auto", choices=DEVICES)
     loader: str = option("auto", LOADER_HELP, choices=LOADERS)
-    workers: int = option(0, "0 = all cores.")
+    workers: int = option(0, "Threads (loader threads for shards; at most 4 checking a folder's files); 0 = all cores.")
 
 
 @dataclass
@@ -256,7 +256,7 @@ class BenchConfig:
     crop: int | None = option(None, "Centre region crops are drawn from [default: the shards' own].")
     arch: str = option(RECIPE.arch, "Model for the model, e2e and step sections.", choices=ARCH_NAMES)
     device: str = option("auto", choices=DEVICES)
-    workers: int = option(0, "Loader threads/processes for every backend; 0 = all cores.")
+    workers: int = option(0, "Loader threads for every backend (the fastai peer: worker processes); 0 = all cores.")
     epochs: int = option(2, "Full epochs the shuffle section reads per loader (>= 2).")
     ranks: int = option(1, "Shuffle section: DDP ranks to simulate (loaders with shard_id 0..K-1).")
     images: Path | None = option(None, "JPEG folder for the fastai peer [default: the manifest's source.images].")
