@@ -24,7 +24,7 @@ __version__ = "0.1.0"
 __all__ = ["dataloaders", "recipe_learner", "predict", "Shards", "Split", "RECIPE", "__version__"]
 
 # where each public name lives; imported on first use, so `import fastgal` (and the CLI) stays light
-_HOME = {"dataloaders": "load.loader", "recipe_learner": "api", "predict": "api", "Shards": "shards.read",
+_HOME = {"dataloaders": "api", "recipe_learner": "api", "predict": "api", "Shards": "shards.read",
          "Split": "shards.read", "RECIPE": "recipe"}
 
 

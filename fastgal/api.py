@@ -10,13 +10,22 @@ as a DataFrame from a run folder or from a Learner (see fastgal/__init__.py for 
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pandas as pd
 import torch
 
+from fastgal.load import loader
 from fastgal.options import PredictConfig
 from fastgal.recipe import RECIPE
+from fastgal.train.device import resolve_device
+
+
+@functools.wraps(loader.dataloaders)
+def dataloaders(shards, *args, device="cpu", **kwargs):
+    # the device checked here, in one line, as the CLI's --device is: not in the first batch's DALI traceback
+    return loader.dataloaders(shards, *args, device=resolve_device(device, api=True), **kwargs)
 
 
 def recipe_learner(dls, *, arch: str = RECIPE.arch, head: str = "rmse", opt: str = "ranger", precision: str = "auto",
@@ -38,7 +47,7 @@ def recipe_learner(dls, *, arch: str = RECIPE.arch, head: str = "rmse", opt: str
     shards = getattr(dls, "shards", None)
     if shards is None:
         raise ValueError("recipe_learner needs fastgal's DataLoaders (fastgal.dataloaders): it reads the targets' scale from the shards")
-    device = torch.device(dls.device or "cpu")
+    device = resolve_device(dls.device or "cpu", api=True)
     mean, std = shards.target_stats()
     model = make_model(arch, len(dls.targets), mean, std, head=head, c_in=dls.train.geometry.channels)
     return make_learner(dls, model, targets=dls.targets, path=Path(path or shards.folder), precision=resolve_precision(precision, device),
@@ -71,13 +80,12 @@ def predict(model, data, *, split: str = "valid", tta: bool = False, bs: int = 2
     """
     from fastgal.score.predict import predict_table
     from fastgal.train.checkpoints import inference, load_checkpoint
-    from fastgal.train.device import resolve_device
 
     if isinstance(model, (str, Path)):
-        dev = resolve_device(device or "auto")
+        dev = resolve_device(device or "auto", api=True)
         net, meta = load_checkpoint(model, dev)
     else:  # a fastai Learner
-        dev = torch.device(device) if device else torch.device(model.dls.device or "cpu")
+        dev = resolve_device(device or model.dls.device or "cpu", api=True)
         net, meta = model.model.to(dev).eval(), _learner_meta(model)
     cfg = PredictConfig(run=Path(str(model)) if isinstance(model, (str, Path)) else Path("."), input=Path(data),
                         split=split, tta=tta, bs=bs, device=str(dev), loader=loader, workers=workers)

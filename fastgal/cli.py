@@ -7,16 +7,21 @@ Options are declared once, as the fields of the command's config dataclass (fast
 `@options(TrainConfig)` turns each field into a click argument or option with the field's default
 and help, and `TrainConfig(**kwargs)` is built from what click parsed. Each command calls the
 library, prints results to stdout (`--json` where a machine reads them) and progress to stderr.
-User errors are ClickExceptions: one line, non-zero exit.
+User errors are ClickExceptions: one line, non-zero exit. `failure` is the one place that decides what any
+other exception out of a command becomes: a full disk or an unwritable folder one line naming the file and
+the fix (exit 1), Ctrl-C and SIGTERM a line (exit 130, 143) and, for `train`, how to resume; anything else
+is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 import typing
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import MISSING, fields
 from pathlib import Path
 
@@ -35,7 +40,7 @@ from fastgal.options import (
 from fastgal.recipe import PRESETS
 from fastgal.score.summary import calibration_lines, format_metrics
 from fastgal.shards.verify import format_info, info_summary
-from fastgal.util import sigterm_unwinds
+from fastgal.util import disk_error_line, interrupted, removed_if_failed, sigterm_unwinds, terminated
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -142,7 +147,50 @@ def config(cfg_cls, kwargs: dict):
     return cfg_cls(**kw)
 
 
-@click.group(context_settings=CONTEXT)
+class Interrupted(click.ClickException):
+    """Ctrl-C or SIGTERM, unwound: its lines (the signal's own was printed as it arrived) and 130 or 143."""
+
+    def __init__(self, lines: list[str], exit_code: int):
+        super().__init__("; ".join(lines))
+        self.lines, self.exit_code = lines, exit_code
+
+    def show(self, file=None):
+        for line in self.lines:
+            click.echo(line, err=True)
+
+
+def failure(exc: BaseException, meta: dict) -> click.ClickException | None:
+    """What an exception a command let out becomes, for every command: KeyboardInterrupt (Ctrl-C) and
+    Terminated (SIGTERM) a line or two and exit 130 or 143; a full disk, a quota, a read-only or forbidden
+    folder, found anywhere in the exception's chain (fastai and torch wrap it), one line naming the file and the
+    fix. None: a bug, which keeps its traceback. `meta` is what the command registered with `_user_errors`:
+    what it writes and the option that chooses it, and what to say when interrupted."""
+    if isinstance(exc, KeyboardInterrupt):
+        lines = [] if terminated() or interrupted() else ["fastgal: interrupted (Ctrl-C)"]  # else said as it came
+        hint = meta.get("fastgal.on_interrupt")
+        if hint is not None and (line := hint()):
+            lines.append(line)
+        return Interrupted(lines, 128 + (signal.SIGTERM if terminated() else signal.SIGINT))
+    line = disk_error_line(exc, *meta.get("fastgal.output", (None, "--out")))
+    return click.ClickException(line) if line else None
+
+
+class FastgalGroup(click.Group):
+    """The group whose every command's unhandled exceptions go through `failure` (in-process too: CliRunner)."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort, SystemExit):
+            raise
+        except BaseException as e:
+            mapped = failure(e, ctx.meta)
+            if mapped is None:
+                raise
+            raise mapped from None
+
+
+@click.group(cls=FastgalGroup, context_settings=CONTEXT)
 @click.version_option(__version__, "--version", prog_name="fastgal")
 def cli():
     """fastgal: predict galaxy metallicity from SDSS gri cutouts, trained fast.
@@ -152,17 +200,32 @@ def cli():
 
 
 @contextmanager
-def _user_errors(writing: Path | None = None, also: tuple = ()):
-    """The library's ValueErrors (and `also`) become one-line ClickExceptions; so does an OSError
-    while writing `writing`, with the fix. Anything else is a bug and keeps its traceback."""
+def _user_errors(writing: Path | None = None, also: tuple = (), option: str = "OUT", on_interrupt=None,
+                 output: Path | None = None):
+    """The library's ValueErrors (and `also`) become one-line ClickExceptions; so does any OSError of a
+    command that only writes `writing` (chosen by `option`), with the fix. `output` (or `writing`) is what a
+    command writes, for `failure`'s lines about a full disk or an unwritable folder; `on_interrupt` a line, or
+    None, to add when Ctrl-C or SIGTERM stops it. Anything else is a bug and keeps its traceback."""
+    meta = click.get_current_context().meta
+    if (writing or output) is not None:
+        meta["fastgal.output"] = (writing or output, option)
+    if on_interrupt is not None:
+        meta["fastgal.on_interrupt"] = on_interrupt
     try:
         yield
     except (ValueError, *also) as e:
         raise click.ClickException(str(e)) from None
     except OSError as e:
-        if writing is None:
+        line = disk_error_line(e, writing or output, option)
+        if writing is None and line is None:
             raise
-        raise click.ClickException(f"cannot write {writing}: {e.strerror or e}; choose a writable folder with free space") from None
+        raise click.ClickException(line or f"cannot write {writing}: {e.strerror or e}; choose a writable folder "
+                                   "with free space") from None
+
+
+def _output_folder(out: Path, keep=None):
+    """removed_if_failed for a command's output folder, on the process that writes it (rank 0 under torchrun)."""
+    return removed_if_failed(out, keep) if int(os.environ.get("RANK", 0)) == 0 else nullcontext()
 
 
 def _echo_json(obj) -> None:
@@ -189,7 +252,7 @@ def synth(as_json, **kw):
     from fastgal.survey.synth import synth as run_synth
 
     cfg = config(SynthConfig, kw)
-    with _user_errors(writing=cfg.out):
+    with _user_errors(writing=cfg.out), _output_folder(cfg.out):
         res = run_synth(cfg)
     info = {"out": str(res.out), "n": res.n, "format": cfg.format, "bands": res.bands,
             "seconds": round(res.seconds, 2), "images_per_s": round(res.images_per_s, 1),
@@ -221,10 +284,22 @@ def train(as_json, **kw):
 
         fastgal train shards/synth --out runs/r1 --lr-find --tta --head gaussian
     """
+    from fastgal.run import CHECKPOINT, default_run_dir
     from fastgal.run import train as run_train
 
-    with _user_errors():
-        m = run_train(config(TrainConfig, kw))
+    cfg = config(TrainConfig, kw)
+    cfg.out = Path(cfg.out) if cfg.out else default_run_dir(cfg.shards)  # named here: the lines below say it
+    ckpt = cfg.out / CHECKPOINT
+
+    def resume_hint():
+        if ckpt.is_file():
+            return (f"fastgal: {cfg.out} keeps the last finished epoch; the same command with "
+                    f"--out {cfg.out} --resume continues from it")
+        return None
+
+    # a run folder holds nothing of value before its first epoch's checkpoint
+    with _user_errors(output=cfg.out, option="--out", on_interrupt=resume_hint), _output_folder(cfg.out, keep=ckpt.is_file):
+        m = run_train(cfg)
     if not m:  # a non-zero DDP rank
         return
     if as_json:
@@ -250,7 +325,7 @@ def demo(as_json, **kw):
 
     cfg = config(DemoConfig, kw)
     log = (lambda msg: click.echo(msg, err=True)) if not cfg.quiet else (lambda msg: None)  # stage lines, as train's
-    with _user_errors():
+    with _user_errors(output=cfg.out, option="--out"), _output_folder(cfg.out):
         m = run_demo(cfg, log=log)
     if as_json:
         _echo_json(m)
@@ -279,7 +354,7 @@ def shard(as_json, **kw):
     from fastgal.shards.write import shard as run_shard
 
     cfg = config(ShardConfig, kw)
-    with _user_errors(writing=cfg.out):
+    with _user_errors(writing=cfg.out), _output_folder(cfg.out):
         res = run_shard(cfg)
     m = res.manifest
     c = m["counts"]
@@ -348,7 +423,7 @@ def download(as_json, **kw):
 
     cfg = config(DownloadConfig, kw)
     try:
-        with _user_errors(writing=cfg.out, also=(SkyServerError,)):  # CatalogError is a ValueError
+        with _user_errors(writing=cfg.out, also=(SkyServerError,)), _output_folder(cfg.out):  # CatalogError: a ValueError
             res = run_download(cfg)
     except KeyboardInterrupt:
         click.echo("interrupted before any cutout was fetched; nothing to resume yet", err=True)
@@ -384,8 +459,9 @@ def predict(as_json, **kw):
     from fastgal.score.predict import diagnose
     from fastgal.score.predict import predict as run_predict
 
-    with _user_errors():
-        df, path = run_predict(config(PredictConfig, kw))
+    cfg = config(PredictConfig, kw)
+    with _user_errors(output=cfg.out or cfg.run, option="--out"):
+        df, path = run_predict(cfg)
     n_bad = int((df["status"] != "ok").sum()) if "status" in df else 0
     if n_bad and n_bad == len(df):  # nothing scored: a failure, whatever the table says
         top = df["status"].value_counts().index[0]

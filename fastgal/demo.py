@@ -17,13 +17,14 @@ from fastgal.run import train
 from fastgal.shards.write import shard
 from fastgal.survey.synth import synth
 from fastgal.train.device import resolve_device
-from fastgal.util import write_json_atomic
+from fastgal.util import check_writable, write_json_atomic
 
 
 def demo(cfg: DemoConfig, log=print) -> dict:
     device = resolve_device(cfg.device)
     p = cfg.preset(gpu=device.type == "cuda")
     out = Path(cfg.out)
+    check_writable(out, "choose another --out")  # before any work
     if out.exists() and any(out.iterdir()):
         if not cfg.overwrite:
             raise ValueError(f"{out} is not empty; pass --overwrite to replace the earlier demo")

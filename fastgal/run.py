@@ -71,7 +71,7 @@ from fastgal.train.checkpoints import (
 from fastgal.train.device import resolve_device, resolve_precision
 from fastgal.train.learner import make_learner
 from fastgal.train.model import make_model
-from fastgal.util import Progress, write_bytes_atomic, write_json_atomic
+from fastgal.util import Progress, check_writable, write_bytes_atomic, write_json_atomic
 
 CHECKPOINT = "checkpoint.pth"
 # config.json entries a --resume must not change: the TrainConfig fields but these, and what they resolved to
@@ -214,6 +214,7 @@ def _prepare_out(cfg: TrainConfig, out: Path) -> None:
     """A fresh run folder, or (--resume) the interrupted run's, left as it is. A folder whose run finished no
     epoch (a command that failed or was stopped before its first result) holds nothing to keep or resume:
     the same command, corrected, replaces it without --overwrite."""
+    check_writable(out, "choose another --out")  # before any work: not an OSError at the first epoch's end
     started = (out / "config.json").is_file()
     trained = (out / CHECKPOINT).is_file() or (out / "metrics.json").is_file()
     if cfg.resume:

@@ -1,5 +1,6 @@
 """Small leaf helpers every command shares: atomic writes that keep the umask, output folders,
-hashing, workers, one bounded ordered pool, one progress writer, SIGTERM unwound as Ctrl-C.
+hashing, workers, one bounded ordered pool, one progress writer, SIGTERM unwound as Ctrl-C, the disk errors a
+user can fix and the output folder a failed command created.
 
 Nothing here knows about galaxies, images or shards (the JPEG check is shards/cutouts.py's); it imports
 nothing of fastgal, and every other module may import it.
@@ -9,6 +10,7 @@ nothing of fastgal, and every other module may import it.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -54,8 +56,11 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp"):
     try:
         yield Path(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        disk = disk_error(e)  # name the file being written, not its temp name (or none: a write to an open file)
+        if disk is not None and disk.filename in (None, tmp):
+            disk.filename = str(path)
         raise
 
 
@@ -105,9 +110,81 @@ def check_out(out: Path, *, overwrite: bool, finished: str, unfinished=None, wha
         if unfinished is not None and any(unfinished(p.name) for p in out.iterdir()):
             raise ValueError(f"{out} holds files of an unfinished {what}; pass --overwrite to replace them, "
                              "or choose another folder")
-    parent = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
+    check_writable(out)
+
+
+def check_writable(folder: str | os.PathLike, fix: str = "choose a folder you can write to") -> None:
+    """Refuse, in one line and before any work, a `folder` this process cannot create files in (the nearest of
+    it and its parents that exists), or whose disk is full. A real probe (a file created and removed), not only
+    os.access: root passes os.access on a read-only folder such as /sys, and its writes then fail."""
+    folder = Path(folder)
+    parent = folder if folder.exists() else next((p for p in folder.parents if p.exists()), Path("."))
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"{parent} is not writable; choose a folder you can write to")
+        raise ValueError(f"{parent} is not writable; {fix}")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".fastgal-probe-", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ValueError(f"{parent} is not writable ({e.strerror or e}); {fix}") from None
+    if shutil.disk_usage(parent).free < MIN_FREE:
+        raise ValueError(f"no space left on the device of {parent}; free space there, or {fix}")
+
+
+MIN_FREE = 1 << 20  # bytes: a disk with less is full for any command's output
+
+
+# --------------------------------------------------------------------------- failures a user can fix
+
+NO_SPACE = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}
+NOT_WRITABLE = {errno.EROFS: "read-only file system", errno.EACCES: "permission denied", errno.EPERM: "permission denied"}
+
+
+def disk_error(exc: BaseException | None) -> OSError | None:
+    """The OSError a user can fix (a full disk, a quota, a read-only or forbidden folder) that `exc` is or was
+    raised from or while handling: fastai re-raises a callback's error as its own, torch.save into a Python file
+    raises a RuntimeError while handling the file's OSError. None when there is none (a bug keeps its traceback)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in NO_SPACE.keys() | NOT_WRITABLE.keys():
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def disk_error_line(exc: BaseException, writing: str | os.PathLike | None = None, option: str = "--out") -> str | None:
+    """One line for disk_error(exc), naming the file (or else `writing`, the command's output) and the fix;
+    None where exc is no such error."""
+    e = disk_error(exc)
+    if e is None:
+        return None
+    where = e.filename or writing
+    if e.errno in NO_SPACE:
+        return f"{NO_SPACE[e.errno]}{f' writing {where}' if where else ''}; free space there or choose another {option}"
+    return (f"cannot write {where or 'the output'}: {NOT_WRITABLE[e.errno]}; choose a folder you can write to "
+            f"({option}) or fix its permissions")
+
+
+@contextmanager
+def removed_if_failed(path: str | os.PathLike, keep=None):
+    """A command's output folder: when the block fails (an error, Ctrl-C, SIGTERM) and `keep()` says it holds
+    nothing of value (the default: no file in it), what the command created is removed: the folder and the
+    parents it made for it. A folder that existed before the command is never removed."""
+    path = Path(path).absolute()
+    top, p = None, path
+    while not p.exists():
+        top, p = p, p.parent
+    try:
+        yield
+    except BaseException:
+        if top is not None and top.is_dir() and not (keep or (lambda: has_files(path)))():
+            shutil.rmtree(top, ignore_errors=True)
+        raise
+
+
+def has_files(folder: str | os.PathLike) -> bool:
+    return any(p.is_file() for p in Path(folder).rglob("*"))
 
 
 def sha256_file(path, bufsize: int = 1 << 20) -> str:
@@ -131,7 +208,7 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM in a command's process: unwound as Ctrl-C is (see `stop_on_sigterm`)."""
 
 
-_sigterm = {"received": False, "unwinding": False}
+_sigterm = {"received": False, "unwinding": False, "interrupted": False}
 
 
 def stop_on_sigterm() -> None:
@@ -179,11 +256,31 @@ def terminated() -> bool:
     return _sigterm["received"]
 
 
+def interrupted() -> bool:
+    """Whether Ctrl-C (SIGINT) reached this command's process under `sigterm_unwinds` (which said so on stderr)."""
+    return _sigterm["interrupted"]
+
+
+def stop_on_sigint() -> None:
+    """Ctrl-C says so in one line on stderr as it arrives (the unwinding may take a moment: loader workers, a
+    report), then unwinds as Python's own handler does (KeyboardInterrupt, here and in forked workers)."""
+    main = os.getpid()
+
+    def handler(signum, frame):
+        if os.getpid() == main and not _sigterm["interrupted"]:
+            _sigterm["interrupted"] = True
+            print("fastgal: interrupted (Ctrl-C); cleaning up", file=sys.stderr, flush=True)
+        raise KeyboardInterrupt()
+
+    signal.signal(signal.SIGINT, handler)
+
+
 @contextmanager
 def sigterm_unwinds():
-    """A command's whole process under `stop_on_sigterm`; whatever exit status click or the command made of
-    the unwinding, a SIGTERM'd one exits 143 (the shell's code for SIGTERM)."""
+    """A command's whole process under `stop_on_sigterm` and `stop_on_sigint`; whatever exit status click or
+    the command made of the unwinding, a SIGTERM'd one exits 143 (the shell's code for SIGTERM)."""
     stop_on_sigterm()
+    stop_on_sigint()
     try:
         yield
     except SystemExit:

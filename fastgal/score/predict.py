@@ -42,7 +42,7 @@ from fastgal.shards.read import Shards, Split
 from fastgal.train.checkpoints import inference, load_checkpoint
 from fastgal.train.device import resolve_device
 from fastgal.train.heads import split_outputs, view_stats
-from fastgal.util import write_bytes_atomic
+from fastgal.util import check_writable, write_bytes_atomic
 
 ESTIMATES = ("pred", "sigma", "pred_tta", "sigma_tta")  # the column prefixes, in the order they are written
 
@@ -204,7 +204,8 @@ def predict(cfg: PredictConfig) -> tuple[pd.DataFrame, Path]:
     """`fastgal predict`: the run's model on a shard folder (cfg.split) or a folder of JPEGs; writes the CSV."""
     device = resolve_device(cfg.device)
     model, ckpt = load_checkpoint(cfg.run, device)
-    df = predict_table(cfg, inference(model, ckpt, device), ckpt, device)  # the training precision and memory format on a GPU
     out = Path(cfg.out) if cfg.out else Path(cfg.run) / f"predictions_{Path(cfg.input).resolve().name}.csv"
+    check_writable(out.parent, "choose a writable --out")  # before any work, not after it
+    df = predict_table(cfg, inference(model, ckpt, device), ckpt, device)  # the training precision and memory format on a GPU
     write_bytes_atomic(out, df.to_csv(index=False, float_format="%.5f").encode())
     return df, out

@@ -54,7 +54,7 @@ from fastgal.survey.skyserver import (
     query_catalog,
     unreachable_message,
 )
-from fastgal.util import Progress, write_bytes_atomic, write_json_atomic
+from fastgal.util import Progress, check_writable, write_bytes_atomic, write_json_atomic
 
 DEFAULT_SQL = Path(__file__).with_name("metallicity_sample.sql")  # shipped as package data
 STATUSES = ("ok", "skipped-existing", "not-found", "failed", "invalid-image", "interrupted")
@@ -85,6 +85,7 @@ def validate(cfg: DownloadConfig) -> None:
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out} exists and is not a folder; pass a folder path")
+    check_writable(out, "choose another OUT")  # before the query and any cutout
 
 
 def normalise_catalog(df: pd.DataFrame, what: str, first_line: int | None = 2,

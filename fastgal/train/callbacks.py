@@ -24,7 +24,8 @@ from fastai.callback.core import Callback
 from fastai.callback.tracker import SaveModelCallback, TrackerCallback
 from fastai.learner import save_model
 
-from fastgal.util import Progress, atomic_path
+from fastgal.train.checkpoints import save_atomic
+from fastgal.util import Progress
 
 
 class EpochStats(Callback):
@@ -257,8 +258,8 @@ class BestEpoch(SaveModelCallback):
             self._save(self.fname)
 
     def _save(self, name):
-        with atomic_path(self.path / self.model_dir / f"{name}.pth") as tmp:
-            save_model(tmp, self.model, None, with_opt=False)
+        save_atomic(self.model, self.path / self.model_dir / f"{name}.pth",
+                    save=lambda model, f: save_model(f, model, None, with_opt=False))
 
 
 def best_epoch_callback(monitor: str) -> SaveModelCallback:

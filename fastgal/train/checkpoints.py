@@ -29,14 +29,21 @@ from fastgal.util import atomic_path
 MODEL_FORMAT = 1  # model.pt's layout; load_checkpoint refuses any other
 
 
+def save_atomic(obj, path, save=torch.save) -> None:
+    """save(obj, file) into `path`, atomically, through a Python file: a full disk is then an OSError (ENOSPC)
+    behind torch's RuntimeError ("unexpected pos"), which the CLI reports in one line; written to a path, torch's
+    own writer loses the errno."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        save(obj, f)
+
+
 def save_checkpoint(path, model: nn.Module, **meta) -> None:
     """model.pt: the weights and everything prediction needs to rebuild and feed the model (arch, targets,
     target mean/std, pixel mean/std, size/crop/precrop/image_size; for FITS bands: image_kind "float", bands,
     dtype, softening), written atomically."""
     ckpt = {"format_version": MODEL_FORMAT, "fastgal_version": __version__, **meta,
             "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
-    with atomic_path(path) as tmp:
-        torch.save(ckpt, tmp)
+    save_atomic(ckpt, path)
 
 
 def image_meta(shards, g) -> dict:
@@ -161,8 +168,7 @@ class EpochCheckpoint(Callback):
                  "scaler": scaler.state_dict() if scaler is not None else None,
                  "losses": [float(v) for v in rec.losses], "lrs": list(rec.lrs), "iters": list(rec.iters),
                  "smooth_loss": (rec.smooth_loss.count, rec.smooth_loss.val), "best": float(self.tracker.best)}
-        with atomic_path(self.file) as tmp:
-            torch.save(state, tmp)
+        save_atomic(state, self.file)
 
 
 def read_checkpoint(path, device) -> dict | None:

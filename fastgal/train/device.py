@@ -10,12 +10,14 @@ from __future__ import annotations
 import torch
 
 
-def resolve_device(name: str) -> torch.device:
-    """--device auto|cpu|cuda[:k] -> a torch device; a one-line error when CUDA is asked for but absent.
+def resolve_device(name, api: bool = False) -> torch.device:
+    """--device auto|cpu|cuda[:k] (or a torch.device) -> a torch device; a one-line error when CUDA is asked for
+    but absent, in the CLI's words or (api=True) the Python API's.
 
     On CUDA it also turns on cudnn.benchmark: every fastgal command feeds the model one input size (the crop)
     and one batch size (but a last, shorter evaluation batch), so cuDNN's autotuner picks the fastest
     convolution algorithms once, in the first batches, and keeps them."""
+    name = str(name)
     if name == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         from fastgal.env import warn_if_gpu_unused
@@ -23,6 +25,8 @@ def resolve_device(name: str) -> torch.device:
         warn_if_gpu_unused(device)  # one line on stderr when an NVIDIA device is there but unusable
     elif name == "cuda" or name.startswith("cuda:"):
         if not torch.cuda.is_available():
+            if api:
+                raise ValueError(f"device={name!r} but no CUDA GPU is visible to torch; use device='cpu'")
             raise ValueError("--device cuda but no CUDA GPU is visible to torch; use --device cpu or auto")
         device = torch.device(name)
     else:
