@@ -263,7 +263,10 @@ def interrupted() -> bool:
 
 def stop_on_sigint() -> None:
     """Ctrl-C says so in one line on stderr as it arrives (the unwinding may take a moment: loader workers, a
-    report), then unwinds as Python's own handler does (KeyboardInterrupt, here and in forked workers)."""
+    report), then unwinds as Python's own handler does (KeyboardInterrupt, here and in forked workers). Where
+    SIGINT is not Python's own (ignored, as a background job's children inherit it, or someone else's), it stays."""
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        return
     main = os.getpid()
 
     def handler(signum, frame):

@@ -29,12 +29,12 @@ from fastgal.util import atomic_path
 MODEL_FORMAT = 1  # model.pt's layout; load_checkpoint refuses any other
 
 
-def save_atomic(obj, path, save=torch.save) -> None:
+def save_atomic(obj, path, save=None) -> None:
     """save(obj, file) into `path`, atomically, through a Python file: a full disk is then an OSError (ENOSPC)
     behind torch's RuntimeError ("unexpected pos"), which the CLI reports in one line; written to a path, torch's
     own writer loses the errno."""
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        save(obj, f)
+        (save or torch.save)(obj, f)
 
 
 def save_checkpoint(path, model: nn.Module, **meta) -> None:
