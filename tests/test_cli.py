@@ -17,8 +17,6 @@ from pathlib import Path
 import pytest
 from conftest import run_cli
 
-from fastgal.util import disk_error, disk_error_line
-
 TRAIN = ("--epochs", "2", "--bs", "32", "--arch", "xresnet18", "--size", "32", "--quiet", "--workers", "1")
 # a folder even root cannot create files in (sysfs): chmod does not stop root, and the tests run as root
 READ_ONLY = Path("/sys/fastgal-test")
@@ -80,6 +78,8 @@ def test_a_full_disk_in_training_is_one_line_and_removes_the_run_folder(small_sh
 
 
 def test_disk_errors_are_found_behind_wrappers_and_bugs_are_not():
+    from fastgal.util import disk_error, disk_error_line
+
     def chained():
         try:
             raise OSError(errno.EDQUOT, "Disk quota exceeded")

@@ -358,9 +358,13 @@ def test_interrupted_run_leaves_nothing_finished(survey, tmp_path, monkeypatch):
     monkeypatch.setattr(shards_mod, "make_index", boom)
     out = tmp_path / "cut"
     res = run_cli("shard", survey / "data" / "master.csv", survey / "images", out, "--shard-size", 100, "--quiet", ok=False)
-    assert res.exit_code != 0 and "Abort" in res.output  # click's answer to Ctrl-C
+    assert res.exit_code == 130 and res.output == "fastgal: interrupted (Ctrl-C)\n"  # Ctrl-C's status, one line
     assert len(calls) == 2
-    assert list(out.iterdir()) == []  # no tar, no manifest, no temp folder
+    assert not out.exists()  # no tar, no manifest, no temp folder: the folder shard made held nothing, and went
+    (out / "x").mkdir(parents=True)
+    calls.clear()
+    res = run_cli("shard", survey / "data" / "master.csv", survey / "images", out, "--shard-size", 100, "--quiet", ok=False)
+    assert res.exit_code == 130 and [p.name for p in out.iterdir()] == ["x"]  # a folder that was there stays
     with pytest.raises(ValueError, match="no manifest.json"):
         load_manifest(out)
     monkeypatch.undo()
@@ -470,9 +474,8 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(survey, tmp_path):
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 1
     assert "Exception ignored" not in err, err
-    assert err.splitlines() == [f"Error: cannot write {out}: No space left on device; "
-                                "choose a writable folder with free space"], err
-    assert list(out.iterdir()) == []  # the temp folder is gone, and nothing else was written
+    assert err.splitlines() == [f"Error: no space left on device writing {out}; free space there or choose another OUT"], err
+    assert not out.exists()  # the temp folder is gone, and the folder shard made for it
 
 
 def test_info_and_tampering(survey_shards, tmp_path):

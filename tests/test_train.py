@@ -244,6 +244,7 @@ def test_sigterm_in_an_epoch_keeps_the_last_one_for_resume(killed_run):
     left = killed_run.left
     assert left.returncode == 143 and "terminated (SIGTERM)" in left.stderr, left.stderr[-2000:]
     assert "Traceback" not in left.stderr, left.stderr[-2000:]
+    assert f"fastgal: {killed_run.path} keeps the last finished epoch; the same command with --out {killed_run.path} --resume" in left.stderr
     assert left.epoch == 0  # the last finished epoch (fastai counts from 0)
     assert "checkpoint.pth" in left.files and "metrics.json" not in left.files
     assert not [f for f in left.files if f.startswith(".") or "tmp" in f], left.files
@@ -289,9 +290,9 @@ def test_resume_refusals(small_shards, tmp_path):
 @pytest.mark.slow
 def test_a_run_stopped_in_lr_find_blocks_nothing(small_shards, tmp_path):
     """Issue 22, case 1 and a scheduler's SIGTERM in lr_find: a typo fails before anything is written; a run
-    stopped in lr_find leaves no lr_find weights (43 MB each, found piling up in /tmp) in the temp folder nor in
-    the run folder, --resume says there is nothing to resume, and the same command (without --overwrite) then
-    trains; with --quiet a clean run prints nothing on stderr (no dependency warnings) and its results on stdout."""
+    stopped in lr_find leaves no lr_find weights (43 MB each, found piling up in /tmp) in the temp folder, nor the
+    run folder it made (it held no finished epoch), --resume says there is nothing to resume, and the same command
+    (without --overwrite) then trains; with --quiet a clean run prints nothing on stderr (no dependency warnings) and its results on stdout."""
     run = tmp_path / "c3"
     res = run_cli("train", small_shards, "--out", run, "--arch", "xresnet43", ok=False)
     assert res.exit_code != 0 and "xresnet34" in res.output and not run.exists()
@@ -300,9 +301,9 @@ def test_a_run_stopped_in_lr_find_blocks_nothing(small_shards, tmp_path):
     p = _train(small_shards, run, *lr, kill_at=(0, 2, "SIGTERM"), env=env)  # in lr_find
     assert p.returncode == 143 and "terminated (SIGTERM)" in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
     assert not list(Path(env["TMPDIR"]).glob("fastgal-*")), sorted(Path(env["TMPDIR"]).rglob("*"))
-    assert (run / "config.json").is_file() and not list(run.rglob("*.pth")), sorted(run.rglob("*"))
+    assert not run.exists(), sorted(run.rglob("*"))
     res = run_cli("train", small_shards, "--out", run, *TRAIN, *lr, "--resume", ok=False)
-    assert res.exit_code != 0 and "finished no epoch" in res.output and "without --resume" in res.output
+    assert res.exit_code != 0 and "no run to resume" in res.output and "drop --resume" in res.output
     p = _train(small_shards, run, *lr, env=env)
     assert p.returncode == 0 and (run / "metrics.json").is_file(), p.stderr[-2000:]
     assert p.stderr == "" and "RMSE" in p.stdout
