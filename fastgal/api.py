@@ -14,7 +14,6 @@ import functools
 from pathlib import Path
 
 import pandas as pd
-import torch
 
 from fastgal.load import loader
 from fastgal.options import PredictConfig

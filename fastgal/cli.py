@@ -40,7 +40,13 @@ from fastgal.options import (
 from fastgal.recipe import PRESETS
 from fastgal.score.summary import calibration_lines, format_metrics
 from fastgal.shards.verify import format_info, info_summary
-from fastgal.util import disk_error_line, interrupted, removed_if_failed, sigterm_unwinds, terminated
+from fastgal.util import (
+    disk_error_line,
+    interrupted,
+    removed_if_failed,
+    sigterm_unwinds,
+    terminated,
+)
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -225,7 +231,7 @@ def _user_errors(writing: Path | None = None, also: tuple = (), option: str = "O
 
 def _output_folder(out: Path, keep=None):
     """removed_if_failed for a command's output folder, on the process that writes it (rank 0 under torchrun)."""
-    return removed_if_failed(out, keep) if int(os.environ.get("RANK", 0)) == 0 else nullcontext()
+    return removed_if_failed(out, keep) if int(os.environ.get("RANK", "0")) == 0 else nullcontext()
 
 
 def _echo_json(obj) -> None:
