@@ -303,7 +303,13 @@ def sha256_file(path, bufsize: int = 1 << 20) -> str:
 
 def user_cache_dir() -> Path:
     """$XDG_CACHE_HOME/fastgal, else ~/.cache/fastgal (what fastgal may recompute: never results)."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fastgal"
+    base = os.environ.get("XDG_CACHE_HOME")
+    if not base:
+        try:
+            base = Path.home() / ".cache"
+        except (RuntimeError, KeyError):  # no home directory (a bare container user): the temp folder's
+            base = Path(tempfile.gettempdir()) / f"fastgal-cache-{os.getuid() if hasattr(os, 'getuid') else 0}"
+    return Path(base) / "fastgal"
 
 
 class HashCache:

@@ -35,6 +35,7 @@ def _dead_pid() -> int:
     return p.pid
 
 
+@pytest.mark.slow
 def test_two_trains_into_one_folder(small_shards, tmp_path):
     """The second of two trains started at once into one --out is refused in one line naming the first (its pid);
     the first finishes with its own config.json, metrics.json and model, and leaves no lock behind."""
@@ -105,13 +106,8 @@ def test_a_live_lock_refuses_shard_synth_and_download(survey, tmp_path):
     assert f"no longer running on elsewhere, delete {sh / LOCK_NAME} and run again" in res.output
 
 
-def test_train_and_predict_check_every_tar_once(small_shards, tmp_path, monkeypatch, own_cache_dir):
-    """A byte flipped in a tar: train refuses before training, in one line naming the tar and the fixes, and makes
-    no run folder. Each file is hashed once (util.HashCache, keyed by path, size, mtime, ctime and inode): a second
-    train on the unchanged shards refuses without hashing, a repaired tar is hashed again, and predict on
-    unchanged shards hashes nothing; predict refuses a changed tar too."""
-    import fastgal.util as util
-
+def _flipped_copy(small_shards, tmp_path):
+    """A copy of small_shards with one byte of train-000001.tar flipped; flip() flips it back (and again)."""
     sh = tmp_path / "sh"
     shutil.copytree(small_shards, sh)
     tar = sh / "train-000001.tar"
@@ -122,25 +118,51 @@ def test_train_and_predict_check_every_tar_once(small_shards, tmp_path, monkeypa
         tar.write_bytes(bytes(data))
 
     flip()
+    return sh, tar, flip
+
+
+@pytest.fixture
+def hashed(monkeypatch):
+    """The names of the files util.sha256_file hashes (HashCache's misses), in order."""
+    import fastgal.util as util
+
     calls = []
     real = util.sha256_file
     monkeypatch.setattr(util, "sha256_file", lambda p, *a: calls.append(Path(p).name) or real(p, *a))
-    for hashed in (["train-000000.tar", "train-000001.tar"], []):  # the mismatch is remembered too
-        calls.clear()
+    return calls
+
+
+def test_train_refuses_a_changed_tar_and_hashes_it_once(small_shards, tmp_path, hashed, own_cache_dir):
+    """A byte flipped in a tar: train refuses before training, in one line naming the tar and the fixes, and makes
+    no run folder. Each file is hashed once (util.HashCache, keyed by path, size, mtime, ctime and inode): a second
+    train on the unchanged shards refuses without hashing anything."""
+    from fastgal.util import sha256_file
+
+    sh, tar, _ = _flipped_copy(small_shards, tmp_path)
+    for files in (["train-000000.tar", "train-000001.tar"], []):  # the mismatch is remembered too
+        hashed.clear()
         res = run_cli("train", sh, "--out", tmp_path / "r", *TINY, ok=False)
         assert res.exit_code == 1 and len(res.output.strip().splitlines()) == 1, res.output
         assert (f"{tar} does not match {sh / 'manifest.json'} (sha256 differs" in res.output
                 and "re-shard with `fastgal shard ... --overwrite`" in res.output and f"`fastgal info {sh}`" in res.output)
-        assert calls == hashed and not (tmp_path / "r").exists()
+        assert hashed == files and not (tmp_path / "r").exists()
     cache = json.loads((own_cache_dir / "sha256.json").read_text())["files"]
-    assert cache[str(tar.resolve())]["sha256"] == real(tar)
-    flip()  # repaired: hashed again (a new mtime), and the tar not reached before
-    calls.clear()
+    assert cache[str(tar.resolve())]["sha256"] == sha256_file(tar)
+
+
+@pytest.mark.slow
+def test_a_repaired_tar_trains_and_predict_checks_too(small_shards, tmp_path, hashed):
+    """The tar repaired: hashed again (a new mtime), with the one not reached before; it trains; predict on the
+    unchanged shards hashes nothing, and refuses them once a byte is flipped again."""
+    sh, tar, flip = _flipped_copy(small_shards, tmp_path)
+    run_cli("train", sh, "--out", tmp_path / "bad", *TINY, ok=False)
+    flip()
+    hashed.clear()
     run_cli("train", sh, "--out", tmp_path / "r", *TINY)
-    assert calls == ["train-000001.tar", "valid-000000.tar"]
-    calls.clear()
+    assert hashed == ["train-000001.tar", "valid-000000.tar"]
+    hashed.clear()
     run_cli("predict", tmp_path / "r", sh, "--workers", 1)
-    assert calls == []
+    assert hashed == []
     flip()
     res = run_cli("predict", tmp_path / "r", sh, "--workers", 1, ok=False)
-    assert res.exit_code == 1 and f"{tar} does not match" in res.output and calls == ["train-000001.tar"]
+    assert res.exit_code == 1 and f"{tar} does not match" in res.output and hashed == ["train-000001.tar"]
