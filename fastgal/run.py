@@ -188,13 +188,15 @@ def setup(cfg: TrainConfig, claim: contextlib.ExitStack) -> Setup:
     rank, world, device = _init_distributed(cfg, device)
     out = Path(cfg.out) if cfg.out else default_run_dir(cfg.shards)
     if rank == 0:  # the writer (Setup.writer): only it writes, so only it claims the folder
+        lock = OutLock(out, "fastgal train", log=Progress(quiet=cfg.quiet).line)
+        lock.refuse_if_busy()  # another command's run in the making is not "a run" to resume or overwrite
         _check_out(cfg, out)  # the refusals first, before the folder is made or the shards are hashed
     # before the first epoch, once per machine (its local rank 0; the others read the same files): each node of
     # a multi-node run checks the copy it reads; a file's hash is cached until it changes (util.HashCache)
     if int(os.environ.get("LOCAL_RANK", 0)) == 0:
         shards.check_sha256(quiet=cfg.quiet or rank > 0)
     if rank == 0:
-        claim.enter_context(OutLock(out, "fastgal train", log=Progress(quiet=cfg.quiet).line))
+        claim.enter_context(lock)
         _prepare_out(cfg, out)  # checked again under the claim: another command may have written there meanwhile
     tmean, tstd = shards.target_stats()
     return Setup(cfg=cfg, shards=shards, targets=targets, target_mean=tmean, target_std=tstd, crop=crop, device=device,

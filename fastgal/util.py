@@ -278,6 +278,13 @@ class OutLock:
         if self.holder() == self._mine:  # never another command's (had ours been removed and replaced)
             self.path.unlink(missing_ok=True)
 
+    def refuse_if_busy(self) -> None:
+        """Refuse now if a live command holds OUT: before a command judges what OUT holds (a run, shards), as
+        that is the other command's work in progress; acquire() is still what makes OUT this command's."""
+        h = self.holder()
+        if h is not None and not (h and h.get("host") == socket.gethostname() and not _alive(h)):
+            raise ValueError(self._refusal(h))
+
     def busy(self) -> str | None:
         """Who holds this folder now, in words (`fastgal shard` (pid 12, on host, started ...)), or None when no
         command does (no lock, or a stale one)."""

@@ -78,10 +78,10 @@ def test_a_stale_lock_is_taken_over(tmp_path):
     assert not (out / LOCK_NAME).exists()
 
 
-def test_a_live_lock_refuses_shard_synth_and_download(survey, tmp_path):
+def test_a_live_lock_refuses_shard_synth_and_download(survey, small_shards, tmp_path):
     """A folder held by a running command: shard, synth and download into it are refused in one line naming the
-    holder and write nothing; `fastgal info` says the folder is being written; a lock from another host is refused
-    with the file to delete."""
+    holder and write nothing, whatever the folder holds (with --overwrite too); `fastgal info` and train say shards
+    are being written; a lock from another host is refused with the file to delete."""
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         sh, s, d = tmp_path / "sh", tmp_path / "s", tmp_path / "d"
@@ -98,6 +98,19 @@ def test_a_live_lock_refuses_shard_synth_and_download(survey, tmp_path):
             assert [p.name for p in folder.iterdir()] == [LOCK_NAME]  # nothing written, the holder's lock kept
         res = run_cli("info", sh, ok=False)
         assert res.exit_code == 1 and f"is being written by `fastgal shard` (pid {holder.pid}" in res.output
+        res = run_cli("train", sh, "--out", tmp_path / "r", ok=False)  # not yet, or no longer, finished shards
+        assert res.exit_code == 1 and "wait for it to finish" in res.output and not (tmp_path / "r").exists()
+        # what a held folder holds is the holder's work in progress: "in use", not "already holds a run"
+        run = tmp_path / "run"
+        _lock(run, holder.pid, "fastgal train")
+        (run / "config.json").write_text("{}")
+        (run / "checkpoint.pth").write_bytes(b"")
+        for extra in ((), ("--resume",), ("--overwrite",)):
+            res = run_cli("train", small_shards, "--out", run, *extra, ok=False)
+            assert f"{run} is in use by `fastgal train` (pid {holder.pid}" in res.output, res.output
+        (s / "synth.json").write_text("{}")
+        res = run_cli("synth", s, "--n", 20, "--size", 64, "--overwrite", ok=False)
+        assert f"{s} is in use by `fastgal shard` (pid {holder.pid}" in res.output and (s / "synth.json").exists()
     finally:
         holder.kill()
         holder.wait()

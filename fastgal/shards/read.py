@@ -38,10 +38,10 @@ def load_manifest(folder) -> dict:
     folder = Path(folder)
     mpath = folder / "manifest.json"
     redo = f"re-run `fastgal shard CATALOG IMAGES {folder} --overwrite`"
+    busy = OutLock(folder, "").busy() if folder.is_dir() else None
+    if busy:  # `fastgal shard` (--overwrite) at work: what is there now is not yet, or no longer, a finished folder
+        raise ValueError(f"{folder} is being written by {busy}; wait for it to finish")
     if not mpath.is_file():
-        busy = OutLock(folder, "").busy() if folder.is_dir() else None
-        if busy:
-            raise ValueError(f"{folder} is being written by {busy}: it has no manifest.json yet; wait for it to finish")
         if folder.is_dir() and any(is_shard_file(p.name) for p in folder.iterdir()):
             raise ValueError(f"{folder} has shard files but no manifest.json (an unfinished run); {redo}")
         if (folder / "synth.json").is_file() or (folder / "images").is_dir():  # a survey, not shards: shard it elsewhere

@@ -317,8 +317,10 @@ def _check_out(out: Path, cfg: SynthConfig) -> None:
 def _prepare_out(out: Path, cfg: SynthConfig, stack: contextlib.ExitStack) -> None:
     """Refuse an OUT we may not write (before any work); claim it for this command (util.OutLock, released
     when `stack` closes) and check it again under the claim; clear what a killed run left in it."""
+    lock = OutLock(out, "fastgal synth", log=Progress(quiet=cfg.quiet).line)
+    lock.refuse_if_busy()  # another command's work in progress is not "a survey" to refuse or replace
     _check_out(out, cfg)
-    stack.enter_context(OutLock(out, "fastgal synth", log=Progress(quiet=cfg.quiet).line))
+    stack.enter_context(lock)
     _check_out(out, cfg)  # what another command may have written meanwhile
     gone = [p.name for p in remove_stale(out, TMP_PREFIX)]
     if gone:
