@@ -193,7 +193,7 @@ def setup(cfg: TrainConfig, claim: contextlib.ExitStack) -> Setup:
         _check_out(cfg, out)  # the refusals first, before the folder is made or the shards are hashed
     # before the first epoch, once per machine (its local rank 0; the others read the same files): each node of
     # a multi-node run checks the copy it reads; a file's hash is cached until it changes (util.HashCache)
-    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
         shards.check_sha256(quiet=cfg.quiet or rank > 0)
     if rank == 0:
         claim.enter_context(lock)

@@ -241,7 +241,7 @@ class OutLock:
                      f"{h.get('started')}), which is no longer running")
         return True
 
-    def acquire(self) -> "OutLock":
+    def acquire(self) -> OutLock:
         out = self.out
         if out.exists() and not out.is_dir():
             raise ValueError(f"{out} exists and is not a folder; pass a folder path")
@@ -293,7 +293,7 @@ class OutLock:
             return None
         return _who(h)
 
-    def __enter__(self) -> "OutLock":
+    def __enter__(self) -> OutLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:

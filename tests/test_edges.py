@@ -137,7 +137,7 @@ def _flipped_copy(small_shards, tmp_path):
 @pytest.fixture
 def hashed(monkeypatch):
     """The names of the files util.sha256_file hashes (HashCache's misses), in order."""
-    import fastgal.util as util
+    from fastgal import util
 
     calls = []
     real = util.sha256_file
