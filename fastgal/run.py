@@ -32,6 +32,7 @@ fit_one_cycle(start_epoch=k) and ends where an uninterrupted run would have.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -71,7 +72,7 @@ from fastgal.train.checkpoints import (
 from fastgal.train.device import resolve_device, resolve_precision
 from fastgal.train.learner import make_learner
 from fastgal.train.model import make_model
-from fastgal.util import Progress, check_writable, write_bytes_atomic, write_json_atomic
+from fastgal.util import OutLock, Progress, check_writable, write_bytes_atomic, write_json_atomic
 
 CHECKPOINT = "checkpoint.pth"
 # config.json entries a --resume must not change: the TrainConfig fields but these, and what they resolved to
@@ -169,8 +170,9 @@ def _init_distributed(cfg: TrainConfig, device: torch.device) -> tuple[int, int,
     return rank, world, device
 
 
-def setup(cfg: TrainConfig) -> Setup:
-    """Check everything that can be wrong before any work starts; prepare the run folder."""
+def setup(cfg: TrainConfig, claim: contextlib.ExitStack) -> Setup:
+    """Check everything that can be wrong before any work starts; claim the run folder (rank 0, released when
+    `claim` closes) and prepare it; check the shards' sha256s against their manifest."""
     shards = Shards(cfg.shards)  # one-line ValueError on a bad folder
     targets = _check_targets(cfg, shards)
     crop = shards.crop(cfg.crop)
@@ -185,8 +187,17 @@ def setup(cfg: TrainConfig) -> Setup:
     precision = resolve_precision(cfg.precision, device)
     rank, world, device = _init_distributed(cfg, device)
     out = Path(cfg.out) if cfg.out else default_run_dir(cfg.shards)
+    if rank == 0:  # the writer (Setup.writer): only it writes, so only it claims the folder
+        lock = OutLock(out, "fastgal train", log=Progress(quiet=cfg.quiet).line)
+        lock.refuse_if_busy()  # another command's run in the making is not "a run" to resume or overwrite
+        _check_out(cfg, out)  # the refusals first, before the folder is made or the shards are hashed
+    # before the first epoch, once per machine (its local rank 0; the others read the same files): each node of
+    # a multi-node run checks the copy it reads; a file's hash is cached until it changes (util.HashCache)
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        shards.check_sha256(quiet=cfg.quiet or rank > 0)
     if rank == 0:
-        _prepare_out(cfg, out)
+        claim.enter_context(lock)
+        _prepare_out(cfg, out)  # checked again under the claim: another command may have written there meanwhile
     tmean, tstd = shards.target_stats()
     return Setup(cfg=cfg, shards=shards, targets=targets, target_mean=tmean, target_std=tstd, crop=crop, device=device,
                  precision=precision, rank=rank, world=world, out=out, given=given)
@@ -210,10 +221,17 @@ def preset_line(s: Setup) -> str:
     return " ".join(parts).replace(" ;", ";")
 
 
-def _prepare_out(cfg: TrainConfig, out: Path) -> None:
+def _check_out(cfg: TrainConfig, out: Path) -> None:
+    """What _prepare_out refuses, before the folder is claimed (so a refused command makes no folder)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} exists and is not a folder; pass a folder path for the run")
+    _prepare_out(cfg, out, check_only=True)
+
+
+def _prepare_out(cfg: TrainConfig, out: Path, check_only: bool = False) -> None:
     """A fresh run folder, or (--resume) the interrupted run's, left as it is. A folder whose run finished no
     epoch (a command that failed or was stopped before its first result) holds nothing to keep or resume:
-    the same command, corrected, replaces it without --overwrite."""
+    the same command, corrected, replaces it without --overwrite. check_only: the refusals, nothing changed."""
     check_writable(out, "choose another --out")  # before any work: not an OSError at the first epoch's end
     started = (out / "config.json").is_file()
     trained = (out / CHECKPOINT).is_file() or (out / "metrics.json").is_file()
@@ -231,6 +249,8 @@ def _prepare_out(cfg: TrainConfig, out: Path) -> None:
     if started and trained and not cfg.overwrite:
         raise ValueError(f"{out} already holds a run; pass --overwrite, --resume (to continue an interrupted one) "
                          "or choose another --out")
+    if check_only:
+        return
     out.mkdir(parents=True, exist_ok=True)
     for stale in ("metrics.json", CHECKPOINT, "best.pth"):  # a finished marker or an old state must not survive
         (out / stale).unlink(missing_ok=True)
@@ -425,7 +445,12 @@ def train(cfg: TrainConfig, cbs=()) -> dict:
     """Train on cfg.shards, write the run folder, return metrics.json's content ({} on ranks > 0).
     cbs: fastai callbacks added to the Learner."""
     t_start = time.perf_counter()
-    s = setup(cfg)
+    with contextlib.ExitStack() as claim:  # the run folder is this command's until it returns or fails
+        return _train(cfg, claim, t_start, cbs)
+
+
+def _train(cfg: TrainConfig, claim: contextlib.ExitStack, t_start: float, cbs) -> dict:
+    s = setup(cfg, claim)
     dls = build_loaders(s)
     config = write_config(s, dls)
     if s.writer:

@@ -1,6 +1,6 @@
-"""Small leaf helpers every command shares: atomic writes that keep the umask, output folders,
-hashing, workers, one bounded ordered pool, one progress writer, SIGTERM unwound as Ctrl-C, the disk errors a
-user can fix and the output folder a failed command created.
+"""Small leaf helpers every command shares: atomic writes that keep the umask, output folders and the lock
+that gives each to one command, hashing (and its cache), workers, one bounded ordered pool, one progress
+writer, SIGTERM unwound as Ctrl-C, the disk errors a user can fix and the output folder a failed command created.
 
 Nothing here knows about galaxies, images or shards (the JPEG check is shards/cutouts.py's); it imports
 nothing of fastgal, and every other module may import it.
@@ -10,12 +10,14 @@ nothing of fastgal, and every other module may import it.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -187,12 +189,271 @@ def has_files(folder: str | os.PathLike) -> bool:
     return any(p.is_file() for p in Path(folder).rglob("*"))
 
 
+# --------------------------------------------------------------------------- one command per output folder
+
+LOCK_NAME = ".fastgal.lock"  # and, for a moment while it is made or taken over, .fastgal.lock.* beside it
+
+
+def _proc_start(pid: int) -> str | None:
+    """A process's start time in clock ticks since boot (Linux /proc), to tell a live holder from a later
+    process that was given the same pid; None where there is no /proc."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(holder: dict) -> bool:
+    """Whether the lock's holder, a process on this host, still runs (the same process, not a reused pid)."""
+    pid = holder.get("pid")
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        pass
+    started = holder.get("pid_start")
+    return started is None or _proc_start(pid) in (None, started)
+
+
+def _who(h: dict) -> str:
+    return f"`{h.get('command', 'fastgal')}` (pid {h.get('pid')} on {h.get('host')}, started {h.get('started')})"
+
+
+class OutLock:
+    """OUT/.fastgal.lock: the claim of one command on an output folder, taken before anything is written
+    into it and held to the end (released on success, on an error, Ctrl-C and SIGTERM; SIGKILL leaves it).
+
+    The file is made complete (JSON: pid, host, started, command, argv) in a temp file and hard-linked into
+    place: link() fails when the name exists, atomically also on NFS, where flock() is not dependable (and a
+    flock names no holder). Where the filesystem has no hard links, O_CREAT|O_EXCL instead. A second command
+    is refused in one line naming the holder. A lock whose holder no longer runs (its pid is gone on this
+    host, or now belongs to a process started later) is stale and taken over; one from another host cannot
+    be checked from here and is refused, naming the file to delete if that command is gone.
+    """
+
+    def __init__(self, out, command: str, log=None):
+        self.out, self.command, self.log = Path(out), command, log
+        self.path = self.out / LOCK_NAME
+        self.held = False
+
+    def _record(self) -> bytes:
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+              "command": self.command, "argv": sys.argv, "pid_start": _proc_start(os.getpid())}
+        return (json.dumps(me, indent=1) + "\n").encode()
+
+    def _create(self, data: bytes) -> bool:
+        """Make the lock file holding data; False if one exists."""
+        fd, tmp = tempfile.mkstemp(prefix=LOCK_NAME + ".", dir=self.out)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.chmod(tmp, plain_file_mode())
+            try:
+                os.link(tmp, self.path)
+                return True
+            except FileExistsError:
+                return False
+            except OSError:  # no hard links here (some FUSE, SMB mounts): the exclusive create
+                pass
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return True
+
+    def holder(self) -> dict | None:
+        """The lock file's content ({} when it cannot be read as a lock), None when there is none."""
+        try:
+            text = self.path.read_text()
+        except FileNotFoundError:
+            return None
+        except OSError:
+            return {}
+        try:
+            h = json.loads(text)
+        except ValueError:
+            h = None
+        return h if isinstance(h, dict) else {}
+
+    def _refusal(self, h: dict) -> str:
+        if not h:
+            return (f"{self.out} is locked by {self.path}, which does not say who holds it; if no fastgal command "
+                    f"is writing into {self.out}, delete {self.path} and run again")
+        who = _who(h)
+        if h.get("host") != socket.gethostname():
+            return (f"{self.out} is in use by {who}; wait for it to finish, or if it is no longer running on "
+                    f"{h.get('host')}, delete {self.path} and run again")
+        return (f"{self.out} is in use by {who}; wait for it to finish or stop it (kill {h.get('pid')}), "
+                "or choose another folder")
+
+    def _take_over(self, h: dict) -> bool:
+        """Remove the stale lock `h` unless another command replaced it meanwhile (rename, then check that
+        what was renamed is the stale one; put back anything else)."""
+        aside = self.out / f"{LOCK_NAME}.stale.{os.getpid()}"
+        try:
+            os.replace(self.path, aside)
+        except FileNotFoundError:
+            return True  # someone else removed it: try again
+        try:
+            moved = json.loads(aside.read_text())
+        except (OSError, ValueError):
+            moved = {}
+        if moved != h:  # a new holder's lock: put it back (link fails only if yet another exists)
+            with contextlib.suppress(OSError):
+                os.link(aside, self.path)
+            aside.unlink(missing_ok=True)
+            return False
+        aside.unlink(missing_ok=True)
+        if self.log:
+            self.log(f"took over {self.path} left by `{h.get('command', 'fastgal')}` (pid {h.get('pid')}, started "
+                     f"{h.get('started')}), which is no longer running")
+        return True
+
+    def acquire(self) -> OutLock:
+        out = self.out
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"{out} exists and is not a folder; pass a folder path")
+        data = self._record()
+        self._mine = json.loads(data)
+        for _ in range(20):
+            if not out.is_dir():
+                parent = next((p for p in out.parents if p.exists()), Path("."))
+                if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+                    raise ValueError(f"{parent} is not writable; choose a folder you can write to")
+                out.mkdir(parents=True, exist_ok=True)
+            if not os.access(out, os.W_OK | os.X_OK):
+                raise ValueError(f"{out} is not writable; choose a folder you can write to")
+            try:
+                if self._create(data):
+                    self.held = True
+                    return self
+            except FileNotFoundError:  # the folder was removed meanwhile: make it again
+                continue
+            h = self.holder()
+            if h is None:
+                continue  # released meanwhile
+            if h and h.get("host") == socket.gethostname() and not _alive(h):
+                self._take_over(h)
+                continue
+            raise ValueError(self._refusal(h))
+        raise ValueError(self._refusal(self.holder() or {}))
+
+    def release(self) -> None:
+        """Remove the lock, if it is still ours."""
+        if not self.held:
+            return
+        self.held = False
+        if self.holder() == self._mine:  # never another command's (had ours been removed and replaced)
+            self.path.unlink(missing_ok=True)
+
+    def refuse_if_busy(self) -> None:
+        """Refuse now if a live command holds OUT: before a command judges what OUT holds (a run, shards), as
+        that is the other command's work in progress; acquire() is still what makes OUT this command's."""
+        h = self.holder()
+        if h is not None and not (h and h.get("host") == socket.gethostname() and not _alive(h)):
+            raise ValueError(self._refusal(h))
+
+    def busy(self) -> str | None:
+        """Who holds this folder now, in words (`fastgal shard` (pid 12, on host, started ...)), or None when no
+        command does (no lock, or a stale one)."""
+        h = self.holder()
+        if not h or (h.get("host") == socket.gethostname() and not _alive(h)):
+            return None
+        return _who(h)
+
+    def __enter__(self) -> OutLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
 def sha256_file(path, bufsize: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(bufsize):
             h.update(chunk)
     return h.hexdigest()
+
+
+def user_cache_dir() -> Path:
+    """$XDG_CACHE_HOME/fastgal, else ~/.cache/fastgal (what fastgal may recompute: never results)."""
+    base = os.environ.get("XDG_CACHE_HOME")
+    if not base:
+        try:
+            base = Path.home() / ".cache"
+        except (RuntimeError, KeyError):  # no home directory (a bare container user): the temp folder's
+            base = Path(tempfile.gettempdir()) / f"fastgal-cache-{os.getuid() if hasattr(os, 'getuid') else 0}"
+    return Path(base) / "fastgal"
+
+
+class HashCache:
+    """The sha256 of files, remembered by what a change of a file changes: its absolute path, size, mtime_ns,
+    ctime_ns and inode (ctime cannot be set back by `touch`, and a copy is a new inode), so a folder is hashed
+    once and not at every run. In one JSON file in the user's cache dir (user_cache_dir()/sha256.json), not
+    beside the files: a data folder then holds exactly what made it (read-only and shared ones included), and
+    a copy of it is hashed again. A cache that cannot be read is empty; one that cannot be written is skipped
+    (the files are hashed again next time). What it cannot see: bytes changed in place by something that
+    keeps all four (a disk's bit rot); `fastgal info` re-hashes everything, always.
+
+        cache = HashCache(); h = cache.sha256("shards/synth/train-000000.tar"); cache.save()
+    """
+
+    FORMAT = "fastgal-sha256-cache"
+
+    def __init__(self, path=None):
+        self.path = Path(path) if path else user_cache_dir() / "sha256.json"
+        self.files = self._read()
+        self.changed: dict[str, dict] = {}
+        self.hashed = 0  # files hashed (not found in the cache) since this cache was read
+
+    def _read(self) -> dict:
+        try:
+            d = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return d["files"] if isinstance(d, dict) and d.get("format") == self.FORMAT and isinstance(d.get("files"), dict) else {}
+
+    @staticmethod
+    def _key(path) -> tuple[str, list[int]]:
+        st = os.stat(path)
+        return str(Path(path).resolve()), [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+    def get(self, path) -> str | None:
+        key, sig = self._key(path)
+        e = self.files.get(key)
+        return e["sha256"] if isinstance(e, dict) and e.get("stat") == sig else None
+
+    def put(self, path, sha256: str) -> None:
+        key, sig = self._key(path)
+        self.files[key] = self.changed[key] = {"stat": sig, "sha256": sha256}
+
+    def sha256(self, path) -> str:
+        h = self.get(path)
+        if h is None:
+            h = sha256_file(path)
+            self.hashed += 1
+            self.put(path, h)
+        return h
+
+    def save(self) -> None:
+        """Write what changed, merged into the file as it is now (other commands may have added to it);
+        entries of files that are gone are dropped."""
+        if not self.changed:
+            return
+        files = {**self._read(), **self.changed}
+        files = {k: v for k, v in files.items() if os.path.exists(k)}
+        with contextlib.suppress(OSError):
+            write_json_atomic(self.path, {"format": self.FORMAT, "version": 1, "files": files})
+        self.changed = {}
 
 
 # --------------------------------------------------------------------------- workers

@@ -83,6 +83,19 @@ def leaves_no_big_mappings():
             f"can outlive its pipeline); release it, or keep its buffers small")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def own_cache_dir(tmp_path_factory):
+    """fastgal's user cache (util.user_cache_dir: the shards' sha256s) in the session's temp folder, for this
+    process and every subprocess it starts: never the user's ~/.cache."""
+    old = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))
+    yield Path(os.environ["XDG_CACHE_HOME"]) / "fastgal"
+    if old is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = old
+
+
 def run_cli(*args, ok: bool = True):
     """Invoke the fastgal CLI in-process, as a user would, and check the exit code."""
     res = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)

@@ -99,7 +99,7 @@ def test_disk_errors_are_found_behind_wrappers_and_bugs_are_not():
 def test_a_bug_keeps_its_traceback(small_shards, tmp_path, monkeypatch):
     import fastgal.run
 
-    def bug(cfg):
+    def bug(*args):
         raise ZeroDivisionError("a bug")
 
     monkeypatch.setattr(fastgal.run, "setup", bug)

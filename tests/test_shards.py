@@ -459,10 +459,12 @@ def test_sigkill_mid_run_then_rerun(survey, tmp_path):
     _, err = proc.communicate(timeout=60)  # EOF once the orphaned workers are gone too
     assert proc.returncode == -signal.SIGKILL
     assert b"Traceback" not in err and b"BrokenPipe" not in err, err.decode()
-    assert [p.name[:7] for p in out.iterdir()] == [".shard-"] and not (out / "manifest.json").exists()
-    assert sorted(p.name for p in next(out.iterdir()).iterdir()) == ["train-000000.idx", "train-000000.tar"]
-    run_cli(*args)
-    assert not list(out.glob(".shard-*")) and verify(out)["ok"]
+    # what SIGKILL leaves: the temp folder and the claim on OUT (util.OutLock), whose pid no longer runs
+    assert sorted(p.name[:7] for p in out.iterdir()) == [".fastga", ".shard-"] and not (out / "manifest.json").exists()
+    assert json.loads((out / ".fastgal.lock").read_text())["pid"] == proc.pid
+    assert sorted(p.name for p in next(out.glob(".shard-*")).iterdir()) == ["train-000000.idx", "train-000000.tar"]
+    run_cli(*args)  # takes the stale lock over, removes the temp folder
+    assert not list(out.glob(".shard-*")) and not (out / ".fastgal.lock").exists() and verify(out)["ok"]
 
 
 def test_a_full_disk_is_one_line_and_leaves_nothing(survey, tmp_path):

@@ -352,13 +352,17 @@ def dataloaders(shards, *, bs: int = RECIPE.bs, size: int = RECIPE.size, crop: i
     rank's metrics are exact and equal), normalised with the shards' pixel statistics. `size` is the model's
     input, `crop` the region crops come from (the shards' own by default), `backend` one of --loader's;
     for shards of FITS bands, `stretch` ("auto": the manifest's asinh, "asinh", "none") and `softening`.
-    Also carries `dls.shards` (the Shards) and `dls.targets` (their names).
+    Also carries `dls.shards` (the Shards) and `dls.targets` (their names). Given a path, the tars' sha256s are
+    checked against the manifest first (Shards.check_sha256: once per file, then cached); a Shards is its
+    maker's to check (`fastgal train` does, on one process per machine).
 
     Example:
         dls = fastgal.dataloaders("shards/synth", bs=128, device="cuda")
         xb, yb = dls.one_batch(); dls.show_batch(max_n=8)
     """
-    shards = shards if isinstance(shards, Shards) else Shards(shards)
+    if not isinstance(shards, Shards):
+        shards = Shards(shards)
+        shards.check_sha256()
     geo = geometry_for(shards, size=size, crop=crop, stretch=stretch, softening=softening)
     common = dict(bs=bs, device=device, backend=backend, threads=threads, seed=seed)
     train = Loader(shards.split("train"), TRAIN, geo, rank=rank, world=world, **common)

@@ -102,6 +102,7 @@ def _predict_shards(cfg: PredictConfig, forward, ckpt, device) -> pd.DataFrame:
         what = lambda k, b: "JPEGs" if k == "jpeg" else f"FITS bands {','.join(b)}"  # noqa: E731
         raise ValueError(f"{cfg.input} holds {what(shards.kind, shards.bands)} but the model was trained on "
                          f"{what(kind, ckpt.get('bands'))}; shard the cutouts as the model's shards were made")
+    shards.check_sha256()  # every tar against the manifest before predicting (once per file: then cached)
     # normalised with the model's training statistics (and stretch), cropped as it was trained
     soft = ckpt.get("softening")
     geo = geometry_for(shards, size=ckpt["size"], crop=ckpt["crop"], mean=ckpt["pixel_mean"], std=ckpt["pixel_std"],

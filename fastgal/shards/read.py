@@ -19,6 +19,7 @@ import numpy as np
 
 from fastgal import __version__
 from fastgal.shards.index import INDEX_VERSION, is_shard_file, read_index
+from fastgal.util import HashCache, OutLock, Progress
 
 FORMAT = "fastgal-shards"
 FORMAT_VERSION = 1  # JPEG shards
@@ -37,6 +38,9 @@ def load_manifest(folder) -> dict:
     folder = Path(folder)
     mpath = folder / "manifest.json"
     redo = f"re-run `fastgal shard CATALOG IMAGES {folder} --overwrite`"
+    busy = OutLock(folder, "").busy() if folder.is_dir() else None
+    if busy:  # `fastgal shard` (--overwrite) at work: what is there now is not yet, or no longer, a finished folder
+        raise ValueError(f"{folder} is being written by {busy}; wait for it to finish")
     if not mpath.is_file():
         if folder.is_dir() and any(is_shard_file(p.name) for p in folder.iterdir()):
             raise ValueError(f"{folder} has shard files but no manifest.json (an unfinished run); {redo}")
@@ -93,6 +97,35 @@ class Shards:
             raise ValueError(f"{self.folder}: index files of format {fmt!r}, this fastgal reads {INDEX_VERSION}; "
                              "re-shard with `fastgal shard ... --overwrite`")
         self._splits: dict[str, Split] = {}
+        self._checked = False
+
+    def check_sha256(self, quiet: bool = False) -> None:
+        """Every tar's sha256 against the manifest (sizes were checked on reading it), once per Shards and,
+        through util.HashCache, once per file: a file unchanged since it was hashed (or written by `fastgal
+        shard`, which records what it wrote) is not read again. A mismatch raises ValueError, one line
+        naming the tar and the fix. Run before training or predicting on shards."""
+        if self._checked:
+            return
+        entries = [e for sp in self.manifest["shards"].values() for e in sp]
+        cache = HashCache()
+        todo = [e for e in entries if cache.get(self.folder / e["file"]) is None]
+        nbytes = sum(e["bytes"] for e in todo)
+        log = Progress(len(todo), "sha256", quiet, unit="tar")
+        if nbytes > 1 << 30:  # a whole line where it takes a while (~1 GB/s); tiny folders pass in silence
+            log.line(f"checking the sha256 of {len(todo)} shard(s) ({nbytes / 1e9:,.1f} GB) against "
+                     f"{self.folder / 'manifest.json'}; once per file (cached in {cache.path})")
+        try:
+            for e in entries:
+                tar = self.folder / e["file"]
+                if cache.sha256(tar) != e["sha256"]:
+                    raise ValueError(f"{tar} does not match {self.folder / 'manifest.json'} (sha256 differs: changed or "
+                                     f"corrupted since it was written); re-shard with `fastgal shard ... --overwrite`, "
+                                     f"or run `fastgal info {self.folder}` to see every problem")
+                log.update()
+        finally:
+            log.close()
+            cache.save()  # a mismatch too: the next run refuses without hashing again
+        self._checked = True
 
     @property
     def targets(self) -> list[str]:

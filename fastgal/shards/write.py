@@ -56,6 +56,8 @@ from fastgal.shards.fits import modal_layout
 from fastgal.shards.index import INDEX_VERSION, index_count, is_shard_file, make_index
 from fastgal.shards.read import FLOAT_FORMAT_VERSION, FORMAT, FORMAT_VERSION
 from fastgal.util import (
+    HashCache,
+    OutLock,
     Progress,
     check_out,
     chunks,
@@ -294,11 +296,20 @@ def _read_rows(cfg: ShardConfig) -> _Rows:
                  ext=".fits" if fits else ".jpg", image_ext=FLUX_EXT[cfg.dtype] if fits else COMPONENTS["image"])
 
 
-def _prepare_out(out: Path, cfg: ShardConfig) -> None:
-    """Refuse an OUT we may not write (before any work); clear what a killed run left in it."""
+def _check_out(out: Path, cfg: ShardConfig) -> None:
     # rejects.csv alone is the report of a run that wrote no shards: the corrected command replaces it
     check_out(out, overwrite=cfg.overwrite, finished="manifest.json", what="shard folder",
               unfinished=lambda name: is_shard_file(name) and name != "rejects.csv")
+
+
+def _prepare_out(out: Path, cfg: ShardConfig, stack: contextlib.ExitStack) -> None:
+    """Refuse an OUT we may not write (before any work); claim it for this command (util.OutLock, released
+    when `stack` closes) and check it again under the claim; clear what a killed run left in it."""
+    lock = OutLock(out, "fastgal shard", log=Progress(quiet=cfg.quiet).line)
+    lock.refuse_if_busy()  # another command's work in progress is not "shards" to refuse or replace
+    _check_out(out, cfg)
+    stack.enter_context(lock)
+    _check_out(out, cfg)  # what another command may have finished meanwhile
     gone = [p.name for p in remove_stale(out, TMP_PREFIX)]
     if gone:
         Progress(quiet=cfg.quiet).line(f"removed {len(gone)} temporary folder(s) left in {out} by an interrupted run: {', '.join(gone)}")
@@ -440,6 +451,12 @@ def _install(tmp: Path, out: Path, manifest: dict) -> None:
     for p in sorted(tmp.iterdir()):
         os.replace(p, out / p.name)
     write_json_atomic(out / "manifest.json", manifest)  # last: its presence means "finished"
+    # the sha256s just computed of the bytes written, for `fastgal train`'s check (Shards.check_sha256): the tars
+    # as they now are (after the rename) need no hashing until they change
+    cache = HashCache()
+    for e in (e for sp in manifest["shards"].values() for e in sp):
+        cache.put(out / e["file"], e["sha256"])
+    cache.save()
 
 
 def shard(cfg: ShardConfig) -> ShardResult:
@@ -448,19 +465,20 @@ def shard(cfg: ShardConfig) -> ShardResult:
     _check_config(cfg)
     rows = _read_rows(cfg)
     out = Path(cfg.out)
-    _prepare_out(out, cfg)
-    # fixed before any image is decoded: a rejected image just leaves its split, reshuffling nothing
-    order = split_order(rows.candidates(), cfg.valid_pct, cfg.seed)
-    workers = cfg.workers or default_workers()
-    with worker_pool(workers) as pool:
-        rules = _survey_rules(cfg, rows, [rows.path(p) for p in rows.candidates()], pool, workers)
-        tmp = temp_dir(out, TMP_PREFIX)
-        try:
-            done = _write_splits(tmp, rows, order, rules, cfg, pool, workers)
-            write_rejects(tmp / "rejects.csv", rows.rejects, rows.ids)
-            _check_placed(rows, done, tmp, cfg)
-            manifest = _manifest(cfg, rows, done, rules)
-            _install(tmp, out, manifest)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+    with contextlib.ExitStack() as claim:  # OUT is this command's until it returns or fails
+        _prepare_out(out, cfg, claim)
+        # fixed before any image is decoded: a rejected image just leaves its split, reshuffling nothing
+        order = split_order(rows.candidates(), cfg.valid_pct, cfg.seed)
+        workers = cfg.workers or default_workers()
+        with worker_pool(workers) as pool:
+            rules = _survey_rules(cfg, rows, [rows.path(p) for p in rows.candidates()], pool, workers)
+            tmp = temp_dir(out, TMP_PREFIX)
+            try:
+                done = _write_splits(tmp, rows, order, rules, cfg, pool, workers)
+                write_rejects(tmp / "rejects.csv", rows.rejects, rows.ids)
+                _check_placed(rows, done, tmp, cfg)
+                manifest = _manifest(cfg, rows, done, rules)
+                _install(tmp, out, manifest)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
     return ShardResult(out=out, manifest=manifest, seconds=time.perf_counter() - t0)

@@ -54,7 +54,7 @@ from fastgal.survey.skyserver import (
     query_catalog,
     unreachable_message,
 )
-from fastgal.util import Progress, check_writable, write_bytes_atomic, write_json_atomic
+from fastgal.util import OutLock, Progress, check_writable, write_bytes_atomic, write_json_atomic
 
 DEFAULT_SQL = Path(__file__).with_name("metallicity_sample.sql")  # shipped as package data
 STATUSES = ("ok", "skipped-existing", "not-found", "failed", "invalid-image", "interrupted")
@@ -420,6 +420,13 @@ def download(cfg: DownloadConfig) -> DownloadResult:
     """
     validate(cfg)
     out = Path(cfg.out)
+    # OUT is this command's until it returns or fails: a second download into it would fetch the same cutouts
+    # and overwrite the first's report
+    with OutLock(out, "fastgal download", log=Progress(quiet=cfg.quiet).line):
+        return _download(cfg, out)
+
+
+def _download(cfg: DownloadConfig, out: Path) -> DownloadResult:
     images = out / "images"
     images.mkdir(parents=True, exist_ok=True)
     (out / "data").mkdir(parents=True, exist_ok=True)

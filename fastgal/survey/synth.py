@@ -38,6 +38,7 @@ byte-identical whatever the number of workers.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -62,6 +63,8 @@ from fastgal.survey.render import (
     render_fluxes,
 )
 from fastgal.util import (
+    LOCK_NAME,
+    OutLock,
     Progress,
     check_out,
     default_workers,
@@ -304,12 +307,21 @@ class SynthResult:
 TMP_PREFIX = ".synth-"
 
 
-def _prepare_out(out: Path, cfg: SynthConfig) -> None:
-    """Refuse an OUT we may not write (before any work); clear what a killed run left in it."""
+def _check_out(out: Path, cfg: SynthConfig) -> None:
     check_out(out, overwrite=cfg.overwrite, finished="synth.json", what="survey",
               unfinished=lambda name: name in ("images", "data"))
-    if not cfg.overwrite and any(not p.name.startswith(TMP_PREFIX) for p in out.glob("*")):
+    if not cfg.overwrite and any(not p.name.startswith(TMP_PREFIX) and not p.name.startswith(LOCK_NAME) for p in out.glob("*")):
         raise ValueError(f"{out} is not empty; pass --overwrite to replace its survey, or choose another folder")
+
+
+def _prepare_out(out: Path, cfg: SynthConfig, stack: contextlib.ExitStack) -> None:
+    """Refuse an OUT we may not write (before any work); claim it for this command (util.OutLock, released
+    when `stack` closes) and check it again under the claim; clear what a killed run left in it."""
+    lock = OutLock(out, "fastgal synth", log=Progress(quiet=cfg.quiet).line)
+    lock.refuse_if_busy()  # another command's work in progress is not "a survey" to refuse or replace
+    _check_out(out, cfg)
+    stack.enter_context(lock)
+    _check_out(out, cfg)  # what another command may have written meanwhile
     gone = [p.name for p in remove_stale(out, TMP_PREFIX)]
     if gone:
         Progress(quiet=cfg.quiet).line(f"removed {len(gone)} temporary folder(s) left in {out} by an interrupted run: {', '.join(gone)}")
@@ -327,7 +339,12 @@ def synth(cfg: SynthConfig) -> SynthResult:
 
         require_astropy("fastgal synth --format fits")  # before any work, in this process
     out = Path(cfg.out)
-    _prepare_out(out, cfg)
+    with contextlib.ExitStack() as claim:  # OUT is this command's until it returns or fails
+        _prepare_out(out, cfg, claim)
+        return _synth(cfg, out, bands)
+
+
+def _synth(cfg: SynthConfig, out: Path, bands: str) -> SynthResult:
     workers = cfg.workers or default_workers()
 
     prog = Progress(cfg.n, "synth", cfg.quiet, unit="img")
