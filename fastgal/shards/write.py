@@ -20,7 +20,8 @@ Layout of OUT (the contract the DALI pipeline reads; read.py reads it back):
 
 Error policy: a row that cannot be used never stops the run; it goes to rejects.csv with a reason
 (REASONS below). Problems with the inputs as a whole (no catalog, no such column, ids saved as
-floats, no images folder, zero usable samples) raise ValueError with a one-line fix. Before
+floats, no images folder, .jpg and .fits mixed, cutouts in sub-folders, a --bands name the files lack,
+zero usable samples) raise ValueError with a one-line fix, all but the last before any row is read. Before
 success we check rows = samples + rejects, each row exactly once. Files are made in a hidden temp
 folder (OUT/.shard-*; a killed run's is removed by the next) and moved into OUT with manifest.json
 last, so a folder without manifest.json is unfinished.
