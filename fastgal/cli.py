@@ -497,8 +497,8 @@ def bench(as_json, **kw):
 
     loaders: images/s of the DALI loader, the torch fallback and fastai's DataBlock over the
     original JPEGs (the seed recipe's data path, the peer). model: forward + backward of the
-    learner's model on synthetic batches. e2e: a short Learner.fit with each loader, and its
-    data-bound fraction (e2e / model images/s). step: the host cost of a training step (ms, aten
+    learner's model on synthetic batches. e2e: a short Learner.fit with each loader, and the
+    ratio e2e / model images/s (1: the loader keeps up). step: the host cost of a training step (ms, aten
     ops, device syncs) against stock fastai's. shuffle: each loader's sample order across epochs.
     decode: the JPEG decoders alone. equality: the torch loader against DALI on the same
     samples and draws (evaluation views exact, training views within one grey level).

@@ -252,7 +252,8 @@ class BenchConfig:
     warmup: int = option(2, "Untimed batches before each window (worker start, pipeline build, autotune).")
     repeats: int = option(3, "Windows per backend; the best is reported.")
     bs: int = option(RECIPE.bs, "Batch size.")
-    size: int = option(RECIPE.size, "Random crop the model sees.")
+    size: int | None = option(None, "Random crop the model sees [default: 7/9 of the crop, as `fastgal train`: 112 "
+                              "for the recipe's 144, 56 for crop 72; without shards the recipe's 112].")
     crop: int | None = option(None, "Centre region crops are drawn from [default: the shards' own].")
     arch: str = option(RECIPE.arch, "Model for the model, e2e and step sections.", choices=ARCH_NAMES)
     device: str = option("auto", choices=DEVICES)

@@ -349,7 +349,8 @@ def fit(s: Setup, learn) -> tuple[dict, list[dict]]:
         result["lr_find_suggested"] = float(sug.valley)
         rec = learn.recorder
         if s.writer:
-            lr_find_plot(rec.lrs, [float(v) for v in rec.losses], float(sug.valley), s.out / "lr_find.png")
+            lr_find_plot(rec.lrs, [float(v) for v in rec.losses], float(sug.valley), s.out / "lr_find.png",
+                         used=s.cfg.lr)
         done = len(rec.losses)
         stopped = " (stopped early: the loss diverged)" if done < s.cfg.lr_find_iters else ""
         log.line(f"lr_find: {done} iterations in {time.perf_counter() - t0:.0f}s{stopped}; suggested lr (valley) "

@@ -23,7 +23,7 @@ def test_defaults_are_the_recipe():
     assert (g.preset, g.bs, g.size, g.arch) == ("recipe", 32, 40, RECIPE.arch)
     s = ShardConfig()
     assert (s.crop, s.valid_pct, s.seed, s.targets) == (RECIPE.crop, RECIPE.valid_pct, RECIPE.split_seed, [RECIPE.target])
-    assert (BenchConfig().bs, BenchConfig().size) == (RECIPE.bs, RECIPE.size)
+    assert (BenchConfig().bs, BenchConfig().size) == (RECIPE.bs, None)  # None: input_size(the shards' crop), as train
     p = EpochPlan(1, 1, 0, 0)
     assert (p.max_rotate, p.p_rotate) == (RECIPE.max_rotate, RECIPE.p_rotate)
     assert DemoConfig().preset(gpu=True)["arch"] == RECIPE.arch and DemoConfig().preset(gpu=False)["crop"] == CPU_RECIPE.crop

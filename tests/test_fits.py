@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import tarfile
 
 import numpy as np
@@ -170,9 +171,10 @@ def test_float32_storage_and_user_errors(tmp_path):
     for args, words in ((["--bands", "g,g"], "repeats a band"), (["--bands", "g,,r"], "band names in order")):
         res = run_cli("shard", tmp_path / "cat.csv", imgs, tmp_path / "x", *args, ok=False)
         assert res.exit_code != 0 and words in res.output and len(res.output.strip().splitlines()) == 1
-    # every row asks for a band no file has: all rejected, the report says which
+    # a band no file has: refused before any row is read, naming it and the files' bands (issue 33; it used to
+    # reject every row `wrong-bands`)
     res = run_cli("shard", tmp_path / "cat.csv", imgs, tmp_path / "y", "--bands", "g,r,W1", "--crop", 48, ok=False)
-    assert res.exit_code != 0 and "wrong-bands 8" in res.output
+    assert res.exit_code != 0 and "the files have no band 'W1'" in res.output and "choose among u,g,r,i,z" in res.output
 
 
 def test_bands_on_a_jpeg_folder_says_what_the_folder_holds(tmp_path):
@@ -336,3 +338,27 @@ def test_train_and_predict_on_fits_bands(fits_run, tmp_path):
     res = run_cli("predict", root / "r", jpgs, "--out", tmp_path / "j.csv", ok=False)
     assert res.exit_code != 0 and pd.read_csv(tmp_path / "j.csv")["status"].tolist() == ["not-fits"]
     assert "not a FITS file: a JPEG" in res.output
+
+
+@pytest.mark.slow
+def test_predict_names_the_models_bands_up_front(fits_run, tmp_path):
+    """Issue 33 item 4: a five-band model on a folder of g, r, i files. Before: every file `wrong-bands: has bands
+    g,r,i; --bands asks for u,z too`, though predict has no --bands."""
+    root = fits_run
+    gri = tmp_path / "gri"
+    gri.mkdir()
+    for src in sorted((root / "s/images").glob("*.fits"))[:3]:
+        with fits.open(src) as hdul:
+            _write(gri / src.name, hdul[0].data[1:4], bands="gri")
+    res = run_cli("predict", root / "r", gri, "--out", tmp_path / "p.csv", ok=False)
+    first = sorted(gri.glob("*.fits"))[0]
+    assert res.exit_code != 0 and res.output.strip().splitlines() == [
+        f"Error: the model in {root / 'r'} was trained on bands u,g,r,i,z; the .fits files in {gri} have g,r,i "
+        f"(e.g. {first}), without u,z: give it cutouts with bands u,g,r,i,z, or train a model on shards of these bands"]
+    # a file that lacks a band among good ones: its row says the model's bands, not --bands
+    for src in sorted((root / "s/images").glob("*.fits"))[:3]:
+        shutil.copy(src, gri / src.name)
+    _write(gri / "1.fits", _cube(np.random.default_rng(0), side=112, bands="gri"), bands="gri")
+    run_cli("predict", root / "r", gri, "--out", tmp_path / "q.csv")
+    q = pd.read_csv(tmp_path / "q.csv", dtype={"id": str}).set_index("id")
+    assert q.loc["1", "reason"] == "has bands g,r,i; the model (bands u,g,r,i,z) asks for u,z too"

@@ -35,6 +35,8 @@ def test_the_quickstart_notebook_runs(tmp_path, monkeypatch):
     assert "pred_tta_metallicity" in text and " ok" in text  # the JPEG folder's table
     pngs = [o for o in outs if "image/png" in o.get("data", {})]
     assert len(pngs) >= 3  # show_batch, lr_find's curve, predictions vs truth
+    batch = next(c for c in nb.cells if c.cell_type == "code" and "show_batch" in c.source)
+    assert len([o for o in batch.outputs if "image/png" in o.get("data", {})]) == 1  # once, not again as its value
     assert any("progress" in str(o.get("data", {})) or "<progress" in str(o.get("data", {}).get("text/html", ""))
                for o in outs)  # fastai's notebook progress bars, not lines on stderr
     assert (tmp_path / "quickstart" / "shards" / "manifest.json").is_file()

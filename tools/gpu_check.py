@@ -290,7 +290,7 @@ def recipe_headline(r: dict) -> str:
     util = [e["gpu_utilisation_pct"] for e in r["per_epoch"] if e["gpu_utilisation_pct"] is not None]
     return (f"{r['loader_backend']} loader, decode on {r['loader_decode']}: {j['train_images_per_s']:,.0f} train / "
             f"{j['valid_images_per_s']:,.0f} valid img/s (model alone {r['model_images_per_s'] or float('nan'):,.0f}, "
-            f"data-bound fraction {dbf if dbf is not None else '-'}); seed job (7 x 130k) projected "
+            f"train / model {dbf if dbf is not None else '-'}); seed job (7 x 130k) projected "
             f"{j['projected_minutes']:.1f} min vs {j['seed_minutes_p100']} min on a P100 ({j['speedup_vs_seed']}x); "
             f"RMSE {m['rmse']:.4f} (TTA {m['tta_rmse']:.4f}) vs mean {m['baseline_rmse']:.4f}, "
             f"{m.get('rmse_over_reference')}x the observable reference; checkpoints {r['checkpoint_share']:.0%} of the fit"

@@ -14,8 +14,9 @@ Seven sections; loaders, model, e2e, shuffle, decode and equality read the same 
            the eager model too, then the compiled one (--compile-mode; reduce-overhead = CUDA graphs on a GPU):
            their ratio and the first step's seconds (tracing, compiling, recording).
   e2e      a short fit (a set number of batches, validation skipped) of the real Learner with each loader;
-           images/s, the ratio to the peer, and data_bound_fraction = e2e images/s / model images/s
-           (1.0: the data path keeps up with the model; 0.3: the model waits 70% of the time).
+           images/s, the ratio to the peer, and data_bound_fraction = e2e images/s / model images/s, printed as
+           "e2e / model" (1.0: the data path keeps up with the model; 0.3: the model waits 70% of the time; a
+           ratio of two timings, so noise can put it above 1; the JSON key keeps its old name).
   shuffle  --epochs full epochs of each training loader's sample order: epoch-to-epoch rank correlation,
            co-batch recurrence vs chance, time to the first batch, DDP ranks' sets (shuffle.py).
   step     the host cost of a training step, fastgal's Learner against stock fastai's: ms, aten ops and
@@ -41,6 +42,7 @@ import platform
 import tempfile
 import time
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +50,7 @@ import torch
 
 from fastgal.bench.common import PEER, SyntheticLoader, fork_safe, sync
 from fastgal.options import BenchConfig, to_jsonable
-from fastgal.recipe import RECIPE
+from fastgal.recipe import RECIPE, input_size
 
 SECTIONS = ("loaders", "model", "e2e", "step", "shuffle", "decode", "equality")
 
@@ -190,8 +192,11 @@ def fastai_dls(shards, images: Path, catalog: Path, *, bs: int, size: int, crop:
     from fastai.vision.augment import CropPad, RandomCrop, aug_transforms
     from fastai.vision.data import ImageBlock
 
+    from fastgal.shards.catalog import separator
+
     id_col, targets = shards.manifest["id_col"], shards.targets
-    cat = pd.read_csv(catalog, dtype={id_col: str}, usecols=[id_col, *targets])
+    cat = pd.read_csv(catalog, dtype={id_col: str}, usecols=[id_col, *targets], sep=separator(catalog),
+                      encoding="utf-8-sig")
     cat = cat.drop_duplicates(id_col).set_index(id_col)
     tr, va = shards.split("train").keys, shards.split("valid").keys
     missing = [i for i in tr + va if i not in cat.index]
@@ -248,6 +253,8 @@ def bench(cfg: BenchConfig) -> dict:
     step_only = what == ["step"] and not (Path(cfg.shards) / "manifest.json").is_file()  # the step section needs no shards
     shards = None if step_only else Shards(cfg.shards)  # one-line ValueError on a bad folder
     crop = shards.crop(cfg.crop) if shards else None
+    if cfg.size is None:  # as `fastgal train` sizes the model's input: the recipe's ratio of the crop (144 -> 112)
+        cfg = replace(cfg, size=input_size(crop) if crop else RECIPE.size)
     device = resolve_device(cfg.device)
     precision = resolve_precision("auto", device)
     threads = cfg.workers or default_workers()
@@ -421,10 +428,11 @@ def format_table(res: dict) -> str:
                          f"{k['first_step_seconds']:.1f} s")
     if "e2e" in res:
         e = res["e2e"]
-        block(f"e2e: Learner.fit ({res['config']['arch']}) with each loader; fraction = e2e / model images/s",
-              e, ("data-bound fraction", e["data_bound_fraction"]))
+        # a ratio of two timings, not a fraction: it reads above 1 where the loader keeps up (JSON: data_bound_fraction)
+        block(f"e2e: Learner.fit ({res['config']['arch']}) with each loader; e2e / model = the ratio of their images/s "
+              f"(1: the loader keeps up with the model)", e, ("e2e / model", e["data_bound_fraction"]))
         if any(v > 1 for v in e["data_bound_fraction"].values()):
-            lines.append("  (a fraction above 1 is the two measurements' noise: that loader keeps up with the model)")
+            lines.append("  (a ratio above 1 is the two measurements' noise: that loader keeps up with the model)")
     if "step" in res:
         from fastgal.bench.step import step_table
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from fastgal.load.geometry import Geometry
-from fastgal.recipe import centre_offset
+from fastgal.recipe import centre_offset, input_size
 from fastgal.shards.read import Shards, Split
 
 STRETCHES = ("auto", "asinh", "none")
@@ -73,7 +73,9 @@ def geometry_for(shards: Shards, *, size: int, crop: int | None = None, mean=Non
     region = shards.precrop or shards.crop(crop)
     side = min(shards.image_size)
     if size > region or region > side:
-        raise ValueError(f"crop sizes do not fit: image {side}px, region {region}px, model input {size}px")
+        fix = (f"pass a --crop of {side} or less" if region > side else
+               f"pass --size {input_size(region)} (7/9 of the region, the default) or another size up to {region}")
+        raise ValueError(f"crop sizes do not fit: image {side}px, region {region}px, model input {size}px; {fix}")
     soft = resolve_stretch(shards, stretch, softening)
     if mean is None:
         if soft is None:

@@ -1,7 +1,9 @@
 """PNG figures a person can open: sample cutouts, loss curves, lr_find, predicted vs true, residuals, MZR,
 the coverage of predicted uncertainties.
 
-A leaf module: it takes arrays and paths, never pipelines or learners.
+A leaf module: it takes arrays and paths, never pipelines or learners. Each PNG carries what the figure says
+(titles, captions, axis labels, legend entries) in its Description text chunk (show.save_figure):
+`PIL.Image.open("runs/r1/lr_find.png").text["Description"]`. With out=None a function returns the open Figure.
 """
 
 from __future__ import annotations
@@ -15,6 +17,22 @@ if "ipykernel" not in sys.modules:  # the commands write files only, never a win
     matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+from fastgal.load.show import save_figure  # noqa: E402
+
+UNITS = {"metallicity": "dex", "lgm_tot_p50": "dex"}  # 12 + log(O/H); log stellar mass: a target's axis unit
+
+
+def axis_name(name: str) -> str:
+    """A target's axis label: its name with its unit where known ('metallicity (dex)'), else the name."""
+    return f"{name} ({UNITS[name]})" if name in UNITS else name
+
+
+def _done(fig, out: Path | None, dpi: int = 100):
+    """The open figure (out=None, for a notebook or a test), else the PNG at `out` (with its text chunk)."""
+    if out is None:
+        return fig
+    return save_figure(fig, out, dpi=dpi)
 
 
 def loss_curves(train_iters, train_losses, epoch_iters, valid_rmse, out: Path, title: str = "",
@@ -36,24 +54,24 @@ def loss_curves(train_iters, train_losses, epoch_iters, valid_rmse, out: Path, t
     lax.legend(lines, [ln.get_label() for ln in lines])
     ax.set_title(title or "loss")
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return _done(fig, out)
 
 
-def lr_find_plot(lrs, losses, suggested: float, out: Path) -> Path:
+def lr_find_plot(lrs, losses, suggested: float, out: Path | None, used: float | None = None) -> Path:
+    """lr_find's loss against the learning rate, with its suggestion (the valley) and the peak lr training
+    then used (`used`: --lr, which the suggestion does not change), each marked and labelled."""
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(lrs, losses)
     ax.axvline(suggested, color="r", ls="--", label=f"suggested (valley) {suggested:.2e}")
+    if used is not None:
+        ax.axvline(used, color="k", ls="-", lw=1.2, label=f"used for training (--lr) {used:.2e}")
     ax.set_xscale("log")
     ax.set_xlabel("learning rate")
     ax.set_ylabel("loss")
     ax.legend()
     ax.set_title("lr_find")
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return _done(fig, out)
 
 
 DENSITY_ABOVE = 2000  # points: above this a scatter plot is a blob, so draw the density (hexbin) instead
@@ -85,16 +103,14 @@ def pred_vs_true(true, pred, out: Path, name: str = "metallicity", stats: dict |
     ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="1:1")
     ax.set_xlim(lo, hi)
     ax.set_ylim(lo, hi)
-    ax.set_xlabel(f"true {name}")
-    ax.set_ylabel(f"predicted {name}")
+    ax.set_xlabel(f"true {axis_name(name)}")
+    ax.set_ylabel(f"predicted {axis_name(name)}")
     if stats:
         ax.text(0.04, 0.96, "\n".join(f"{k} {v:.4f}" for k, v in stats.items()), transform=ax.transAxes,
                 va="top", fontsize=9, bbox=dict(facecolor="white", alpha=0.8))
     ax.legend(loc="lower right")
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return _done(fig, out)
 
 
 def residuals(true, pred, out: Path, name: str = "metallicity") -> Path:
@@ -105,17 +121,15 @@ def residuals(true, pred, out: Path, name: str = "metallicity") -> Path:
     true, pred = np.asarray(true), np.asarray(pred)
     d = pred - true
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    for ax, x, label in ((axes[0], true, f"true {name}"), (axes[1], pred, f"predicted {name}")):
+    for ax, x, label in ((axes[0], true, f"true {axis_name(name)}"), (axes[1], pred, f"predicted {axis_name(name)}")):
         _points(ax, x, d)
         _band(ax, running_band(x, d), "median, 16-84%")
         ax.axhline(0, color="k", ls="--", lw=1)
         ax.set_xlabel(label)
-    axes[0].set_ylabel("predicted - true (dex)")
+    axes[0].set_ylabel("predicted - true" + (f" ({UNITS[name]})" if name in UNITS else ""))
     axes[0].legend(loc="upper right")
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return _done(fig, out)
 
 
 def mzr_plot(mass, true, pred, fits: dict, out: Path) -> Path:
@@ -133,16 +147,20 @@ def mzr_plot(mass, true, pred, fits: dict, out: Path) -> Path:
         ax.set_xlabel("log stellar mass")
         ax.set_title(f"{'true' if key == 'true' else 'predicted'} metallicity")
         ax.legend(loc="lower right", fontsize=8)
-    axes[0].set_ylabel("12 + log(O/H)")
+    axes[0].set_ylabel("12 + log(O/H) (dex)")
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return _done(fig, out)
 
 
-def coverage_plot(abs_z: dict, out: Path, k_max: float = 3.0) -> Path:
+TTA_CAPTION = ("TTA spread: the standard deviation of the 8 dihedral views' predictions, used as sigma. It says how "
+               "much a prediction moves when the cutout is turned or mirrored; it is not an uncertainty of the error, "
+               "so its curve need not follow the Gaussian's.")
+
+
+def coverage_plot(abs_z: dict, out: Path | None, k_max: float = 3.0, caption: str | None = None) -> Path:
     """Observed fraction of |error| / sigma <= k against k, for each named sigma ({label: |z| per galaxy}),
-    beside a Gaussian's erf(k / sqrt 2): a curve below it is overconfident, above it underconfident."""
+    beside a Gaussian's erf(k / sqrt 2): a curve below it is overconfident, above it underconfident.
+    caption: a note under the axes (default: TTA_CAPTION where a label names a TTA spread)."""
     from math import erf, sqrt
 
     k = np.linspace(0, k_max, 121)
@@ -158,7 +176,13 @@ def coverage_plot(abs_z: dict, out: Path, k_max: float = 3.0) -> Path:
     ax.set_xlabel("k  (|predicted - true| <= k sigma)")
     ax.set_ylabel("fraction of galaxies")
     ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    if caption is None and any("TTA" in label for label in abs_z):
+        caption = TTA_CAPTION
+    if caption:
+        import textwrap
+
+        fig.text(0.02, 0.01, textwrap.fill(caption, 80), fontsize=7, va="bottom", ha="left", color="0.25")
+        fig.tight_layout(rect=(0, 0.02 + 0.03 * (len(caption) // 80 + 1), 1, 1))
+    else:
+        fig.tight_layout()
+    return _done(fig, out)

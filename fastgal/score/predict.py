@@ -38,6 +38,8 @@ from fastgal.load.preprocess import geometry_for
 from fastgal.options import PredictConfig
 from fastgal.score.diagnostics import target_scores
 from fastgal.shards.cutouts import ImageRules, check_image
+from fastgal.shards.fits import sample_bands
+from fastgal.shards.folder import files_of, kinds, nested_problem, shard_files
 from fastgal.shards.read import Shards, Split
 from fastgal.train.checkpoints import inference, load_checkpoint
 from fastgal.train.device import resolve_device
@@ -138,12 +140,27 @@ def _predict_images(cfg: PredictConfig, forward, ckpt, device) -> pd.DataFrame:
     # every file gets a row (one that is not a cutout gets its reason), but hidden ones (.DS_Store, editors' files)
     files = sorted(p for p in Path(cfg.input).iterdir() if p.is_file() and not p.name.startswith("."))
     fits = ckpt.get("image_kind") == "float"
+    ext = ".fits" if fits else ".jpg"
+    if not kinds(cfg.input)[ext]:
+        where = nested_problem(cfg.input, f"{{id}}{ext} files")
+        if where:
+            raise ValueError(where)
     if not files:
-        raise ValueError(f"no files in {cfg.input}; give a folder of {'.fits' if fits else '.jpg'} cutouts or a shard folder")
+        raise ValueError(f"no files in {cfg.input}; give a folder of {ext} cutouts or a shard folder")
+    asker = "--bands"
+    if fits:  # the model's bands, checked up front against what the files hold (every file is checked again)
+        bands = list(ckpt["bands"])
+        asker = f"the model (bands {','.join(bands)})"
+        seen = sample_bands(files_of(cfg.input, ".fits"))
+        if seen is not None and not set(bands) <= set(seen[0]):
+            lack = [b for b in bands if b not in seen[0]]
+            raise ValueError(f"the model in {cfg.run} was trained on bands {','.join(bands)}; the .fits files in "
+                             f"{cfg.input} have {','.join(seen[0])} (e.g. {seen[1]}), without {','.join(lack)}: give it "
+                             f"cutouts with bands {','.join(bands)}, or train a model on shards of these bands")
     pre, stored = ckpt.get("precrop"), tuple(ckpt["image_size"])
     # as the model's shards were made: the survey's size, or any size at least the precrop, stored as its centre
     rules = ImageRules(crop=ckpt["crop"], precrop=pre, expect=None if pre else stored, region=ckpt["crop"], stored=stored,
-                       bands=tuple(ckpt["bands"]) if fits else None, dtype=ckpt.get("dtype", "float16"))
+                       bands=tuple(ckpt["bands"]) if fits else None, dtype=ckpt.get("dtype", "float16"), asker=asker)
     geo = Geometry(size=ckpt["size"], crop=pre or ckpt["crop"], precropped=bool(pre), mean=ckpt["pixel_mean"],
                    std=ckpt["pixel_std"], softening=ckpt.get("softening"))
     views = TTA_VIEWS if cfg.tta else [CENTRE]
@@ -197,6 +214,13 @@ def predict_table(cfg: PredictConfig, forward, meta: dict, device) -> pd.DataFra
     inp = Path(cfg.input)
     if not inp.is_dir():
         raise ValueError(f"{inp} is not a folder; give a shard folder (with manifest.json) or a folder of .jpg cutouts")
+    if not (inp / "manifest.json").exists():
+        made = shard_files(inp)
+        if made:  # a shard folder whose manifest is gone: never read its tars and rejects.csv as cutouts
+            listed = ", ".join(made[:3]) + (f", ... ({len(made)} files)" if len(made) > 3 else "")
+            raise ValueError(f"{inp} is a shard folder without its manifest.json (it has {listed}): its `fastgal shard` "
+                             f"did not finish or found no usable sample; re-shard it (fastgal shard CATALOG IMAGES {inp} "
+                             f"--overwrite)")
     run = _predict_shards if (inp / "manifest.json").exists() else _predict_images
     return run(cfg, forward, meta, device)
 

@@ -29,18 +29,31 @@ _INT_RE = re.compile(r"^[+-]?\d+$")
 _F32_MAX = float(np.finfo(np.float32).max)
 
 
+SEPARATORS = {",": "comma", ";": "semicolon", "\t": "tab", "|": "pipe"}
+
+
+def separator(path) -> str:
+    """The catalog's field separator, from its header line: a comma wherever the header has one, else the first
+    of ; tab | that it has (a spreadsheet's export in a decimal-comma locale, a TSV), else a comma (one column)."""
+    with open(path, encoding="utf-8-sig", errors="replace", newline="") as f:
+        header = f.readline()
+    return next((s for s in SEPARATORS if s in header), ",")
+
+
 def read_catalog(path, id_col: str = "objID", targets=("metallicity",)) -> pd.DataFrame:
-    """The catalog as a DataFrame of strings (exact text of every cell), ids stripped.
+    """The catalog as a DataFrame of strings (exact text of every cell), ids stripped. Comma-separated, or
+    separated by ; tab or | where the header line has no comma (`separator`).
 
     Raises ValueError (one line naming the file and the fix) for an unreadable or empty file,
-    a missing id/target column, or an id column that was saved as floats.
+    a missing id/target column, an id column that was saved as floats, or decimal commas in a target.
     """
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"catalog {path} not found; pass the path of a CSV file with an {id_col} column")
+    sep = separator(path)
     try:
         # every column as text: ids keep all 19 digits, targets keep their exact spelling for json
-        df = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False, encoding="utf-8-sig")
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False, encoding="utf-8-sig", sep=sep)
     except pd.errors.EmptyDataError:
         raise ValueError(f"catalog {path} is empty; it needs a header row with {id_col} and at least one data row") from None
     except (pd.errors.ParserError, UnicodeDecodeError) as e:
@@ -66,6 +79,14 @@ def read_catalog(path, id_col: str = "objID", targets=("metallicity",)) -> pd.Da
         raise ValueError(f"catalog {path} has repeated column names {dup}; rename them so each column is unique")
     if len(df) == 0:
         raise ValueError(f"catalog {path} has a header but no rows; nothing to shard")
+    if sep != ",":  # a decimal-comma locale's export: '8,91' is no number, and every row would be rejected for it
+        for t in targets:
+            cells = df[t].str.strip()
+            comma = cells.str.fullmatch(r"[+-]?\d*,\d+")
+            if comma.mean() > 0.5:
+                i = int(np.flatnonzero(comma.to_numpy())[0])
+                raise ValueError(f"catalog {path} is {SEPARATORS[sep]}-separated with decimal commas (column {t!r}, "
+                                 f"row {i + 1}: {cells.iat[i]!r}); export it with decimal points")
     df[id_col] = df[id_col].str.strip()
     floatish = df[id_col].map(lambda s: bool(_FLOATISH_RE.match(s)))
     if floatish.mean() > 0.5:

@@ -46,6 +46,7 @@ class ImageRules:
     stored: tuple[int, int] | None  # (h, w) of the images as stored in the tars
     bands: tuple[str, ...] | None = None  # FITS cutouts: the bands read, in order; None: JPEG cutouts
     dtype: str = "float16"  # FITS cutouts: how the fluxes are stored
+    asker: str = "--bands"  # FITS cutouts: who asked for the bands, as a wrong-bands detail names it
 
     @property
     def ext(self) -> str:
@@ -134,7 +135,7 @@ def check_fits(pos: int, path: str, geo: ImageRules) -> Checked:
     """A FITS cutout: readable, the bands asked for, the survey's size, finite in the centre region, not blank
     (a band all zero or constant), storable in geo.dtype; the bytes to store and the region's statistics."""
     try:
-        arr, names = read_fits(path, geo.bands)
+        arr, names = read_fits(path, geo.bands, geo.asker)
     except Unusable as e:
         return Checked(pos, e.reason, e.detail)
     _, h, w = arr.shape

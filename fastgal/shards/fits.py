@@ -106,9 +106,10 @@ class Unusable(Exception):
         self.reason, self.detail = reason, detail
 
 
-def read_fits(path: str, bands: tuple[str, ...] | None) -> tuple[np.ndarray, list[str]]:
+def read_fits(path: str, bands: tuple[str, ...] | None, asker: str = "--bands") -> tuple[np.ndarray, list[str]]:
     """A FITS cutout as a (bands, H, W) float32 array with the bands in the order asked (all of the file's, in
-    its order, for bands=None) and their names. Raises Unusable(reason, detail) with a shard reject reason."""
+    its order, for bands=None) and their names. Raises Unusable(reason, detail) with a shard reject reason;
+    `asker` is who asked for the bands, as the detail names it (shard's --bands, or predict's model)."""
     fits = require_astropy("FITS cutouts")
     try:
         with fits.open(path, memmap=False, lazy_load_hdus=False) as hdul:
@@ -134,38 +135,82 @@ def read_fits(path: str, bands: tuple[str, ...] | None) -> tuple[np.ndarray, lis
         names = names or [f"band{k}" for k in range(len(planes))]
     elif names is None:  # unnamed planes: taken in order, so their number must be the number asked
         if len(planes) != len(bands):
-            raise Unusable("wrong-bands", f"{len(planes)} unnamed band(s), --bands asks for {len(bands)} "
-                                           f"({','.join(bands)}); name them (BAND0.. or FILTER) or ask for {len(planes)}")
+            fix = f"or ask for {len(planes)}" if asker == "--bands" else f"or give cutouts of {len(bands)} bands"
+            raise Unusable("wrong-bands", f"{len(planes)} unnamed band(s), {asker} asks for {len(bands)} "
+                                           f"({','.join(bands)}); name them (BAND0.. or FILTER) {fix}")
         order, names = list(range(len(planes))), list(bands)
     else:
         missing = [b for b in bands if b not in names]
         if missing:
-            raise Unusable("wrong-bands", f"has bands {','.join(names)}; --bands asks for {','.join(missing)} too")
+            raise Unusable("wrong-bands", f"has bands {','.join(names)}; {asker} asks for {','.join(missing)} too")
         order = [names.index(b) for b in bands]
         names = list(bands)
     return np.stack([np.asarray(planes[k], dtype=np.float32) for k in order]), names
 
 
-def _layout_chunk(paths: list[str]) -> list[tuple | None]:
-    """Header-only pass over FITS cutouts: ((h, w), band names or None, number of bands) each; None if unreadable."""
+def fits_layout(path: str) -> tuple | None:
+    """Header only: ((h, w), band names or None, number of bands) of a FITS cutout; None if unreadable."""
     fits = require_astropy("FITS cutouts")
+    try:
+        with fits.open(path, memmap=True) as hdul:
+            hdus = [h for h in hdul if getattr(h, "is_image", False) and h.header.get("NAXIS", 0) >= 2]
+            if len(hdus) == 1 and hdus[0].header["NAXIS"] == 3:
+                hd = hdus[0].header
+                n = hd["NAXIS3"]
+                names = _cube_names(hd, n)
+                return (hd["NAXIS2"], hd["NAXIS1"]), tuple(names) if names else None, n
+            names = [_hdu_name(h.header) for h in hdus]
+            hd = hdus[0].header
+            return (hd["NAXIS2"], hd["NAXIS1"]), tuple(names) if all(names) else None, len(hdus)
+    except Exception:  # rejected, with its reason, by the full check
+        return None
+
+
+def _layout_chunk(paths: list[str]) -> list[tuple | None]:
+    """Header-only pass over FITS cutouts: fits_layout of each."""
+    return [fits_layout(p) for p in paths]
+
+
+def sample_bands(paths, look: int = 16) -> tuple[tuple[str, ...], str] | None:
+    """The most common named band list among the first `look` readable files of `paths` (header only), and one
+    file that has it: what a folder's files hold, checked before any row is read. None: no readable file names
+    its bands (unnamed planes are matched by count, per file)."""
+    seen, first, n = Counter(), {}, 0
+    for p in paths:
+        lay = fits_layout(str(p))
+        if lay is None:
+            continue
+        n += 1
+        if lay[1] is not None:
+            seen[lay[1]] += 1
+            first.setdefault(lay[1], str(p))
+        if n >= look:
+            break
+    if not seen:
+        return None
+    names = seen.most_common(1)[0][0]
+    return names, first[names]
+
+
+def match_bands(asked: tuple[str, ...], names: tuple[str, ...], file: str, asker: str = "--bands") -> tuple[str, ...]:
+    """The bands asked for, spelled as the files name them: a name the files have as it is; else the one name
+    equal to it but for case (G for g); else a one-line ValueError naming the band and the bands the files have."""
     out = []
-    for path in paths:
-        try:
-            with fits.open(path, memmap=True) as hdul:
-                hdus = [h for h in hdul if getattr(h, "is_image", False) and h.header.get("NAXIS", 0) >= 2]
-                if len(hdus) == 1 and hdus[0].header["NAXIS"] == 3:
-                    hd = hdus[0].header
-                    n = hd["NAXIS3"]
-                    names = _cube_names(hd, n)
-                    out.append(((hd["NAXIS2"], hd["NAXIS1"]), tuple(names) if names else None, n))
-                else:
-                    names = [_hdu_name(h.header) for h in hdus]
-                    hd = hdus[0].header
-                    out.append(((hd["NAXIS2"], hd["NAXIS1"]), tuple(names) if all(names) else None, len(hdus)))
-        except Exception:  # rejected, with its reason, by the full check
-            out.append(None)
-    return out
+    for b in asked:
+        if b in names:
+            out.append(b)
+            continue
+        same = [n for n in names if n.lower() == b.lower()]
+        if len(same) == 1:
+            out.append(same[0])
+            continue
+        have = ",".join(names)
+        if same:
+            raise ValueError(f"{asker} {','.join(asked)}: band {b!r} matches {' and '.join(same)} in {file} but for "
+                             f"case; name the one you mean exactly (the files have {have})")
+        raise ValueError(f"{asker} {','.join(asked)}: the files have no band {b!r} ({file} has {have}); "
+                         f"choose among {have}")
+    return tuple(out)
 
 
 def modal_layout(paths: list[str], pool, workers: int) -> tuple[tuple[int, int] | None, tuple | None, int]:

@@ -20,7 +20,8 @@ Layout of OUT (the contract the DALI pipeline reads; read.py reads it back):
 
 Error policy: a row that cannot be used never stops the run; it goes to rejects.csv with a reason
 (REASONS below). Problems with the inputs as a whole (no catalog, no such column, ids saved as
-floats, no images folder, zero usable samples) raise ValueError with a one-line fix. Before
+floats, no images folder, .jpg and .fits mixed, cutouts in sub-folders, a --bands name the files lack,
+zero usable samples) raise ValueError with a one-line fix, all but the last before any row is read. Before
 success we check rows = samples + rejects, each row exactly once. Files are made in a hidden temp
 folder (OUT/.shard-*; a killed run's is removed by the next) and moved into OUT with manifest.json
 last, so a folder without manifest.json is unfinished.
@@ -37,7 +38,7 @@ import shutil
 import tarfile
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +53,8 @@ from fastgal.shards.catalog import (
     split_order,
 )
 from fastgal.shards.cutouts import ImageRules, check_chunk, modal_size
-from fastgal.shards.fits import modal_layout
+from fastgal.shards.fits import match_bands, modal_layout, sample_bands
+from fastgal.shards.folder import files_of, kinds, nested_problem
 from fastgal.shards.index import INDEX_VERSION, index_count, is_shard_file, make_index
 from fastgal.shards.read import FLOAT_FORMAT_VERSION, FORMAT, FORMAT_VERSION
 from fastgal.util import (
@@ -273,6 +275,33 @@ def parse_bands(text: str | None) -> tuple[str, ...] | None:
     return tuple(parts)
 
 
+def _check_images(cfg: ShardConfig) -> ShardConfig:
+    """The images folder as a whole, before any row is read: one kind of cutout (not .jpg and .fits mixed
+    without --bands), at its top level (not in sub-folders), and --bands named as the files name them (checked
+    against the first readable .fits files; a band asked in another case, G for g, becomes the files' name when
+    only one matches). Returns cfg with --bands spelled as the files spell them."""
+    images = Path(cfg.images)
+    k = kinds(images)
+    jpg, fits = k[".jpg"], k[".fits"]
+    if jpg and fits and cfg.bands is None:
+        raise ValueError(f"{images} holds both {jpg} .jpg and {fits} .fits cutouts; shard one kind: pass --bands "
+                         f"(e.g. --bands g,r,i) to shard the .fits files' bands, or put the .jpg and .fits files in "
+                         f"separate folders")
+    if not jpg and not fits:
+        where = nested_problem(images, "{id}.jpg (or {id}.fits) files")
+        if where:
+            raise ValueError(where)
+    if cfg.bands is not None and fits:
+        asked = parse_bands(cfg.bands)
+        seen = sample_bands(files_of(images, ".fits"))
+        if seen is not None:
+            named = match_bands(asked, *seen)
+            if named != asked:
+                Progress(quiet=cfg.quiet).line(f"--bands {cfg.bands} read as {','.join(named)}, the files' band names")
+                cfg = replace(cfg, bands=",".join(named))
+    return cfg
+
+
 def cutout_kind(cfg: ShardConfig) -> str:
     """'fits' when --bands is given or the images folder holds .fits cutouts and no .jpg ones, else 'jpeg'."""
     if cfg.bands is not None:
@@ -463,6 +492,7 @@ def shard(cfg: ShardConfig) -> ShardResult:
     """Run every stage; returns the manifest. Raises ValueError for user errors."""
     t0 = time.perf_counter()
     _check_config(cfg)
+    cfg = _check_images(cfg)
     rows = _read_rows(cfg)
     out = Path(cfg.out)
     with contextlib.ExitStack() as claim:  # OUT is this command's until it returns or fails
