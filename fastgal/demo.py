@@ -9,6 +9,7 @@ printed beside the survey's observable reference (what the images show) and its 
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from fastgal.run import train
 from fastgal.shards.write import shard
 from fastgal.survey.synth import synth
 from fastgal.train.device import resolve_device
-from fastgal.util import check_writable, write_json_atomic
+from fastgal.util import LOCK_NAME, OutLock, check_writable, write_json_atomic
 
 
 def demo(cfg: DemoConfig, log=print) -> dict:
@@ -25,11 +26,19 @@ def demo(cfg: DemoConfig, log=print) -> dict:
     p = cfg.preset(gpu=device.type == "cuda")
     out = Path(cfg.out)
     check_writable(out, "choose another --out")  # before any work
-    if out.exists() and any(out.iterdir()):
-        if not cfg.overwrite:
+    lock = OutLock(out, "fastgal demo", log=None if cfg.quiet else log)
+    lock.refuse_if_busy()  # another demo's work in progress is not "an earlier demo" to replace
+    with contextlib.ExitStack() as claim:  # OUT is this command's until it returns or fails (its stages lock theirs)
+        if out.exists() and any(p.name != LOCK_NAME for p in out.iterdir()) and not cfg.overwrite:
             raise ValueError(f"{out} is not empty; pass --overwrite to replace the earlier demo")
-        for name in ("survey", "shards", "run"):
-            shutil.rmtree(out / name, ignore_errors=True)
+        claim.enter_context(lock)
+        if cfg.overwrite:
+            for name in ("survey", "shards", "run"):
+                shutil.rmtree(out / name, ignore_errors=True)
+        return _stages(cfg, out, p, device, log)
+
+
+def _stages(cfg: DemoConfig, out: Path, p: dict, device, log) -> dict:
     log(f"[1/3] synth: {p['n']} galaxies, {p['image']} px cutouts -> {out / 'survey'}")
     s = synth(SynthConfig(out=out / "survey", n=p["n"], seed=cfg.seed, size=p["image"], quiet=cfg.quiet))
     log(f"      {s.images_per_s:,.0f} images/s; observable reference RMSE {s.floor['observable_reference_rmse']:.4f} dex, "

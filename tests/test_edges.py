@@ -79,7 +79,7 @@ def test_a_stale_lock_is_taken_over(tmp_path):
 
 
 def test_a_live_lock_refuses_shard_synth_and_download(survey, small_shards, tmp_path):
-    """A folder held by a running command: shard, synth and download into it are refused in one line naming the
+    """A folder held by a running command: shard, synth, download and demo into it are refused in one line naming the
     holder and write nothing, whatever the folder holds (with --overwrite too); `fastgal info` and train say shards
     are being written; a lock from another host is refused with the file to delete."""
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
@@ -87,8 +87,11 @@ def test_a_live_lock_refuses_shard_synth_and_download(survey, small_shards, tmp_
         sh, s, d = tmp_path / "sh", tmp_path / "s", tmp_path / "d"
         for folder in (sh, s, d):
             _lock(folder, holder.pid)
+        dm = tmp_path / "dm"
+        _lock(dm, holder.pid)
         cmds = {sh: ("shard", survey / "data" / "master.csv", survey / "images", sh),
                 s: ("synth", s, "--n", 20, "--size", 64),
+                dm: ("demo", "--out", dm, "--n", 20, "--overwrite"),  # --overwrite would remove its stages' folders
                 d: ("download", d, "--catalog", survey / "data" / "master.csv", "--base-url", "http://127.0.0.1:9")}
         for folder, cmd in cmds.items():
             res = run_cli(*cmd, ok=False)

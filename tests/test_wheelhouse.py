@@ -133,6 +133,10 @@ def test_pip_failure_reads_pip_s_own_words():
     assert line.startswith("soupsieve 4.1.4 (the version installed here) requires Python >=3.11.5; pip reads "
                            "--python 3.11 as 3.11.0: give the box's full version") and "\n" not in line
     assert "cannot use it" in wheelhouse.pip_failure(said, "3.11.2")
+    # issue 33: a whole minor version below the pin (3.10 for >=3.11.5): no --python 3.10.x helps, and the line
+    # does not tell a user already in fastgal's venv to run from it; it names the venv to build instead
+    older = wheelhouse.pip_failure(said, "3.10")
+    assert "pip reads" not in older and "make venv PYTHON=python3.10 VENV=.venv3.10" in older, older
     assert wheelhouse.pip_failure("Building...\nERROR: Failed building wheel for fastgal\n", "3.12",
                                   "building fastgal's wheel") == "building fastgal's wheel failed: Failed building wheel for fastgal"
 

@@ -123,9 +123,18 @@ def pip_failure(output: str, python: str, what: str = "") -> str:
         name, version = m.groups()
         need = re.search(rf"(?:: |; ){re.escape(version)} Requires-Python (\S+?)(?:;|$)", output, re.M)
         if need:
-            fix = (f"pip reads --python {python} as {python}.0: give the box's full version (python3 -V there), "
-                   f"e.g. --python {_example(python)}" if python.count(".") == 1 else
-                   f"Python {python} cannot use it: make the wheelhouse from a venv made with the box's Python")
+            floor = re.match(r">=\s*(\d+)\.(\d+)", need.group(1))
+            minor = ".".join(python.split(".")[:2])
+            if python.count(".") == 1 and floor and f"{floor.group(1)}.{floor.group(2)}" == minor:
+                fix = (f"pip reads --python {python} as {python}.0: give the box's full version (python3 -V there), "
+                       f"e.g. --python {_example(python)}")
+            else:  # no patch of the box's Python takes the version pinned here: the pins must come from its Python
+                import platform
+
+                fix = (f"Python {python} cannot use it, and the pins come from the Python this runs on "
+                       f"({platform.python_version()}): make the wheelhouse from a fastgal venv built with the box's "
+                       f"Python (make venv PYTHON=python{minor} VENV=.venv{minor}, then .venv{minor}/bin/python "
+                       "tools/wheelhouse.py ...)")
             return f"{name} {version} (the version installed here) requires Python {need.group(1)}; {fix}"
         return f"pip could not download {name} {version} for Python {python or '?'}: {last}"
     return f"{what or 'pip'} failed: {last}"
