@@ -188,26 +188,17 @@ class Loader:
 
     def show_batch(self, max_n: int = 16, path: str | Path | None = None, target_names=None, ncols: int = 4):
         """Denormalised images of one batch with their targets, as a PNG at `path` (plots.image_grid)."""
-        from fastgal.load.show import image_grid
+        from fastgal.load.show import band_pick, colour_composite, image_grid
 
         x, y = self.one_batch()
         x, y = x[:max_n].float().cpu(), y[:max_n].float().cpu()
         mean, std = norm_tensors(self.geometry)
         x = x * std + mean
         title = ""
-        if self.split.kind == "float":  # i, r, g as R, G, B (SDSS's colours) where the shards have them, else the
-            bands = self.split.shards.bands  # reddest, middle and bluest; as stretched, scaled together: colours kept
-            pick = [bands.index(b) for b in "irg"] if set("irg") <= set(bands) else [-1, len(bands) // 2, 0]
-            if x.shape[1] >= 3:
-                x = x[:, pick]
-                title = f"bands {', '.join(bands[k] for k in pick)} shown as R, G, B"
-            else:
-                x = x[:, :1].expand(-1, 3, -1, -1)
-                title = f"band {bands[0]} shown in grey"
-            title += f" (of {','.join(bands)}; each image scaled to its 0.5-99.5% range)"
-            lo = x.flatten(1).quantile(0.005, dim=1)[:, None, None, None]
-            hi = x.flatten(1).quantile(0.995, dim=1)[:, None, None, None]
-            imgs = ((x - lo) / (hi - lo).clamp_min(1e-9)).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+        if self.split.kind == "float":  # i, r, g as R, G, B where the shards have them; as stretched, scaled together
+            bands = self.split.shards.bands
+            title = band_pick(bands)[1] + f" (of {','.join(bands)}; each image scaled to its 0.5-99.5% range)"
+            imgs = np.stack([colour_composite(im, bands) for im in x.numpy()])
         else:
             imgs = (x / 255).clamp(0, 1).permute(0, 2, 3, 1).numpy()
         names = target_names or [f"y{i}" for i in range(y.shape[1])]

@@ -1,4 +1,5 @@
-"""A grid of images with their labels as a PNG (a Loader's show_batch), or an open figure for a notebook."""
+"""A grid of images with their labels as a PNG (a Loader's show_batch), or an open figure for a notebook; the
+colour composite of a cutout of FITS bands (show_batch and score/report.py's gallery)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,24 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+
+def band_pick(bands: list[str]) -> tuple[list[int], str]:
+    """Which of a cutout's bands show as R, G, B, and the words for it: i, r, g (SDSS's colours) where there are
+    all three, else the reddest, middle and bluest; a band or two: the first in grey."""
+    if len(bands) >= 3:
+        pick = [bands.index(b) for b in "irg"] if set("irg") <= set(bands) else [len(bands) - 1, len(bands) // 2, 0]
+        return pick, f"bands {', '.join(bands[k] for k in pick)} shown as R, G, B"
+    return [0, 0, 0], f"band {bands[0]} shown in grey"
+
+
+def colour_composite(x: np.ndarray, bands: list[str]) -> np.ndarray:
+    """A (bands, H, W) cutout of stretched fluxes (asinh) as an (H, W, 3) float image in [0, 1]: band_pick's
+    bands as R, G, B, scaled together (colours kept) to the image's 0.5-99.5% range."""
+    pick, _ = band_pick(bands)
+    v = np.asarray(x, np.float32)[pick]
+    lo, hi = np.quantile(v, [0.005, 0.995])
+    return np.clip((v - lo) / max(float(hi - lo), 1e-9), 0, 1).transpose(1, 2, 0)
 
 
 def image_grid(images: list[np.ndarray], labels: list[str], out: Path | None, ncols: int = 4, title: str = ""):
