@@ -33,6 +33,7 @@ from fastgal.options import (
     DemoConfig,
     DownloadConfig,
     PredictConfig,
+    ReportConfig,
     ShardConfig,
     SynthConfig,
     TrainConfig,
@@ -280,7 +281,8 @@ def train(as_json, **kw):
 
     xresnet34(sa=True, Mish) + ranger + RMSE loss, fit_one_cycle(7, 1e-2), batch 128, with the
     data path on NVIDIA DALI (GPU decode when there is one). Writes config.json, history.csv,
-    loss.png, model.pt, predictions_valid.csv, pred_vs_true.png and metrics.json into --out.
+    loss.png, model.pt, predictions_valid.csv, pred_vs_true.png, metrics.json and report.html (`fastgal
+    report`) into --out.
 
     --head gaussian predicts a mean and a sigma per galaxy (Gaussian NLL loss): sigma_<target>, the
     calibration in metrics.json (within 1 and 2 sigma vs 68.3%, 95.4%) and coverage.png. --tta adds
@@ -488,6 +490,33 @@ def predict(as_json, **kw):
                    f"outliers {d['outlier_fraction']:.1%}")
         for line in calibration_lines(d, "    "):
             click.echo(line)
+
+
+@cli.command()
+@options(ReportConfig, json_help="Print where it was written and its size as JSON.")
+def report(as_json, **kw):
+    """Write report.html for a finished run folder, any run's, older ones too.
+
+    One self-contained HTML file (images embedded, no script, nothing fetched) that any browser opens:
+    the validation RMSE beside predict-the-mean (and the synthetic survey's observable reference and latent
+    floor), the run's settings, its figures, its history and a gallery of the worst, best and random
+    validation galaxies by |pred - true| of the first target, each with its cutout from the run's shards
+    (config.json names them; without them the gallery says so). `fastgal train` writes the same page.
+
+    Example:
+
+        fastgal report runs/demo/run --gallery 12
+    """
+    from fastgal.score.report import write_report
+
+    cfg = config(ReportConfig, kw)
+    with _user_errors(writing=cfg.out or cfg.run / "report.html", option="--out"):
+        path = write_report(cfg.run, gallery=cfg.gallery, seed=cfg.seed, out=cfg.out)
+    size = path.stat().st_size
+    if as_json:
+        _echo_json({"out": str(path), "bytes": size, "gallery": cfg.gallery})
+    else:
+        click.echo(f"wrote {path} ({size / 1e3:,.0f} kB)")
 
 
 @cli.command()

@@ -240,6 +240,17 @@ class PredictConfig:
 
 
 @dataclass
+class ReportConfig:
+    """`fastgal report`: report.html of a finished run folder (what `fastgal train` writes last), rebuilt."""
+
+    run: Path = option(Path("runs/demo/run"), argument=True)
+    gallery: int = option(12, "Validation galaxies in each of the gallery's sections: the N worst predicted, the N "
+                          "best and N at random (0: no gallery).")
+    seed: int = option(0, "Seed of the gallery's random draw.")
+    out: Path | None = option(None, "HTML file [default: RUN/report.html].")
+
+
+@dataclass
 class BenchConfig:
     """`fastgal bench`: loaders / model / end-to-end training speed, as ratios to fastai's PIL pipeline, and the
     host cost of a training step against stock fastai's."""

@@ -19,6 +19,8 @@ Run folder (metrics.json is written last: its presence means the run finished):
     pred_vs_true.png       with the 1:1 line and RMSE/NMAD
     coverage.png           where there is a sigma: observed fraction of |error| within k sigma vs a Gaussian's
     metrics.json           RMSE, NMAD, bias, R2, TTA RMSE, predict-the-training-mean RMSE, calibration, timings
+    report.html            one self-contained page of all of it, with a gallery of the worst, best and random
+                           validation cutouts (score/report.py; `fastgal report RUN` rebuilds it)
 
 Distributed: launched by `torchrun --nproc_per_node=K -m fastgal train ...`, each rank reads its part
 of the training shards (load.order.EpochPlan: one permutation per epoch, the same on every rank, dealt out
@@ -60,6 +62,7 @@ from fastgal.score.plots import (
     residuals,
 )
 from fastgal.score.predict import predict_split
+from fastgal.score.report import REPORT, write_report
 from fastgal.shards.read import Shards
 from fastgal.train.callbacks import DDP, DeviceStats, EpochSeed, best_epoch_callback
 from fastgal.train.checkpoints import (
@@ -482,4 +485,15 @@ def _train(cfg: TrainConfig, claim: contextlib.ExitStack, t_start: float, cbs) -
     write_json_atomic(s.out / "metrics.json", metrics)
     for done in (CHECKPOINT, "best.pth"):  # the run is finished: model.pt holds the best weights
         (s.out / done).unlink(missing_ok=True)
+    write_run_report(s)
     return metrics
+
+
+def write_run_report(s: Setup) -> None:
+    """report.html, last: the run is finished and kept whatever happens here, so a failure is a warning line
+    (`fastgal report` rebuilds the page), never a failed run."""
+    try:
+        write_report(s.out, shards=s.shards)
+    except Exception as e:  # noqa: BLE001 - the run is done; the page is a view of it
+        Progress().line(f"fastgal: warning: {s.out / REPORT} not written ({type(e).__name__}: {e}); "
+                        f"`fastgal report {s.out}` rebuilds it")

@@ -41,7 +41,7 @@ def test_train_writes_the_run_folder(made_run, small_shards):
     idx = sorted(p.name for p in small_shards.glob("*.idx"))
     assert reads["manifest"] == 1 and sorted(reads["index"]) == idx, reads  # lr_find, fit, TTA, scoring: once
     for f in ("config.json", "history.csv", "loss.png", "lr_find.png", "model.pt", "predictions_valid.csv",
-              "pred_vs_true.png", "residuals.png", "mzr.png", "metrics.json", "show_batch.png"):
+              "pred_vs_true.png", "residuals.png", "mzr.png", "metrics.json", "show_batch.png", "report.html"):
         assert (run / f).is_file(), f
     for png in run.glob("*.png"):
         Image.open(png).load()

@@ -128,6 +128,9 @@ def _open_split(config: dict, shards=None):
     from fastgal.shards.read import Shards
 
     folder = config.get("shards")
+    if shards is None and (not folder or not (Path(folder) / "manifest.json").is_file()):
+        return None, (f"The cutouts are not shown: the run's shards ({folder}, named in config.json) are not there "
+                      "any more (no manifest.json); the numbers below are from predictions_valid.csv.")
     try:
         sh = shards if shards is not None else Shards(folder)
         split = sh.split("valid")
