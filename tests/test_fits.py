@@ -362,3 +362,21 @@ def test_predict_names_the_models_bands_up_front(fits_run, tmp_path):
     run_cli("predict", root / "r", gri, "--out", tmp_path / "q.csv")
     q = pd.read_csv(tmp_path / "q.csv", dtype={"id": str}).set_index("id")
     assert q.loc["1", "reason"] == "has bands g,r,i; the model (bands u,g,r,i,z) asks for u,z too"
+
+
+@pytest.mark.slow
+def test_the_report_shows_fits_cutouts_as_colour_pngs(fits_run):
+    """report.html's gallery of a FITS run: each cutout a PNG colour composite (i, r, g as R, G, B, asinh,
+    scaled together), not a grey band."""
+    import base64
+    import io
+    import re
+
+    text = (fits_run / "r/report.html").read_text()
+    assert "bands i, r, g shown as R, G, B" in text
+    srcs = re.findall(r'<img src="(data:[^"]+)" alt="cutout', text)
+    assert len(srcs) == 3 * 12
+    for src in srcs:
+        assert src.startswith("data:image/png;base64,")
+        im = np.asarray(Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).convert("RGB"), np.int16)
+        assert im.shape == (112, 112, 3) and im.max() == 255 and np.abs(im[..., 0] - im[..., 2]).max() > 10

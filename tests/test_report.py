@@ -14,9 +14,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
-
 from conftest import run_cli
+from PIL import Image
 
 RUN_FILES = ("config.json", "metrics.json", "history.csv", "predictions_valid.csv")  # what a report reads, + PNGs
 

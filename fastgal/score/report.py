@@ -81,7 +81,7 @@ def _png_description(data: bytes) -> str:
         from PIL import Image
 
         return Image.open(io.BytesIO(data)).text.get("Description", "")
-    except Exception:  # a PNG without text chunks, or not one PIL reads: no alt text beyond the caption
+    except (OSError, ValueError, AttributeError):  # not a PNG PIL reads, or without text chunks: the caption
         return ""
 
 
@@ -170,9 +170,9 @@ def _gallery_html(preds: pd.DataFrame, target: str, n: int, seed: int, config: d
     where = {k: i for i, k in enumerate(split.keys)} if split is not None else {}
     sigmas = [c for c in (f"sigma_{target}", f"sigma_tta_{target}") if c in preds]
     parts = ['<h2 id="gallery">Gallery: validation galaxies</h2>',
-             f'<p class="sub">Ranked by |pred - true| of <b>{_e(target)}</b> ({_e(unit) or "its unit"}), using the '
-             f'plain prediction <span class="mono">pred_{_e(target)}</span> (not the TTA average); the {n} worst, the '
-             f'{n} best and {n} drawn at random (seed {seed}) of {len(preds)}.</p>']
+             (f'<p class="sub">Ranked by |pred - true| of <b>{_e(target)}</b> ({_e(unit) or "its unit"}), using the '
+              f'plain prediction <span class="mono">pred_{_e(target)}</span> (not the TTA average); the {n} worst, '
+              f'the {n} best and {n} drawn at random (seed {seed}) of {len(preds)}.</p>')]
     if note:
         parts.append(f'<p class="note">{_e(note)}</p>')
     if split is not None:
@@ -228,14 +228,17 @@ def _headline(run: Path, config: dict, metrics: dict) -> str:
         cards.append(_card(f"observable reference ({bands} images)", f"{_fmt(floor['observable_reference_rmse'])}{u}"))
     if "floor_rmse" in floor:
         cards.append(_card("latent floor (knowing mass and SFR)", f"{_fmt(floor['floor_rmse'])}{u}"))
-    get = lambda k: metrics.get(k, config.get(k))  # noqa: E731
+
+    def get(k):
+        return metrics.get(k, config.get(k))
+
     trained_by = (config.get("versions") or {}).get("fastgal", "?")
     settings = [("arch", get("arch")), ("epochs", get("epochs")), ("best epoch", metrics.get("best_epoch")),
                 ("bs", config.get("bs")), ("lr", config.get("lr")), ("preset", get("preset")), ("head", get("head")),
                 ("TTA", config.get("tta")), ("train / valid", f"{get('n_train')} / {get('n_valid')}"),
                 ("device", f"{get('device')}, {get('precision')}"), ("loader", get("loader_backend")),
-                ("fit", f"{_fmt(metrics.get('fit_seconds'), '.1f')} s, {_fmt(metrics.get('train_images_per_s'), ',.0f')} "
-                        "images/s"),
+                ("fit", (f"{_fmt(metrics.get('fit_seconds'), '.1f')} s, "
+                         f"{_fmt(metrics.get('train_images_per_s'), ',.0f')} images/s")),
                 ("fastgal", f"{trained_by} (trained); {__version__} (this report)"),
                 ("shards", config.get("shards")), ("run folder", str(run))]
     rows = "".join(f'<tr><th class="l">{_e(k)}</th><td class="l mono">{_e(v)}</td></tr>' for k, v in settings
@@ -309,12 +312,13 @@ def build_report(run, gallery: int = GALLERY, seed: int = 0, shards=None) -> str
     t = metrics.get("target") or config["targets"][0]
     title = f"fastgal run {run.name}: {t}"
     body = [f"<h1>{_e(title)}</h1>",
-            f'<p class="sub">{_e(config.get("arch", ""))} on {_e(config.get("shards", "?"))}; validation set of '
-            f"{len(preds)} galaxies. All errors and RMSEs in dex.</p>",
+            (f'<p class="sub">{_e(config.get("arch", ""))} on {_e(config.get("shards", "?"))}; validation set of '
+             f"{len(preds)} galaxies. Errors and RMSEs are in the targets' units "
+             f"({', '.join(f'{k}: {v}' for k, v in UNITS.items() if k in (metrics.get('targets') or {t: 0})) or '-'}).</p>"),
             _headline(run, config, metrics), _targets_table(metrics), _figures_html(run), _history_table(hist),
             _gallery_html(preds, t, gallery, seed, config, shards),
-            f"<footer>Written by fastgal {_e(__version__)} (`fastgal report {_e(run)}` rebuilds it). "
-            "Self-contained: every image is embedded, nothing is fetched.</footer>"]
+            (f"<footer>Written by fastgal {_e(__version__)} (`fastgal report {_e(run)}` rebuilds it). "
+             "Self-contained: every image is embedded, nothing is fetched.</footer>")]
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
             f"<title>{_e(title)}</title><style>{CSS}</style></head>\n<body>\n" + "\n".join(body) + "\n</body></html>\n")
