@@ -463,6 +463,7 @@ def predict(as_json, **kw):
     Example:
 
         fastgal predict runs/demo/run runs/demo/shards --split valid --tta
+        fastgal predict runs/demo/run data/new/images --tta --report     # + predictions_images.html
     """
     from fastgal.score.predict import diagnose
     from fastgal.score.predict import predict as run_predict
@@ -475,15 +476,23 @@ def predict(as_json, **kw):
         top = df["status"].value_counts().index[0]
         raise click.ClickException(f"none of the {len(df)} inputs could be scored (first reason: "
                                    f"{top}: {df.loc[df.status == top, 'reason'].iloc[0]}); their rows are in {path}")
+    page = None
+    if cfg.report:
+        from fastgal.score.report import write_prediction_report
+
+        with _user_errors(output=path, option="--out"):
+            page = write_prediction_report(df, Path(path).with_suffix(".html"), cfg.run, cfg.input, csv=path)
     diag = diagnose(df)
     # the names of train's metrics.json: rmse of pred_<t>, tta_rmse of pred_tta_<t> (--tta)
-    summary = {"out": str(path), "rows": len(df), "unusable": n_bad,
+    summary = {"out": str(path), "rows": len(df), "unusable": n_bad, **({"report": str(page)} if page else {}),
                **{f"{k}_{t}": d[k] for t, d in diag.items() for k in ("rmse", "tta_rmse") if k in d},
                "diagnostics": diag}
     if as_json:
         _echo_json(summary)
         return
     click.echo(f"wrote {len(df)} predictions to {path}" + (f" ({n_bad} unusable inputs, see its status column)" if n_bad else ""))
+    if page:
+        click.echo(f"wrote the page {page}")
     for t, d in diag.items():
         tta = f"  TTA RMSE {d['tta_rmse']:.4f}" if "tta_rmse" in d else ""
         click.echo(f"  {t}: RMSE {d['rmse']:.4f}{tta}  NMAD {d['nmad']:.4f}  bias {d['bias']:+.4f}  "

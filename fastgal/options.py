@@ -237,6 +237,9 @@ class PredictConfig:
     device: str = option("auto", choices=DEVICES)
     loader: str = option("auto", LOADER_HELP, choices=LOADERS)
     workers: int = option(0, "Threads (loader threads for shards; at most 4 checking a folder's files); 0 = all cores.")
+    report: bool = option(False, "Also write a self-contained HTML page beside the CSV (its name, .html): a gallery "
+                          "ranked by the error (shards) or the uncertainty (new cutouts: sigma, else the --tta "
+                          "spread), and every unusable file with its reason.")
 
 
 @dataclass

@@ -156,3 +156,42 @@ def test_a_browser_renders_the_report(small_run, tmp_path):
     assert len(rendered.imgs) == len(Page(page.read_text()).imgs) > 36
     for src in rendered.imgs:
         decoded(src)
+
+
+def test_predict_report_ranks_new_cutouts_by_uncertainty_and_lists_the_unusable(small_run, small_shards, tmp_path):
+    """`fastgal predict ... --tta --report` on a folder of new cutouts: the gallery's most uncertain are exactly the
+    rows with the largest sigma_tta_<t> (the views' spread: no truth to rank by), every cutout is embedded, and
+    each unusable file is listed with its reason; on shards it ranks by the error, as the run's report."""
+    src = small_shards.parent / "s" / "images"
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    ids = pd.read_csv(small_run / "predictions_valid.csv", dtype={"id": str}).id[:10]
+    for i in ids:
+        shutil.copy(src / f"{i}.jpg", imgs / f"{i}.jpg")
+    (imgs / "page.jpg").write_bytes(b"<html>404 Not Found</html>")
+    res = run_cli("predict", small_run, imgs, "--tta", "--report", "--out", tmp_path / "p.csv", "--json")
+    summary = json.loads(res.stdout)
+    page_path = Path(summary["report"])
+    assert page_path == tmp_path / "p.html" and page_path.is_file()
+    page = Page(page_path.read_text())
+    assert page.scripts == 0 and not page.links
+    df = pd.read_csv(tmp_path / "p.csv", dtype={"id": str})
+    ok = df[df.status == "ok"].sort_values("sigma_tta_metallicity", ascending=False, kind="stable")
+    most = page.section("most uncertain")
+    ranks = [float(a["data-rank"]) for a in most]
+    assert len(most) == 10 and {a["data-id"] for a in most} == set(ok.id)  # all 10 usable files, most uncertain first
+    assert ranks == sorted(ranks, reverse=True)
+    sigma = dict(zip(ok.id, ok.sigma_tta_metallicity))  # the CSV rounds to 5 decimals
+    assert all(abs(float(a["data-rank"]) - sigma[a["data-id"]]) <= 1e-5 for a in most)
+    for src_ in page.imgs:
+        decoded(src_)
+    assert len(page.imgs) == len(page.items)  # every gallery item shows its cutout
+    text = page_path.read_text()
+    assert 'data-id="page"' in text and "not-jpeg" in text  # the unusable file and its reason
+    res = run_cli("predict", small_run, small_shards, "--report", "--out", tmp_path / "s.csv")
+    spage = Page((tmp_path / "s.html").read_text())
+    worst = spage.section("worst")
+    s = pd.read_csv(tmp_path / "s.csv", dtype={"id": str})
+    err = (s.pred_metallicity - s.true_metallicity).abs().sort_values(ascending=False, kind="stable")
+    assert len(worst) == 12 and {a["data-id"] for a in worst} == set(s.id[err.index[:12]])  # (5-decimal CSV: no ties here)
+    assert [float(a["data-rank"]) for a in worst] == sorted((float(a["data-rank"]) for a in worst), reverse=True)
