@@ -73,7 +73,7 @@ def test_train_writes_a_self_contained_report(small_run):
     assert page.scripts == 0 and page.links == []  # no script, nothing fetched
     assert "http://" not in text and "https://" not in text
     pngs = [p.name for p in small_run.glob("*.png") if p.name != "show_batch.png"]
-    assert len(page.imgs) == len(pngs) + 3 * 12  # every figure, and 12 worst + 12 best + 12 random cutouts
+    assert len(page.imgs) == len(pngs) + 2 * 3 * 12  # every figure, and per target 12 worst + 12 best + 12 random
     for src in page.imgs:
         decoded(src)
     m = json.loads((small_run / "metrics.json").read_text())
@@ -86,16 +86,28 @@ def test_the_gallery_worst_are_the_largest_errors_of_predictions_valid(small_run
     page = Page((small_run / "report.html").read_text())
     df = pd.read_csv(small_run / "predictions_valid.csv", dtype={"id": str})
     err = (df["pred_metallicity"] - df["true_metallicity"]).abs()  # the plain prediction, not TTA's
-    worst = page.section("worst")
+    def section(name, target="metallicity"):
+        return [a for a in page.section(name) if a["data-target"] == target]
+
+    worst = section("worst")
     assert [a["data-id"] for a in worst] == df["id"][err.sort_values(ascending=False, kind="stable").index[:12]].tolist()
-    assert [a["data-id"] for a in page.section("best")] == df["id"][err.sort_values(kind="stable").index[:12]].tolist()
+    assert [a["data-id"] for a in section("best")] == df["id"][err.sort_values(kind="stable").index[:12]].tolist()
+    # a multi-target run: a gallery per target, each ranked by its own error
+    err2 = (df["pred_lgm_tot_p50"] - df["true_lgm_tot_p50"]).abs()
+    assert [a["data-id"] for a in section("worst", "lgm_tot_p50")] == \
+        df["id"][err2.sort_values(ascending=False, kind="stable").index[:12]].tolist()
+    # the catalog row on hover (the shards carry it): the galaxy's own coordinates
+    cat = pd.read_csv(Path(json.loads((small_run / "config.json").read_text())["shards"]).parent / "s/data/master.csv",
+                      dtype={"objID": str}).set_index("objID")
+    first = worst[0]
+    assert f"ra={cat.loc[first['data-id'], 'ra']:.4g}" in first["title"], first["title"]
     rows = df.set_index("id")
-    for a in page.items:  # each item's numbers are its row's
+    for a in [a for a in page.items if a["data-target"] == "metallicity"]:  # each item's numbers are its row's
         r = rows.loc[a["data-id"]]
         assert float(a["data-true"]) == pytest.approx(r["true_metallicity"])
         assert float(a["data-pred"]) == pytest.approx(r["pred_metallicity"])
         assert float(a["data-abs-error"]) == pytest.approx(abs(r["pred_metallicity"] - r["true_metallicity"]))
-    rand = page.section("random")
+    rand = section("random")
     assert len(rand) == 12 and len({a["data-id"] for a in rand}) == 12
     assert min(float(a["data-abs-error"]) for a in worst) >= err.nlargest(12).min() - 1e-12
 
@@ -107,7 +119,7 @@ def test_report_rebuilds_a_run_made_before_it(small_run, tmp_path):
     out = old / "report.html"
     assert info["out"] == str(out) and info["bytes"] == out.stat().st_size
     page = Page(out.read_text())
-    assert [len(page.section(s)) for s in ("worst", "best", "random")] == [5, 5, 5]
+    assert [len(page.section(s)) for s in ("worst", "best", "random")] == [10, 10, 10]  # 5 each for both targets
     assert all(decoded(s) for s in page.imgs)
     # the same run, the same page but for its folder's name: the gallery of train's own and of a rebuild agree
     again = run_cli("report", small_run, "--out", tmp_path / "again.html")
@@ -122,7 +134,7 @@ def test_report_without_the_shards_says_so(small_run, tmp_path):
     text = (run / "report.html").read_text()
     page = Page(text)
     assert "The cutouts are not shown" in text and str(gone) in text
-    assert len(page.section("worst")) == 12 and "no cutout: shards unavailable" in text
+    assert len(page.section("worst")) == 24 and "no cutout: shards unavailable" in text
     assert len(page.imgs) == len([p for p in run.glob("*.png") if p.name != "show_batch.png"])  # the figures stay
 
 

@@ -163,13 +163,13 @@ def _cutout(split, i: int, config: dict) -> tuple[bytes, str]:
     return buf.getvalue(), "image/png"
 
 
-def _gallery_html(preds: pd.DataFrame, target: str, n: int, seed: int, config: dict, shards=None) -> str:
+def _gallery_html(preds: pd.DataFrame, target: str, n: int, seed: int, config: dict, shards=None, opened=None) -> str:
     unit = UNITS.get(target, "")
     rows = gallery_rows(preds, target, n, seed)
-    split, note = _open_split(config, shards)
+    split, note = opened if opened is not None else _open_split(config, shards)  # opened: once for every target
     where = {k: i for i, k in enumerate(split.keys)} if split is not None else {}
     sigmas = [c for c in (f"sigma_{target}", f"sigma_tta_{target}") if c in preds]
-    parts = ['<h2 id="gallery">Gallery: validation galaxies</h2>',
+    parts = [f'<h2 id="gallery-{_e(target)}">Gallery: validation galaxies by {_e(target)}</h2>',
              (f'<p class="sub">Ranked by |pred - true| of <b>{_e(target)}</b> ({_e(unit) or "its unit"}), using the '
               f'plain prediction <span class="mono">pred_{_e(target)}</span> (not the TTA average); the {n} worst, '
               f'the {n} best and {n} drawn at random (seed {seed}) of {len(preds)}.</p>')]
@@ -193,12 +193,29 @@ def _gallery_html(preds: pd.DataFrame, target: str, n: int, seed: int, config: d
                 img = f'<div class="noimg">{"no cutout: shards unavailable" if split is None else "not in the shards"}</div>'
             sig = "".join(f"<br>{'sigma' if c.startswith('sigma_' + target) else 'TTA sigma'} "
                           f"{_fmt(float(r[c]), '.3f')} {_e(unit)}" for c in sigmas)
+            hover = _row_words(split, i) if i is not None else ""
             parts.append(
-                f'<div class="gal" data-section="{section}" data-id="{_e(gid)}" data-true="{true!r}" '
+                f'<div class="gal" data-target="{_e(target)}" title="{_e(hover)}" '
+                f'data-section="{section}" data-id="{_e(gid)}" data-true="{true!r}" '
                 f'data-pred="{pred!r}" data-abs-error="{err!r}">{img}<div class="id">{_e(gid)}</div>'
                 f'true {true:.3f}, pred {pred:.3f}<br><span class="err">|error| {err:.3f} {_e(unit)}</span>{sig}</div>')
         parts.append("</div>")
     return "\n".join(parts)
+
+
+def _row_words(split, i: int, most: int = 14) -> str:
+    """Sample i's catalog row as one line for a gallery item's tooltip: its columns (the image's own record left
+    out), numbers to 4 significant digits."""
+    try:
+        row = split.row(i)
+    except (ValueError, OSError):
+        return ""
+    words = []
+    for k, v in row.items():
+        if k.startswith("__"):
+            continue
+        words.append(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}")
+    return ", ".join(words[:most]) + (" ..." if len(words) > most else "")
 
 
 def _band_words(bands: list[str]) -> str:
@@ -309,6 +326,7 @@ def build_report(run, gallery: int = GALLERY, seed: int = 0, shards=None) -> str
     run's open Shards (train passes its own), else those config.json names."""
     run = Path(run)
     config, metrics, preds, hist = _read_run(run)
+    opened = _open_split(config, shards) if gallery else (None, None)
     t = metrics.get("target") or config["targets"][0]
     title = f"fastgal run {run.name}: {t}"
     body = [f"<h1>{_e(title)}</h1>",
@@ -316,7 +334,8 @@ def build_report(run, gallery: int = GALLERY, seed: int = 0, shards=None) -> str
              f"{len(preds)} galaxies. Errors and RMSEs are in the targets' units "
              f"({', '.join(f'{k}: {v}' for k, v in UNITS.items() if k in (metrics.get('targets') or {t: 0})) or '-'}).</p>"),
             _headline(run, config, metrics), _targets_table(metrics), _figures_html(run), _history_table(hist),
-            _gallery_html(preds, t, gallery, seed, config, shards),
+            *[_gallery_html(preds, target, gallery, seed, config, shards, opened)
+              for target in [t, *[u for u in config.get("targets", []) if u != t and f"pred_{u}" in preds]]],
             (f"<footer>Written by fastgal {_e(__version__)} (`fastgal report {_e(run)}` rebuilds it). "
              "Self-contained: every image is embedded, nothing is fetched.</footer>")]
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"

@@ -268,6 +268,11 @@ class Split:
         """Every sample's targets, (n, ntargets) float32, in file order."""
         return self.batch(range(len(self)))[1] if len(self) else np.zeros((0, self.ntargets), np.float32)
 
+    def row(self, i: int) -> dict:
+        """Sample i's catalog row as the shards carry it (its json; the id a string)."""
+        raw = self._map(int(self.tar[i]))[int(self.meta_off[i]):int(self.meta_off[i] + self.meta_size[i])]
+        return json.loads(raw)
+
     def column(self, name: str) -> np.ndarray:
         """One catalog column of every sample, in file order, from the samples' json (the catalog row the
         shards carry), read through the parsed index: float, NaN where missing, empty or not a number."""
