@@ -5,29 +5,22 @@
 
 Options are declared once, as the fields of the command's config dataclass (fastgal/options.py):
 `@options(TrainConfig)` turns each field into a click argument or option with the field's default
-and help, and `TrainConfig(**kwargs)` is built from what click parsed. Each command calls the
+and help, and `config(TrainConfig, kwargs)` is built from what click parsed. Each command calls the
 library, prints results to stdout (`--json` where a machine reads them) and progress to stderr.
-User errors are ClickExceptions: one line, non-zero exit. `failure` is the one place that decides what any
-other exception out of a command becomes: a full disk or an unwritable folder one line naming the file and
-the fix (exit 1), Ctrl-C and SIGTERM a line (exit 130, 143) and, for `train`, how to resume; anything else
-is a bug and keeps its traceback.
+What an exception out of a command becomes (one line, exit 1; Ctrl-C 130, SIGTERM 143) is failures.py's.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import signal
 import sys
-import typing
 import warnings
-from contextlib import contextmanager, nullcontext
-from dataclasses import MISSING, fields
 from pathlib import Path
 
 import click
 
 from fastgal import __version__
+from fastgal.failures import FastgalGroup, _output_folder, _user_errors
 from fastgal.options import (
     BenchConfig,
     DemoConfig,
@@ -37,16 +30,13 @@ from fastgal.options import (
     ShardConfig,
     SynthConfig,
     TrainConfig,
+    config,
+    options,
 )
-from fastgal.recipe import PRESETS
 from fastgal.score.summary import calibration_lines, format_metrics
 from fastgal.shards.verify import format_info, info_summary
 from fastgal.util import (
-    disk_error_line,
-    interrupted,
-    removed_if_failed,
     sigterm_unwinds,
-    terminated,
 )
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -69,134 +59,6 @@ def quiet_dependency_warnings() -> None:
         warnings.filterwarnings("ignore", message=message, module=module)
 
 
-def _scale(ctx, param, value):
-    """--scale: 'auto' or a positive number of arcsec/pixel."""
-    if value == "auto":
-        return value
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        v = -1.0
-    if not v > 0:
-        raise click.BadParameter(f"{value!r} is neither 'auto' nor a positive number of arcsec/pixel")
-    return v
-
-
-_CALLBACKS = {"scale": _scale}
-
-
-def _click_type(hint, meta: dict):
-    """The click type for a field's annotation (Path, int, float, str, and their `| None`)."""
-    if meta.get("choices"):
-        return click.Choice(meta["choices"])
-    args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
-    if typing.get_origin(args[0]) is list:
-        args = list(typing.get_args(args[0]))
-    base = args[0] if len(args) == 1 else str
-    if base is Path:
-        return click.Path(path_type=Path)
-    return base if base in (int, float, str) else str
-
-
-def options(cfg_cls, json_help: str | None = "Print the summary as JSON."):
-    """Declare a command's arguments and options from cfg_cls's fields (and --json)."""
-    hints = typing.get_type_hints(cfg_cls)
-
-    def deco(f):
-        decorators = []
-        for fl in fields(cfg_cls):
-            meta = dict(fl.metadata)
-            if meta.get("cli") is False:
-                continue
-            default = fl.default if fl.default is not MISSING else fl.default_factory()
-            if meta.get("argument"):
-                decorators.append(click.argument(fl.name, type=_click_type(hints[fl.name], meta)))
-                continue
-            decls = [meta.get("flag") or "--" + fl.name.replace("_", "-"), fl.name]
-            if meta.get("short"):
-                decls.insert(0, meta["short"])
-            kw = {"help": meta.get("help") or None}
-            if hints[fl.name] is bool:
-                kw["is_flag"] = True
-            elif meta.get("type") in _CALLBACKS:
-                kw.update(default=default, show_default=True, callback=_CALLBACKS[meta["type"]])
-            else:
-                kw["type"] = _click_type(hints[fl.name], meta)
-                if meta.get("multiple"):
-                    kw.update(multiple=True, default=tuple(default or ()), show_default=bool(default))
-                elif meta.get("preset"):  # None = not given: --preset fills it; help shows each preset's value
-                    kw["default"] = None
-                    kw["help"] = ((kw["help"] or "") + " [default: the preset's: "
-                                  + ", ".join(f"{n} {getattr(r, fl.name)}" for n, r in PRESETS.items()) + "]").strip()
-                else:
-                    kw.update(default=default, show_default=default is not None)
-            decorators.append(click.option(*decls, **kw))
-        if json_help:
-            decorators.append(click.option("--json", "as_json", is_flag=True, help=json_help))
-        for d in reversed(decorators):
-            f = d(f)
-        return f
-
-    return deco
-
-
-def config(cfg_cls, kwargs: dict):
-    """cfg_cls(**kwargs) from click's values: a repeated option's tuple becomes a list (None when
-    the field's default is None and none was given)."""
-    kw = {}
-    for fl in fields(cfg_cls):
-        if fl.name not in kwargs:
-            continue
-        v = kwargs[fl.name]
-        if fl.metadata.get("multiple"):
-            v = list(v) if v else (None if fl.default is None else list(fl.default_factory()))
-        kw[fl.name] = v
-    return cfg_cls(**kw)
-
-
-class Interrupted(click.ClickException):
-    """Ctrl-C or SIGTERM, unwound: its lines (the signal's own was printed as it arrived) and 130 or 143."""
-
-    def __init__(self, lines: list[str], exit_code: int):
-        super().__init__("; ".join(lines))
-        self.lines, self.exit_code = lines, exit_code
-
-    def show(self, file=None):
-        for line in self.lines:
-            click.echo(line, err=True)
-
-
-def failure(exc: BaseException, meta: dict) -> click.ClickException | None:
-    """What an exception a command let out becomes, for every command: KeyboardInterrupt (Ctrl-C) and
-    Terminated (SIGTERM) a line or two and exit 130 or 143; a full disk, a quota, a read-only or forbidden
-    folder, found anywhere in the exception's chain (fastai and torch wrap it), one line naming the file and the
-    fix. None: a bug, which keeps its traceback. `meta` is what the command registered with `_user_errors`:
-    what it writes and the option that chooses it, and what to say when interrupted."""
-    if isinstance(exc, KeyboardInterrupt):
-        lines = [] if terminated() or interrupted() else ["fastgal: interrupted (Ctrl-C)"]  # else said as it came
-        hint = meta.get("fastgal.on_interrupt")
-        if hint is not None and (line := hint()):
-            lines.append(line)
-        return Interrupted(lines, 128 + (signal.SIGTERM if terminated() else signal.SIGINT))
-    line = disk_error_line(exc, *meta.get("fastgal.output", (None, "--out")))
-    return click.ClickException(line) if line else None
-
-
-class FastgalGroup(click.Group):
-    """The group whose every command's unhandled exceptions go through `failure` (in-process too: CliRunner)."""
-
-    def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except (click.ClickException, click.exceptions.Exit, click.Abort, SystemExit):
-            raise
-        except BaseException as e:
-            mapped = failure(e, ctx.meta)
-            if mapped is None:
-                raise
-            raise mapped from None
-
-
 @click.group(cls=FastgalGroup, context_settings=CONTEXT)
 @click.version_option(__version__, "--version", prog_name="fastgal")
 def cli():
@@ -204,35 +66,6 @@ def cli():
 
     catalog + JPEGs -> WebDataset shards -> NVIDIA DALI -> fastai.
     """
-
-
-@contextmanager
-def _user_errors(writing: Path | None = None, also: tuple = (), option: str = "OUT", on_interrupt=None,
-                 output: Path | None = None):
-    """The library's ValueErrors (and `also`) become one-line ClickExceptions; so does any OSError of a
-    command that only writes `writing` (chosen by `option`), with the fix. `output` (or `writing`) is what a
-    command writes, for `failure`'s lines about a full disk or an unwritable folder; `on_interrupt` a line, or
-    None, to add when Ctrl-C or SIGTERM stops it. Anything else is a bug and keeps its traceback."""
-    meta = click.get_current_context().meta
-    if (writing or output) is not None:
-        meta["fastgal.output"] = (writing or output, option)
-    if on_interrupt is not None:
-        meta["fastgal.on_interrupt"] = on_interrupt
-    try:
-        yield
-    except (ValueError, *also) as e:
-        raise click.ClickException(str(e)) from None
-    except OSError as e:
-        line = disk_error_line(e, writing or output, option)
-        if writing is None and line is None:
-            raise
-        raise click.ClickException(line or f"cannot write {writing}: {e.strerror or e}; choose a writable folder "
-                                   "with free space") from None
-
-
-def _output_folder(out: Path, keep=None):
-    """removed_if_failed for a command's output folder, on the process that writes it (rank 0 under torchrun)."""
-    return removed_if_failed(out, keep) if int(os.environ.get("RANK", "0")) == 0 else nullcontext()
 
 
 def _echo_json(obj) -> None:
@@ -478,7 +311,7 @@ def predict(as_json, **kw):
                                    f"{top}: {df.loc[df.status == top, 'reason'].iloc[0]}); their rows are in {path}")
     page = None
     if cfg.report:
-        from fastgal.score.report import write_prediction_report
+        from fastgal.score.predict_report import write_prediction_report
 
         with _user_errors(output=path, option="--out"):
             page = write_prediction_report(df, Path(path).with_suffix(".html"), cfg.run, cfg.input, csv=path)

@@ -12,8 +12,11 @@ config.json), so every output says exactly how it was made.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
+
+import click
 
 from fastgal.recipe import (
     ARCH_NAMES,
@@ -282,3 +285,90 @@ class BenchConfig:
     compile_mode: str = option("default", COMPILE_MODE_HELP, choices=COMPILE_MODES)
     opt: str = option("ranger", "Optimizer of fastgal's learner in every section (the step section's peer is always "
                    "fastai's ranger).", choices=OPTIMIZERS)
+
+
+# --------------------------------------------------------------------------- the click options, from the fields
+
+def _scale(ctx, param, value):
+    """--scale: 'auto' or a positive number of arcsec/pixel."""
+    if value == "auto":
+        return value
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        v = -1.0
+    if not v > 0:
+        raise click.BadParameter(f"{value!r} is neither 'auto' nor a positive number of arcsec/pixel")
+    return v
+
+
+_CALLBACKS = {"scale": _scale}
+
+
+def _click_type(hint, meta: dict):
+    """The click type for a field's annotation (Path, int, float, str, and their `| None`)."""
+    if meta.get("choices"):
+        return click.Choice(meta["choices"])
+    args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    if typing.get_origin(args[0]) is list:
+        args = list(typing.get_args(args[0]))
+    base = args[0] if len(args) == 1 else str
+    if base is Path:
+        return click.Path(path_type=Path)
+    return base if base in (int, float, str) else str
+
+
+def options(cfg_cls, json_help: str | None = "Print the summary as JSON."):
+    """Declare a command's arguments and options from cfg_cls's fields (and --json)."""
+    hints = typing.get_type_hints(cfg_cls)
+
+    def deco(f):
+        decorators = []
+        for fl in fields(cfg_cls):
+            meta = dict(fl.metadata)
+            if meta.get("cli") is False:
+                continue
+            default = fl.default if fl.default is not MISSING else fl.default_factory()
+            if meta.get("argument"):
+                decorators.append(click.argument(fl.name, type=_click_type(hints[fl.name], meta)))
+                continue
+            decls = [meta.get("flag") or "--" + fl.name.replace("_", "-"), fl.name]
+            if meta.get("short"):
+                decls.insert(0, meta["short"])
+            kw = {"help": meta.get("help") or None}
+            if hints[fl.name] is bool:
+                kw["is_flag"] = True
+            elif meta.get("type") in _CALLBACKS:
+                kw.update(default=default, show_default=True, callback=_CALLBACKS[meta["type"]])
+            else:
+                kw["type"] = _click_type(hints[fl.name], meta)
+                if meta.get("multiple"):
+                    kw.update(multiple=True, default=tuple(default or ()), show_default=bool(default))
+                elif meta.get("preset"):  # None = not given: --preset fills it; help shows each preset's value
+                    kw["default"] = None
+                    kw["help"] = ((kw["help"] or "") + " [default: the preset's: "
+                                  + ", ".join(f"{n} {getattr(r, fl.name)}" for n, r in PRESETS.items()) + "]").strip()
+                else:
+                    kw.update(default=default, show_default=default is not None)
+            decorators.append(click.option(*decls, **kw))
+        if json_help:
+            decorators.append(click.option("--json", "as_json", is_flag=True, help=json_help))
+        for d in reversed(decorators):
+            f = d(f)
+        return f
+
+    return deco
+
+
+def config(cfg_cls, kwargs: dict):
+    """cfg_cls(**kwargs) from click's values: a repeated option's tuple becomes a list (None when
+    the field's default is None and none was given)."""
+    kw = {}
+    for fl in fields(cfg_cls):
+        if fl.name not in kwargs:
+            continue
+        v = kwargs[fl.name]
+        if fl.metadata.get("multiple"):
+            v = list(v) if v else (None if fl.default is None else list(fl.default_factory()))
+        kw[fl.name] = v
+    return cfg_cls(**kw)

@@ -75,7 +75,13 @@ from fastgal.train.checkpoints import (
 from fastgal.train.device import resolve_device, resolve_precision
 from fastgal.train.learner import make_learner
 from fastgal.train.model import make_model
-from fastgal.util import OutLock, Progress, check_writable, write_bytes_atomic, write_json_atomic
+from fastgal.util import (
+    OutLock,
+    Progress,
+    check_writable,
+    write_bytes_atomic,
+    write_json_atomic,
+)
 
 CHECKPOINT = "checkpoint.pth"
 # config.json entries a --resume must not change: the TrainConfig fields but these, and what they resolved to

@@ -223,6 +223,22 @@ def _who(h: dict) -> str:
     return f"`{h.get('command', 'fastgal')}` (pid {h.get('pid')} on {h.get('host')}, started {h.get('started')})"
 
 
+def claim_out(out, command: str, check, stack, quiet: bool = False, tmp_prefix: str | None = None) -> None:
+    """The start of a command that writes the folder `out`: refuse it if a live command holds it (that work in
+    progress is not output to judge), `check()` what it holds (refusals before any work), claim it with an OutLock
+    released when `stack` closes, `check()` again under the claim (another command may have finished meanwhile),
+    and remove the `tmp_prefix` folders a killed run of this command left there."""
+    log = Progress(quiet=quiet).line
+    lock = OutLock(out, command, log=log)
+    lock.refuse_if_busy()
+    check()
+    stack.enter_context(lock)
+    check()
+    gone = [p.name for p in remove_stale(out, tmp_prefix)] if tmp_prefix else []
+    if gone:
+        log(f"removed {len(gone)} temporary folder(s) left in {out} by an interrupted run: {', '.join(gone)}")
+
+
 class OutLock:
     """OUT/.fastgal.lock: the claim of one command on an output folder, taken before anything is written
     into it and held to the end (released on success, on an error, Ctrl-C and SIGTERM; SIGKILL leaves it).

@@ -59,13 +59,12 @@ from fastgal.shards.index import INDEX_VERSION, index_count, is_shard_file, make
 from fastgal.shards.read import FLOAT_FORMAT_VERSION, FORMAT, FORMAT_VERSION
 from fastgal.util import (
     HashCache,
-    OutLock,
     Progress,
     check_out,
     chunks,
+    claim_out,
     default_workers,
     imap_ordered,
-    remove_stale,
     sha256_file,
     temp_dir,
     worker_pool,
@@ -332,16 +331,8 @@ def _check_out(out: Path, cfg: ShardConfig) -> None:
 
 
 def _prepare_out(out: Path, cfg: ShardConfig, stack: contextlib.ExitStack) -> None:
-    """Refuse an OUT we may not write (before any work); claim it for this command (util.OutLock, released
-    when `stack` closes) and check it again under the claim; clear what a killed run left in it."""
-    lock = OutLock(out, "fastgal shard", log=Progress(quiet=cfg.quiet).line)
-    lock.refuse_if_busy()  # another command's work in progress is not "shards" to refuse or replace
-    _check_out(out, cfg)
-    stack.enter_context(lock)
-    _check_out(out, cfg)  # what another command may have finished meanwhile
-    gone = [p.name for p in remove_stale(out, TMP_PREFIX)]
-    if gone:
-        Progress(quiet=cfg.quiet).line(f"removed {len(gone)} temporary folder(s) left in {out} by an interrupted run: {', '.join(gone)}")
+    """Refuse an OUT we may not write (before any work), then claim it for this command (util.claim_out)."""
+    claim_out(out, "fastgal shard", lambda: _check_out(out, cfg), stack, quiet=cfg.quiet, tmp_prefix=TMP_PREFIX)
 
 
 def _survey_rules(cfg: ShardConfig, rows: _Rows, paths: list[str], pool, workers: int) -> ImageRules:

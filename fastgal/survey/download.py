@@ -54,7 +54,13 @@ from fastgal.survey.skyserver import (
     query_catalog,
     unreachable_message,
 )
-from fastgal.util import OutLock, Progress, check_writable, write_bytes_atomic, write_json_atomic
+from fastgal.util import (
+    OutLock,
+    Progress,
+    check_writable,
+    write_bytes_atomic,
+    write_json_atomic,
+)
 
 DEFAULT_SQL = Path(__file__).with_name("metallicity_sample.sql")  # shipped as package data
 STATUSES = ("ok", "skipped-existing", "not-found", "failed", "invalid-image", "interrupted")

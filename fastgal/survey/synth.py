@@ -64,12 +64,11 @@ from fastgal.survey.render import (
 )
 from fastgal.util import (
     LOCK_NAME,
-    OutLock,
     Progress,
     check_out,
+    claim_out,
     default_workers,
     imap_ordered,
-    remove_stale,
     temp_dir,
     worker_pool,
     write_bytes_atomic,
@@ -315,16 +314,8 @@ def _check_out(out: Path, cfg: SynthConfig) -> None:
 
 
 def _prepare_out(out: Path, cfg: SynthConfig, stack: contextlib.ExitStack) -> None:
-    """Refuse an OUT we may not write (before any work); claim it for this command (util.OutLock, released
-    when `stack` closes) and check it again under the claim; clear what a killed run left in it."""
-    lock = OutLock(out, "fastgal synth", log=Progress(quiet=cfg.quiet).line)
-    lock.refuse_if_busy()  # another command's work in progress is not "a survey" to refuse or replace
-    _check_out(out, cfg)
-    stack.enter_context(lock)
-    _check_out(out, cfg)  # what another command may have written meanwhile
-    gone = [p.name for p in remove_stale(out, TMP_PREFIX)]
-    if gone:
-        Progress(quiet=cfg.quiet).line(f"removed {len(gone)} temporary folder(s) left in {out} by an interrupted run: {', '.join(gone)}")
+    """Refuse an OUT we may not write (before any work), then claim it for this command (util.claim_out)."""
+    claim_out(out, "fastgal synth", lambda: _check_out(out, cfg), stack, quiet=cfg.quiet, tmp_prefix=TMP_PREFIX)
 
 
 def synth(cfg: SynthConfig) -> SynthResult:
