@@ -121,7 +121,12 @@ def test_a_data_bound_fraction_above_one_is_called_noise():
                       "warmup": 0, "arch": "xresnet18"}, "machine": {"gpu": None, "usable_cpus": 2}, "n_train": 10,
            "shards": "s", "model": {"arch": "xresnet18", "batch_shape": [8, 3, 56, 56], "precision": "fp32",
                                     "images_per_s": 100.0}, "e2e": sec}
-    assert "noise: that loader keeps up" in format_table(res)
+    table = format_table(res)
+    assert "noise: that loader keeps up" in table
+    # issue 33: printed as the ratio it is (a `data-bound fraction` could read 1.42); the JSON key keeps its name
+    assert "fraction" not in table and "e2e / model = the ratio of their images/s" in table
+    assert "a ratio above 1 is the two measurements' noise" in table
+    assert next(ln for ln in table.splitlines() if ln.strip().startswith("torch")).split()[-1] == "1.04"
     sec["data_bound_fraction"]["torch"] = 0.9
     assert "noise" not in format_table(res)
 

@@ -143,24 +143,6 @@ def test_bench_size_follows_the_shards_crop(small_shards):
     assert "model input 112px; pass --size 56 (7/9 of the region, the default) or another size up to 72" in err
 
 
-def test_bench_prints_e2e_over_model_as_a_ratio():
-    """Before: a `data-bound fraction` that could read 1.42; the JSON key keeps its name."""
-    from fastgal.bench.main import format_table
-
-    sec = {"baseline": "torch", "results": {"torch": {"images_per_s": 142.0}}, "ratio_vs_baseline": {"torch": 1.0},
-           "data_bound_fraction": {"torch": 1.42}}
-    res = {"config": {"bs": 8, "crop": 72, "size": 56, "workers": 1, "device": "cpu", "repeats": 1, "batches": 2,
-                      "warmup": 0, "arch": "xresnet18"}, "machine": {"gpu": None, "usable_cpus": 2}, "n_train": 10,
-           "shards": "s", "model": {"arch": "xresnet18", "batch_shape": [8, 3, 56, 56], "precision": "fp32",
-                                    "images_per_s": 100.0}, "e2e": sec}
-    table = format_table(res)
-    assert "fraction" not in table and "e2e / model = the ratio of their images/s" in table
-    assert "a ratio above 1 is the two measurements' noise" in table
-    assert next(ln for ln in table.splitlines() if ln.strip().startswith("torch")).split()[-1] == "1.42"
-
-
-# --------------------------------------------------------------------------- what the figures say
-
 def _png_text(path) -> str:
     return Image.open(path).text["Description"]
 
