@@ -20,7 +20,7 @@ from pathlib import Path
 import click
 
 from fastgal import __version__
-from fastgal.failures import FastgalGroup, _output_folder, _user_errors
+from fastgal.failures import FastgalGroup, output_folder, user_errors
 from fastgal.options import (
     BenchConfig,
     DemoConfig,
@@ -92,7 +92,7 @@ def synth(as_json, **kw):
     from fastgal.survey.synth import synth as run_synth
 
     cfg = config(SynthConfig, kw)
-    with _user_errors(writing=cfg.out), _output_folder(cfg.out):
+    with user_errors(writing=cfg.out), output_folder(cfg.out):
         res = run_synth(cfg)
     info = {"out": str(res.out), "n": res.n, "format": cfg.format, "bands": res.bands,
             "seconds": round(res.seconds, 2), "images_per_s": round(res.images_per_s, 1),
@@ -139,7 +139,7 @@ def train(as_json, **kw):
         return None
 
     # a run folder holds nothing of value before its first epoch's checkpoint
-    with _user_errors(output=cfg.out, option="--out", on_interrupt=resume_hint), _output_folder(cfg.out, keep=ckpt.is_file):
+    with user_errors(output=cfg.out, option="--out", on_interrupt=resume_hint), output_folder(cfg.out, keep=ckpt.is_file):
         m = run_train(cfg)
     if not m:  # a non-zero DDP rank
         return
@@ -166,7 +166,7 @@ def demo(as_json, **kw):
 
     cfg = config(DemoConfig, kw)
     log = (lambda msg: click.echo(msg, err=True)) if not cfg.quiet else (lambda msg: None)  # stage lines, as train's
-    with _user_errors(output=cfg.out, option="--out"), _output_folder(cfg.out):
+    with user_errors(output=cfg.out, option="--out"), output_folder(cfg.out):
         m = run_demo(cfg, log=log)
     if as_json:
         _echo_json(m)
@@ -195,7 +195,7 @@ def shard(as_json, **kw):
     from fastgal.shards.write import shard as run_shard
 
     cfg = config(ShardConfig, kw)
-    with _user_errors(writing=cfg.out), _output_folder(cfg.out):
+    with user_errors(writing=cfg.out), output_folder(cfg.out):
         res = run_shard(cfg)
     m = res.manifest
     c = m["counts"]
@@ -231,7 +231,7 @@ def info(out, as_json):
     """
     from fastgal.shards.verify import verify
 
-    with _user_errors():
+    with user_errors():
         res = verify(out)
     if as_json:
         _echo_json(info_summary(out, res))
@@ -264,7 +264,7 @@ def download(as_json, **kw):
 
     cfg = config(DownloadConfig, kw)
     try:
-        with _user_errors(writing=cfg.out, also=(SkyServerError,)), _output_folder(cfg.out):  # CatalogError: a ValueError
+        with user_errors(writing=cfg.out, also=(SkyServerError,)), output_folder(cfg.out):  # CatalogError: a ValueError
             res = run_download(cfg)
     except KeyboardInterrupt:
         click.echo("interrupted before any cutout was fetched; nothing to resume yet", err=True)
@@ -302,7 +302,7 @@ def predict(as_json, **kw):
     from fastgal.score.predict import predict as run_predict
 
     cfg = config(PredictConfig, kw)
-    with _user_errors(output=cfg.out or cfg.run, option="--out"):
+    with user_errors(output=cfg.out or cfg.run, option="--out"):
         df, path = run_predict(cfg)
     n_bad = int((df["status"] != "ok").sum()) if "status" in df else 0
     if n_bad and n_bad == len(df):  # nothing scored: a failure, whatever the table says
@@ -313,7 +313,7 @@ def predict(as_json, **kw):
     if cfg.report:
         from fastgal.score.predict_report import write_prediction_report
 
-        with _user_errors(output=path, option="--out"):
+        with user_errors(output=path, option="--out"):
             page = write_prediction_report(df, Path(path).with_suffix(".html"), cfg.run, cfg.input, csv=path)
     diag = diagnose(df)
     # the names of train's metrics.json: rmse of pred_<t>, tta_rmse of pred_tta_<t> (--tta)
@@ -352,7 +352,7 @@ def report(as_json, **kw):
     from fastgal.score.report import write_report
 
     cfg = config(ReportConfig, kw)
-    with _user_errors(writing=cfg.out or cfg.run / "report.html", option="--out"):
+    with user_errors(writing=cfg.out or cfg.run / "report.html", option="--out"):
         path = write_report(cfg.run, gallery=cfg.gallery, seed=cfg.seed, out=cfg.out)
     size = path.stat().st_size
     if as_json:
@@ -382,7 +382,7 @@ def bench(as_json, **kw):
     from fastgal.bench.main import bench as run_bench
     from fastgal.bench.main import format_table
 
-    with _user_errors():
+    with user_errors():
         res = run_bench(config(BenchConfig, kw))
     if as_json:
         _echo_json(res)

@@ -1,7 +1,7 @@
 """How an exception out of a `fastgal` command becomes what a person reads: one place for every command.
 
     @click.group(cls=FastgalGroup)          # cli.py: every command's exceptions go through `failure`
-    with _user_errors(output=cfg.out):      # a command's ValueErrors become one line; what it writes is named
+    with user_errors(output=cfg.out):      # a command's ValueErrors become one line; what it writes is named
 
 User errors are ClickExceptions: one line, non-zero exit. `failure` decides what any other exception becomes:
 a full disk or an unwritable folder one line naming the file and the fix (exit 1), Ctrl-C and SIGTERM a line
@@ -36,7 +36,7 @@ def failure(exc: BaseException, meta: dict) -> click.ClickException | None:
     """What an exception a command let out becomes, for every command: KeyboardInterrupt (Ctrl-C) and
     Terminated (SIGTERM) a line or two and exit 130 or 143; a full disk, a quota, a read-only or forbidden
     folder, found anywhere in the exception's chain (fastai and torch wrap it), one line naming the file and the
-    fix. None: a bug, which keeps its traceback. `meta` is what the command registered with `_user_errors`:
+    fix. None: a bug, which keeps its traceback. `meta` is what the command registered with `user_errors`:
     what it writes and the option that chooses it, and what to say when interrupted."""
     if isinstance(exc, KeyboardInterrupt):
         lines = [] if terminated() or interrupted() else ["fastgal: interrupted (Ctrl-C)"]  # else said as it came
@@ -64,7 +64,7 @@ class FastgalGroup(click.Group):
 
 
 @contextmanager
-def _user_errors(writing: Path | None = None, also: tuple = (), option: str = "OUT", on_interrupt=None,
+def user_errors(writing: Path | None = None, also: tuple = (), option: str = "OUT", on_interrupt=None,
                  output: Path | None = None):
     """The library's ValueErrors (and `also`) become one-line ClickExceptions; so does any OSError of a
     command that only writes `writing` (chosen by `option`), with the fix. `output` (or `writing`) is what a
@@ -87,6 +87,6 @@ def _user_errors(writing: Path | None = None, also: tuple = (), option: str = "O
                                    "with free space") from None
 
 
-def _output_folder(out: Path, keep=None):
+def output_folder(out: Path, keep=None):
     """removed_if_failed for a command's output folder, on the process that writes it (rank 0 under torchrun)."""
     return removed_if_failed(out, keep) if int(os.environ.get("RANK", "0")) == 0 else nullcontext()
