@@ -95,6 +95,21 @@ def test_cutouts_in_a_sub_folder_are_found_and_named(survey, small_run, tmp_path
     assert err.endswith(f"pass the folder that holds the {{id}}.jpg files, e.g. {sub}")
 
 
+@pytest.mark.parametrize("ext", [".jpeg", ".JPG"])
+def test_cutouts_named_jpeg_or_upper_case_are_refused_with_the_rename(survey, tmp_path, ext):
+    """Before: every row rejected `missing-image` (shard looks for {id}.jpg exactly)."""
+    cat = _tiny_copy(survey, tmp_path, 3)
+    for f in (tmp_path / "images").iterdir():
+        f.rename(f.with_suffix(ext))
+    err = _one_line_error(run_cli("shard", cat, tmp_path / "images", tmp_path / "out", ok=False))
+    assert f"{tmp_path / 'images'} holds 3 {ext} files and no {{id}}.jpg" in err and "rename them" in err
+    assert not (tmp_path / "out").exists()
+    # the rename it gives fixes it
+    subprocess.run(["bash", "-c", err.split("e.g. ", 1)[1]], check=True)
+    run_cli("shard", cat, tmp_path / "images", tmp_path / "out", "--workers", 1)
+    assert json.loads((tmp_path / "out/manifest.json").read_text())["counts"]["rejected"] == 0
+
+
 @pytest.mark.parametrize("sep", [";", "\t"])
 def test_a_semicolon_or_tab_separated_catalog_is_read(survey, tmp_path, sep):
     """Before: `no id column 'objID' (columns: objID;ra;dec;...)`."""

@@ -72,6 +72,32 @@ def nested_problem(folder, holds: str) -> str | None:
             f"{holds}, e.g. {nested[0][0]}")
 
 
+# image files fastgal does not read under these names: a folder of them would otherwise become one
+# missing-image reject per row
+_OTHER_NAMES = {".jpeg": ".jpg", ".jpe": ".jpg", ".jfif": ".jpg", ".fit": ".fits", ".fts": ".fits"}
+
+
+def misnamed_problem(folder) -> str | None:
+    """A folder whose cutouts are named other than {id}.jpg / {id}.fits exactly (.jpeg, .JPG, .fit, .FITS, ...)
+    and that holds none named right, in words with the rename that fixes it; None otherwise. Names only."""
+    exact, other = Counter(), Counter()
+    with os.scandir(folder) as it:
+        for e in it:
+            if e.name.startswith(".") or not e.is_file():
+                continue
+            ext = os.path.splitext(e.name)[1]
+            if ext in CUTOUT_EXTS:
+                exact[ext] += 1
+            elif ext.lower() in CUTOUT_EXTS or ext.lower() in _OTHER_NAMES:
+                other[ext] += 1
+    if exact or not other:
+        return None
+    ext, n = other.most_common(1)[0]
+    want = _OTHER_NAMES.get(ext.lower(), ext.lower())
+    return (f"{folder} holds {n} {ext} files and no {{id}}{want}: fastgal reads cutouts named {{id}}{want} exactly; "
+            f"rename them, e.g. for f in \"{folder}\"/*{ext}; do mv \"$f\" \"${{f%{ext}}}{want}\"; done")
+
+
 def shard_files(folder) -> list[str]:
     """The names of `fastgal shard`'s files (tars, indexes, rejects.csv) in a folder, sorted."""
     with os.scandir(folder) as it:

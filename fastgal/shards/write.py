@@ -54,7 +54,7 @@ from fastgal.shards.catalog import (
 )
 from fastgal.shards.cutouts import ImageRules, check_chunk, modal_size
 from fastgal.shards.fits import match_bands, modal_layout, sample_bands
-from fastgal.shards.folder import files_of, kinds, nested_problem
+from fastgal.shards.folder import files_of, kinds, misnamed_problem, nested_problem
 from fastgal.shards.index import INDEX_VERSION, index_count, is_shard_file, make_index
 from fastgal.shards.read import FLOAT_FORMAT_VERSION, FORMAT, FORMAT_VERSION
 from fastgal.util import (
@@ -286,10 +286,10 @@ def _check_images(cfg: ShardConfig) -> ShardConfig:
         raise ValueError(f"{images} holds both {jpg} .jpg and {fits} .fits cutouts; shard one kind: pass --bands "
                          f"(e.g. --bands g,r,i) to shard the .fits files' bands, or put the .jpg and .fits files in "
                          f"separate folders")
-    if not jpg and not fits:
-        where = nested_problem(images, "{id}.jpg (or {id}.fits) files")
-        if where:
-            raise ValueError(where)
+    # cutouts named {id}.jpeg or .JPG, or only in sub-folders, would each become a missing-image reject
+    where = misnamed_problem(images) or (None if jpg or fits else nested_problem(images, "{id}.jpg (or {id}.fits) files"))
+    if where:
+        raise ValueError(where)
     if cfg.bands is not None and fits:
         asked = parse_bands(cfg.bands)
         seen = sample_bands(files_of(images, ".fits"))
