@@ -39,7 +39,7 @@ import json
 import os
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +64,7 @@ from fastgal.score.plots import (
 from fastgal.score.predict import predict_split
 from fastgal.score.report import REPORT, write_report
 from fastgal.shards.read import Shards
+from fastgal.shards.stage import local, redact
 from fastgal.train.callbacks import DDP, DeviceStats, EpochSeed, best_epoch_callback
 from fastgal.train.checkpoints import (
     EpochCheckpoint,
@@ -79,6 +80,7 @@ from fastgal.util import (
     OutLock,
     Progress,
     check_writable,
+    is_url,
     write_bytes_atomic,
     write_json_atomic,
 )
@@ -109,6 +111,7 @@ class Setup:
     world: int
     out: Path
     given: TrainConfig  # the config as given, before --preset filled it
+    source: str | None = None  # the shards' URL (redacted) when they were staged from one; cfg.shards is the copy
 
     @property
     def from_preset(self) -> list[str]:  # the settings --preset filled
@@ -182,6 +185,10 @@ def _init_distributed(cfg: TrainConfig, device: torch.device) -> tuple[int, int,
 def setup(cfg: TrainConfig, claim: contextlib.ExitStack) -> Setup:
     """Check everything that can be wrong before any work starts; claim the run folder (rank 0, released when
     `claim` closes) and prepare it; check the shards' sha256s against their manifest."""
+    source = None
+    if is_url(cfg.shards):  # staged to this node's disk, verified (its LOCAL_RANK 0 stages, the others wait for it)
+        source = redact(cfg.shards)
+        cfg = replace(cfg, shards=local(cfg.shards, quiet=cfg.quiet))
     shards = Shards(cfg.shards)  # one-line ValueError on a bad folder
     targets = _check_targets(cfg, shards)
     crop = shards.crop(cfg.crop)
@@ -209,7 +216,7 @@ def setup(cfg: TrainConfig, claim: contextlib.ExitStack) -> Setup:
         _prepare_out(cfg, out)  # checked again under the claim: another command may have written there meanwhile
     tmean, tstd = shards.target_stats()
     return Setup(cfg=cfg, shards=shards, targets=targets, target_mean=tmean, target_std=tstd, crop=crop, device=device,
-                 precision=precision, rank=rank, world=world, out=out, given=given)
+                 precision=precision, rank=rank, world=world, out=out, given=given, source=source)
 
 
 def preset_line(s: Setup) -> str:
@@ -304,7 +311,7 @@ def write_config(s: Setup, dls) -> dict:
         "n_train": len(dls.train.split), "n_valid": len(dls.valid.split),
         "versions": versions(), "gpu": torch.cuda.get_device_name(s.device) if s.device.type == "cuda" else None,
         "recipe": RECIPE_TEXT, "from_preset": s.from_preset, "train_seed_per_rank": seeds,
-        "shards_sha256": s.shards.sha256(),
+        "shards_sha256": s.shards.sha256(), "shards_source": s.source,  # the URL they were staged from (redacted)
         "image": {"kind": s.shards.kind, "bands": s.shards.bands, "softening": dls.train.geometry.softening,
                   "pixel_mean": list(dls.train.geometry.mean), "pixel_std": list(dls.train.geometry.std)},
     }
