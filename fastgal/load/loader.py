@@ -60,8 +60,8 @@ from fastgal.load.geometry import (
 from fastgal.load.order import EpochPlan, file_order
 from fastgal.load.preprocess import geometry_for
 from fastgal.recipe import RECIPE
-from fastgal.shards.read import Shards
-from fastgal.shards.stage import Split, local
+from fastgal.shards.read import Shards, Split
+from fastgal.shards.stage import local
 from fastgal.util import default_workers
 
 

@@ -1,0 +1,257 @@
+"""`fastgal stage` and shard URLs against real servers on 127.0.0.1, started here: an HTTP server that serves a
+shard folder and injects faults (5xx, a stall past the timeout, a connection dropped mid-body, a flipped byte, a
+missing shard), and moto's S3-protocol server for s3:// through s3fs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import threading
+import time
+from collections import defaultdict
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+
+from conftest import run_cli
+
+TOKEN = "s3cr3t-SIGNATURE-42"
+
+
+class FaultServer(ThreadingHTTPServer):
+    """Serves folders (`self.folders[prefix]`) at http://127.0.0.1:PORT/<prefix>/<file>; `faults[file]` is a list of
+    faults the next requests for that file get, one each: 503, 404, stall, drop, flip."""
+
+    daemon_threads = True
+
+    def __init__(self):
+        self.folders: dict[str, Path] = {}
+        self.faults: dict[str, list[str]] = defaultdict(list)
+        self.requests: list[str] = []  # every path asked for, its query included
+        self.stall = 3.0
+        super().__init__(("127.0.0.1", 0), _Handler)
+
+    def url(self, prefix: str, query: str = f"token={TOKEN}") -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/{prefix}/" + (f"?{query}" if query else "")
+
+
+class _Handler(BaseHTTPRequestHandler):
+    def log_message(self, *a):  # quiet
+        pass
+
+    def _serve(self, body: bool) -> None:
+        srv: FaultServer = self.server
+        srv.requests.append(self.path)
+        prefix, _, name = urlsplit(self.path).path.strip("/").partition("/")
+        fault = srv.faults[name].pop(0) if srv.faults.get(name) else None
+        path = srv.folders.get(prefix, Path("/nonexistent")) / name
+        if fault == "503":
+            self.send_error(503)
+            return
+        if fault == "404" or not path.is_file():
+            self.send_error(404)
+            return
+        data = bytearray(path.read_bytes())
+        if fault == "flip":
+            data[len(data) // 2] ^= 0x01
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if not body:
+            return
+        if fault in ("stall", "drop"):
+            self.wfile.write(data[: len(data) // 2])
+            self.wfile.flush()
+            if fault == "stall":
+                time.sleep(srv.stall)
+            self.close_connection = True
+            return
+        self.wfile.write(data)
+
+    def do_GET(self):
+        self._serve(True)
+
+    def do_HEAD(self):
+        self._serve(False)
+
+
+@pytest.fixture
+def server(survey_shards):
+    srv = FaultServer()
+    srv.folders["sh"] = survey_shards
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+@pytest.fixture
+def fast_retries(monkeypatch):
+    monkeypatch.setenv("FASTGAL_STAGE_BACKOFF", "0.05")
+
+
+def _tars(folder: Path) -> dict[str, str]:
+    m = json.loads((folder / "manifest.json").read_text())
+    return {e["file"]: e["sha256"] for sp in m["shards"].values() for e in sp}
+
+
+def _partials(cache: Path) -> list[Path]:
+    return [p for p in cache.rglob("*") if p.name.endswith((".part", ".tmp", ".link"))]
+
+
+def test_stage_survives_every_fault_and_takes_nothing_unverified(server, survey_shards, tmp_path, fast_retries):
+    """503, a stall past --timeout, a dropped connection and a flipped byte: each retried and re-fetched; the
+    staged folder is byte for byte the source; the token never appears in what it prints or writes."""
+    tars = sorted(_tars(survey_shards))
+    assert len(tars) >= 4
+    server.faults.update({tars[0]: ["503", "drop"], tars[1]: ["flip"], tars[2]: ["stall"], "manifest.json": ["503"]})
+    server.stall = 3.0
+    cache = tmp_path / "cache"
+    res = run_cli("stage", server.url("sh"), cache, "--timeout", 1, "--retries", 3, "--json")
+    out = json.loads(res.stdout)
+    folder = Path(out["folder"])
+    assert out["fetched"] == len(tars) and out["cached"] == 0
+    assert len(out["retries"]) == 4, out["retries"]  # 503 + drop, flip, stall (the manifest's 503 is not a shard)
+    said = "\n".join(out["retries"])
+    assert "sha256" in said and "503" in said
+    for name in tars:  # what was kept: exactly the source's bytes
+        assert (folder / name).read_bytes() == (survey_shards / name).read_bytes()
+        assert (folder / name.replace(".tar", ".idx")).read_bytes() == (survey_shards / name.replace(".tar", ".idx")).read_bytes()
+    assert not _partials(cache)
+    # the token travels to the server with every file, and appears nowhere in what fastgal says or writes
+    assert all(TOKEN in r for r in server.requests)
+    written = "".join(p.read_text() for p in folder.iterdir() if p.suffix in (".json", ".csv"))
+    assert TOKEN not in res.output and TOKEN not in written and "token=***" in (folder / ".fastgal-stage.json").read_text()
+    # the staged folder is what every command reads: info re-checks it whole
+    assert run_cli("info", folder).exit_code == 0
+    # content-addressed: nothing fetched again
+    again = json.loads(run_cli("stage", server.url("sh"), cache, "--json").stdout)
+    assert again["fetched"] == 0 and again["cached"] == len(tars) and again["folder"] == str(folder)
+
+
+def test_stage_gives_up_in_one_line_keeps_what_is_whole_and_resumes(server, survey_shards, tmp_path, fast_retries):
+    """A shard corrupt at every try: one line naming it, the other shards kept verified, no manifest (nothing
+    reads a half-staged folder), no partial file; the next run fetches only that shard."""
+    tars = sorted(_tars(survey_shards))
+    server.faults[tars[1]] = ["flip"] * 3
+    cache = tmp_path / "cache"
+    res = run_cli("stage", server.url("sh"), cache, "--retries", 2, ok=False)
+    assert res.exit_code == 1
+    line = res.output.strip().splitlines()[-1]
+    assert f"could not fetch {server.url('sh', '').rstrip('/')}/{tars[1]}?token=***" in line and "after 3 tries" in line
+    assert TOKEN not in res.output
+    store = cache / "sha256"
+    sha = _tars(survey_shards)
+    assert not (store / f"{sha[tars[1]]}.tar").exists() and not _partials(cache)
+    assert not list(cache.glob("sh-*/manifest.json"))
+    again = json.loads(run_cli("stage", server.url("sh"), cache, "--json").stdout)
+    assert again["fetched"] == 1 and again["cached"] == len(tars) - 1
+
+
+def test_stage_missing_shard_is_one_line_and_no_retry(server, survey_shards, tmp_path, fast_retries):
+    tars = sorted(_tars(survey_shards))
+    server.faults[tars[-1]] = ["404"] * 10
+    res = run_cli("stage", server.url("sh"), tmp_path / "c", ok=False)
+    line = res.output.strip().splitlines()[-1]
+    assert res.exit_code == 1 and f"/{tars[-1]}?token=*** is missing (listed in" in line and "manifest.json" in line
+    assert len([r for r in server.requests if tars[-1] in r]) == 1  # not retried
+    res = run_cli("stage", server.url("nothing"), tmp_path / "c", ok=False)
+    assert "is not a fastgal shard folder" in res.output and len(res.output.strip().splitlines()) == 1
+
+
+def test_stage_fetches_a_changed_shard_and_only_it(server, survey_shards, tmp_path):
+    """The same URL serving a new version of one shard: that one fetched, the rest taken from the cache."""
+    v2 = tmp_path / "v2"
+    shutil.copytree(survey_shards, v2)
+    m = json.loads((v2 / "manifest.json").read_text())
+    e = m["shards"]["train"][0]
+    with open(v2 / e["file"], "ab") as f:  # two more zero blocks: still the same samples, other bytes
+        f.write(b"\0" * 1024)
+    e["bytes"] += 1024
+    e["sha256"] = hashlib.sha256((v2 / e["file"]).read_bytes()).hexdigest()
+    (v2 / "manifest.json").write_text(json.dumps(m))
+    cache = tmp_path / "cache"
+    first = json.loads(run_cli("stage", server.url("sh"), cache, "--json").stdout)
+    server.folders["sh"] = v2
+    second = json.loads(run_cli("stage", server.url("sh"), cache, "--json").stdout)
+    assert second["folder"] == first["folder"] and second["fetched"] == 1 and second["cached"] == first["shards"] - 1
+    assert (Path(second["folder"]) / e["file"]).read_bytes() == (v2 / e["file"]).read_bytes()
+    assert len(list((cache / "sha256").glob("*.tar"))) == first["shards"] + 1  # the old version is not deleted
+
+
+def test_stage_refuses_up_front(server, tmp_path, monkeypatch):
+    """Too little free space: one line with the bytes needed, nothing fetched; a folder of someone else's files
+    in the way: refused, nothing deleted."""
+    import fastgal.shards.stage as st
+
+    real = shutil.disk_usage
+    monkeypatch.setattr(st.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    res = run_cli("stage", server.url("sh"), tmp_path / "c", ok=False)
+    assert "needs" in res.output and "bytes" in res.output and "has 0.00 GB free" in res.output
+    assert not [r for r in server.requests if ".tar" in r]
+    monkeypatch.setattr(st.shutil, "disk_usage", real)
+    view = st.view_folder(tmp_path / "c", server.url("sh"))
+    view.mkdir(parents=True)
+    (view / "mine.txt").write_text("keep me")
+    res = run_cli("stage", server.url("sh"), tmp_path / "c", ok=False)
+    assert "did not write" in res.output and (view / "mine.txt").read_text() == "keep me"
+
+
+def test_other_local_ranks_wait_with_a_line_saying_for_what(server, tmp_path, monkeypatch):
+    """Under torchrun a process that is not LOCAL_RANK 0 waits for that one's staging; when it never comes the
+    line names the URL, the folder and the marker it waited for."""
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("FASTGAL_STAGE_TIMEOUT", "1")
+    monkeypatch.setenv("FASTGAL_CACHE", str(tmp_path / "c"))
+    res = run_cli("info", server.url("sh"), ok=False)
+    line = res.output.strip().splitlines()[-1]
+    assert "LOCAL_RANK 1 waited 1s for LOCAL_RANK 0 to stage" in line and ".fastgal-stage.json" in line
+    assert TOKEN not in res.output
+
+
+def test_stage_from_s3_protocol_server(survey_shards, tmp_path, monkeypatch):
+    """s3:// through s3fs against moto's standalone S3 server on 127.0.0.1; then `info` on the URL itself."""
+    pytest.importorskip("s3fs")
+    moto_server = pytest.importorskip("moto.server")
+    import boto3
+
+    srv = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    srv.start()
+    try:
+        host, port = srv.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                     "AWS_ENDPOINT_URL": endpoint, "FASTGAL_CACHE": str(tmp_path / "c")}.items():
+            monkeypatch.setenv(k, v)
+        s3 = boto3.client("s3", endpoint_url=endpoint)
+        s3.create_bucket(Bucket="galaxies")
+        for p in survey_shards.iterdir():
+            s3.upload_file(str(p), "galaxies", f"shards/v1/{p.name}")
+        out = json.loads(run_cli("stage", "s3://galaxies/shards/v1/", "--json").stdout)
+        assert out["fetched"] == len(_tars(survey_shards)) and Path(out["folder"]).parent == tmp_path / "c"
+        res = run_cli("info", "s3://galaxies/shards/v1")  # staged (nothing fetched again), then checked whole
+        assert "verified" in res.stdout
+        assert run_cli("stage", "s3://galaxies/nothing/", ok=False).output.count("\n") == 1
+    finally:
+        srv.stop()
+
+
+def test_resume_on_another_process_count_refuses_in_one_line(small_run, small_shards, tmp_path):
+    """A run of 2 processes resumed by 1: refused in one line naming what changed and how to resume."""
+    run = tmp_path / "r"
+    run.mkdir()
+    cfg = json.loads((small_run / "config.json").read_text())
+    cfg["world_size"] = 2
+    (run / "config.json").write_text(json.dumps(cfg))
+    shutil.copy(small_run / "model.pt", run / "checkpoint.pth")  # present: what --resume looks for first
+    args = [a for a in ("--epochs", 2, "--bs", 32, "--arch", "xresnet18", "--size", 56, "--tta", "--lr-find",
+                        "--lr-find-iters", 6, "--workers", 1, "--quiet")]
+    res = run_cli("train", small_shards, "--out", run, "--resume", *args, ok=False)
+    line = res.output.strip().splitlines()[-1]
+    assert res.exit_code == 1 and "2 processes" in line and "this resume has 1" in line and "global batch" in line
+    assert os.environ.get("RANK") is None
