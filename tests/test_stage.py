@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import threading
 import time
 from collections import defaultdict
@@ -16,7 +17,6 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
-
 from conftest import run_cli
 
 TOKEN = "s3cr3t-SIGNATURE-42"
@@ -255,3 +255,130 @@ def test_resume_on_another_process_count_refuses_in_one_line(small_run, small_sh
     line = res.output.strip().splitlines()[-1]
     assert res.exit_code == 1 and "2 processes" in line and "this resume has 1" in line and "global batch" in line
     assert os.environ.get("RANK") is None
+
+
+# --------------------------------------------------------------------------- many nodes: the Slurm script
+
+SBATCH = Path(__file__).resolve().parent.parent / "examples" / "slurm" / "train.sbatch"
+
+FAKE_SRUN = """#!/bin/bash
+# simulated srun: the command once per simulated node (SLURM_NNODES), each with its own node-local cache
+while [[ "$1" == -* ]]; do shift; done
+echo "srun $*" >> "$FAKE_SLURM_LOG"
+pids=()
+for ((i = 0; i < SLURM_NNODES; i++)); do
+    SLURM_NODEID=$i SLURM_PROCID=$i SLURM_LOCALID=0 FASTGAL_CACHE="$FAKE_NODES/node$i" "$@" &
+    pids+=($!)
+done
+trap 'kill -TERM "${pids[@]}" 2>/dev/null' TERM
+rc=0
+for p in "${pids[@]}"; do wait "$p" || rc=$?; done
+exit $rc
+"""
+FAKE_SCONTROL = """#!/bin/bash
+# simulated scontrol: `show hostnames` lists the simulated nodes (all this machine); everything is recorded
+echo "scontrol $*" >> "$FAKE_SLURM_LOG"
+if [ "$1 $2" = "show hostnames" ]; then for ((i = 0; i < SLURM_NNODES; i++)); do echo 127.0.0.1; done; fi
+"""
+
+
+def _fake_slurm(tmp_path: Path, nodes: int) -> dict:
+    """PATH with a simulated srun and scontrol, and the environment Slurm gives a batch script."""
+    import socket
+
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (bin_ / name).write_text(text)
+        (bin_ / name).chmod(0o755)
+    (tmp_path / "tmp").mkdir()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return {**os.environ, "PATH": f"{bin_}{os.pathsep}{os.environ['PATH']}", "FAKE_SLURM_LOG": str(tmp_path / "slurm.log"),
+            "FAKE_NODES": str(tmp_path / "nodes"), "SLURM_JOB_ID": "4242", "SLURM_NNODES": str(nodes),
+            "SLURM_JOB_NODELIST": f"n[0-{nodes - 1}]", "GPUS_PER_NODE": "1", "MASTER_PORT": str(port),
+            "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path / "tmp")}
+
+
+@pytest.mark.slow
+def test_two_nodes_on_localhost_equal_one_node_two_processes(small_shards, ddp_run, tmp_path):
+    """examples/slurm/train.sbatch under a simulated Slurm (srun, scontrol on PATH): 2 nodes x 1 process, each
+    node staging the shards over HTTP into its own cache, torchrun's c10d rendezvous on the first node; the run
+    equals conftest's one-node, two-process run (ddp_run) to 1e-6."""
+    import subprocess
+
+    import pandas as pd
+    from conftest import DDP_RUN
+
+    srv = FaultServer()
+    srv.folders["sh"] = small_shards
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        env = {**_fake_slurm(tmp_path, 2), "SHARDS": srv.url("sh"), "RUN": str(tmp_path / "run")}
+        proc = subprocess.run(["bash", str(SBATCH), *map(str, DDP_RUN)], env=env, capture_output=True, text=True,
+                              timeout=600)
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = (tmp_path / "slurm.log").read_text()
+    assert "-m fastgal stage http" in log and "scontrol show hostnames" in log and "--rdzv-backend c10d" in log
+    assert "--nnodes 2 --nproc-per-node 1" in log and "--resume" not in log
+    staged = [json.loads(p.read_text()) for p in sorted((tmp_path / "nodes").glob("node*/*/.fastgal-stage.json"))]
+    assert len(staged) == 2 and staged[0]["manifest_sha256"] == staged[1]["manifest_sha256"]  # one cache per node
+    run, one = tmp_path / "run", ddp_run.path
+    a, b = json.loads((run / "metrics.json").read_text()), json.loads((one / "metrics.json").read_text())
+    assert a["world_size"] == b["world_size"] == 2 and a["steps_per_epoch"] == b["steps_per_epoch"]
+    for k in ("rmse", "nmad", "bias", "r2", "tta_rmse", "baseline_rmse"):
+        assert a[k] == pytest.approx(b[k], abs=1e-6), k
+    pa, pb = pd.read_csv(run / "predictions_valid.csv"), pd.read_csv(one / "predictions_valid.csv")
+    assert (pa.id == pb.id).all() and (pa.select_dtypes("number") - pb.select_dtypes("number")).abs().max().max() <= 1e-5
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["shards_source"] == srv.url("sh").replace(TOKEN, "***") and cfg["shards_sha256"] == json.loads(
+        (one / "config.json").read_text())["shards_sha256"]
+    assert not any(TOKEN in p.read_text(errors="replace") for p in run.iterdir() if p.suffix in (".json", ".csv", ".html"))
+    assert TOKEN not in proc.stderr and TOKEN not in proc.stdout
+
+
+FAKE_PYTHON = """#!/bin/bash
+# stands in for python: `-m fastgal stage` answers at once; torchrun is recorded and runs until it is stopped
+echo "python $*" >> "$FAKE_SLURM_LOG"
+if [ "$2" = "torch.distributed.run" ]; then
+    trap 'kill "$s"; echo "torchrun got TERM" >> "$FAKE_SLURM_LOG"; exit 143' TERM
+    sleep 60 & s=$!
+    wait
+fi
+"""
+
+
+def test_batch_script_resumes_and_requeues_itself(tmp_path):
+    """The script's own logic, with python stood in for: a checkpoint in RUN adds --resume; USR1 (Slurm's
+    --signal before the time limit) requeues the job and stops the step; a finished RUN is left alone."""
+    import signal
+    import subprocess
+
+    env = _fake_slurm(tmp_path, 2)
+    fake = tmp_path / "bin" / "python"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint.pth").write_bytes(b"x")
+    env.update(PYTHON=str(fake), SHARDS="s3://bucket/shards/", RUN=str(run))
+    log = tmp_path / "slurm.log"
+    p = subprocess.Popen(["bash", str(SBATCH), "--epochs", "3"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    deadline = time.time() + 30
+    while time.time() < deadline and (not log.exists() or log.read_text().count("torch.distributed.run") < 2):
+        time.sleep(0.1)
+    time.sleep(0.3)  # the fake torchruns set their traps
+    p.send_signal(signal.SIGUSR1)
+    out, err = p.communicate(timeout=30)
+    text = log.read_text()
+    assert "train s3://bucket/shards/ --out " + str(run) + " --resume --epochs 3" in text
+    assert "scontrol requeue 4242" in text and "torchrun got TERM" in text and "requeueing job 4242" in out
+    assert p.returncode != 0
+    (run / "metrics.json").write_text("{}")
+    done = subprocess.run(["bash", str(SBATCH)], env=env, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0 and "finished run" in done.stdout
