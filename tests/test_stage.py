@@ -109,16 +109,18 @@ def test_stage_survives_every_fault_and_takes_nothing_unverified(server, survey_
     staged folder is byte for byte the source; the token never appears in what it prints or writes."""
     tars = sorted(_tars(survey_shards))
     assert len(tars) >= 4
-    server.faults.update({tars[0]: ["503", "drop"], tars[1]: ["flip"], tars[2]: ["stall"], "manifest.json": ["503"]})
+    idx = tars[3].replace(".tar", ".idx")
+    server.faults.update({tars[0]: ["503", "drop"], tars[1]: ["flip"], tars[2]: ["stall"], idx: ["flip"],
+                          "manifest.json": ["503"]})
     server.stall = 3.0
     cache = tmp_path / "cache"
     res = run_cli("stage", server.url("sh"), cache, "--timeout", 1, "--retries", 3, "--json")
     out = json.loads(res.stdout)
     folder = Path(out["folder"])
     assert out["fetched"] == len(tars) and out["cached"] == 0
-    assert len(out["retries"]) == 4, out["retries"]  # 503 + drop, flip, stall (the manifest's 503 is not a shard)
+    assert len(out["retries"]) == 5, out["retries"]  # 503 + drop, flip, stall, idx flip (+ the manifest's 503)
     said = "\n".join(out["retries"])
-    assert "sha256" in said and "503" in said
+    assert "sha256" in said and "503" in said and f"{idx}?token=*** does not match the tar" in said
     for name in tars:  # what was kept: exactly the source's bytes
         assert (folder / name).read_bytes() == (survey_shards / name).read_bytes()
         assert (folder / name.replace(".tar", ".idx")).read_bytes() == (survey_shards / name.replace(".tar", ".idx")).read_bytes()

@@ -9,10 +9,11 @@ The cache (one per node) holds
     sha256/<hex>.tar          the tars, content-addressed: a shard is fetched once, whatever folder lists it, and a
                               changed shard (a new sha256 in the manifest) always is; written under a temporary
                               name (.<hex>.*.part) and renamed only after its size and sha256 match the manifest
+    sha256/<hex>.idx          each tar's DALI index file, kept once every entry names a member of the verified tar
+                              at its offset, with its size (the manifest holds no hash of index files)
     <name>-<h>/               the staged shard folder `Shards` reads: manifest.json (written last), the tars as
-                              hard links to sha256/, the DALI index files rebuilt from the verified tars (a function
-                              of them: the same bytes `fastgal shard` wrote, with nothing unverified taken over the
-                              network), .fastgal-stage.json (the source, redacted, and the manifest's sha256)
+                              hard links to sha256/, the index files, rejects.csv, .fastgal-stage.json (the source,
+                              redacted, and the manifest's sha256)
 Nothing is ever deleted but this module's own temporary files; a killed staging leaves whole, verified tars and
 resumes with the rest. Transfers go through fsspec (torch already depends on it); http(s) needs aiohttp and s3://
 s3fs (`pip install fastgal[remote]`), gs:// gcsfs. Credentials come from the backends' usual places (AWS_* env,
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import re
 import shutil
@@ -41,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from fastgal.shards.index import index_text
+from fastgal.shards.index import INDEX_VERSION
 from fastgal.shards.read import FORMAT, READS
 from fastgal.util import (
     HashCache,
@@ -249,7 +251,8 @@ def stage(src, cache=None, *, streams: int = 8, retries: int = 4, timeout: float
 
     def have(e) -> bool:  # a whole, verified object (written only after its check; re-checked through the cache)
         obj = store / f"{e['sha256']}.tar"
-        return obj.is_file() and obj.stat().st_size == e["bytes"] and hashes.sha256(obj) == e["sha256"]
+        return (obj.is_file() and obj.stat().st_size == e["bytes"] and hashes.sha256(obj) == e["sha256"]
+                and obj.with_suffix(".idx").is_file())
 
     todo, seen = [], set()
     for e in entries:
@@ -286,15 +289,25 @@ def stage(src, cache=None, *, streams: int = 8, retries: int = 4, timeout: float
 
             part = store / f".{e['sha256']}.{os.getpid()}-{uuid.uuid4().hex[:8]}.part"
             try:
-                source.fs.get_file(source.path(e["file"]), str(part), callback=Count())
-                size = part.stat().st_size
-                if size != e["bytes"]:
-                    raise _Corrupt(f"{size:,} bytes arrived, the manifest lists {e['bytes']:,}")
-                got = sha256_file(part)
-                if got != e["sha256"]:
-                    raise _Corrupt(f"sha256 {got[:12]}... differs from the manifest's {e['sha256'][:12]}...")
-                os.chmod(part, 0o444 & ~umask())  # content-addressed: never written again
-                os.replace(part, obj)  # whole and verified, or not there at all
+                if not (obj.is_file() and hashes.sha256(obj) == e["sha256"]):  # (a retry after a bad index file)
+                    source.fs.get_file(source.path(e["file"]), str(part), callback=Count())
+                    size = part.stat().st_size
+                    if size != e["bytes"]:
+                        raise _Corrupt(f"{size:,} bytes arrived, the manifest lists {e['bytes']:,}")
+                    got = sha256_file(part)
+                    if got != e["sha256"]:
+                        raise _Corrupt(f"sha256 {got[:12]}... differs from the manifest's {e['sha256'][:12]}...")
+                    os.chmod(part, 0o444 & ~umask())  # content-addressed: never written again
+                    os.replace(part, obj)  # whole and verified, or not there at all
+                # its index file (the manifest has no hash of it): kept by the tar's sha256 once every entry
+                # names a member of the verified tar at its offset, with its size
+                raw_idx = source.fs.cat_file(source.path(e["index"]))
+                problem = index_problem(raw_idx, obj, e["samples"])
+                if problem:
+                    raise _Corrupt(f"{source.shown(e['index'])} {problem}")
+                with open(part, "wb") as f:
+                    f.write(raw_idx)
+                os.replace(part, obj.with_suffix(".idx"))
             finally:
                 part.unlink(missing_ok=True)
 
@@ -359,6 +372,37 @@ def _fetch_optional(source: _Source, name: str, retries: int, backoff: float, lo
         raise
 
 
+def index_problem(raw: bytes, tar: Path, samples: int) -> str | None:
+    """What is wrong with a DALI index of a verified tar (None: nothing): its count, or an entry whose offset does
+    not hold a member of that name and size (the 512-byte USTAR header before it). One pass over the lines,
+    ~50x faster than rebuilding the index with tarfile."""
+    try:
+        lines = raw.decode().splitlines()
+    except UnicodeDecodeError:
+        return "is not text"
+    head = lines[0].split() if lines else []
+    if head != [INDEX_VERSION, str(samples)] or len(lines) - 1 != samples:
+        return f"lists {' '.join(head[1:2]) or 'no'} samples in {len(lines) - 1} lines, the manifest {samples}"
+    with open(tar, "rb") as f:
+        data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        for line in lines[1:]:
+            parts = line.split()
+            if not parts or len(parts) % 4:
+                return f"has a malformed line ({line[:60]!r})"
+            for j in range(0, len(parts), 4):
+                off, size, name = int(parts[j + 1]), int(parts[j + 2]), parts[j + 3]
+                h = data[off - 512:off] if off >= 512 else b""
+                if (len(h) < 512 or off + size > len(data) or not name.endswith("." + parts[j]) or h[:100].rstrip(b"\0").decode(errors="replace") != name
+                        or int(h[124:136].strip(b"\0 ") or b"0", 8) != size):
+                    return f"does not match the tar at {name} (offset {off}, {size} bytes)"
+    except ValueError as e:
+        return f"has a malformed entry ({e})"
+    finally:
+        data.close()
+    return None
+
+
 def _link_view(view: Path, store: Path, m: dict, raw: bytes, manifest_sha: str, source: str, hashes: HashCache,
                rejects: bytes | None = None) -> None:
     """The staged folder: its old manifest and marker (ours) out first, so it is never half one manifest's and
@@ -377,8 +421,7 @@ def _link_view(view: Path, store: Path, m: dict, raw: bytes, manifest_sha: str, 
             os.replace(tmp, tar)
         hashes.put(obj, e["sha256"])  # a new link changes the inode's ctime: record both names now
         hashes.put(tar, e["sha256"])
-        idx = view / e["index"]
-        text = index_text(tar).encode()
+        idx, text = view / e["index"], obj.with_suffix(".idx").read_bytes()
         if not (idx.is_file() and idx.read_bytes() == text):
             write_bytes_atomic(idx, text)
     if rejects is not None:
