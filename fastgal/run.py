@@ -147,7 +147,9 @@ def synth_floor(manifest: dict) -> dict | None:
 
 
 def default_run_dir(shards: Path) -> Path:
-    return Path("runs") / f"{Path(shards).resolve().name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    # a URL's last path component, never its query (a signed token)
+    name = str(shards).partition("?")[0].rstrip("/").rsplit("/", 1)[-1] if is_url(shards) else Path(shards).resolve().name
+    return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 # --------------------------------------------------------------------------- stages

@@ -238,6 +238,10 @@ def test_stage_from_s3_protocol_server(survey_shards, tmp_path, monkeypatch):
         assert out["fetched"] == len(_tars(survey_shards)) and Path(out["folder"]).parent == tmp_path / "c"
         res = run_cli("info", "s3://galaxies/shards/v1")  # staged (nothing fetched again), then checked whole
         assert "verified" in res.stdout
+        import fastgal  # the Python API takes the URL too
+
+        dls = fastgal.dataloaders("s3://galaxies/shards/v1/", bs=16, size=56, backend="torch")
+        assert dls.shards.folder == Path(out["folder"]) and len(dls.valid.split) > 0
         assert run_cli("stage", "s3://galaxies/nothing/", ok=False).output.count("\n") == 1
     finally:
         srv.stop()
@@ -304,7 +308,7 @@ def _fake_slurm(tmp_path: Path, nodes: int) -> dict:
 
 
 @pytest.mark.slow
-def test_two_nodes_on_localhost_equal_one_node_two_processes(small_shards, ddp_run, tmp_path):
+def test_two_nodes_on_localhost_equal_one_node_two_processes(small_shards, ddp_run, tmp_path, monkeypatch):
     """examples/slurm/train.sbatch under a simulated Slurm (srun, scontrol on PATH): 2 nodes x 1 process, each
     node staging the shards over HTTP into its own cache, torchrun's c10d rendezvous on the first node; the run
     equals conftest's one-node, two-process run (ddp_run) to 1e-6."""
@@ -320,6 +324,11 @@ def test_two_nodes_on_localhost_equal_one_node_two_processes(small_shards, ddp_r
         env = {**_fake_slurm(tmp_path, 2), "SHARDS": srv.url("sh"), "RUN": str(tmp_path / "run")}
         proc = subprocess.run(["bash", str(SBATCH), *map(str, DDP_RUN)], env=env, capture_output=True, text=True,
                               timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        # predict on the URL too: staged into this process's own cache, the same predictions as the run's
+        monkeypatch.setenv("FASTGAL_CACHE", str(tmp_path / "predict-cache"))
+        res = run_cli("predict", tmp_path / "run", srv.url("sh"), "--out", tmp_path / "p.csv", "--workers", 1)
+        assert TOKEN not in res.output
     finally:
         srv.shutdown()
         srv.server_close()
@@ -336,6 +345,8 @@ def test_two_nodes_on_localhost_equal_one_node_two_processes(small_shards, ddp_r
         assert a[k] == pytest.approx(b[k], abs=1e-6), k
     pa, pb = pd.read_csv(run / "predictions_valid.csv"), pd.read_csv(one / "predictions_valid.csv")
     assert (pa.id == pb.id).all() and (pa.select_dtypes("number") - pb.select_dtypes("number")).abs().max().max() <= 1e-5
+    pp = pd.read_csv(tmp_path / "p.csv")
+    assert (pp.id == pa.id).all() and (pp.pred_metallicity - pa.pred_metallicity).abs().max() <= 1e-5
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["shards_source"] == srv.url("sh").replace(TOKEN, "***") and cfg["shards_sha256"] == json.loads(
         (one / "config.json").read_text())["shards_sha256"]
