@@ -206,9 +206,9 @@ def _fetch_manifest(source: _Source, retries: int, backoff: float, log) -> tuple
 def view_folder(cache: Path, src: str) -> Path:
     """The staged folder of a location in a cache: its last path component and a hash of the location
     without secrets, so two sources never share one."""
-    base = src.partition("?")[0] if is_url(src) else str(Path(src).resolve())
-    parts = urlsplit(base) if is_url(base) else None
-    key = f"{parts.scheme}://{parts.hostname}:{parts.port}{parts.path}".rstrip("/") if parts else base
+    base = src.partition("?")[0] if is_url(src) else f"file://{Path(src).resolve()}"  # a path: its file:// URL's
+    parts = urlsplit(base)
+    key = f"{parts.scheme}://{parts.hostname or ''}{f':{parts.port}' if parts.port else ''}{parts.path}".rstrip("/")
     name = re.sub(r"[^A-Za-z0-9._-]", "_", key.rstrip("/").rsplit("/", 1)[-1]) or "shards"
     return Path(cache) / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
 
