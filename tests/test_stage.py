@@ -329,6 +329,9 @@ def test_two_nodes_on_localhost_equal_one_node_two_processes(small_shards, ddp_r
         monkeypatch.setenv("FASTGAL_CACHE", str(tmp_path / "predict-cache"))
         res = run_cli("predict", tmp_path / "run", srv.url("sh"), "--out", tmp_path / "p.csv", "--workers", 1)
         assert TOKEN not in res.output
+        import fastgal  # the API's predict takes the URL too (nothing fetched again: the same cache)
+
+        api = fastgal.predict(str(tmp_path / "run"), srv.url("sh"), device="cpu")
     finally:
         srv.shutdown()
         srv.server_close()
@@ -347,6 +350,7 @@ def test_two_nodes_on_localhost_equal_one_node_two_processes(small_shards, ddp_r
     assert (pa.id == pb.id).all() and (pa.select_dtypes("number") - pb.select_dtypes("number")).abs().max().max() <= 1e-5
     pp = pd.read_csv(tmp_path / "p.csv")
     assert (pp.id == pa.id).all() and (pp.pred_metallicity - pa.pred_metallicity).abs().max() <= 1e-5
+    assert abs(api.pred_metallicity.to_numpy() - pa.pred_metallicity.to_numpy()).max() <= 1e-4
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["shards_source"] == srv.url("sh").replace(TOKEN, "***") and cfg["shards_sha256"] == json.loads(
         (one / "config.json").read_text())["shards_sha256"]
@@ -360,6 +364,7 @@ echo "python $*" >> "$FAKE_SLURM_LOG"
 if [ "$2" = "torch.distributed.run" ]; then
     trap 'kill "$s"; echo "torchrun got TERM" >> "$FAKE_SLURM_LOG"; exit 143' TERM
     sleep 60 & s=$!
+    echo "torchrun ready" >> "$FAKE_SLURM_LOG"
     wait
 fi
 """
@@ -382,10 +387,10 @@ def test_batch_script_resumes_and_requeues_itself(tmp_path):
     log = tmp_path / "slurm.log"
     p = subprocess.Popen(["bash", str(SBATCH), "--epochs", "3"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True)
-    deadline = time.time() + 30
-    while time.time() < deadline and (not log.exists() or log.read_text().count("torch.distributed.run") < 2):
+    deadline = time.time() + 120
+    while time.time() < deadline and p.poll() is None and (not log.exists() or log.read_text().count("torchrun ready") < 2):
         time.sleep(0.1)
-    time.sleep(0.3)  # the fake torchruns set their traps
+    assert p.poll() is None, p.communicate()  # the script is at the training step (both fake torchruns wait)
     p.send_signal(signal.SIGUSR1)
     out, err = p.communicate(timeout=30)
     text = log.read_text()

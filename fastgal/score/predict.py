@@ -213,6 +213,7 @@ def diagnose(df: pd.DataFrame) -> dict:
 def predict_table(cfg: PredictConfig, forward, meta: dict, device) -> pd.DataFrame:
     """The table for cfg.input (a shard folder's cfg.split, or a folder of JPEGs): forward (x -> outputs) and
     meta (model.pt's metadata: targets, geometry, pixel statistics) say how to feed the model."""
+    cfg = replace(cfg, input=local(cfg.input))  # a shard folder's URL (the API's too): staged first, verified
     inp = Path(cfg.input)
     if not inp.is_dir():
         raise ValueError(f"{inp} is not a folder; give a shard folder (with manifest.json) or a folder of .jpg cutouts")
