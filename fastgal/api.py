@@ -19,6 +19,7 @@ from fastgal.load import loader
 from fastgal.options import PredictConfig
 from fastgal.recipe import RECIPE
 from fastgal.train.device import resolve_device
+from fastgal.util import is_url
 
 
 @functools.wraps(loader.dataloaders)
@@ -86,6 +87,6 @@ def predict(model, data, *, split: str = "valid", tta: bool = False, bs: int = 2
     else:  # a fastai Learner
         dev = resolve_device(device or model.dls.device or "cpu", api=True)
         net, meta = model.model.to(dev).eval(), _learner_meta(model)
-    cfg = PredictConfig(run=Path(str(model)) if isinstance(model, (str, Path)) else Path("."), input=Path(data),
+    cfg = PredictConfig(run=Path(str(model)) if isinstance(model, (str, Path)) else Path("."), input=data if is_url(data) else Path(data),
                         split=split, tta=tta, bs=bs, device=str(dev), loader=loader, workers=workers)
     return predict_table(cfg, inference(net, meta, dev), meta, dev)

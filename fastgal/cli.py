@@ -28,6 +28,7 @@ from fastgal.options import (
     PredictConfig,
     ReportConfig,
     ShardConfig,
+    StageConfig,
     SynthConfig,
     TrainConfig,
     config,
@@ -218,7 +219,35 @@ def shard(as_json, **kw):
 
 
 @cli.command()
-@click.argument("out", type=click.Path(path_type=Path))
+@click.argument("src", type=str)
+@click.argument("dst", type=click.Path(path_type=Path), required=False)
+@options(StageConfig, json_help="Print what was staged (folder, shards fetched and cached, bytes, MB/s) as JSON.")
+def stage(src, dst, as_json, **kw):
+    """Copy a shard folder at a URL (or on a shared filesystem) into a node-local cache, verified.
+
+    SRC: https://..., s3://bucket/prefix/, gs://... (any fsspec URL) or a folder. DST: the cache folder
+    [default: $FASTGAL_CACHE, else $SLURM_TMPDIR/fastgal, else the system temp folder's fastgal-cache]. Every tar
+    is checked against the manifest's sha256 before it is taken; tars are kept by their sha256, so an unchanged
+    shard is never fetched twice; a killed staging resumes. Prints the staged folder: pass it (or the URL itself)
+    to train, predict, info and bench.
+
+    Example:
+
+        fastgal stage s3://bucket/shards/sdss/ && fastgal train s3://bucket/shards/sdss/ --out runs/r1
+    """
+    from fastgal.shards.stage import stage as run_stage
+
+    cfg = config(StageConfig, {**kw, "src": src, "cache": dst})
+    with user_errors(output=dst, option="DST"):
+        res = run_stage(cfg.src, cfg.cache, streams=cfg.streams, retries=cfg.retries, timeout=cfg.timeout, quiet=cfg.quiet)
+    if as_json:
+        _echo_json(res.as_dict())
+    else:
+        click.echo(res.folder)
+
+
+@cli.command()
+@click.argument("out", type=str)
 @click.option("--json", "as_json", is_flag=True, help="Print the check and the manifest summary as JSON.")
 def info(out, as_json):
     """Re-check a shard folder (sha256s, indexes, samples, counts) and summarise its manifest.
@@ -229,9 +258,11 @@ def info(out, as_json):
 
         fastgal info shards/synth
     """
+    from fastgal.shards.stage import local
     from fastgal.shards.verify import verify
 
     with user_errors():
+        out = local(out)  # a URL: staged (verified) first, then checked here as any folder
         res = verify(out)
     if as_json:
         _echo_json(info_summary(out, res))

@@ -30,6 +30,7 @@ from fastgal.recipe import (
     input_size,
     preset_name,
 )
+from fastgal.util import is_url
 
 
 def to_jsonable(cfg) -> dict:
@@ -122,7 +123,7 @@ class TrainConfig:
 
     None in a PRESET_FIELDS field (and in size) means "not given": resolved() fills it from the preset."""
 
-    shards: Path = option(Path("shards/synth"), argument=True)
+    shards: Path = option(Path("shards/synth"), argument=True, location=True)  # or a URL: staged (shards/stage.py)
     out: Path | None = option(None, "Run folder [default: runs/<shards>-<time>].")
     preset: str = option("auto", PRESET_HELP, choices=["auto", *PRESETS])
     epochs: int | None = option(None, preset=True)
@@ -232,7 +233,7 @@ class PredictConfig:
     """`fastgal predict`: a trained run applied to shards or a folder of JPEG cutouts."""
 
     run: Path = option(Path("runs/demo/run"), argument=True)
-    input: Path = option(Path("shards/synth"), argument=True)
+    input: Path = option(Path("shards/synth"), argument=True, location=True)  # or a shard folder's URL: staged
     out: Path | None = option(None, "CSV [default: RUN/predictions_<INPUT>.csv].")
     split: str = option("valid", "Which shards, when INPUT is a shard folder.", choices=["valid", "train", "all"])
     tta: bool = option(False, "Average the 8 dihedral views; their spread is written as sigma_tta_<t>.")
@@ -261,7 +262,7 @@ class BenchConfig:
     """`fastgal bench`: loaders / model / end-to-end training speed, as ratios to fastai's PIL pipeline, and the
     host cost of a training step against stock fastai's."""
 
-    shards: Path = option(Path("shards/synth"), argument=True)
+    shards: Path = option(Path("shards/synth"), argument=True, location=True)  # or a URL: staged
     what: str = option("all", "Sections, comma-separated: loaders, model, e2e (e2e also runs model), step "
                            "(the host cost of a training step, fastgal vs stock fastai), shuffle, decode (the JPEG "
                            "decoders alone), equality (the torch loader vs DALI: the same pixels?), all.")
@@ -287,6 +288,18 @@ class BenchConfig:
                    "fastai's ranger).", choices=OPTIMIZERS)
 
 
+@dataclass
+class StageConfig:
+    """`fastgal stage`: a shard folder at a URL (or on a shared filesystem) copied to node-local disk, verified."""
+
+    src: str = option("", cli=False)  # SRC and DST are the command's arguments (DST optional)
+    cache: Path | None = option(None, cli=False)
+    streams: int = option(8, "Files fetched at once.")
+    retries: int = option(4, "Tries after a failed or corrupt fetch of a file, waiting 0.5 s, 1 s, 2 s, ... between.")
+    timeout: float = option(60.0, "Seconds without a byte before a fetch is given up (then retried).")
+    quiet: bool = option(False, QUIET, short="-q")
+
+
 # --------------------------------------------------------------------------- the click options, from the fields
 
 def _scale(ctx, param, value):
@@ -305,8 +318,20 @@ def _scale(ctx, param, value):
 _CALLBACKS = {"scale": _scale}
 
 
+class Location(click.ParamType):
+    """A shard folder's path, or its URL (https://, s3://, any fsspec URL) kept as a string: a Path would collapse
+    `//`. shards/stage.py stages a URL to node-local disk."""
+
+    name = "path|url"
+
+    def convert(self, value, param, ctx):
+        return value if isinstance(value, Path) or is_url(value) else Path(value)
+
+
 def _click_type(hint, meta: dict):
     """The click type for a field's annotation (Path, int, float, str, and their `| None`)."""
+    if meta.get("location"):
+        return Location()
     if meta.get("choices"):
         return click.Choice(meta["choices"])
     args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]

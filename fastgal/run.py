@@ -39,7 +39,7 @@ import json
 import os
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +64,7 @@ from fastgal.score.plots import (
 from fastgal.score.predict import predict_split
 from fastgal.score.report import REPORT, write_report
 from fastgal.shards.read import Shards
+from fastgal.shards.stage import local, redact
 from fastgal.train.callbacks import DDP, DeviceStats, EpochSeed, best_epoch_callback
 from fastgal.train.checkpoints import (
     EpochCheckpoint,
@@ -79,6 +80,7 @@ from fastgal.util import (
     OutLock,
     Progress,
     check_writable,
+    is_url,
     write_bytes_atomic,
     write_json_atomic,
 )
@@ -109,6 +111,7 @@ class Setup:
     world: int
     out: Path
     given: TrainConfig  # the config as given, before --preset filled it
+    source: str | None = None  # the shards' URL (redacted) when they were staged from one; cfg.shards is the copy
 
     @property
     def from_preset(self) -> list[str]:  # the settings --preset filled
@@ -144,7 +147,9 @@ def synth_floor(manifest: dict) -> dict | None:
 
 
 def default_run_dir(shards: Path) -> Path:
-    return Path("runs") / f"{Path(shards).resolve().name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    # a URL's last path component, never its query (a signed token)
+    name = str(shards).partition("?")[0].rstrip("/").rsplit("/", 1)[-1] if is_url(shards) else Path(shards).resolve().name
+    return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 # --------------------------------------------------------------------------- stages
@@ -182,6 +187,10 @@ def _init_distributed(cfg: TrainConfig, device: torch.device) -> tuple[int, int,
 def setup(cfg: TrainConfig, claim: contextlib.ExitStack) -> Setup:
     """Check everything that can be wrong before any work starts; claim the run folder (rank 0, released when
     `claim` closes) and prepare it; check the shards' sha256s against their manifest."""
+    source = None
+    if is_url(cfg.shards):  # staged to this node's disk, verified (its LOCAL_RANK 0 stages, the others wait for it)
+        source = redact(cfg.shards)
+        cfg = replace(cfg, shards=local(cfg.shards, quiet=cfg.quiet))
     shards = Shards(cfg.shards)  # one-line ValueError on a bad folder
     targets = _check_targets(cfg, shards)
     crop = shards.crop(cfg.crop)
@@ -209,7 +218,7 @@ def setup(cfg: TrainConfig, claim: contextlib.ExitStack) -> Setup:
         _prepare_out(cfg, out)  # checked again under the claim: another command may have written there meanwhile
     tmean, tstd = shards.target_stats()
     return Setup(cfg=cfg, shards=shards, targets=targets, target_mean=tmean, target_std=tstd, crop=crop, device=device,
-                 precision=precision, rank=rank, world=world, out=out, given=given)
+                 precision=precision, rank=rank, world=world, out=out, given=given, source=source)
 
 
 def preset_line(s: Setup) -> str:
@@ -268,6 +277,15 @@ def _prepare_out(cfg: TrainConfig, out: Path, check_only: bool = False) -> None:
 def _check_resume(out: Path, config: dict) -> None:
     """--resume: the settings must be the interrupted run's, or the result would be neither run."""
     old = json.loads((out / "config.json").read_text())
+    if old.get("world_size") != config.get("world_size"):
+        # another process count (a 2-node job requeued on 1 node) is another run: the global batch (bs x processes),
+        # the permutation's deal to ranks, each rank's augmentation seed (seed + rank) and the steps per epoch all
+        # follow from it, so the rest would be neither the interrupted run nor a fresh one
+        was, now = old.get("world_size"), config.get("world_size")
+        raise ValueError(f"--resume: {out} was trained by {was} processes and this resume has {now}: the global batch "
+                         f"({was} x --bs {config.get('bs')}), each process's data and augmentation draws follow from it; "
+                         f"resume with {was} processes (torchrun --nnodes N --nproc-per-node G, N x G = {was}), or train "
+                         "into a new --out")
     for k in [*(k for k in TrainConfig.__dataclass_fields__ if k not in NOT_SETTINGS), *RESOLVED]:
         if old.get(k) != config.get(k):
             raise ValueError(f"--resume: {out} was trained with {k} = {old.get(k)!r}, not {config.get(k)!r}; "
@@ -304,7 +322,7 @@ def write_config(s: Setup, dls) -> dict:
         "n_train": len(dls.train.split), "n_valid": len(dls.valid.split),
         "versions": versions(), "gpu": torch.cuda.get_device_name(s.device) if s.device.type == "cuda" else None,
         "recipe": RECIPE_TEXT, "from_preset": s.from_preset, "train_seed_per_rank": seeds,
-        "shards_sha256": s.shards.sha256(),
+        "shards_sha256": s.shards.sha256(), "shards_source": s.source,  # the URL they were staged from (redacted)
         "image": {"kind": s.shards.kind, "bands": s.shards.bands, "softening": dls.train.geometry.softening,
                   "pixel_mean": list(dls.train.geometry.mean), "pixel_std": list(dls.train.geometry.std)},
     }

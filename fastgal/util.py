@@ -15,6 +15,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -85,6 +86,15 @@ def remove_stale(parent: str | os.PathLike, prefix: str) -> list[Path]:
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
             gone.append(p)
     return gone
+
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def is_url(location) -> bool:
+    """Whether a data location is a URL (https://, s3://, any fsspec URL: shards/stage.py stages it) rather than
+    a local path. A Path never is (Path collapses the `//`)."""
+    return isinstance(location, str) and bool(_URL.match(location))
 
 
 def write_bytes_atomic(path, data: bytes) -> None:

@@ -136,6 +136,26 @@ SMALL_RUN = ("--epochs", 2, "--bs", 32, "--arch", "xresnet18", "--size", 56, "--
              "--workers", 1, "--quiet")
 
 
+# the suite's one multi-process run: torchrun, 2 CPU processes (gloo) on small_shards; what test_train checks of
+# DDP, and what test_stage's two-node run (shards over HTTP, the Slurm script) must equal
+DDP_RUN = ("--epochs", 1, "--bs", 32, "--arch", "xresnet18", "--size", 56, "--workers", 1, "--tta", "--quiet", "--json")
+
+
+@pytest.fixture(scope="session")
+def ddp_run(small_shards, tmp_path_factory):
+    """`torchrun --nproc_per_node 2 -m fastgal train small_shards DDP_RUN`: (the run folder, the process's result)."""
+    import subprocess
+    from types import SimpleNamespace
+
+    root = tmp_path_factory.mktemp("ddp")
+    (root / "tmp").mkdir()
+    env = {**os.environ, "TMPDIR": str(root / "tmp"), "OMP_NUM_THREADS": "1"}  # torchelastic_* out of /tmp
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "fastgal",
+                           "train", str(small_shards), "--out", str(root / "ddp"), *map(str, DDP_RUN)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    return SimpleNamespace(path=root / "ddp", proc=proc)
+
+
 @pytest.fixture(scope="session")
 def made_run(small_shards, tmp_path_factory):
     """Two epochs on small_shards (xresnet18 at 56 px, lr_find, TTA), made in-process under umask 027 while

@@ -111,16 +111,10 @@ def _own_tmp(tmp_path) -> dict:
 
 
 @pytest.mark.slow
-def test_torchrun_ddp_on_cpu(small_shards, tmp_path):
-    """Scale-out is torchrun + DDP: two CPU processes (gloo) train on disjoint halves, rank 0 writes."""
-    run = tmp_path / "ddp"
-    env = {**_own_tmp(tmp_path), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "fastgal", "train",
-         str(small_shards), "--out", str(run), "--epochs", "1", "--bs", "32", "--arch", "xresnet18",
-         "--size", "56", "--workers", "1", "--tta", "--quiet", "--json"],
-        capture_output=True, text=True, env=env, timeout=600,
-    )
+def test_torchrun_ddp_on_cpu(small_shards, ddp_run):
+    """Scale-out is torchrun + DDP: two CPU processes (gloo) train on disjoint halves, rank 0 writes
+    (conftest's ddp_run: `torchrun --nproc_per_node 2 -m fastgal train ...`, --tta)."""
+    run, proc = ddp_run.path, ddp_run.proc
     assert proc.returncode == 0, proc.stderr[-3000:]
     m = json.loads((run / "metrics.json").read_text())
     assert m["world_size"] == 2 and m["n_valid"] == json.loads((small_shards / "manifest.json").read_text())["counts"]["valid"]

@@ -243,13 +243,17 @@ def bench(cfg: BenchConfig) -> dict:
     from fastgal.train.device import resolve_device, resolve_precision
     from fastgal.train.learner import make_learner
     from fastgal.train.model import make_model
-    from fastgal.util import Progress, default_workers
+    from fastgal.util import Progress, default_workers, is_url
 
     what = parse_what(cfg.what)
     if min(cfg.batches, cfg.bs, cfg.repeats) < 1 or cfg.warmup < 0:
         raise ValueError("--batches, --bs and --repeats must be >= 1 and --warmup >= 0")
     if cfg.compile_mode != "default" and not cfg.compile:
         raise ValueError(f"--compile-mode {cfg.compile_mode} applies to a compiled model: add --compile")
+    if is_url(cfg.shards):  # staged to this machine first, verified (shards/stage.py)
+        from fastgal.shards.stage import local
+
+        cfg = replace(cfg, shards=local(cfg.shards, quiet=cfg.quiet))
     step_only = what == ["step"] and not (Path(cfg.shards) / "manifest.json").is_file()  # the step section needs no shards
     shards = None if step_only else Shards(cfg.shards)  # one-line ValueError on a bad folder
     crop = shards.crop(cfg.crop) if shards else None

@@ -61,6 +61,7 @@ from fastgal.load.order import EpochPlan, file_order
 from fastgal.load.preprocess import geometry_for
 from fastgal.recipe import RECIPE
 from fastgal.shards.read import Shards, Split
+from fastgal.shards.stage import local
 from fastgal.util import default_workers
 
 
@@ -359,7 +360,7 @@ def dataloaders(shards, *, bs: int = RECIPE.bs, size: int = RECIPE.size, crop: i
         xb, yb = dls.one_batch(); dls.show_batch(max_n=8)
     """
     if not isinstance(shards, Shards):
-        shards = Shards(shards)
+        shards = Shards(local(shards))  # a URL (https://, s3://...): staged to this machine first (shards/stage.py)
         shards.check_sha256()
     geo = geometry_for(shards, size=size, crop=crop, stretch=stretch, softening=softening)
     common = dict(bs=bs, device=device, backend=backend, threads=threads, seed=seed)

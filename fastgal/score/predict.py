@@ -20,6 +20,7 @@ JPEG folder with --tta the mean over the 8 views of each view's σ), pred_tta_<t
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,7 @@ from fastgal.shards.cutouts import ImageRules, check_image
 from fastgal.shards.fits import sample_bands
 from fastgal.shards.folder import files_of, kinds, nested_problem, shard_files
 from fastgal.shards.read import Shards, Split
+from fastgal.shards.stage import local
 from fastgal.train.checkpoints import inference, load_checkpoint
 from fastgal.train.device import resolve_device
 from fastgal.train.heads import split_outputs, view_stats
@@ -211,6 +213,7 @@ def diagnose(df: pd.DataFrame) -> dict:
 def predict_table(cfg: PredictConfig, forward, meta: dict, device) -> pd.DataFrame:
     """The table for cfg.input (a shard folder's cfg.split, or a folder of JPEGs): forward (x -> outputs) and
     meta (model.pt's metadata: targets, geometry, pixel statistics) say how to feed the model."""
+    cfg = replace(cfg, input=local(cfg.input))  # a shard folder's URL (the API's too): staged first, verified
     inp = Path(cfg.input)
     if not inp.is_dir():
         raise ValueError(f"{inp} is not a folder; give a shard folder (with manifest.json) or a folder of .jpg cutouts")
@@ -229,6 +232,7 @@ def predict(cfg: PredictConfig) -> tuple[pd.DataFrame, Path]:
     """`fastgal predict`: the run's model on a shard folder (cfg.split) or a folder of JPEGs; writes the CSV."""
     device = resolve_device(cfg.device)
     model, ckpt = load_checkpoint(cfg.run, device)
+    cfg = replace(cfg, input=local(cfg.input))  # a shard folder's URL: staged to this machine first, verified
     out = Path(cfg.out) if cfg.out else Path(cfg.run) / f"predictions_{Path(cfg.input).resolve().name}.csv"
     check_writable(out.parent, "choose a writable --out")  # before any work, not after it
     df = predict_table(cfg, inference(model, ckpt, device), ckpt, device)  # the training precision and memory format on a GPU
