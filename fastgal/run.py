@@ -532,7 +532,7 @@ def conformal_intervals(s: Setup, df: pd.DataFrame) -> dict:
         if mass is None or not np.isfinite(mass).any():
             raise ValueError(f"--interval-by mass: the shards' rows have no {s.cfg.mass_col!r} (--mass-col)")
     df, block = conformal_run(df, s.out, s.targets, parse_levels(s.cfg.interval), calib_pct=s.cfg.calib_pct,
-                              by=s.cfg.interval_by, n_bins=s.cfg.interval_bins, mass=mass)
+                              by=s.cfg.interval_by, n_bins=s.cfg.interval_bins, mass=mass, mass_col=s.cfg.mass_col)
     write_bytes_atomic(s.out / "predictions_valid.csv", df.to_csv(index=False, float_format="%.5f").encode())
     return block
 
