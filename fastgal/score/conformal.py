@@ -115,7 +115,7 @@ def calibrate(ids, true, pred, sigma=None, *, targets: list[str], by: str = "non
     if by == "mass" and by_values is None:
         raise ValueError("--interval-by mass needs the catalog's stellar mass (--mass-col) in the shards' rows")
     out = {"format": FORMAT, "format_version": FORMAT_VERSION, "method": "absolute" if sigma is None else "normalized",
-           "by": by, "n_bins": n_bins if by != "none" else 1, "n": int(len(true)), "calib_pct": calib_pct,
+           "by": by, "n_bins": n_bins if by != "none" else 1, "n": len(true), "calib_pct": calib_pct,
            "levels": list(levels or []), "id_hash": "blake2b-64 of 'fastgal-calibration:' + id, / 2**64 < calib_pct",
            "ids": [str(i) for i in ids], "targets": {}}
     for j, t in enumerate(targets):
