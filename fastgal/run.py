@@ -274,9 +274,12 @@ def _prepare_out(cfg: TrainConfig, out: Path, check_only: bool = False) -> None:
 def _check_resume(out: Path, config: dict) -> None:
     """--resume: the settings must be the interrupted run's, or the result would be neither run."""
     old = json.loads((out / "config.json").read_text())
-    for k in [*(k for k in TrainConfig.__dataclass_fields__ if k not in NOT_SETTINGS), *RESOLVED]:
-        if old.get(k) != config.get(k):
-            raise ValueError(f"--resume: {out} was trained with {k} = {old.get(k)!r}, not {config.get(k)!r}; "
+    fields = TrainConfig.__dataclass_fields__
+    for k in [*(k for k in fields if k not in NOT_SETTINGS), *RESOLVED]:
+        # a setting newer than the interrupted run's fastgal (e.g. --calib-pct) was its default there
+        was = old.get(k, fields[k].default if k in fields else None)
+        if was != config.get(k):
+            raise ValueError(f"--resume: {out} was trained with {k} = {was!r}, not {config.get(k)!r}; "
                              "resume with the same settings, or train into a new --out")
 
 
