@@ -364,6 +364,7 @@ def conformal_run(df, out, targets: list[str], levels, *, calib_pct: float, by: 
     df.insert(1, "part", np.where(calm, "calibration", "test"))
     test = ~calm
     block = {"levels": list(levels), "method": cal["method"], "by": by, "calib_pct": calib_pct,
+             "written": {"none": "marginal", "pred": "mondrian_pred", "mass": "mondrian_mass"}[by],
              "n_calibration": int(calm.sum()), "n_test": int(test.sum()),
              "held_out": evaluate(ids, true, pred, sigma, test, levels, targets=targets, by_values=mass, n_bins=n_bins),
              "resampled": {t: resampled_coverage(true[:, j], pred[:, j], None if sigma is None else sigma[:, j], levels,

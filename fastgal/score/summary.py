@@ -60,10 +60,11 @@ def interval_lines(c: dict | None) -> list[str]:
     for t, per in c["held_out"].items():
         parts = []
         for lv, row in per.items():
-            mg, raw = row["marginal"], row.get("raw_sigma")
+            mg, raw = row.get(c.get("written", "marginal"), row["marginal"]), row.get("raw_sigma")
             w = "infinite: too few calibration galaxies" if mg["mean_width"] is None else f"{mg['mean_width']:.3f}"
             parts.append(f"{lv}: {mg['coverage']:.1%} ± {mg['se']:.1%} (width {w})"
                          + (f" vs raw sigma {raw['coverage']:.1%} ({raw['mean_width']:.3f})" if raw else ""))
-        lines.append(f"{t}: conformal intervals on {c['n_test']} held-out galaxies (calibrated on {c['n_calibration']}): "
+        by = "" if c.get("by", "none") == "none" else f", Mondrian by {c['by']}"
+        lines.append(f"{t}: conformal intervals{by} on {c['n_test']} held-out galaxies (calibrated on {c['n_calibration']}): "
                      + "; ".join(parts))
     return lines
