@@ -67,18 +67,20 @@ def _learner_meta(learn) -> dict:
 
 
 def predict(model, data, *, split: str = "valid", tta: bool = False, bs: int = 256, device: str | None = None,
-            loader: str = "auto", workers: int = 0) -> pd.DataFrame:
+            loader: str = "auto", workers: int = 0, interval=None) -> pd.DataFrame:
     """Predictions as a DataFrame: `model` is a `fastgal train` run folder (or its model.pt) or a fastai
     Learner over fastgal.dataloaders (any architecture: its outputs, one per target); `data` a shard folder
     (its `split`: valid, train or all) or a folder of .jpg cutouts. Columns as `fastgal predict` writes them:
     id, [split,] true_<t>, pred_<t>, [sigma_<t>,] and with tta pred_tta_<t>, sigma_tta_<t>; a JPEG folder
-    adds file, status and reason (every file gets a row).
+    adds file, status and reason (every file gets a row). interval (a run folder trained with --interval): levels,
+    e.g. "0.68,0.9,0.95" or [0.9], add the conformal intervals lo_<t>_<level>, hi_<t>_<level> from its
+    calibration.json, as `fastgal predict --interval` does.
 
     Example:
         df = fastgal.predict("runs/r1", "shards/synth", tta=True)
         df = fastgal.predict(learn, "images/")            # the Learner's model on new cutouts
     """
-    from fastgal.score.predict import predict_table
+    from fastgal.score.predict import predict_table, with_intervals
     from fastgal.train.checkpoints import inference, load_checkpoint
 
     if isinstance(model, (str, Path)):
@@ -87,6 +89,11 @@ def predict(model, data, *, split: str = "valid", tta: bool = False, bs: int = 2
     else:  # a fastai Learner
         dev = resolve_device(device or model.dls.device or "cpu", api=True)
         net, meta = model.model.to(dev).eval(), _learner_meta(model)
-    cfg = PredictConfig(run=Path(str(model)) if isinstance(model, (str, Path)) else Path("."), input=data if is_url(data) else Path(data),
-                        split=split, tta=tta, bs=bs, device=str(dev), loader=loader, workers=workers)
-    return predict_table(cfg, inference(net, meta, dev), meta, dev)
+    if interval is not None and not isinstance(model, (str, Path)):
+        raise ValueError("interval: a Learner has no calibration; give the run folder of `fastgal train --interval`")
+    levels = None if interval is None else interval if isinstance(interval, str) else ",".join(map(str, interval))
+    cfg = PredictConfig(run=Path(str(model)) if isinstance(model, (str, Path)) else Path("."),
+                        input=data if is_url(data) else Path(data), split=split, tta=tta, bs=bs, device=str(dev),
+                        loader=loader, workers=workers, interval=levels)
+    df = predict_table(cfg, inference(net, meta, dev), meta, dev)
+    return df if interval is None else with_intervals(cfg, df)

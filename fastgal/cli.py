@@ -363,6 +363,9 @@ def predict(as_json, **kw):
                    f"outliers {d['outlier_fraction']:.1%}")
         for line in calibration_lines(d, "    "):
             click.echo(line)
+        if "intervals" in d:  # --interval
+            click.echo("    conformal intervals: " + ", ".join(f"{lv}: {v['coverage']:.1%} inside, mean width {v['mean_width']:.3f}"
+                                                            for lv, v in d["intervals"].items()))
 
 
 @cli.command()

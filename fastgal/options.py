@@ -141,6 +141,16 @@ class TrainConfig:
     head: str = option("rmse", "rmse: the seed's point estimate and RMSE loss. gaussian: a mean and a sigma per "
                     "galaxy (sigma_<t>), Gaussian NLL loss; validation RMSE of the mean picks the best epoch.",
                     choices=HEADS)
+    interval: str | None = option(None, "Conformal intervals at these coverage levels, e.g. 0.68,0.9,0.95: "
+                               "lo_<t>_<level>, hi_<t>_<level>, calibrated on --calib-pct of validation (chosen by "
+                               "a hash of the id), which then no longer picks the best epoch; calibration.json "
+                               "beside model.pt (score/conformal.py).")
+    calib_pct: float = option(0.5, "With --interval: the fraction of validation galaxies set aside to calibrate "
+                              "the intervals (the rest picks the best epoch and measures coverage).")
+    interval_by: str = option("none", "With --interval: one q for every galaxy (none), or Mondrian bins of the "
+                              "predicted value (pred) or of the catalog's stellar mass --mass-col (mass).",
+                              choices=["none", "pred", "mass"])
+    interval_bins: int = option(4, "With --interval-by pred|mass: the number of quantile bins.")
     mass_col: str = option("lgm_tot_p50", "Catalog column of log stellar mass for the mass-metallicity check "
                         "(mzr.png); skipped when the shards' rows lack it.")
     seed: int = option(42)
@@ -237,6 +247,8 @@ class PredictConfig:
     out: Path | None = option(None, "CSV [default: RUN/predictions_<INPUT>.csv].")
     split: str = option("valid", "Which shards, when INPUT is a shard folder.", choices=["valid", "train", "all"])
     tta: bool = option(False, "Average the 8 dihedral views; their spread is written as sigma_tta_<t>.")
+    interval: str | None = option(None, "Conformal intervals at these levels from the run's calibration.json (a run "
+                               "trained with --interval), e.g. 0.68,0.9,0.95: lo_<t>_<level>, hi_<t>_<level>.")
     bs: int = option(256)
     device: str = option("auto", choices=DEVICES)
     loader: str = option("auto", LOADER_HELP, choices=LOADERS)

@@ -195,6 +195,12 @@ def setup(cfg: TrainConfig, claim: contextlib.ExitStack) -> Setup:
     targets = _check_targets(cfg, shards)
     crop = shards.crop(cfg.crop)
     resolve_stretch(shards, cfg.stretch, cfg.softening)  # --stretch/--softening against the shards, before any work
+    if cfg.interval is not None:  # --interval's settings, before any work
+        from fastgal.score.conformal import parse_levels
+
+        parse_levels(cfg.interval)
+        if not 0 < cfg.calib_pct < 1 or cfg.interval_bins < 1:
+            raise ValueError("--calib-pct must be between 0 and 1 and --interval-bins at least 1")
     if cfg.compile_mode != "default" and not cfg.compile:
         raise ValueError(f"--compile-mode {cfg.compile_mode} applies to a compiled model: add --compile")
     device = resolve_device(cfg.device)
@@ -270,7 +276,7 @@ def _prepare_out(cfg: TrainConfig, out: Path, check_only: bool = False) -> None:
     if check_only:
         return
     out.mkdir(parents=True, exist_ok=True)
-    for stale in ("metrics.json", CHECKPOINT, "best.pth"):  # a finished marker or an old state must not survive
+    for stale in ("metrics.json", CHECKPOINT, "best.pth", "calibration.json"):  # a finished marker or an old state must not survive
         (out / stale).unlink(missing_ok=True)
 
 
@@ -286,18 +292,39 @@ def _check_resume(out: Path, config: dict) -> None:
                          f"({was} x --bs {config.get('bs')}), each process's data and augmentation draws follow from it; "
                          f"resume with {was} processes (torchrun --nnodes N --nproc-per-node G, N x G = {was}), or train "
                          "into a new --out")
-    for k in [*(k for k in TrainConfig.__dataclass_fields__ if k not in NOT_SETTINGS), *RESOLVED]:
-        if old.get(k) != config.get(k):
-            raise ValueError(f"--resume: {out} was trained with {k} = {old.get(k)!r}, not {config.get(k)!r}; "
+    fields = TrainConfig.__dataclass_fields__
+    for k in [*(k for k in fields if k not in NOT_SETTINGS), *RESOLVED]:
+        # a setting newer than the interrupted run's fastgal (e.g. --calib-pct) was its default there
+        was = old.get(k, fields[k].default if k in fields else None)
+        if was != config.get(k):
+            raise ValueError(f"--resume: {out} was trained with {k} = {was!r}, not {config.get(k)!r}; "
                              "resume with the same settings, or train into a new --out")
 
 
 def build_loaders(s: Setup):
     """Train loader split across ranks; every rank validates on all of the validation set."""
     set_seed(s.cfg.seed)
-    return dataloaders(s.shards, bs=s.cfg.bs, size=s.cfg.size, crop=s.crop, device=s.device, backend=s.cfg.loader,
-                       threads=thread_budget(s.cfg.workers), seed=s.cfg.seed, rank=s.rank, world=s.world, path=s.out,
-                       stretch=s.cfg.stretch, softening=s.cfg.softening)
+    dls = dataloaders(s.shards, bs=s.cfg.bs, size=s.cfg.size, crop=s.crop, device=s.device, backend=s.cfg.loader,
+                      threads=thread_budget(s.cfg.workers), seed=s.cfg.seed, rank=s.rank, world=s.world, path=s.out,
+                      stretch=s.cfg.stretch, softening=s.cfg.softening)
+    if s.cfg.interval is not None:
+        _carve_calibration(s, dls)
+    return dls
+
+
+def _carve_calibration(s: Setup, dls) -> None:
+    """--interval: validate (and so pick the best epoch) on the validation galaxies outside the calibration part
+    (score.conformal.calibration_part: a hash of the id), so the intervals are calibrated on galaxies that
+    played no part in training or in any choice."""
+    from fastgal.load.loader import Loader
+    from fastgal.score.conformal import calibration_part
+
+    v = dls.valid
+    keep = ~calibration_part(v.split.keys, s.cfg.calib_pct)
+    sub = Loader(v.split.subset(keep, "valid-select"), v.view, v.geometry, bs=v.bs, device=v.device,
+                 backend=v.backend, seed=v.seed, threads=v.threads)
+    v.close()
+    dls.loaders[1] = sub
 
 
 def _per_rank(value) -> list:
@@ -421,8 +448,8 @@ def predict_valid(s: Setup, learn, dls) -> pd.DataFrame:
     predict` takes (computed as training computed: its precision and memory format); writes
     predictions_valid.csv: id, true_<t>, pred_<t>, and sigma_<t>, pred_tta_<t>, sigma_tta_<t> where they exist."""
     forward = inference(learn.model.eval(), {"precision": s.precision, "channels_last": _channels_last(s)}, s.device)
-    v = dls.valid
-    df = predict_split(forward, v.split, v.geometry, s.targets, bs=s.cfg.bs, device=s.device, backend=v.backend,
+    v = dls.valid  # all of validation (with --interval, dls.valid is the part outside the calibration part)
+    df = predict_split(forward, s.shards.split("valid"), v.geometry, s.targets, bs=s.cfg.bs, device=s.device, backend=v.backend,
                        threads=v.threads, tta=s.cfg.tta)
     write_bytes_atomic(s.out / "predictions_valid.csv", df.to_csv(index=False, float_format="%.5f").encode())
     return df
@@ -492,6 +519,7 @@ def _train(cfg: TrainConfig, claim: contextlib.ExitStack, t_start: float, cbs) -
     preds = predict_valid(s, learn, dls)
     per_target = score(s, preds)
     save_model(s, learn, dls)
+    conformal = conformal_intervals(s, preds) if s.cfg.interval is not None else None
     t0 = s.targets[0]
     metrics = {
         **{k: v for k, v in per_target[t0].items() if not isinstance(v, (list, dict))}, "target": t0, "targets": per_target, "head": s.cfg.head,
@@ -505,12 +533,29 @@ def _train(cfg: TrainConfig, claim: contextlib.ExitStack, t_start: float, cbs) -
         "world_size": s.world, "steps_per_epoch": len(dls.train),
         "device": str(s.device), "precision": s.precision, "loader_backend": config["loader_backend"],
         "loader_decode": config["loader_decode"],
+        **({"conformal": conformal} if conformal else {}),
     }
     write_json_atomic(s.out / "metrics.json", metrics)
     for done in (CHECKPOINT, "best.pth"):  # the run is finished: model.pt holds the best weights
         (s.out / done).unlink(missing_ok=True)
     write_run_report(s)
     return metrics
+
+
+def conformal_intervals(s: Setup, df: pd.DataFrame) -> dict:
+    """--interval: calibration.json beside model.pt, the intervals in predictions_valid.csv (rewritten, with a
+    `part` column: calibration or test), interval_coverage.png; returns metrics.json's "conformal" block."""
+    from fastgal.score.conformal import conformal_run, parse_levels
+
+    mass = None
+    if s.cfg.interval_by == "mass":
+        mass = s.shards.split("valid").column(s.cfg.mass_col) if s.cfg.mass_col else None
+        if mass is None or not np.isfinite(mass).any():
+            raise ValueError(f"--interval-by mass: the shards' rows have no {s.cfg.mass_col!r} (--mass-col)")
+    df, block = conformal_run(df, s.out, s.targets, parse_levels(s.cfg.interval), calib_pct=s.cfg.calib_pct,
+                              by=s.cfg.interval_by, n_bins=s.cfg.interval_bins, mass=mass, mass_col=s.cfg.mass_col)
+    write_bytes_atomic(s.out / "predictions_valid.csv", df.to_csv(index=False, float_format="%.5f").encode())
+    return block
 
 
 def write_run_report(s: Setup) -> None:

@@ -207,6 +207,13 @@ def diagnose(df: pd.DataFrame) -> dict:
         col = {k: df[f"{k}_{t}"].to_numpy() if f"{k}_{t}" in df else None for k in ESTIMATES}
         out[t] = {"n": len(df), **target_scores(df[c].to_numpy(), col["pred"], pred_tta=col["pred_tta"],
                                                  sigma=col["sigma"], sigma_tta=col["sigma_tta"])}
+        los = [k for k in df.columns if k.startswith(f"lo_{t}_")]
+        if los:  # --interval: the fraction inside and the mean width per level (on shards of the calibration's
+            # galaxies, e.g. its run's valid split, these include the calibration part: see metrics.json for held-out)
+            y = df[c].to_numpy()
+            out[t]["intervals"] = {
+                k[len(f"lo_{t}_"):]: {"coverage": float(np.mean((y >= df[k]) & (y <= df["hi" + k[2:]]))),
+                                      "mean_width": float(np.mean(df["hi" + k[2:]] - df[k]))} for k in los}
     return out
 
 
@@ -228,6 +235,23 @@ def predict_table(cfg: PredictConfig, forward, meta: dict, device) -> pd.DataFra
     return run(cfg, forward, meta, device)
 
 
+def with_intervals(cfg: PredictConfig, df: pd.DataFrame) -> pd.DataFrame:
+    """--interval: lo_<t>_<level>, hi_<t>_<level> from the run's calibration.json (score.conformal), computed from
+    pred_<t> and sigma_<t> exactly as `fastgal train` computed them for its validation galaxies."""
+    from fastgal.score.conformal import add_intervals, load_calibration, parse_levels
+
+    levels = parse_levels(cfg.interval)
+    cal = load_calibration(cfg.run)
+    mass = None
+    if cal["by"] == "mass":  # Mondrian bins of the catalog's stellar mass: only shards carry the catalog rows
+        if "split" not in df:
+            raise ValueError(f"the intervals of {cfg.run} are calibrated in bins of {cal['mass_col']} (--interval-by "
+                             f"mass), which a folder of cutouts lacks; shard the cutouts with their catalog first")
+        sh = Shards(cfg.input)
+        mass = np.concatenate([sh.split(p).column(cal["mass_col"]) for p in pd.unique(df["split"])])
+    return add_intervals(df, cal, levels, by_values=mass)
+
+
 def predict(cfg: PredictConfig) -> tuple[pd.DataFrame, Path]:
     """`fastgal predict`: the run's model on a shard folder (cfg.split) or a folder of JPEGs; writes the CSV."""
     device = resolve_device(cfg.device)
@@ -235,6 +259,12 @@ def predict(cfg: PredictConfig) -> tuple[pd.DataFrame, Path]:
     cfg = replace(cfg, input=local(cfg.input))  # a shard folder's URL: staged to this machine first, verified
     out = Path(cfg.out) if cfg.out else Path(cfg.run) / f"predictions_{Path(cfg.input).resolve().name}.csv"
     check_writable(out.parent, "choose a writable --out")  # before any work, not after it
+    if cfg.interval is not None:  # a run without its calibration refuses before any work
+        from fastgal.score.conformal import load_calibration, parse_levels
+
+        parse_levels(cfg.interval), load_calibration(cfg.run)
     df = predict_table(cfg, inference(model, ckpt, device), ckpt, device)  # the training precision and memory format on a GPU
+    if cfg.interval is not None:
+        df = with_intervals(cfg, df)
     write_bytes_atomic(out, df.to_csv(index=False, float_format="%.5f").encode())
     return df, out

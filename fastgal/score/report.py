@@ -30,10 +30,11 @@ from fastgal.util import write_bytes_atomic
 REPORT = "report.html"
 GALLERY = 12
 # the run's figures, in the order the page shows them (a per-target figure follows its first target's)
-FIGURES = ("loss", "lr_find", "pred_vs_true", "residuals", "mzr", "coverage")
+FIGURES = ("loss", "lr_find", "pred_vs_true", "residuals", "mzr", "coverage", "interval_coverage")
 CAPTIONS = {"loss": "Loss per batch and validation RMSE per epoch", "lr_find": "Learning-rate finder",
             "pred_vs_true": "Predicted vs true (validation)", "residuals": "Residuals (validation)",
-            "mzr": "Mass-metallicity relation", "coverage": "Coverage of the predicted uncertainties"}
+            "mzr": "Mass-metallicity relation", "coverage": "Coverage of the predicted uncertainties",
+            "interval_coverage": "Conformal and raw sigma intervals: empirical vs nominal coverage (held-out galaxies)"}
 UNITS = {"metallicity": "dex", "lgm_tot_p50": "dex"}
 
 CSS = """

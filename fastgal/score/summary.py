@@ -19,6 +19,7 @@ def format_metrics(m: dict) -> str:
         lines.append(f"{t:<14}{v['rmse']:>8.4f}{v['nmad']:>8.4f}{v['bias']:>+9.4f}{v['r2']:>7.3f}{tta:>10}{v['baseline_rmse']:>15.4f}")
     for t, v in m["targets"].items():
         lines += calibration_lines(v, f"{t}: ")
+    lines += interval_lines(m.get("conformal"))
     if m.get("floor"):
         f = m["floor"]
         lines.append(f"synthetic survey: observable reference RMSE {f['observable_reference_rmse']:.4f} dex (what "
@@ -48,3 +49,22 @@ def calibration_lines(d: dict, prefix: str) -> list[str]:
     return lines
 
 
+
+
+def interval_lines(c: dict | None) -> list[str]:
+    """--interval: per target, the conformal intervals' coverage on the held-out galaxies (with its standard error)
+    and mean width per level, beside the raw sigma intervals' (pred -+ z sigma)."""
+    if not c:
+        return []
+    lines = []
+    for t, per in c["held_out"].items():
+        parts = []
+        for lv, row in per.items():
+            mg, raw = row.get(c.get("written", "marginal"), row["marginal"]), row.get("raw_sigma")
+            w = "infinite: too few calibration galaxies" if mg["mean_width"] is None else f"{mg['mean_width']:.3f}"
+            parts.append(f"{lv}: {mg['coverage']:.1%} ± {mg['se']:.1%} (width {w})"
+                         + (f" vs raw sigma {raw['coverage']:.1%} ({raw['mean_width']:.3f})" if raw else ""))
+        by = "" if c.get("by", "none") == "none" else f", Mondrian by {c['by']}"
+        lines.append(f"{t}: conformal intervals{by} on {c['n_test']} held-out galaxies (calibrated on {c['n_calibration']}): "
+                     + "; ".join(parts))
+    return lines

@@ -235,6 +235,22 @@ class Split:
     def __len__(self) -> int:
         return len(self.keys)
 
+    def subset(self, keep, name: str | None = None) -> "Split":
+        """The samples where `keep` (a bool mask over file order) is true, in file order, as a Split of their own
+        (the same tars, the index rows selected): e.g. a validation split without its conformal calibration part."""
+        import copy
+
+        keep = np.asarray(keep, bool)
+        if keep.shape != (len(self),):
+            raise ValueError(f"a mask of {keep.shape} for {len(self)} samples of {self.name}")
+        sub = copy.copy(self)
+        sub.name = name or self.name
+        sub.keys = [k for k, m in zip(self.keys, keep) if m]
+        for a in ("tar", "img_off", "img_size", "y_off", "y_size", "meta_off", "meta_size"):
+            setattr(sub, a, getattr(self, a)[keep])
+        sub._maps, sub._columns = {}, {}
+        return sub
+
     def __getstate__(self):
         return {**self.__dict__, "_maps": {}}  # a worker maps the files itself
 
