@@ -74,7 +74,12 @@ class SynthConfig:
     format: str = option("jpeg", "jpeg: SkyServer-like gri RGB JPEGs. fits: the same galaxies as calibrated "
                          "fluxes, one (bands, H, W) float32 cube of nanomaggies a file (needs astropy).",
                          choices=["jpeg", "fits"])
-    bands: str = option("gri", "Bands, in ugriz order: gri for jpeg; for fits any of u, g, r, i, z (e.g. ugriz).")
+    bands: str = option("auto", "Bands, in ugriz order: gri for jpeg; for fits any of u, g, r, i, z (e.g. ugriz); "
+                        "--survey legacy: any of g, r, i, z [auto: gri; grz for --survey legacy].")
+    survey: str = option("sdss", "sdss: SDSS-like imaging (0.396\" pixels, SkyServer's cutouts). legacy: the same "
+                         "galaxies as the DESI Legacy Surveys image them (0.262\" pixels, 1.2-2 mag deeper, 1.2\" "
+                         "seeing), FITS laid out like the viewer's fits-cutout (implies --format fits).",
+                         choices=["sdss", "legacy"])
     workers: int = option(0, WORKERS)
     jpeg_quality: int = option(75, "close to what SkyServer's getjpeg serves", cli=False)
     overwrite: bool = option(False, "Replace the survey in a non-empty OUT.")
