@@ -77,9 +77,13 @@ BLACK_LEVEL, BLACK_FLAG = 1, 0.5
 def validate(cfg: DownloadConfig) -> None:
     if cfg.sql is not None and cfg.catalog is not None:
         raise ValueError("pass --sql or --catalog, not both")
-    if not MIN_SIZE <= cfg.size <= MAX_SIZE:
+    if cfg.imaging == "legacy":
+        _validate_legacy(cfg)
+    elif cfg.imaging != "skyserver":
+        raise ValueError(f"--imaging must be skyserver or legacy, got {cfg.imaging!r}")
+    elif not MIN_SIZE <= cfg.size <= MAX_SIZE:
         raise ValueError(f"--size must be {MIN_SIZE}..{MAX_SIZE} pixels (SkyServer clamps outside it), got {cfg.size}")
-    if cfg.scale != "auto" and not (isinstance(cfg.scale, (int, float)) and MIN_SCALE <= cfg.scale <= MAX_SCALE):
+    elif cfg.scale != "auto" and not (isinstance(cfg.scale, (int, float)) and MIN_SCALE <= cfg.scale <= MAX_SCALE):
         raise ValueError(f"--scale must be 'auto' or {MIN_SCALE:g}..{MAX_SCALE:g} arcsec/pixel (SkyServer clamps "
                          f"outside it), got {cfg.scale!r}")
     if cfg.workers < 1:
@@ -92,6 +96,22 @@ def validate(cfg: DownloadConfig) -> None:
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out} exists and is not a folder; pass a folder path")
     check_writable(out, "choose another OUT")  # before the query and any cutout
+
+
+def _validate_legacy(cfg: DownloadConfig) -> None:
+    """--imaging legacy's own limits (survey/legacy.py: the viewer's 512 px maximum, its layers and bands)."""
+    from fastgal.shards.fits import require_astropy
+    from fastgal.survey import legacy
+
+    if not legacy.MIN_SIZE <= cfg.size <= legacy.MAX_SIZE:
+        raise ValueError(f"--size must be {legacy.MIN_SIZE}..{legacy.MAX_SIZE} pixels with --imaging legacy (the "
+                         f"viewer serves at most {legacy.MAX_SIZE}), got {cfg.size}")
+    if cfg.scale != "auto" and not (isinstance(cfg.scale, (int, float))
+                                    and legacy.MIN_SCALE <= cfg.scale <= legacy.MAX_SCALE):
+        raise ValueError(f"--scale must be 'auto' or {legacy.MIN_SCALE:g}..{legacy.MAX_SCALE:g} arcsec/pixel with "
+                         f"--imaging legacy (0.262 is the native pixel), got {cfg.scale!r}")
+    legacy.check_layer(cfg.layer, cfg.bands.replace(",", ""))
+    require_astropy("fastgal download --imaging legacy")  # before the query and any cutout
 
 
 def normalise_catalog(df: pd.DataFrame, what: str, first_line: int | None = 2,
@@ -193,22 +213,29 @@ def load_catalog(cfg: DownloadConfig, out: Path, session: requests.Session) -> t
 
 
 def plan_scales(df: pd.DataFrame, cfg: DownloadConfig) -> tuple[np.ndarray, list[str], dict]:
-    """Each galaxy's getjpeg scale (arcsec/px); for each, a note when the service's range clamps it
-    (the report's reason column: the frame is then not what the rule asks); download.json's record."""
+    """Each galaxy's cutout scale (arcsec/px: getjpeg's scale, the Legacy viewer's pixscale); for each, a note
+    when the service's range clamps it (the report's reason column: the frame is then not what the rule asks);
+    download.json's record."""
     if cfg.scale != "auto":
         return np.full(len(df), float(cfg.scale)), [""] * len(df), {"scale": float(cfg.scale)}
+    if cfg.imaging == "legacy":
+        from fastgal.survey import legacy
+
+        lo, hi, fallback, service = legacy.MIN_SCALE, legacy.MAX_SCALE, legacy.LEGACY_NATIVE, "the Legacy viewer's"
+    else:
+        lo, hi, fallback, service = MIN_SCALE, MAX_SCALE, cfg.fallback_scale, "getjpeg's"
     span = FRAMES[cfg.frame]
     r90 = pd.to_numeric(df["petroR90_r"], errors="coerce").to_numpy(float) if "petroR90_r" in df \
         else np.full(len(df), np.nan)
     usable = np.isfinite(r90) & (r90 > 0)  # NULL, -9999 or junk: the fixed fallback scale
-    want = np.where(usable, span * np.where(usable, r90, 0) / cfg.size, cfg.fallback_scale)
-    scale = np.clip(want, MIN_SCALE, MAX_SCALE)
-    notes = [f"scale clamped to getjpeg's {'minimum' if w < s else 'maximum'} {s:g}\"/px (the frame rule asks "
+    want = np.where(usable, span * np.where(usable, r90, 0) / cfg.size, fallback)
+    scale = np.clip(want, lo, hi)
+    notes = [f"scale clamped to {service} {'minimum' if w < s else 'maximum'} {s:g}\"/px (the frame rule asks "
              f"{w:.3g}\"/px), so the frame spans {s * cfg.size:.3g}\" instead of {w * cfg.size:.3g}\"" if w != s else ""
              for w, s in zip(want, scale)]
     record = {"frame": cfg.frame, "frame_r90": span,
-              "scale": f"frame_r90 * petroR90_r / size arcsec/px ({cfg.fallback_scale} without a usable petroR90_r), "
-                       f"clamped to getjpeg's {MIN_SCALE:g}..{MAX_SCALE:g}",
+              "scale": f"frame_r90 * petroR90_r / size arcsec/px ({fallback} without a usable petroR90_r), "
+                       f"clamped to {service} {lo:g}..{hi:g}",
               "no_petroR90_r": int((~usable).sum()), "clamped": sum(1 for n in notes if n)}
     return scale, notes, record
 
@@ -241,6 +268,8 @@ def _black_note(b: float | None) -> str:
 
 class Downloader:
     """Fetches cutouts into OUT/images with a shared rate limit and one Session per thread."""
+
+    ext = ".jpg"  # the file each galaxy's cutout is saved as (legacy.make_downloader's: .fits)
 
     def __init__(self, cfg: DownloadConfig, images: Path, stop: threading.Event):
         self.cfg, self.images, self.stop = cfg, images, stop
@@ -352,15 +381,17 @@ class DownloadResult:
         return "\n".join(lines)
 
 
-def _earlier_not_found(report: Path) -> set[str]:
-    """objIDs an earlier run found outside the footprint (a permanent 404): not asked again."""
+def _earlier_not_found(report: Path, final: tuple[str, ...] = ("not-found",)) -> dict[str, str]:
+    """objIDs an earlier run found outside the footprint (a permanent 404; for the Legacy viewer also no-coverage
+    and missing-band): not asked again. {objID: its earlier status}."""
     if not report.exists():
-        return set()
+        return {}
     try:
         rep = pd.read_csv(report, dtype=str, keep_default_na=False)
-        return set(rep["objID"][rep["status"] == "not-found"])
+        keep = rep["status"].isin(final)
+        return dict(zip(rep["objID"][keep], rep["status"][keep]))
     except (ValueError, KeyError, pd.errors.ParserError):
-        return set()
+        return {}
 
 
 def write_report(path: Path, outcomes: list[Outcome]) -> None:
@@ -385,7 +416,7 @@ def _catalog(cfg: DownloadConfig, out: Path, stop: threading.Event, notes: list[
 
 
 def _fetch_all(cfg: DownloadConfig, dl: Downloader, df: pd.DataFrame, scales: np.ndarray, images: Path,
-               stop: threading.Event, earlier_404: set[str], outcomes: dict[str, Outcome]) -> BaseException | None:
+               stop: threading.Event, earlier_404: dict[str, str], outcomes: dict[str, Outcome]) -> BaseException | None:
     """Fetch every cutout into `outcomes`; on Ctrl-C or an error, stop the workers cleanly and return
     the exception (KeyboardInterrupt included) for the caller to report. A host found unreachable
     (dl.unreachable) stops the workers too; that is not an error here."""
@@ -394,9 +425,11 @@ def _fetch_all(cfg: DownloadConfig, dl: Downloader, df: pd.DataFrame, scales: np
     futs, error = {}, None
     try:
         for i, oid in enumerate(df["objID"]):
-            if oid in earlier_404 and not (images / f"{oid}.jpg").exists():
-                outcomes[oid] = Outcome(oid, "not-found", "HTTP 404 in an earlier run: outside the imaging footprint; "
-                                        "not asked again", 0)
+            if oid in earlier_404 and not (images / f"{oid}{dl.ext}").exists():
+                st = earlier_404[oid]
+                why = ("HTTP 404 in an earlier run: outside the imaging footprint" if st == "not-found"
+                       else f"{st} in an earlier run (see that run's report)")
+                outcomes[oid] = Outcome(oid, st, why + "; not asked again", 0)
                 prog.update()
                 continue
             futs[ex.submit(dl.fetch, oid, df["ra"].iat[i], df["dec"].iat[i], float(scales[i]))] = oid
@@ -435,6 +468,13 @@ def download(cfg: DownloadConfig) -> DownloadResult:
 def _download(cfg: DownloadConfig, out: Path) -> DownloadResult:
     images = out / "images"
     images.mkdir(parents=True, exist_ok=True)
+    legacy = cfg.imaging == "legacy"
+    if legacy:
+        from fastgal.survey import legacy as ls
+
+        statuses, final, make = ls.STATUSES, ls.FINAL, ls.make_downloader(Downloader)
+    else:
+        statuses, final, make = STATUSES, ("not-found",), Downloader
     (out / "data").mkdir(parents=True, exist_ok=True)
     notes = []
     stale = list(images.glob("*.part"))
@@ -449,28 +489,35 @@ def _download(cfg: DownloadConfig, out: Path) -> DownloadResult:
     scales, clamped, framing = plan_scales(df, cfg)
     if framing.get("no_petroR90_r"):
         notes.append(f"{framing['no_petroR90_r']} galaxies have no usable petroR90_r; their cutouts use "
-                     f"{cfg.fallback_scale}\"/pixel")
+                     f"{ls.LEGACY_NATIVE if legacy else cfg.fallback_scale}\"/pixel")
     if framing.get("clamped"):
-        notes.append(f"{framing['clamped']} galaxies' scale is outside getjpeg's {MIN_SCALE:g}..{MAX_SCALE:g}\"/px "
-                     "and was clamped (their frames differ from the rule); the report's reason column names them")
+        lo, hi = (MIN_SCALE, MAX_SCALE) if not legacy else (ls.MIN_SCALE, ls.MAX_SCALE)
+        notes.append(f"{framing['clamped']} galaxies' scale is outside {'the Legacy viewer' if legacy else 'getjpeg'}'s "
+                     f"{lo:g}..{hi:g}\"/px and was clamped (their frames differ from the rule); the report's reason "
+                     "column names them")
     report_path = out / "download-report.csv"
     outcomes: dict[str, Outcome] = {}
-    dl = Downloader(cfg, images, stop)
-    error = _fetch_all(cfg, dl, df, scales, images, stop, _earlier_not_found(report_path), outcomes)
+    dl = make(cfg, images, stop)
+    error = _fetch_all(cfg, dl, df, scales, images, stop, _earlier_not_found(report_path, final), outcomes)
     if dl.unreachable and isinstance(error, Interrupted):  # the workers stopped because the host is unreachable
         error = None
     for p in images.glob("*.part"):
         p.unlink(missing_ok=True)
-    unreached = (f"not tried: {cfg.base_url} could not be reached ({dl.unreachable}); re-run to resume"
+    host = cfg.legacy_url if legacy else cfg.base_url
+    unreached = (f"not tried: {host} could not be reached ({dl.unreachable}); re-run to resume"
                  if dl.unreachable else "run stopped before this cutout; re-run to resume")
     rows = [outcomes.get(oid) or Outcome(oid, "interrupted", unreached) for oid in df["objID"]]
     for o, note in zip(rows, clamped):
         o.reason = "; ".join(x for x in (o.reason, note) if x)
     write_report(report_path, rows)
-    counts = {s: 0 for s in STATUSES}
+    counts = {s: 0 for s in statuses}
     for o in rows:
         counts[o.status] += 1
-    flagged = sum(1 for o in rows if o.black_fraction is not None and o.black_fraction > BLACK_FLAG)
+    flagged = sum(1 for o in rows if o.status in ("ok", "skipped-existing") and o.black_fraction is not None
+                  and o.black_fraction > BLACK_FLAG)
+    if legacy:
+        cat_meta = {**cat_meta, "cutouts": {"service": f"{cfg.legacy_url.rstrip('/')}/{ls.FITS_ENDPOINT}",
+                                            "layer": cfg.layer, "bands": cfg.bands}}
     bad = next((o for o in rows if o.status not in ("ok", "skipped-existing")), None)
     res = DownloadResult(out=out, n=len(rows), counts=counts, seconds=time.perf_counter() - t0,
                          catalog_source=source, flagged_black=flagged,
@@ -485,6 +532,6 @@ def _download(cfg: DownloadConfig, out: Path) -> DownloadResult:
     if error is not None and not isinstance(error, KeyboardInterrupt):
         raise error
     if dl.unreachable and not res.fetched:
-        raise Unreachable(f"{unreachable_message(cfg.base_url, dl.unreachable)}; no cutout was fetched "
+        raise Unreachable(f"{unreachable_message(host, dl.unreachable)}; no cutout was fetched "
                           f"(the report is {report_path})")
     return res

@@ -37,6 +37,7 @@ wrong-size, HTTP n, timed out, connection dropped, connection refused.
 from __future__ import annotations
 
 import io
+import warnings
 
 import numpy as np
 import requests
@@ -152,7 +153,10 @@ def inspect_fits(data: bytes, bands: str, size: int) -> tuple[str, str, float | 
         return "not-fits", f"not a FITS file (starts {data[:16]!r})", None
     fits = require_astropy("fastgal download --imaging legacy")
     try:
-        with fits.open(io.BytesIO(data), memmap=False, lazy_load_hdus=False) as hdul:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "File may have been truncated": said below, as a report reason
+            hdul = fits.open(io.BytesIO(data), memmap=False, lazy_load_hdus=False)
+        with hdul:
             want = _expected_bytes(hdul[0].header)
             if len(data) < want:
                 return "truncated", f"{len(data):,} of the {want:,} bytes its header promises", None

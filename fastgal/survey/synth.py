@@ -57,10 +57,10 @@ from fastgal.survey.render import (
     ARM_UZ,
     BANDS,
     BULGE_UZ,
+    LEGACY,
     NEIGHBOUR_COLOURS,
     SKY_SIGMA_BANDS,
     encode_jpeg,
-    LEGACY,
     render,
     render_fluxes,
 )
