@@ -350,6 +350,7 @@ class DownloadResult:
     interrupted: bool = False
     notes: list[str] = field(default_factory=list)
     first_problem: str = ""  # the first row that is not ok or skipped-existing: "status: reason"
+    blank_word: str = "black"  # what a no-data frame is called: black (getjpeg's JPEGs), blank (Legacy FITS)
 
     @property
     def fetched(self) -> int:
@@ -374,7 +375,7 @@ class DownloadResult:
         lines.append(f"catalog: {self.n} galaxies from {self.catalog_source} -> {self.out / 'data' / 'master.csv'}")
         lines.append("cutouts: " + ", ".join(f"{c[s]} {s}" for s in c if c[s] or s in ("ok", "failed"))
                      + f" = {sum(c.values())} of {self.n}"
-                     + (f"; {self.flagged_black} flagged mostly-black" if self.flagged_black else ""))
+                     + (f"; {self.flagged_black} flagged mostly-{self.blank_word}" if self.flagged_black else ""))
         lines.append(f"report: {self.out / 'download-report.csv'} ({self.seconds:.1f}s, {self.fetched_per_s:.1f} cutouts/s)")
         if c["failed"] or c["invalid-image"] or c["interrupted"]:
             lines.append("re-run the same command to retry what is missing; finished images are kept")
@@ -523,7 +524,8 @@ def _download(cfg: DownloadConfig, out: Path) -> DownloadResult:
                          catalog_source=source, flagged_black=flagged,
                          dropped_duplicates=cat_meta.get("dropped_duplicates", []),
                          interrupted=error is not None, notes=notes,
-                         first_problem=f"{bad.status}: {bad.reason}" if bad else "")
+                         first_problem=f"{bad.status}: {bad.reason}" if bad else "",
+                         blank_word="blank" if legacy else "black")
     write_json_atomic(out / "download.json", {
         "fastgal_version": __version__, "config": to_jsonable(cfg), "catalog": cat_meta,
         "catalog_source": source, "framing": framing, "n": res.n, "counts": counts, "flagged_mostly_black": flagged,

@@ -72,8 +72,8 @@ def check_layer(layer: str, bands: str) -> None:
                          "(distinct letters, e.g. grz)")
 
 
-def coverage_hint(layer: str, dec: float, bands: str) -> str:
-    """Why a band may be empty here: the layer's side of Dec 32.375, or a band only the other side has."""
+def coverage_hint(layer: str, dec: float, bands: str, kind: str = "no-coverage") -> str:
+    """Why a band may be empty or absent here: the layer's side of Dec 32.375, or a band only the other side has."""
     south, north = LAYERS[layer]
     side = "north" if dec > NORTH_DEC else "south"
     have = north if side == "north" else south
@@ -83,7 +83,7 @@ def coverage_hint(layer: str, dec: float, bands: str) -> str:
     lacking = [b for b in bands if b not in have]
     if lacking:
         return f"; {layer} has no {','.join(lacking)} {side} of Dec {NORTH_DEC}"
-    return " (outside the footprint?)"
+    return " (outside the footprint?)" if kind == "no-coverage" else f" ({layer} serves {have} here)"
 
 
 # ------------------------------------------------------------------------------------ the files
@@ -272,7 +272,8 @@ def make_downloader(base):
                     return Outcome(oid, "ok", "; ".join(x for x in (blank_note(blank), replaced) if x), n, blank)
                 reason = f"{kind}: {detail}"
                 if kind in ("no-coverage", "missing-band"):  # the sky or the layer: asking again changes nothing
-                    return Outcome(oid, kind, reason + coverage_hint(cfg.layer, float(dec), cfg.bands), n, blank)
+                    return Outcome(oid, kind, reason + coverage_hint(cfg.layer, float(dec), cfg.bands, kind), n,
+                                   blank)
                 if kind == "wrong-size":
                     return Outcome(oid, "invalid-image", reason, n)
                 status = "invalid-image"  # html-error, truncated, not-fits: another try, should one be left

@@ -379,7 +379,7 @@ def _synth(cfg: SynthConfig, out: Path, bands: str) -> SynthResult:
 
         (tmp / "data").mkdir()
         write_catalog_csv(tmp / "data" / "master.csv", cat)
-        floor = floor_stats(cat, GENERATOR_VERSION, SIGMA_HIDDEN, bands)
+        floor = floor_stats(cat, GENERATOR_VERSION, SIGMA_HIDDEN, bands, cfg.survey)
         meta = {
             "generator": "fastgal.survey.synth",
             "generator_version": GENERATOR_VERSION,
