@@ -57,6 +57,30 @@ def legacy_survey(tmp_path_factory):
     return out
 
 
+def test_legacy_twin_is_the_same_galaxies_deeper(legacy_survey, tmp_path):
+    """synth --survey legacy: the SDSS-like survey's catalog, files headed like the viewer's, and a sky as much
+    fainter as the depths say (noise per output pixel in flux units, where both surveys bin: s >= 0.396")."""
+    from fastgal.survey.render import LEGACY, SDSS
+
+    sdss = tmp_path / "sdss"
+    run_cli("synth", sdss, "--n", N_GOOD + len(SCRIPTS), "--seed", 5, "--size", SIZE, "--format", "fits", "--quiet")
+    assert (sdss / "data/master.csv").read_bytes() == (legacy_survey / "data/master.csv").read_bytes()
+    cat = pd.read_csv(legacy_survey / "data/master.csv", dtype={"objID": str})
+    ratios = []
+    for _, r in cat.iterrows():
+        with fits.open(legacy_survey / "images" / f"{r.objID}.fits") as h:
+            hd, lg = h[0].header, h[0].data
+        assert [hd["BAND0"], hd["BAND1"], hd["BAND2"], hd["CTYPE1"]] == ["g", "r", "z", "RA---TAN"]
+        assert hd["CRVAL1"] == pytest.approx(float(r.ra), abs=1e-6) and lg.shape == (3, SIZE, SIZE)
+        s = float(r.scale) * 224 / SIZE
+        if s >= SDSS.native:  # white noise in both: compare the g band's border, in flux per output pixel
+            sd = fits.getdata(sdss / "images" / f"{r.objID}.fits")
+            mad = [np.median(np.abs(np.r_[x[0, :6].ravel(), x[0, -6:].ravel()])) for x in (lg, sd)]
+            ratios.append(mad[0] * (s / LEGACY.native) ** 2 / (mad[1] * (s / SDSS.native) ** 2))
+    want = LEGACY.sky["g"] / LEGACY.native / (SDSS.sky["g"] / SDSS.native)  # ~0.22: 1.8 mag deeper, sharper PSF
+    assert len(ratios) >= 5 and np.median(ratios) == pytest.approx(want, rel=0.35), (np.median(ratios), want)
+
+
 def cube_bytes(cube: np.ndarray, bands: str) -> bytes:
     hdu = fits.PrimaryHDU(np.asarray(cube, np.float32))
     for k, b in enumerate(bands):
