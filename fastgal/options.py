@@ -203,6 +203,8 @@ class DownloadConfig:
                         "to DECam south of it; ls-dr10-south, ls-dr9, ls-dr9-north, ls-dr9-south).")
     bands: str = option("grz", "--imaging legacy: bands of each FITS cube (letters of griz; i only south of Dec 32.375).")
     legacy_url: str = option("https://www.legacysurvey.org/viewer", "--imaging legacy: the cutout service (a test server).")
+    jpeg: bool = option(False, "--imaging legacy: also fetch each galaxy's colour JPEG (the viewer's jpeg-cutout, same "
+                        "frame) into OUT/jpeg/{objID}.jpg, beside the FITS that shard reads.")
     workers: int = option(4, "Download threads, each with its own keep-alive connection.")
     rate: float = option(4.0, "Requests/s over all threads (SkyServer and the Legacy viewer are shared); 0 = no limit.")
     retries: int = option(5, "Retries after the first try, per cutout; per query only where nothing ran "

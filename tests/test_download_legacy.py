@@ -105,6 +105,18 @@ class FakeViewer:
         self.log: list[tuple[float, str, dict]] = []
         self.lock = threading.Lock()
         server.expect_request("/viewer/fits-cutout").respond_with_handler(self.cutout)
+        server.expect_request("/viewer/jpeg-cutout").respond_with_handler(self.jpeg)
+
+    def jpeg(self, request):
+        from PIL import Image
+
+        row = self.by_ra[request.args["ra"]]
+        with self.lock:
+            self.log.append((time.monotonic(), "jpeg " + row["objID"], dict(request.args)))
+        buf = io.BytesIO()
+        rgb = np.random.default_rng(int(row["objID"]) % 2**32).integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8)
+        Image.fromarray(rgb).save(buf, "JPEG")
+        return Response(buf.getvalue(), content_type="image/jpeg")
 
     @property
     def url(self) -> str:
@@ -234,6 +246,24 @@ def test_connection_refused_stops_at_once(legacy_survey, tmp_path):
     rep = read_report(out)
     assert len(rep) == 6 and set(rep.status) <= {"failed", "interrupted"}
     assert (rep.status == "failed").sum() >= 1 and rep.reason.str.contains("connection refused").all()
+
+
+def test_jpeg_beside_the_fits(httpserver_threaded, legacy_survey, tmp_path):
+    """--jpeg: each galaxy's jpeg-cutout of the same frame into OUT/jpeg, checked; images/ keeps only the FITS."""
+    viewer = FakeViewer(httpserver_threaded, legacy_survey)
+    cat = tmp_path / "cat.csv"
+    pd.DataFrame(viewer.rows[-4:]).drop(columns=["name"]).to_csv(cat, index=False)  # four plain galaxies
+    out = tmp_path / "legacy"
+    res = dl.download(legacy_cfg(out, viewer.url, cat, jpeg=True))
+    assert res.counts["ok"] == 4
+    jpgs = sorted(p.stem for p in (out / "jpeg").glob("*.jpg"))
+    assert jpgs == sorted(r["objID"] for r in viewer.rows[-4:]) and not list((out / "images").glob("*.jpg"))
+    fits_args = {o: a for _, o, a in viewer.log if not o.startswith("jpeg")}
+    for _, o, a in viewer.log:
+        if o.startswith("jpeg"):
+            assert a == fits_args[o.split()[1]]  # the same frame
+    dl.download(legacy_cfg(out, viewer.url, cat, jpeg=True))  # a re-run fetches nothing
+    assert len(viewer.log) == 8
 
 
 @pytest.mark.parametrize("args, message", [

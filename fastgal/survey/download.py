@@ -478,7 +478,7 @@ def _download(cfg: DownloadConfig, out: Path) -> DownloadResult:
         statuses, final, make = STATUSES, ("not-found",), Downloader
     (out / "data").mkdir(parents=True, exist_ok=True)
     notes = []
-    stale = list(images.glob("*.part"))
+    stale = list(images.glob("*.part")) + list((out / "jpeg").glob("*.part"))  # jpeg/: --imaging legacy --jpeg
     for p in stale:  # left by a run that was killed mid-write
         p.unlink(missing_ok=True)
     if stale:

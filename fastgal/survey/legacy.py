@@ -21,15 +21,16 @@ github.com/legacysurvey/legacysurvey pages/dr10/description.rst, and pages/dr9/d
   - bands: a string such as griz, gz, g; the answer is one primary HDU holding a (bands, H, W) float32 cube of
     nanomaggies per pixel, with a TAN WCS and the planes named in the header as BAND0, BAND1, ... (the convention
     fastgal's FITS reader already follows, shards/fits.py).
-  - where a band has no coverage (outside the footprint, a layer's side of Dec 32.375 asked for a galaxy on the
-    other, a band a layer lacks) the viewer's resampling leaves the pixels at 0; the service does not say so in
-    the status. Hence fastgal reads every answer in full and refuses an all-zero or all-NaN band as
-    `no-coverage` (never a silent zero image), a band absent from the cube as `missing-band`, and records the
-    largest fraction of a band's pixels with no data (blank_fraction) for frames at the footprint's edge.
-  - errors: a bad parameter is answered with a short text/HTML page (sometimes with status 200), overload with
-    5xx/429; both are handled like SkyServer's (fastgal.survey.skyserver): one shared polite rate limit, urllib3
-    retries with backoff and Retry-After, and our own retries of what urllib3 cannot see (a 200 carrying HTML,
-    a body cut short, a truncated FITS) within the same budget of tries.
+  - not documented, so handled whatever the service does: where a band has no coverage (outside the footprint,
+    a layer's side of Dec 32.375 asked for a galaxy on the other, a band a layer lacks) a coadd has no pixels
+    to resample, and the plane can come back 0 (or NaN) with a 200 status. Hence fastgal reads every answer in
+    full and refuses an all-zero or all-NaN band as `no-coverage` (never a silent zero image), a band absent
+    from the cube as `missing-band`, and records the largest fraction of a band's pixels with no data
+    (blank_fraction) for frames at the footprint's edge.
+  - errors: also undocumented. Any body that is not FITS (an HTML or text page, with status 200 or not) is an
+    error page; 5xx/429 are overload. Both are handled like SkyServer's (fastgal.survey.skyserver): one shared
+    polite rate limit, urllib3 retries with backoff and Retry-After, and our own retries of what urllib3 cannot
+    see (a 200 carrying HTML, a body cut short, a truncated FITS) within the same budget of tries.
 Reasons in download-report.csv start with a kind: html-error, truncated, not-fits, missing-band, no-coverage,
 wrong-size, HTTP n, timed out, connection dropped, connection refused.
 """
@@ -235,6 +236,28 @@ def make_downloader(base):
             super().__init__(cfg, images, stop)
             self.url = f"{cfg.legacy_url.rstrip('/')}/{FITS_ENDPOINT}"
 
+        def fetch_jpeg(self, oid: str, params: dict) -> str:
+            """--jpeg: the same frame's colour JPEG into OUT/jpeg (the FITS is the product: a JPEG that fails is a
+            note in the reason, `jpeg: ...`, and is asked again by a re-run)."""
+            from fastgal.shards.cutouts import check_jpeg
+
+            if not self.cfg.jpeg:
+                return ""
+            dst = self.images.parent / "jpeg" / f"{oid}.jpg"
+            if dst.exists() and not check_jpeg(dst.read_bytes(), size=(self.cfg.size,) * 2, require_eoi=True)[0]:
+                return ""
+            dst.parent.mkdir(exist_ok=True)
+            self.limiter.acquire()
+            url = self.url.rsplit("/", 1)[0] + f"/{JPEG_ENDPOINT}"
+            got, reason, _, data = get_fits(self.sessions.get(), url, params, self.cfg)
+            if got != "ok":
+                return f"jpeg: {reason}"
+            bad, detail, _ = check_jpeg(data, size=(self.cfg.size,) * 2, require_eoi=True)
+            if bad:
+                return f"jpeg: {bad}: {detail}"
+            self._save(dst, data)
+            return ""
+
         def fetch(self, oid: str, ra: str, dec: str, scale: float):
             from fastgal.survey.download import Outcome
 
@@ -243,7 +266,10 @@ def make_downloader(base):
             if dst.exists():
                 kind, detail, blank = inspect_fits(dst.read_bytes(), cfg.bands, cfg.size)
                 if not kind:
-                    return Outcome(oid, "skipped-existing", blank_note(blank), 0, blank)
+                    params = {"ra": ra, "dec": dec, "layer": cfg.layer, "pixscale": f"{scale:.6g}", "size": cfg.size,
+                              "bands": cfg.bands}
+                    notes = (blank_note(blank), self.fetch_jpeg(oid, params))
+                    return Outcome(oid, "skipped-existing", "; ".join(x for x in notes if x), 0, blank)
                 replaced = f"replaced an unusable earlier file ({kind}: {detail})"
             params = {"ra": ra, "dec": dec, "layer": cfg.layer, "pixscale": f"{scale:.6g}", "size": cfg.size,
                       "bands": cfg.bands}
@@ -269,7 +295,8 @@ def make_downloader(base):
                 kind, detail, blank = inspect_fits(data, cfg.bands, cfg.size)
                 if not kind:
                     self._save(dst, data)
-                    return Outcome(oid, "ok", "; ".join(x for x in (blank_note(blank), replaced) if x), n, blank)
+                    notes = (blank_note(blank), replaced, self.fetch_jpeg(oid, params))
+                    return Outcome(oid, "ok", "; ".join(x for x in notes if x), n, blank)
                 reason = f"{kind}: {detail}"
                 if kind in ("no-coverage", "missing-band"):  # the sky or the layer: asking again changes nothing
                     return Outcome(oid, kind, reason + coverage_hint(cfg.layer, float(dec), cfg.bands, kind), n,
