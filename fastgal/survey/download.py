@@ -382,15 +382,15 @@ class DownloadResult:
         return "\n".join(lines)
 
 
-def _earlier_not_found(report: Path, final: tuple[str, ...] = ("not-found",)) -> dict[str, str]:
+def _earlier_not_found(report: Path, final: tuple[str, ...] = ("not-found",)) -> dict[str, tuple[str, str]]:
     """objIDs an earlier run found outside the footprint (a permanent 404; for the Legacy viewer also no-coverage
-    and missing-band): not asked again. {objID: its earlier status}."""
+    and missing-band): not asked again. {objID: (its earlier status, reason)}."""
     if not report.exists():
         return {}
     try:
         rep = pd.read_csv(report, dtype=str, keep_default_na=False)
         keep = rep["status"].isin(final)
-        return dict(zip(rep["objID"][keep], rep["status"][keep]))
+        return dict(zip(rep["objID"][keep], zip(rep["status"][keep], rep["reason"][keep])))
     except (ValueError, KeyError, pd.errors.ParserError):
         return {}
 
@@ -417,7 +417,8 @@ def _catalog(cfg: DownloadConfig, out: Path, stop: threading.Event, notes: list[
 
 
 def _fetch_all(cfg: DownloadConfig, dl: Downloader, df: pd.DataFrame, scales: np.ndarray, images: Path,
-               stop: threading.Event, earlier_404: dict[str, str], outcomes: dict[str, Outcome]) -> BaseException | None:
+               stop: threading.Event, earlier_404: dict[str, tuple[str, str]], outcomes: dict[str, Outcome]
+               ) -> BaseException | None:
     """Fetch every cutout into `outcomes`; on Ctrl-C or an error, stop the workers cleanly and return
     the exception (KeyboardInterrupt included) for the caller to report. A host found unreachable
     (dl.unreachable) stops the workers too; that is not an error here."""
@@ -427,9 +428,9 @@ def _fetch_all(cfg: DownloadConfig, dl: Downloader, df: pd.DataFrame, scales: np
     try:
         for i, oid in enumerate(df["objID"]):
             if oid in earlier_404 and not (images / f"{oid}{dl.ext}").exists():
-                st = earlier_404[oid]
+                st, was = earlier_404[oid]
                 why = ("HTTP 404 in an earlier run: outside the imaging footprint" if st == "not-found"
-                       else f"{st} in an earlier run (see that run's report)")
+                       else f"{was.split('; not asked again')[0]}; an earlier run's answer")
                 outcomes[oid] = Outcome(oid, st, why + "; not asked again", 0)
                 prog.update()
                 continue
