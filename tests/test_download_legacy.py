@@ -284,7 +284,7 @@ def test_download_shard_train_predict(httpserver_threaded, legacy_survey, tmp_pa
     viewer = FakeViewer(httpserver_threaded, legacy_survey)
     out = tmp_path / "legacy"
     run_cli("download", out, "--catalog", viewer.catalog(tmp_path / "cat.csv"), "--imaging", "legacy",
-            "--legacy-url", viewer.url, "--size", SIZE, "--rate", 0, "--retries", RETRIES, "--timeout", 2, "--quiet")
+            "--legacy-url", viewer.url, "--size", SIZE, "--rate", 0, "--retries", RETRIES, "--timeout", 2, "--backoff", 0.01, "--quiet")
     sh = tmp_path / "sh"
     run_cli("shard", out / "data" / "master.csv", out / "images", sh, "--bands", "g,r,z", "--crop", 48,
             "--target", "metallicity", "--quiet")
