@@ -266,6 +266,32 @@ def test_jpeg_beside_the_fits(httpserver_threaded, legacy_survey, tmp_path):
     assert len(viewer.log) == 8
 
 
+def test_the_sample_query_then_legacy_cutouts(httpserver_threaded, legacy_survey, tmp_path):
+    """The SkyServer catalog route (the reference SQL, exact 19-digit ids), then the viewer's cutouts for those
+    galaxies; a galaxy without petroR90_r gets the native 0.262"/px, and says so."""
+    from test_download import FakeSkyServer
+
+    sky = FakeSkyServer(httpserver_threaded, ["good1", "good2", "good3"])
+    served = (legacy_survey / "images" / sorted(p.name for p in (legacy_survey / "images").iterdir())[0]).read_bytes()
+    asked = []
+
+    def viewer(request):
+        asked.append(dict(request.args))
+        return Response(served, content_type="image/fits")
+
+    httpserver_threaded.expect_request("/viewer/fits-cutout").respond_with_handler(viewer)
+    out = tmp_path / "legacy"
+    res = dl.download(legacy_cfg(out, httpserver_threaded.url_for("/viewer"), None, base_url=sky.base_url))
+    assert res.counts["ok"] == 3 and len(sky.sql_seen) == 1
+    master = pd.read_csv(out / "data" / "master.csv", dtype=str)
+    assert list(master.objID) == [r["objID"] for r in sky.rows]  # the query's ids, exactly
+    assert sorted(a["ra"] for a in asked) == sorted(r["ra"] for r in sky.rows)
+    by_ra = {a["ra"]: float(a["pixscale"]) for a in asked}
+    assert by_ra[sky.rows[1]["ra"]] == 0.262  # no petroR90_r: the native pixel
+    assert by_ra[sky.rows[0]["ra"]] == pytest.approx(2 / 0.396 * float(sky.rows[0]["petroR90_r"]) / SIZE, rel=1e-4)
+    assert res.notes == ['1 galaxies have no usable petroR90_r; their cutouts use 0.262"/pixel']
+
+
 @pytest.mark.parametrize("args, message", [
     (["--size", 600], r"--size must be 64..512 pixels with --imaging legacy"),
     (["--layer", "ls-dr8"], r"--layer 'ls-dr8' is not a Legacy Surveys imaging layer"),
