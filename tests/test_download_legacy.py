@@ -176,8 +176,8 @@ def httpserver_threaded():
 
 
 def legacy_cfg(out, viewer_url, catalog, **kw) -> DownloadConfig:
-    base = dict(out=out, catalog=catalog, imaging="legacy", legacy_url=viewer_url, size=SIZE, workers=4, rate=0,
-                retries=RETRIES, timeout=2.0, backoff=0.01, backoff_max=0.05, quiet=True)
+    base = {"out": out, "catalog": catalog, "imaging": "legacy", "legacy_url": viewer_url, "size": SIZE, "workers": 4,
+            "rate": 0, "retries": RETRIES, "timeout": 2.0, "backoff": 0.01, "backoff_max": 0.05, "quiet": True}
     return DownloadConfig(**{**base, **kw})
 
 
@@ -272,7 +272,7 @@ def test_the_sample_query_then_legacy_cutouts(httpserver_threaded, legacy_survey
     from test_download import FakeSkyServer
 
     sky = FakeSkyServer(httpserver_threaded, ["good1", "good2", "good3"])
-    served = (legacy_survey / "images" / sorted(p.name for p in (legacy_survey / "images").iterdir())[0]).read_bytes()
+    served = (legacy_survey / "images" / min(p.name for p in (legacy_survey / "images").iterdir())).read_bytes()
     asked = []
 
     def viewer(request):
