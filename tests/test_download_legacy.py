@@ -214,7 +214,7 @@ def test_every_fault_has_its_reason_and_a_rerun_resumes(httpserver_threaded, leg
     t = [ts for ts, o, _ in viewer.log if o == next(r["objID"] for r in viewer.rows if r["name"] == "ratelimited")]
     assert t[1] - t[0] >= 0.95  # Retry-After: 1 respected
     meta = json.loads((out / "download.json").read_text())
-    assert meta["catalog"]["cutouts"]["layer"] == "ls-dr10" and meta["counts"] == res.counts
+    assert meta["cutouts"]["layer"] == "ls-dr10" and meta["counts"] == res.counts
 
     # a re-run: complete files are not fetched again, permanent answers are not asked again, faults are retried
     before = {r["objID"]: viewer.requests_for(r["objID"]) for r in viewer.rows}
@@ -230,6 +230,12 @@ def test_every_fault_has_its_reason_and_a_rerun_resumes(httpserver_threaded, leg
         else:
             assert asked_again >= 1, row["name"]
     assert res2.counts["skipped-existing"] == res.counts["ok"]
+    # another layer, or SkyServer's JPEGs, into the same OUT: refused before any request
+    n = len(viewer.log)
+    for other in ({"layer": "ls-dr9"}, {"imaging": "skyserver", "size": 224}):
+        with pytest.raises(ValueError, match=r"holds cutouts of imaging legacy.*choose another OUT"):
+            dl.download(legacy_cfg(out, viewer.url, tmp_path / "cat.csv", **other))
+    assert len(viewer.log) == n
 
 
 def test_connection_refused_stops_at_once(legacy_survey, tmp_path):

@@ -467,7 +467,33 @@ def download(cfg: DownloadConfig) -> DownloadResult:
         return _download(cfg, out)
 
 
+def cutouts_of(cfg: DownloadConfig) -> dict:
+    """What kind of cutouts OUT/images holds (download.json's "cutouts"): one OUT never mixes two."""
+    if cfg.imaging == "legacy":
+        return {"imaging": "legacy", "service": f"{cfg.legacy_url.rstrip('/')}/fits-cutout", "layer": cfg.layer,
+                "bands": cfg.bands.replace(",", ""), "size": cfg.size}
+    return {"imaging": "skyserver", "release": cfg.release, "size": cfg.size}
+
+
+def _check_same_cutouts(cfg: DownloadConfig, out: Path) -> None:
+    """Refuse to resume into an OUT whose earlier run fetched another kind of cutout (SkyServer's JPEGs, another
+    layer or band set): its files and its "not asked again" rows would not be this run's."""
+    try:
+        old = json.loads((out / "download.json").read_text())
+    except (OSError, ValueError):
+        return
+    was = old.get("cutouts") or {"imaging": "skyserver"}  # before #31 every run was SkyServer's
+    now = cutouts_of(cfg)
+    keys = ("imaging", "layer", "bands") if now["imaging"] == "legacy" else ("imaging",)
+    if any(was.get(k) != now.get(k) for k in keys):
+        def show(d):
+            return " ".join(f"{k} {d.get(k)}" for k in keys)
+        raise ValueError(f"{out} holds cutouts of {show(was)}, this run asks for {show(now)}; choose another OUT "
+                         "(or move the earlier one away)")
+
+
 def _download(cfg: DownloadConfig, out: Path) -> DownloadResult:
+    _check_same_cutouts(cfg, out)
     images = out / "images"
     images.mkdir(parents=True, exist_ok=True)
     legacy = cfg.imaging == "legacy"
@@ -517,9 +543,7 @@ def _download(cfg: DownloadConfig, out: Path) -> DownloadResult:
         counts[o.status] += 1
     flagged = sum(1 for o in rows if o.status in ("ok", "skipped-existing") and o.black_fraction is not None
                   and o.black_fraction > BLACK_FLAG)
-    if legacy:
-        cat_meta = {**cat_meta, "cutouts": {"service": f"{cfg.legacy_url.rstrip('/')}/{ls.FITS_ENDPOINT}",
-                                            "layer": cfg.layer, "bands": cfg.bands}}
+
     bad = next((o for o in rows if o.status not in ("ok", "skipped-existing")), None)
     res = DownloadResult(out=out, n=len(rows), counts=counts, seconds=time.perf_counter() - t0,
                          catalog_source=source, flagged_black=flagged,
@@ -528,7 +552,7 @@ def _download(cfg: DownloadConfig, out: Path) -> DownloadResult:
                          first_problem=f"{bad.status}: {bad.reason}" if bad else "",
                          blank_word="blank" if legacy else "black")
     write_json_atomic(out / "download.json", {
-        "fastgal_version": __version__, "config": to_jsonable(cfg), "catalog": cat_meta,
+        "fastgal_version": __version__, "config": to_jsonable(cfg), "catalog": cat_meta, "cutouts": cutouts_of(cfg),
         "catalog_source": source, "framing": framing, "n": res.n, "counts": counts, "flagged_mostly_black": flagged,
         "interrupted": res.interrupted, "seconds": round(res.seconds, 3),
     })
