@@ -248,7 +248,8 @@ def test_connection_refused_stops_at_once(legacy_survey, tmp_path):
     res = run_cli("download", out, "--catalog", cat, "--imaging", "legacy", "--legacy-url",
                   f"http://127.0.0.1:{port}/viewer", "--size", SIZE, "--rate", 0, "--quiet", ok=False)
     assert res.exit_code != 0
-    assert re.search(rf"cannot reach http://127.0.0.1:{port}/viewer \(connection refused\)", res.output), res.output
+    assert re.search(rf"cannot reach http://127.0.0.1:{port}/viewer \(connection refused\); check the network, "
+                     r"or --legacy-url", res.output), res.output
     rep = read_report(out)
     assert len(rep) == 6 and set(rep.status) <= {"failed", "interrupted"}
     assert (rep.status == "failed").sum() >= 1 and rep.reason.str.contains("connection refused").all()

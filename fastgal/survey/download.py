@@ -559,6 +559,8 @@ def _download(cfg: DownloadConfig, out: Path) -> DownloadResult:
     if error is not None and not isinstance(error, KeyboardInterrupt):
         raise error
     if dl.unreachable and not res.fetched:
-        raise Unreachable(f"{unreachable_message(host, dl.unreachable)}; no cutout was fetched "
+        why = (unreachable_message(host, dl.unreachable) if not legacy else f"cannot reach {host} ({dl.unreachable}); "
+               "check the network, or --legacy-url if the viewer is elsewhere (a mirror, a test server)")
+        raise Unreachable(f"{why}; no cutout was fetched "
                           f"(the report is {report_path})")
     return res
