@@ -284,11 +284,17 @@ def download(as_json, **kw):
     failed, invalid-image, interrupted, and why) and OUT/download.json. Re-running the same command
     resumes: complete images are not fetched again. The output feeds `fastgal shard` unchanged.
 
+    --imaging legacy fetches the same sample's g, r, z cutouts from the DESI Legacy Surveys' viewer
+    (fits-cutout, --layer ls-dr10) as OUT/images/{objID}.fits cubes, each read in full and checked
+    (no-coverage, missing-band, truncated, html-error are report reasons, never a silent zero image).
+
     Example:
 
     \b
         fastgal download data/sdss --limit 1000 --workers 4 --rate 4
         fastgal shard data/sdss/data/master.csv data/sdss/images shards/sdss
+        fastgal download data/legacy --imaging legacy --limit 1000
+        fastgal shard data/legacy/data/master.csv data/legacy/images shards/legacy --bands g,r,z
     """
     from fastgal.survey.download import download as run_download
     from fastgal.survey.skyserver import SkyServerError

@@ -75,7 +75,12 @@ class SynthConfig:
     format: str = option("jpeg", "jpeg: SkyServer-like gri RGB JPEGs. fits: the same galaxies as calibrated "
                          "fluxes, one (bands, H, W) float32 cube of nanomaggies a file (needs astropy).",
                          choices=["jpeg", "fits"])
-    bands: str = option("gri", "Bands, in ugriz order: gri for jpeg; for fits any of u, g, r, i, z (e.g. ugriz).")
+    bands: str = option("auto", "Bands, in ugriz order: gri for jpeg; for fits any of u, g, r, i, z (e.g. ugriz); "
+                        "--survey legacy: any of g, r, i, z [auto: gri; grz for --survey legacy].")
+    survey: str = option("sdss", "sdss: SDSS-like imaging (0.396\" pixels, SkyServer's cutouts). legacy: the same "
+                         "galaxies as the DESI Legacy Surveys image them (0.262\" pixels, 1.2-2 mag deeper, 1.2\" "
+                         "seeing), FITS laid out like the viewer's fits-cutout (implies --format fits).",
+                         choices=["sdss", "legacy"])
     workers: int = option(0, WORKERS)
     jpeg_quality: int = option(75, "close to what SkyServer's getjpeg serves", cli=False)
     overwrite: bool = option(False, "Replace the survey in a non-empty OUT.")
@@ -195,14 +200,24 @@ class DownloadConfig:
     release: str = option("dr17", "SDSS data release.")
     base_url: str = option("https://skyserver.sdss.org", "SkyServer host (a mirror, a test server).")
     limit: int | None = option(None, "Only the first N galaxies (by objID for the query).")
-    size: int = option(RECIPE.image, "Cutout width/height in pixels (64-2048; SkyServer clamps outside it).")
-    scale: float | str = option("auto", "arcsec/pixel (0.015-60), or auto: frame each galaxy by --frame "
-                             "(0.396 without a petroR90_r).", type="scale")
+    size: int = option(RECIPE.image, "Cutout width/height in pixels (64-2048; SkyServer clamps outside it; "
+                       "--imaging legacy: 64-512, the viewer's maximum).")
+    scale: float | str = option("auto", "arcsec/pixel (0.015-60; legacy 0.05-2.62), or auto: frame each galaxy by --frame "
+                             "(the native pixel without a petroR90_r: 0.396, legacy 0.262).", type="scale")
     frame: str = option("original", "--scale auto's frame: original = 2 x petroR90_r / 0.396 (about 5.05 x "
                      "petroR90_r, the published study's), 4r90 = 4 x petroR90_r.", choices=list(FRAMES))
     fallback_scale: float = option(NATIVE_SCALE, "auto without a usable petroR90_r: SDSS's native pixel", cli=False)
+    imaging: str = option("skyserver", "Where the cutouts come from: skyserver (SDSS gri JPEGs, getjpeg) or legacy "
+                          "(the DESI Legacy Surveys' g, r, z FITS cubes, the viewer's fits-cutout; needs astropy).",
+                          choices=["skyserver", "legacy"])
+    layer: str = option("ls-dr10", "--imaging legacy: the viewer's layer (ls-dr10 joins BASS/MzLS north of Dec 32.375 "
+                        "to DECam south of it; ls-dr10-south, ls-dr9, ls-dr9-north, ls-dr9-south).")
+    bands: str = option("grz", "--imaging legacy: bands of each FITS cube (letters of griz; i only south of Dec 32.375).")
+    legacy_url: str = option("https://www.legacysurvey.org/viewer", "--imaging legacy: the cutout service (a test server).")
+    jpeg: bool = option(False, "--imaging legacy: also fetch each galaxy's colour JPEG (the viewer's jpeg-cutout, same "
+                        "frame) into OUT/jpeg/{objID}.jpg, beside the FITS that shard reads.")
     workers: int = option(4, "Download threads, each with its own keep-alive connection.")
-    rate: float = option(4.0, "Requests/s over all threads (SkyServer is shared); 0 = no limit.")
+    rate: float = option(4.0, "Requests/s over all threads (SkyServer and the Legacy viewer are shared); 0 = no limit.")
     retries: int = option(5, "Retries after the first try, per cutout; per query only where nothing ran "
                        "(connection errors, 502/503/504, 429 with Retry-After), never a SQL error.")
     timeout: float = option(30.0, "Seconds per request (connect, and between bytes).")

@@ -77,9 +77,13 @@ BLACK_LEVEL, BLACK_FLAG = 1, 0.5
 def validate(cfg: DownloadConfig) -> None:
     if cfg.sql is not None and cfg.catalog is not None:
         raise ValueError("pass --sql or --catalog, not both")
-    if not MIN_SIZE <= cfg.size <= MAX_SIZE:
+    if cfg.imaging == "legacy":
+        _validate_legacy(cfg)
+    elif cfg.imaging != "skyserver":
+        raise ValueError(f"--imaging must be skyserver or legacy, got {cfg.imaging!r}")
+    elif not MIN_SIZE <= cfg.size <= MAX_SIZE:
         raise ValueError(f"--size must be {MIN_SIZE}..{MAX_SIZE} pixels (SkyServer clamps outside it), got {cfg.size}")
-    if cfg.scale != "auto" and not (isinstance(cfg.scale, (int, float)) and MIN_SCALE <= cfg.scale <= MAX_SCALE):
+    elif cfg.scale != "auto" and not (isinstance(cfg.scale, (int, float)) and MIN_SCALE <= cfg.scale <= MAX_SCALE):
         raise ValueError(f"--scale must be 'auto' or {MIN_SCALE:g}..{MAX_SCALE:g} arcsec/pixel (SkyServer clamps "
                          f"outside it), got {cfg.scale!r}")
     if cfg.workers < 1:
@@ -92,6 +96,22 @@ def validate(cfg: DownloadConfig) -> None:
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out} exists and is not a folder; pass a folder path")
     check_writable(out, "choose another OUT")  # before the query and any cutout
+
+
+def _validate_legacy(cfg: DownloadConfig) -> None:
+    """--imaging legacy's own limits (survey/legacy.py: the viewer's 512 px maximum, its layers and bands)."""
+    from fastgal.shards.fits import require_astropy
+    from fastgal.survey import legacy
+
+    if not legacy.MIN_SIZE <= cfg.size <= legacy.MAX_SIZE:
+        raise ValueError(f"--size must be {legacy.MIN_SIZE}..{legacy.MAX_SIZE} pixels with --imaging legacy (the "
+                         f"viewer serves at most {legacy.MAX_SIZE}), got {cfg.size}")
+    if cfg.scale != "auto" and not (isinstance(cfg.scale, (int, float))
+                                    and legacy.MIN_SCALE <= cfg.scale <= legacy.MAX_SCALE):
+        raise ValueError(f"--scale must be 'auto' or {legacy.MIN_SCALE:g}..{legacy.MAX_SCALE:g} arcsec/pixel with "
+                         f"--imaging legacy (0.262 is the native pixel), got {cfg.scale!r}")
+    legacy.check_layer(cfg.layer, cfg.bands.replace(",", ""))
+    require_astropy("fastgal download --imaging legacy")  # before the query and any cutout
 
 
 def normalise_catalog(df: pd.DataFrame, what: str, first_line: int | None = 2,
@@ -193,22 +213,29 @@ def load_catalog(cfg: DownloadConfig, out: Path, session: requests.Session) -> t
 
 
 def plan_scales(df: pd.DataFrame, cfg: DownloadConfig) -> tuple[np.ndarray, list[str], dict]:
-    """Each galaxy's getjpeg scale (arcsec/px); for each, a note when the service's range clamps it
-    (the report's reason column: the frame is then not what the rule asks); download.json's record."""
+    """Each galaxy's cutout scale (arcsec/px: getjpeg's scale, the Legacy viewer's pixscale); for each, a note
+    when the service's range clamps it (the report's reason column: the frame is then not what the rule asks);
+    download.json's record."""
     if cfg.scale != "auto":
         return np.full(len(df), float(cfg.scale)), [""] * len(df), {"scale": float(cfg.scale)}
+    if cfg.imaging == "legacy":
+        from fastgal.survey import legacy
+
+        lo, hi, fallback, service = legacy.MIN_SCALE, legacy.MAX_SCALE, legacy.LEGACY_NATIVE, "the Legacy viewer's"
+    else:
+        lo, hi, fallback, service = MIN_SCALE, MAX_SCALE, cfg.fallback_scale, "getjpeg's"
     span = FRAMES[cfg.frame]
     r90 = pd.to_numeric(df["petroR90_r"], errors="coerce").to_numpy(float) if "petroR90_r" in df \
         else np.full(len(df), np.nan)
     usable = np.isfinite(r90) & (r90 > 0)  # NULL, -9999 or junk: the fixed fallback scale
-    want = np.where(usable, span * np.where(usable, r90, 0) / cfg.size, cfg.fallback_scale)
-    scale = np.clip(want, MIN_SCALE, MAX_SCALE)
-    notes = [f"scale clamped to getjpeg's {'minimum' if w < s else 'maximum'} {s:g}\"/px (the frame rule asks "
+    want = np.where(usable, span * np.where(usable, r90, 0) / cfg.size, fallback)
+    scale = np.clip(want, lo, hi)
+    notes = [f"scale clamped to {service} {'minimum' if w < s else 'maximum'} {s:g}\"/px (the frame rule asks "
              f"{w:.3g}\"/px), so the frame spans {s * cfg.size:.3g}\" instead of {w * cfg.size:.3g}\"" if w != s else ""
              for w, s in zip(want, scale)]
     record = {"frame": cfg.frame, "frame_r90": span,
-              "scale": f"frame_r90 * petroR90_r / size arcsec/px ({cfg.fallback_scale} without a usable petroR90_r), "
-                       f"clamped to getjpeg's {MIN_SCALE:g}..{MAX_SCALE:g}",
+              "scale": f"frame_r90 * petroR90_r / size arcsec/px ({fallback} without a usable petroR90_r), "
+                       f"clamped to {service} {lo:g}..{hi:g}",
               "no_petroR90_r": int((~usable).sum()), "clamped": sum(1 for n in notes if n)}
     return scale, notes, record
 
@@ -241,6 +268,8 @@ def _black_note(b: float | None) -> str:
 
 class Downloader:
     """Fetches cutouts into OUT/images with a shared rate limit and one Session per thread."""
+
+    ext = ".jpg"  # the file each galaxy's cutout is saved as (legacy.make_downloader's: .fits)
 
     def __init__(self, cfg: DownloadConfig, images: Path, stop: threading.Event):
         self.cfg, self.images, self.stop = cfg, images, stop
@@ -321,6 +350,7 @@ class DownloadResult:
     interrupted: bool = False
     notes: list[str] = field(default_factory=list)
     first_problem: str = ""  # the first row that is not ok or skipped-existing: "status: reason"
+    blank_word: str = "black"  # what a no-data frame is called: black (getjpeg's JPEGs), blank (Legacy FITS)
 
     @property
     def fetched(self) -> int:
@@ -345,22 +375,24 @@ class DownloadResult:
         lines.append(f"catalog: {self.n} galaxies from {self.catalog_source} -> {self.out / 'data' / 'master.csv'}")
         lines.append("cutouts: " + ", ".join(f"{c[s]} {s}" for s in c if c[s] or s in ("ok", "failed"))
                      + f" = {sum(c.values())} of {self.n}"
-                     + (f"; {self.flagged_black} flagged mostly-black" if self.flagged_black else ""))
+                     + (f"; {self.flagged_black} flagged mostly-{self.blank_word}" if self.flagged_black else ""))
         lines.append(f"report: {self.out / 'download-report.csv'} ({self.seconds:.1f}s, {self.fetched_per_s:.1f} cutouts/s)")
         if c["failed"] or c["invalid-image"] or c["interrupted"]:
             lines.append("re-run the same command to retry what is missing; finished images are kept")
         return "\n".join(lines)
 
 
-def _earlier_not_found(report: Path) -> set[str]:
-    """objIDs an earlier run found outside the footprint (a permanent 404): not asked again."""
+def _earlier_not_found(report: Path, final: tuple[str, ...] = ("not-found",)) -> dict[str, tuple[str, str]]:
+    """objIDs an earlier run found outside the footprint (a permanent 404; for the Legacy viewer also no-coverage
+    and missing-band): not asked again. {objID: (its earlier status, reason)}."""
     if not report.exists():
-        return set()
+        return {}
     try:
         rep = pd.read_csv(report, dtype=str, keep_default_na=False)
-        return set(rep["objID"][rep["status"] == "not-found"])
+        keep = rep["status"].isin(final)
+        return dict(zip(rep["objID"][keep], zip(rep["status"][keep], rep["reason"][keep])))
     except (ValueError, KeyError, pd.errors.ParserError):
-        return set()
+        return {}
 
 
 def write_report(path: Path, outcomes: list[Outcome]) -> None:
@@ -385,7 +417,8 @@ def _catalog(cfg: DownloadConfig, out: Path, stop: threading.Event, notes: list[
 
 
 def _fetch_all(cfg: DownloadConfig, dl: Downloader, df: pd.DataFrame, scales: np.ndarray, images: Path,
-               stop: threading.Event, earlier_404: set[str], outcomes: dict[str, Outcome]) -> BaseException | None:
+               stop: threading.Event, earlier_404: dict[str, tuple[str, str]], outcomes: dict[str, Outcome]
+               ) -> BaseException | None:
     """Fetch every cutout into `outcomes`; on Ctrl-C or an error, stop the workers cleanly and return
     the exception (KeyboardInterrupt included) for the caller to report. A host found unreachable
     (dl.unreachable) stops the workers too; that is not an error here."""
@@ -394,9 +427,11 @@ def _fetch_all(cfg: DownloadConfig, dl: Downloader, df: pd.DataFrame, scales: np
     futs, error = {}, None
     try:
         for i, oid in enumerate(df["objID"]):
-            if oid in earlier_404 and not (images / f"{oid}.jpg").exists():
-                outcomes[oid] = Outcome(oid, "not-found", "HTTP 404 in an earlier run: outside the imaging footprint; "
-                                        "not asked again", 0)
+            if oid in earlier_404 and not (images / f"{oid}{dl.ext}").exists():
+                st, was = earlier_404[oid]
+                why = ("HTTP 404 in an earlier run: outside the imaging footprint" if st == "not-found"
+                       else f"{was.split('; not asked again')[0]}; an earlier run's answer")
+                outcomes[oid] = Outcome(oid, st, why + "; not asked again", 0)
                 prog.update()
                 continue
             futs[ex.submit(dl.fetch, oid, df["ra"].iat[i], df["dec"].iat[i], float(scales[i]))] = oid
@@ -432,12 +467,45 @@ def download(cfg: DownloadConfig) -> DownloadResult:
         return _download(cfg, out)
 
 
+def cutouts_of(cfg: DownloadConfig) -> dict:
+    """What kind of cutouts OUT/images holds (download.json's "cutouts"): one OUT never mixes two."""
+    if cfg.imaging == "legacy":
+        return {"imaging": "legacy", "service": f"{cfg.legacy_url.rstrip('/')}/fits-cutout", "layer": cfg.layer,
+                "bands": cfg.bands.replace(",", ""), "size": cfg.size}
+    return {"imaging": "skyserver", "release": cfg.release, "size": cfg.size}
+
+
+def _check_same_cutouts(cfg: DownloadConfig, out: Path) -> None:
+    """Refuse to resume into an OUT whose earlier run fetched another kind of cutout (SkyServer's JPEGs, another
+    layer or band set): its files and its "not asked again" rows would not be this run's."""
+    try:
+        old = json.loads((out / "download.json").read_text())
+    except (OSError, ValueError):
+        return
+    was = old.get("cutouts") or {"imaging": "skyserver"}  # before #31 every run was SkyServer's
+    now = cutouts_of(cfg)
+    keys = ("imaging", "layer", "bands") if now["imaging"] == "legacy" else ("imaging",)
+    if any(was.get(k) != now.get(k) for k in keys):
+        def show(d):
+            return " ".join(f"{k} {d.get(k)}" for k in keys)
+        raise ValueError(f"{out} holds cutouts of {show(was)}, this run asks for {show(now)}; choose another OUT "
+                         "(or move the earlier one away)")
+
+
 def _download(cfg: DownloadConfig, out: Path) -> DownloadResult:
+    _check_same_cutouts(cfg, out)
     images = out / "images"
     images.mkdir(parents=True, exist_ok=True)
+    legacy = cfg.imaging == "legacy"
+    if legacy:
+        from fastgal.survey import legacy as ls
+
+        statuses, final, make = ls.STATUSES, ls.FINAL, ls.make_downloader(Downloader)
+    else:
+        statuses, final, make = STATUSES, ("not-found",), Downloader
     (out / "data").mkdir(parents=True, exist_ok=True)
     notes = []
-    stale = list(images.glob("*.part"))
+    stale = list(images.glob("*.part")) + list((out / "jpeg").glob("*.part"))  # jpeg/: --imaging legacy --jpeg
     for p in stale:  # left by a run that was killed mid-write
         p.unlink(missing_ok=True)
     if stale:
@@ -449,42 +517,50 @@ def _download(cfg: DownloadConfig, out: Path) -> DownloadResult:
     scales, clamped, framing = plan_scales(df, cfg)
     if framing.get("no_petroR90_r"):
         notes.append(f"{framing['no_petroR90_r']} galaxies have no usable petroR90_r; their cutouts use "
-                     f"{cfg.fallback_scale}\"/pixel")
+                     f"{ls.LEGACY_NATIVE if legacy else cfg.fallback_scale}\"/pixel")
     if framing.get("clamped"):
-        notes.append(f"{framing['clamped']} galaxies' scale is outside getjpeg's {MIN_SCALE:g}..{MAX_SCALE:g}\"/px "
-                     "and was clamped (their frames differ from the rule); the report's reason column names them")
+        lo, hi = (MIN_SCALE, MAX_SCALE) if not legacy else (ls.MIN_SCALE, ls.MAX_SCALE)
+        notes.append(f"{framing['clamped']} galaxies' scale is outside {'the Legacy viewer' if legacy else 'getjpeg'}'s "
+                     f"{lo:g}..{hi:g}\"/px and was clamped (their frames differ from the rule); the report's reason "
+                     "column names them")
     report_path = out / "download-report.csv"
     outcomes: dict[str, Outcome] = {}
-    dl = Downloader(cfg, images, stop)
-    error = _fetch_all(cfg, dl, df, scales, images, stop, _earlier_not_found(report_path), outcomes)
+    dl = make(cfg, images, stop)
+    error = _fetch_all(cfg, dl, df, scales, images, stop, _earlier_not_found(report_path, final), outcomes)
     if dl.unreachable and isinstance(error, Interrupted):  # the workers stopped because the host is unreachable
         error = None
     for p in images.glob("*.part"):
         p.unlink(missing_ok=True)
-    unreached = (f"not tried: {cfg.base_url} could not be reached ({dl.unreachable}); re-run to resume"
+    host = cfg.legacy_url if legacy else cfg.base_url
+    unreached = (f"not tried: {host} could not be reached ({dl.unreachable}); re-run to resume"
                  if dl.unreachable else "run stopped before this cutout; re-run to resume")
     rows = [outcomes.get(oid) or Outcome(oid, "interrupted", unreached) for oid in df["objID"]]
     for o, note in zip(rows, clamped):
         o.reason = "; ".join(x for x in (o.reason, note) if x)
     write_report(report_path, rows)
-    counts = {s: 0 for s in STATUSES}
+    counts = {s: 0 for s in statuses}
     for o in rows:
         counts[o.status] += 1
-    flagged = sum(1 for o in rows if o.black_fraction is not None and o.black_fraction > BLACK_FLAG)
+    flagged = sum(1 for o in rows if o.status in ("ok", "skipped-existing") and o.black_fraction is not None
+                  and o.black_fraction > BLACK_FLAG)
+
     bad = next((o for o in rows if o.status not in ("ok", "skipped-existing")), None)
     res = DownloadResult(out=out, n=len(rows), counts=counts, seconds=time.perf_counter() - t0,
                          catalog_source=source, flagged_black=flagged,
                          dropped_duplicates=cat_meta.get("dropped_duplicates", []),
                          interrupted=error is not None, notes=notes,
-                         first_problem=f"{bad.status}: {bad.reason}" if bad else "")
+                         first_problem=f"{bad.status}: {bad.reason}" if bad else "",
+                         blank_word="blank" if legacy else "black")
     write_json_atomic(out / "download.json", {
-        "fastgal_version": __version__, "config": to_jsonable(cfg), "catalog": cat_meta,
+        "fastgal_version": __version__, "config": to_jsonable(cfg), "catalog": cat_meta, "cutouts": cutouts_of(cfg),
         "catalog_source": source, "framing": framing, "n": res.n, "counts": counts, "flagged_mostly_black": flagged,
         "interrupted": res.interrupted, "seconds": round(res.seconds, 3),
     })
     if error is not None and not isinstance(error, KeyboardInterrupt):
         raise error
     if dl.unreachable and not res.fetched:
-        raise Unreachable(f"{unreachable_message(cfg.base_url, dl.unreachable)}; no cutout was fetched "
+        why = (unreachable_message(host, dl.unreachable) if not legacy else f"cannot reach {host} ({dl.unreachable}); "
+               "check the network, or --legacy-url if the viewer is elsewhere (a mirror, a test server)")
+        raise Unreachable(f"{why}; no cutout was fetched "
                           f"(the report is {report_path})")
     return res

@@ -91,7 +91,8 @@ def reference_for(bands: str = "gri") -> dict:
     return {**OBSERVABLE_REFERENCE, "rmse": OBSERVABLE_REFERENCES[key], "bands": key, "visible": visible_names(key)}
 
 
-def floor_stats(cat: dict, generator_version: int, sigma_hidden: float, bands: str = "gri") -> dict:
+def floor_stats(cat: dict, generator_version: int, sigma_hidden: float, bands: str = "gri",
+                imaging: str = "sdss") -> dict:
     """synth.json's accuracy references for the generated sample, the observable one for `bands`."""
     m, rel = cat["metallicity"], cat["metallicity_relation"]
     res = m - rel
@@ -105,9 +106,49 @@ def floor_stats(cat: dict, generator_version: int, sigma_hidden: float, bands: s
         "mean_baseline_rmse": float(np.std(m)),
         "sigma_hidden_latent": sigma_hidden,
         "observable_reference": ref,
+        **({"noisy_observable_reference_rmse": NOISY_REFERENCES[f"{imaging}:{bands}"]}
+           if f"{imaging}:{bands}" in NOISY_REFERENCES else {}),
         "note": "observable_reference_rmse = what a strong tabular model reaches from the quantities an image "
         "of these bands shows (magnitude, colours, concentration, bulge fraction, axis ratio, pixel scale): the "
         "reference for an image-based model. floor_rmse = the latent floor, RMSE around E[metallicity | stellar "
         "mass, SFR]: only an oracle knowing mass and SFR reaches it (a cutout cannot show distance). "
         "mean_baseline_rmse = predicting the sample mean.",
     }
+
+
+# What depth can buy, bounded: the observable reference with each survey's photometric noise on the magnitude and
+# colours (structure kept exact), measured once like OBSERVABLE_REFERENCES on make_catalog(200_000, 12345):
+# `python -c "from fastgal.survey.synth import make_catalog; from fastgal.survey.floor import noisy_reference as o;
+# c = make_catalog(200_000, 12345); print(o(c, 'sdss', 'gri'), o(c, 'legacy', 'grz'))"`. Both equal the noise-free
+# reference to within its own scatter: galaxies of the SDSS spectroscopic sample (r < 17.77) are so bright that
+# even SDSS's sky adds ~0.002-0.01 mag to their integrated colours, against colour spreads of 0.1-0.3 mag.
+NOISY_REFERENCES = {"sdss:gri": 0.1013, "legacy:grz": 0.1013}  # noise-free gri and grz: 0.1012
+
+
+def photometric_errors(cat: dict, imaging: str, bands: str) -> dict:
+    """Each band's magnitude error from the survey's sky noise inside the galaxy's R90 aperture (90% of its light):
+    sigma_F = sky per native pixel / native pixel (arcsec) x sqrt(pi R90^2); sigma_m = 1.0857 sigma_F / F."""
+    from fastgal.survey.render import IMAGING
+
+    im = IMAGING[imaging]
+    feats = dict(zip(visible_names("ugriz"), visible_features(cat, "ugriz").T))
+    mags = {"r": feats["petroMag_r"], "u": feats["petroMag_r"] + cat["g_r"] + feats["u_g"],
+            "g": feats["petroMag_r"] + cat["g_r"], "i": feats["petroMag_r"] - feats["r_i"]}
+    mags["z"] = mags["i"] - feats["i_z"]
+    area = np.sqrt(np.pi) * np.asarray(cat["petroR90_r"])
+    return {b: 1.0857 * im.sky[b] / im.native * area / (0.9 * 10 ** (-0.4 * (mags[b] - 22.5))) for b in bands}
+
+
+def noisy_reference(cat: dict, imaging: str, bands: str, seed: int = 0) -> float:
+    """observable_reference with photometric_errors drawn onto the visible magnitude and colours."""
+    rng = np.random.default_rng(seed)
+    err = photometric_errors(cat, imaging, bands)
+    noise = {b: rng.standard_normal(len(e)) * e for b, e in err.items()}
+    noisy = dict(cat)
+    r = "r" if "r" in bands else bands[0]
+    noisy["petroMag_r"] = cat["petroMag_r"] + noise[r]
+    colour = {"g_r": ("g", "r"), "_ri": ("r", "i"), "_iz": ("i", "z"), "_ug": ("u", "g")}
+    for key, (a, b) in colour.items():
+        if key in cat:
+            noisy[key] = cat[key] + noise.get(a, 0) - noise.get(b, 0)
+    return observable_reference(noisy, bands=bands)

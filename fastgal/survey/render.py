@@ -16,6 +16,7 @@ from the generator it is given, so the survey's bytes do not depend on how rows 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from io import BytesIO
 
 import numpy as np
@@ -39,6 +40,35 @@ ARM_UZ = {"u": 1.6, "z": 0.7}  # spiral arms are young and blue: brightest in u 
 # background galaxies (already k-corrected, col ~0.9) like the red half of the catalog
 NEIGHBOUR_COLOURS = {"star": {"u_g": (0.6, 1.5), "i_z": (0.0, 0.3)}, "galaxy": {"u_g": (0.7, 1.0), "i_z": (0.1, 0.2)},
                      "relation": "colour = a + b (g-r)"}
+
+
+@dataclass(frozen=True)
+class Imaging:
+    """What a survey's camera makes of a galaxy: its native pixel (arcsec), its seeing (PSF FWHM, arcsec: one
+    draw per galaxy, max(N(mean, sd), floor)) and its sky noise per band (nmgy per native pixel). The galaxy
+    (catalog, components, neighbours, every draw) is the same whatever the imaging."""
+
+    name: str
+    native: float
+    psf: tuple[float, float, float]  # FWHM mean, sd, floor
+    sky: dict
+
+
+SDSS = Imaging("sdss", NATIVE_SCALE, (1.4, 0.2, 0.9), SKY_SIGMA_BANDS)
+# The DESI Legacy Imaging Surveys (DR9/DR10, DECaLS south; BASS/MzLS north of Dec 32.375): 0.262" pixels
+# (legacysurvey.org/dr10/description: "pixel scale of 0.262"/pix"); the dedicated surveys' 5-sigma depth goals
+# g 24.0, r 23.4, z 22.5 (Dey et al. 2019), DR10's i ~23.3, against SDSS's 95% completeness g 22.2, r 22.2,
+# i 21.3, z 20.5 (the same numbers SKY_SIGMA_UZ anchors u and z to); median seeing ~1.2" (DECam g 1.3, r 1.2,
+# z 1.1) against SDSS's 1.4". A point-source depth is ~ noise per unit area x PSF width, so the noise per unit
+# area is SDSS's x 10^(-0.4 (m_legacy - m_sdss)) x (1.4 / 1.2), and per 0.262" pixel that x 0.262 / 0.396.
+LEGACY_DEPTH = {"g": 24.0, "r": 23.4, "i": 23.3, "z": 22.5}
+SDSS_DEPTH = {"u": 22.0, "g": 22.2, "r": 22.2, "i": 21.3, "z": 20.5}
+LEGACY_NATIVE = 0.262
+LEGACY_PSF = (1.2, 0.15, 0.8)
+LEGACY = Imaging("legacy", LEGACY_NATIVE, LEGACY_PSF, {
+    b: SKY_SIGMA_BANDS[b] * LEGACY_NATIVE / NATIVE_SCALE * 10 ** (-0.4 * (LEGACY_DEPTH[b] - SDSS_DEPTH[b]))
+    * SDSS.psf[0] / LEGACY_PSF[0] for b in LEGACY_DEPTH})
+IMAGING = {"sdss": SDSS, "legacy": LEGACY}
 RGB_SCALE = np.array([1.0, 1.15, 1.9], np.float32)  # i->R, r->G, g->B channel weights
 LUPTON_Q, LUPTON_STRETCH = 8.0, 0.45
 
@@ -63,7 +93,7 @@ def _grid(size: int):
 
 
 def render_fluxes(row: dict, size: int, rng: np.random.Generator, bands: str = "gri",
-                  rng_uz: np.random.Generator | None = None) -> np.ndarray:
+                  rng_uz: np.random.Generator | None = None, imaging: Imaging = SDSS) -> np.ndarray:
     """One galaxy as calibrated fluxes: a (len(bands), size, size) float32 cube in nanomaggies per native
     (0.396") pixel area, i.e. SDSS frame units resampled to this cutout's pixel keeping surface brightness,
     as SkyServer resamples for its cutouts (flux in a pixel = value x (pixscale / 0.396)^2), after PSF,
@@ -80,12 +110,12 @@ def render_fluxes(row: dict, size: int, rng: np.random.Generator, bands: str = "
     c = (size - 1) / 2 + rng.uniform(-0.5, 0.5, 2)
     yy, xx = _grid(size)
     dx, dy = xx - np.float32(c[0]), yy - np.float32(c[1])
-    psf = max(rng.normal(1.4, 0.2), 0.9) / 2.355 / s  # PSF sigma in pixels
+    psf = max(rng.normal(imaging.psf[0], imaging.psf[1]), imaging.psf[2]) / 2.355 / s  # PSF sigma in pixels
     pa = math.radians(float(row["pos_angle"]))
     cp, sp = np.float32(math.cos(pa)), np.float32(math.sin(pa))
     xr = dx * cp + dy * sp
     yr = -dx * sp + dy * cp
-    to_native = (NATIVE_SCALE / s) ** 2  # flux per output pixel -> per native pixel area
+    to_native = (imaging.native / s) ** 2  # flux per output pixel -> per native pixel area
 
     # total fluxes in nmgy per band (g, r, i) from r and the colours
     mag_r, gr, ri = float(row["petroMag_r"]), float(row["g_r"]), float(row["_ri"])
@@ -131,10 +161,12 @@ def render_fluxes(row: dict, size: int, rng: np.random.Generator, bands: str = "
         planes(img_uz, flux_uz, bulge_uz, (1 - bt * bulge_uz) / max(1 - bt, 1e-3), (ARM_UZ["u"], ARM_UZ["z"]))
 
     _add_neighbours(img, rng, s, psf, to_native, img_uz)
-    _add_sky_noise(img, rng, s, SKY_SIGMA)
+    _add_sky_noise(img, rng, s, SKY_SIGMA if imaging is SDSS else
+                   np.array([imaging.sky[b] for b in "gri"], np.float32), imaging.native)
     if not uz:
         return img if bands == "gri" else img[["gri".index(b) for b in bands]]
-    _add_sky_noise(img_uz, rng_uz, s, SKY_SIGMA_UZ)
+    _add_sky_noise(img_uz, rng_uz, s, SKY_SIGMA_UZ if imaging is SDSS else
+                   np.array([imaging.sky.get(b, np.nan) for b in "uz"], np.float32), imaging.native)
     by_band = {"u": img_uz[0], "g": img[0], "r": img[1], "i": img[2], "z": img_uz[1]}
     return np.stack([by_band[b] for b in bands])
 
@@ -179,15 +211,15 @@ def _add_neighbours(img, rng, s, psf, to_native, img_uz=None):
                 img_uz[k, ya:yb, xa:xb] += prof * np.float32(f_uz[k] * to_native)
 
 
-def _add_sky_noise(img, rng, s, sky_sigma):
+def _add_sky_noise(img, rng, s, sky_sigma, native: float = NATIVE_SCALE):
     """Sky noise as SkyServer resamples it: white when binned, smooth when upsampled. sky_sigma: one
     noise per plane of img, in nmgy per native pixel."""
     size = img.shape[1]
-    if s >= NATIVE_SCALE:
-        sig = sky_sigma * np.float32(NATIVE_SCALE / s)
+    if s >= native:
+        sig = sky_sigma * np.float32(native / s)
         img += rng.standard_normal(img.shape, dtype=np.float32) * sig[:, None, None]
         return
-    nc = max(int(math.ceil(size * s / NATIVE_SCALE)) + 1, 2)
+    nc = max(int(math.ceil(size * s / native)) + 1, 2)
     for k in range(len(img)):
         coarse = rng.standard_normal((nc, nc), dtype=np.float32) * sky_sigma[k]
         img[k] += np.asarray(Image.fromarray(coarse, mode="F").resize((size, size), Image.BILINEAR))

@@ -42,7 +42,7 @@ import contextlib
 import math
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -52,10 +52,12 @@ from fastgal import __version__
 from fastgal.options import SynthConfig, to_jsonable
 from fastgal.recipe import FRAMES, NATIVE_SCALE
 from fastgal.survey.floor import floor_stats
+from fastgal.survey.legacy import legacy_bands_model, legacy_images_note
 from fastgal.survey.render import (
     ARM_UZ,
     BANDS,
     BULGE_UZ,
+    LEGACY,
     NEIGHBOUR_COLOURS,
     SKY_SIGMA_BANDS,
     encode_jpeg,
@@ -253,7 +255,7 @@ _IMG_KEYS = ["scale", "pos_angle", "petroMag_r", "g_r", "_ri", "bulge_frac", "_r
 
 def _render_chunk(args):
     """Worker: render rows [start, stop) and write their JPEGs or FITS cubes. Returns the count."""
-    start, params, seed, size, quality, img_dir, fmt, bands = args
+    start, params, seed, size, quality, img_dir, fmt, bands, survey = args
     ids = params["objID"]
     for j in range(len(ids)):
         row = {k: params[k][j] for k in _IMG_KEYS}
@@ -266,6 +268,13 @@ def _render_chunk(args):
         from fastgal.shards.fits import write_cube
 
         rng_uz = np.random.default_rng([seed, start + j, 2]) if ("u" in bands or "z" in bands) else None
+        if survey == "legacy":  # the same galaxy and draws, through the Legacy Surveys' camera and sky
+            from fastgal.survey.legacy import write_service_cube
+
+            cube = render_fluxes(row, size, rng, bands, rng_uz, imaging=LEGACY)
+            write_service_cube(os.path.join(img_dir, f"{ids[j]}.fits"), cube, bands, float(row["scale"]) * 224 / size,
+                               float(params["ra"][j]), float(params["dec"][j]))
+            continue
         cube = render_fluxes(row, size, rng, bands, rng_uz)
         # SDSS frame units (nmgy per native pixel), resampled keeping surface brightness: the JPEG's input
         write_cube(os.path.join(img_dir, f"{ids[j]}.fits"), cube, bands, float(row["scale"]) * 224 / size, ids[j],
@@ -273,10 +282,19 @@ def _render_chunk(args):
     return len(ids)
 
 
-def check_bands(fmt: str, bands: str) -> str:
+def check_bands(fmt: str, bands: str, survey: str = "sdss") -> str:
     """The band string --format takes: 'gri' for jpeg; for fits distinct letters of ugriz in that order
-    (commas allowed: g,r,i). A one-line ValueError otherwise."""
+    (commas allowed: g,r,i); for --survey legacy letters of griz (the Legacy Surveys have no u). 'auto': gri,
+    grz for legacy. A one-line ValueError otherwise."""
+    if bands == "auto":
+        bands = "grz" if survey == "legacy" else "gri"
     b = bands.replace(",", "").strip()
+    if survey == "legacy":
+        if fmt != "fits":
+            raise ValueError("--survey legacy writes FITS as the Legacy Surveys' cutout service serves them: "
+                             "pass --format fits (or leave --format out)")
+        if "u" in b:
+            raise ValueError(f"--survey legacy: the Legacy Surveys image g, r, i (DR10 south), z, not u; got --bands {bands!r}")
     if fmt == "jpeg":
         if b != "gri":
             raise ValueError(f"--format jpeg writes g, r, i as RGB: --bands must be gri, got {bands!r} "
@@ -324,15 +342,18 @@ def synth(cfg: SynthConfig) -> SynthResult:
         raise ValueError(f"--n must be a positive number of galaxies, got {cfg.n}")
     if cfg.size < 64:
         raise ValueError(f"--size must be at least 64 pixels, got {cfg.size}")
-    bands = check_bands(cfg.format, cfg.bands)
-    if cfg.format == "fits":
+    fmt = "fits" if cfg.survey == "legacy" else cfg.format
+    if cfg.survey not in ("sdss", "legacy"):
+        raise ValueError(f"--survey must be sdss or legacy, got {cfg.survey!r}")
+    bands = check_bands(fmt, cfg.bands, cfg.survey)
+    if fmt == "fits":
         from fastgal.shards.fits import require_astropy
 
         require_astropy("fastgal synth --format fits")  # before any work, in this process
     out = Path(cfg.out)
     with contextlib.ExitStack() as claim:  # OUT is this command's until it returns or fails
         _prepare_out(out, cfg, claim)
-        return _synth(cfg, out, bands)
+        return _synth(replace(cfg, format=fmt), out, bands)
 
 
 def _synth(cfg: SynthConfig, out: Path, bands: str) -> SynthResult:
@@ -345,10 +366,10 @@ def _synth(cfg: SynthConfig, out: Path, bands: str) -> SynthResult:
         img_dir = tmp / "images"
         img_dir.mkdir()
         chunk = 64
-        params = {k: cat[k] for k in _IMG_KEYS + ["objID"]}
+        params = {k: cat[k] for k in _IMG_KEYS + ["objID", "ra", "dec"]}
         tasks = [
             (a, {k: v[a:a + chunk] for k, v in params.items()}, cfg.seed, cfg.size, cfg.jpeg_quality, str(img_dir),
-             cfg.format, bands)
+             cfg.format, bands, cfg.survey)
             for a in range(0, cfg.n, chunk)
         ]
         with worker_pool(workers) as pool:  # each chunk writes its own files: any order gives the same bytes
@@ -358,7 +379,7 @@ def _synth(cfg: SynthConfig, out: Path, bands: str) -> SynthResult:
 
         (tmp / "data").mkdir()
         write_catalog_csv(tmp / "data" / "master.csv", cat)
-        floor = floor_stats(cat, GENERATOR_VERSION, SIGMA_HIDDEN, bands)
+        floor = floor_stats(cat, GENERATOR_VERSION, SIGMA_HIDDEN, bands, cfg.survey)
         meta = {
             "generator": "fastgal.survey.synth",
             "generator_version": GENERATOR_VERSION,
@@ -370,8 +391,9 @@ def _synth(cfg: SynthConfig, out: Path, bands: str) -> SynthResult:
             "target": "metallicity",
             "format": cfg.format,
             "bands": bands,
-            "images": _images_note(cfg.format, bands),
-            "bands_model": _bands_model(bands),
+            "survey": cfg.survey,
+            "images": _images_note(cfg.format, bands) if cfg.survey == "sdss" else legacy_images_note(bands),
+            "bands_model": _bands_model(bands) if cfg.survey == "sdss" else legacy_bands_model(bands),
             "framing": FRAMING,
             "floor": floor,
             "metallicity_quantiles": {f"{p:g}": float(np.quantile(cat["metallicity"], p)) for p in (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)},
