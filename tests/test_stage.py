@@ -400,3 +400,14 @@ def test_batch_script_resumes_and_requeues_itself(tmp_path):
     (run / "metrics.json").write_text("{}")
     done = subprocess.run(["bash", str(SBATCH)], env=env, capture_output=True, text=True, timeout=30)
     assert done.returncode == 0 and "finished run" in done.stdout
+
+
+def test_a_url_names_the_default_run_folder_without_its_token():
+    from fastgal.run import default_run_dir
+    from fastgal.shards.stage import Redactor, redact
+
+    d = default_run_dir(f"https://user:pa55word@host.example/shards/sdss/?X-Amz-Signature={TOKEN}&X-Amz-Expires=600")
+    assert d.parent.name == "runs" and d.name.startswith("sdss-") and TOKEN not in str(d)
+    assert redact(f"s3://bucket/x?sig={TOKEN}") == "s3://bucket/x?sig=***"
+    assert Redactor("https://u:pa55word@h/x")("failed: https://u:pa55word@h/x/a.tar (pa55word)") == \
+        "failed: https://***@h/x/a.tar (***)"
