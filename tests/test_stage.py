@@ -83,7 +83,7 @@ class _Handler(BaseHTTPRequestHandler):
 def server(survey_shards):
     srv = FaultServer()
     srv.folders["sh"] = survey_shards
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     t.start()
     yield srv
     srv.shutdown()
@@ -319,7 +319,7 @@ def test_two_nodes_on_localhost_equal_one_node_two_processes(small_shards, ddp_r
 
     srv = FaultServer()
     srv.folders["sh"] = small_shards
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     try:
         env = {**_fake_slurm(tmp_path, 2), "SHARDS": srv.url("sh"), "RUN": str(tmp_path / "run")}
         proc = subprocess.run(["bash", str(SBATCH), *map(str, DDP_RUN)], env=env, capture_output=True, text=True,
