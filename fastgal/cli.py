@@ -233,7 +233,7 @@ def stage(src, dst, as_json, **kw):
 
     Example:
 
-        fastgal stage s3://bucket/shards/sdss/      # then train on the URL: nothing fetched again
+        fastgal stage s3://bucket/shards/sdss/ /scratch/fastgal
     """
     from fastgal.shards.stage import stage as run_stage
 
