@@ -233,7 +233,7 @@ def stage(src, dst, as_json, **kw):
 
     Example:
 
-        fastgal stage s3://bucket/shards/sdss/ && fastgal train s3://bucket/shards/sdss/ --out runs/r1
+        fastgal stage s3://bucket/shards/sdss/ /scratch/fastgal
     """
     from fastgal.shards.stage import stage as run_stage
 

@@ -283,17 +283,17 @@ def _prepare_out(cfg: TrainConfig, out: Path, check_only: bool = False) -> None:
 def _check_resume(out: Path, config: dict) -> None:
     """--resume: the settings must be the interrupted run's, or the result would be neither run."""
     old = json.loads((out / "config.json").read_text())
-    if old.get("world_size") != config.get("world_size"):
-        # another process count (a 2-node job requeued on 1 node) is another run: the global batch (bs x processes),
-        # the permutation's deal to ranks, each rank's augmentation seed (seed + rank) and the steps per epoch all
-        # follow from it, so the rest would be neither the interrupted run nor a fresh one
-        was, now = old.get("world_size"), config.get("world_size")
-        raise ValueError(f"--resume: {out} was trained by {was} processes and this resume has {now}: the global batch "
-                         f"({was} x --bs {config.get('bs')}), each process's data and augmentation draws follow from it; "
-                         f"resume with {was} processes (torchrun --nnodes N --nproc-per-node G, N x G = {was}), or train "
-                         "into a new --out")
     fields = TrainConfig.__dataclass_fields__
     for k in [*(k for k in fields if k not in NOT_SETTINGS), *RESOLVED]:
+        if k == "world_size" and old.get(k) is not None and old.get(k) != config.get(k):
+            # another process count (a 2-node job requeued on 1 node) is another run: the global batch (bs x
+            # processes), the permutation's deal to ranks, each rank's augmentation seed (seed + rank) and the steps
+            # per epoch all follow from it, so the rest would be neither the interrupted run nor a fresh one
+            was, now = old.get(k), config.get(k)
+            raise ValueError(f"--resume: {out} was trained by {was} processes and this resume has {now}: the global "
+                             f"batch ({was} x --bs {config.get('bs')}), each process's data and augmentation draws "
+                             f"follow from it; resume with {was} processes (torchrun --nnodes N --nproc-per-node G, "
+                             f"N x G = {was}), or train into a new --out")
         # a setting newer than the interrupted run's fastgal (e.g. --calib-pct) was its default there
         was = old.get(k, fields[k].default if k in fields else None)
         if was != config.get(k):

@@ -83,7 +83,7 @@ class _Handler(BaseHTTPRequestHandler):
 def server(survey_shards):
     srv = FaultServer()
     srv.folders["sh"] = survey_shards
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     t.start()
     yield srv
     srv.shutdown()
@@ -319,7 +319,7 @@ def test_two_nodes_on_localhost_equal_one_node_two_processes(small_shards, ddp_r
 
     srv = FaultServer()
     srv.folders["sh"] = small_shards
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     try:
         env = {**_fake_slurm(tmp_path, 2), "SHARDS": srv.url("sh"), "RUN": str(tmp_path / "run")}
         proc = subprocess.run(["bash", str(SBATCH), *map(str, DDP_RUN)], env=env, capture_output=True, text=True,
@@ -400,3 +400,40 @@ def test_batch_script_resumes_and_requeues_itself(tmp_path):
     (run / "metrics.json").write_text("{}")
     done = subprocess.run(["bash", str(SBATCH)], env=env, capture_output=True, text=True, timeout=30)
     assert done.returncode == 0 and "finished run" in done.stdout
+
+
+def test_a_url_names_the_default_run_folder_without_its_token():
+    from fastgal.run import default_run_dir
+    from fastgal.shards.stage import Redactor, redact
+
+    d = default_run_dir(f"https://user:pa55word@host.example/shards/sdss/?X-Amz-Signature={TOKEN}&X-Amz-Expires=600")
+    assert d.parent.name == "runs" and d.name.startswith("sdss-") and TOKEN not in str(d)
+    assert redact(f"s3://bucket/x?sig={TOKEN}") == "s3://bucket/x?sig=***"
+    assert Redactor("https://u:pa55word@h/x")("failed: https://u:pa55word@h/x/a.tar (pa55word)") == \
+        "failed: https://***@h/x/a.tar (***)"
+
+
+def test_ctrl_c_mid_transfer_leaves_no_partial_file_and_the_next_run_resumes(server, survey_shards, tmp_path):
+    """Ctrl-C while a tar is half sent (the server stalls): the command stops at once (exit 130), not after the
+    transfer's timeout; no partial file, no staged manifest; the next run fetches what is missing."""
+    import signal
+    import subprocess
+
+    tars = sorted(_tars(survey_shards))
+    server.faults[tars[0]] = ["stall"]
+    server.stall = 20.0
+    cache = tmp_path / "cache"
+    p = subprocess.Popen([sys.executable, "-m", "fastgal", "stage", server.url("sh"), str(cache), "--streams", "1"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not any(tars[0] in r for r in server.requests):
+        time.sleep(0.05)
+    time.sleep(0.5)  # half the tar on its way, then silence
+    t0 = time.time()
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == 130 and time.time() - t0 < 10, err[-2000:]
+    assert not _partials(cache) and not list(cache.glob("sh-*/manifest.json"))
+    assert TOKEN not in err
+    again = json.loads(run_cli("stage", server.url("sh"), cache, "--json").stdout)
+    assert again["fetched"] + again["cached"] == len(tars) and again["fetched"] >= 1

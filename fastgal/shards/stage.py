@@ -38,7 +38,6 @@ import tempfile
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -165,15 +164,28 @@ class Staged:
                 "seconds": round(self.seconds, 3), "mb_per_s": round(self.mb_per_s, 2), "retries": self.retries}
 
 
-def _with_retries(what: str, fn, redactor: Redactor, retries: int, backoff: float, log, missing: str):
+class _Stopped(Exception):
+    """The command is stopping (Ctrl-C, SIGTERM, another stream's failure): a transfer ends at its next chunk."""
+
+
+class _Missing(FileNotFoundError):
+    """A file of the folder the server does not have (`what`: its URL, redacted)."""
+
+    def __init__(self, what: str):
+        super().__init__(what)
+        self.what = what
+
+
+def _with_retries(what: str, fn, redactor: Redactor, retries: int, backoff: float, log, missing,
+                  stop: threading.Event | None = None):
     """fn() with up to `retries` more tries after a failure, waiting backoff, 2x backoff, ... (at most 30 s).
-    A missing file (FileNotFoundError) is not retried: one line naming it (`missing`)."""
+    A missing file (FileNotFoundError) is not retried: one line naming it (`missing(url)`)."""
     for attempt in range(retries + 1):
         try:
             return fn()
-        except FileNotFoundError:
-            raise ValueError(missing) from None
-        except (KeyboardInterrupt, SystemExit):
+        except FileNotFoundError as e:
+            raise ValueError(missing(getattr(e, "what", what))) from None
+        except (KeyboardInterrupt, SystemExit, _Stopped):
             raise
         except Exception as e:  # noqa: BLE001 - network errors come as many types (aiohttp, botocore, OSError, timeouts)
             why = redactor(f"{type(e).__name__}: {e}".strip().rstrip(":"))
@@ -182,7 +194,10 @@ def _with_retries(what: str, fn, redactor: Redactor, retries: int, backoff: floa
                                  f"server and run the same command again (whole shards already staged are kept)") from None
             wait = min(backoff * 2 ** attempt, 30.0)
             log(f"fastgal: {what}: {why}; retrying in {wait:.1f}s ({attempt + 1}/{retries})")
-            time.sleep(wait)
+            if stop is not None and stop.wait(wait):
+                raise _Stopped()
+            if stop is None:
+                time.sleep(wait)
 
 
 class _Corrupt(OSError):
@@ -192,8 +207,8 @@ class _Corrupt(OSError):
 def _fetch_manifest(source: _Source, retries: int, backoff: float, log) -> tuple[dict, bytes]:
     shown = source.shown("manifest.json")
     raw = _with_retries(shown, lambda: source.fs.cat_file(source.path("manifest.json")), source.redact, retries, backoff,
-                        log, f"{shown} does not exist: {redact(source.src)} is not a fastgal shard folder "
-                             "(`fastgal shard` writes manifest.json beside the tars)")
+                        log, lambda url: f"{url} does not exist: {redact(source.src)} is not a fastgal shard folder "
+                                         "(`fastgal shard` writes manifest.json beside the tars)")
     try:
         m = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
@@ -270,7 +285,7 @@ def stage(src, cache=None, *, streams: int = 8, retries: int = 4, timeout: float
     fetching = {e["sha256"] for e in todo}
     res.cached = sum(1 for e in entries if e["sha256"] not in fetching)
     bar = Progress(sum(e["bytes"] for e in todo) / 1e6, f"stage {res.source}", quiet, unit="MB")
-    lock = threading.Lock()
+    lock, stop = threading.Lock(), threading.Event()
 
     def fetch(e) -> None:
         shown = source.shown(e["file"])
@@ -284,6 +299,8 @@ def stage(src, cache=None, *, streams: int = 8, retries: int = 4, timeout: float
                     pass
 
                 def relative_update(self, inc=1):
+                    if stop.is_set():  # Ctrl-C, SIGTERM or another stream's failure: this transfer ends here
+                        raise _Stopped()
                     with lock:
                         bar.update(inc / 1e6)
 
@@ -299,9 +316,13 @@ def stage(src, cache=None, *, streams: int = 8, retries: int = 4, timeout: float
                         raise _Corrupt(f"sha256 {got[:12]}... differs from the manifest's {e['sha256'][:12]}...")
                     os.chmod(part, 0o444 & ~umask())  # content-addressed: never written again
                     os.replace(part, obj)  # whole and verified, or not there at all
+                    hashes.put(obj, got)
                 # its index file (the manifest has no hash of it): kept by the tar's sha256 once every entry
                 # names a member of the verified tar at its offset, with its size
-                raw_idx = source.fs.cat_file(source.path(e["index"]))
+                try:
+                    raw_idx = source.fs.cat_file(source.path(e["index"]))
+                except FileNotFoundError:
+                    raise _Missing(source.shown(e["index"])) from None
                 problem = index_problem(raw_idx, obj, e["samples"])
                 if problem:
                     raise _Corrupt(f"{source.shown(e['index'])} {problem}")
@@ -317,24 +338,15 @@ def stage(src, cache=None, *, streams: int = 8, retries: int = 4, timeout: float
             log.line(line)
 
         _with_retries(shown, once, source.redact, retries, backoff, note,
-                      f"{shown} is missing (listed in {source.shown('manifest.json')}); re-upload the shard folder "
-                      "whole, or stage another copy")
+                      lambda url: f"{url} is missing (listed in {source.shown('manifest.json')}); re-upload the "
+                                  "shard folder whole, or stage another copy", stop)
         with lock:
             res.fetched += 1
             res.bytes_fetched += e["bytes"]
 
     t_fetch = time.perf_counter()
     try:
-        if todo:
-            with ThreadPoolExecutor(max(1, min(streams, len(todo))), thread_name_prefix="fastgal-stage") as pool:
-                futures = [pool.submit(fetch, e) for e in todo]
-                try:
-                    for f in futures:
-                        f.result()
-                except BaseException:
-                    for f in futures:
-                        f.cancel()
-                    raise
+        _run_streams(fetch, todo, streams, stop, store)
     finally:
         bar.close()
     res.seconds = time.perf_counter() - t_fetch
@@ -361,11 +373,52 @@ def _stale(part: Path) -> bool:
     return False
 
 
+def _run_streams(fetch, todo: list, streams: int, stop: threading.Event, store: Path) -> None:
+    """fetch(e) for every entry, `streams` at once, in daemon threads: Ctrl-C or SIGTERM (raised in this thread)
+    returns at once instead of waiting out a stalled transfer, and the first failure stops the other streams.
+    Stopped, this process's partial files are removed here (a transfer still in flight writes to an unlinked file,
+    and nothing renames it: it can no longer be found to be verified); one of a SIGKILLed process is removed by
+    the next staging (`_stale`)."""
+    pending = list(reversed(todo))
+    errors: list[BaseException] = []
+    guard = threading.Lock()
+
+    def worker() -> None:
+        while not stop.is_set():
+            with guard:
+                if not pending:
+                    return
+                e = pending.pop()
+            try:
+                fetch(e)
+            except BaseException as ex:  # noqa: BLE001 - handed to the main thread
+                errors.append(ex)
+                stop.set()
+                return
+
+    threads = [threading.Thread(target=worker, daemon=True, name=f"fastgal-stage-{i}")
+               for i in range(max(1, min(streams, len(todo))))] if todo else []
+    for t in threads:
+        t.start()
+    try:
+        for t in threads:
+            while t.is_alive():
+                t.join(0.2)  # a timeout: a signal's exception is raised here between waits
+    except BaseException:
+        stop.set()
+        for part in store.glob(f".*.{os.getpid()}-*.part"):
+            part.unlink(missing_ok=True)
+        raise
+    first = next((e for e in errors if not isinstance(e, _Stopped)), None)
+    if first is not None:
+        raise first
+
+
 def _fetch_optional(source: _Source, name: str, retries: int, backoff: float, log) -> bytes | None:
     """A small file of the folder that may be absent (None then)."""
     try:
         return _with_retries(source.shown(name), lambda: source.fs.cat_file(source.path(name)), source.redact, retries,
-                             backoff, log, "absent")
+                             backoff, log, lambda url: "absent")
     except ValueError as e:
         if str(e) == "absent":
             return None
