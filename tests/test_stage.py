@@ -164,6 +164,9 @@ def test_stage_missing_shard_is_one_line_and_no_retry(server, survey_shards, tmp
     assert len([r for r in server.requests if tars[-1] in r]) == 1  # not retried
     res = run_cli("stage", server.url("nothing"), tmp_path / "c", ok=False)
     assert "is not a fastgal shard folder" in res.output and len(res.output.strip().splitlines()) == 1
+    # a URL naming one of the folder's files (the user pasted a tar's link) says which folder to give
+    res = run_cli("stage", server.url(f"sh/{tars[0]}"), tmp_path / "c", ok=False)
+    assert res.output.strip().endswith("it names a file: give the folder that holds it, " + server.url("sh").split("?")[0].rstrip("/") + "/")
 
 
 def test_stage_fetches_a_changed_shard_and_only_it(server, survey_shards, tmp_path):

@@ -204,11 +204,19 @@ class _Corrupt(OSError):
     """A fetched file that is not the one the manifest lists (size or sha256): fetched again."""
 
 
+def _folder_hint(source: _Source) -> str:
+    """A URL that names one of a shard folder's files (a tar, an index, the manifest) rather than the folder."""
+    base, name = source.base.rpartition("/")[::2]
+    if name.endswith((".tar", ".idx", ".json", ".csv")):
+        return f"; it names a file: give the folder that holds it, {redact(base)}/"
+    return ""
+
+
 def _fetch_manifest(source: _Source, retries: int, backoff: float, log) -> tuple[dict, bytes]:
     shown = source.shown("manifest.json")
     raw = _with_retries(shown, lambda: source.fs.cat_file(source.path("manifest.json")), source.redact, retries, backoff,
                         log, lambda url: f"{url} does not exist: {redact(source.src)} is not a fastgal shard folder "
-                                         "(`fastgal shard` writes manifest.json beside the tars)")
+                                         "(`fastgal shard` writes manifest.json beside the tars)" + _folder_hint(source))
     try:
         m = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
