@@ -1,6 +1,8 @@
 """What depth buys: the same synthetic galaxies as SDSS gri JPEGs, SDSS gri FITS and Legacy Surveys grz FITS (#31).
 
     nice -n 10 .venv/bin/python benchmarks/bench_legacy.py --n 3000 --work /tmp/fg_legacy --save legacy3k.json
+    nice -n 10 .venv/bin/python benchmarks/bench_legacy.py --n 3000 --work /tmp/fg_legacy --seed 43
+    .venv/bin/python benchmarks/bench_legacy.py --n 3000 --work /tmp/fg_legacy --combine 42,43   # trains nothing
 
 Three surveys of one catalog (seed 0, 112 px cutouts: the CPU preset's), written by `fastgal synth`: SDSS-like
 JPEGs (the Lupton stretch of g, r, i, as SkyServer's getjpeg serves them), SDSS-like FITS (the calibrated g, r, i
@@ -59,8 +61,12 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=None, help="override the preset's 8 (a smoke test)")
     ap.add_argument("--only", default="", help="comma-separated variant names to run (default: all)")
     ap.add_argument("--save", type=Path)
+    ap.add_argument("--combine", default="", help="seeds whose finished runs to compare averaged (e.g. 42,43); "
+                                                   "trains nothing")
     a = ap.parse_args()
     w = a.work / f"n{a.n}"
+    if a.combine:
+        return combine(w, [int(x) for x in a.combine.split(",")])
     w.mkdir(parents=True, exist_ok=True)
     rows, preds = [], {}
     for name, synth_opts, shard_opts in [v for v in VARIANTS if not a.only or v[0] in a.only.split(",")]:
@@ -105,6 +111,33 @@ def main() -> None:
     print(out)
     if a.save:
         a.save.write_text(out + "\n")
+
+
+def combine(w: Path, seeds: list[int]) -> None:
+    """Each variant's TTA predictions averaged over `seeds` (finished runs), the seed-to-seed difference of each
+    variant and the paired differences of the averages, on the same validation galaxies."""
+    preds = {}
+    for name, _, _ in VARIANTS:
+        slug = name.replace(" ", "_")
+        preds[name] = [pd.read_csv(w / "runs" / f"{slug}_s{s}" / "predictions_valid.csv", dtype={"id": str})
+                       .set_index("id").sort_index() for s in seeds]
+    truth = preds[VARIANTS[0][0]][0]["true_metallicity"]
+    col = "pred_tta_metallicity"
+    avg = {n: sum(p[col] for p in ps) / len(ps) for n, ps in preds.items()}
+    out = {"seeds": seeds, "variants": {}, "pairs": []}
+    for n, ps in preds.items():
+        d, lo, hi = paired(ps[0][col], ps[-1][col], truth)
+        rmse = float(np.sqrt(((avg[n] - truth) ** 2).mean()))
+        out["variants"][n] = {"averaged_tta_rmse": rmse, "last_minus_first_seed": [d, lo, hi]}
+        print(f"{n}: averaged TTA RMSE {rmse:.4f}; seed {seeds[-1]} - {seeds[0]} {d:+.4f} [{lo:+.4f}, {hi:+.4f}]",
+              file=sys.stderr)
+    names = list(avg)
+    for i, x in enumerate(names):
+        for y in names[i + 1:]:
+            d, lo, hi = paired(avg[x], avg[y], truth)
+            out["pairs"].append({"a": x, "b": y, "b_minus_a": d, "lo": lo, "hi": hi})
+            print(f"averaged {y} - {x}: {d:+.4f} [{lo:+.4f}, {hi:+.4f}]", file=sys.stderr)
+    print(json.dumps(out))
 
 
 def table(rows: list[dict], pairs: list[dict]) -> str:
