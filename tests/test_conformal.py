@@ -152,3 +152,7 @@ def test_predict_interval_on_a_jpeg_folder_equals_the_shards(interval_run, small
     # a run trained without --interval has no calibration: one line saying how to get one
     res = run_cli("predict", small_run, small_shards, "--interval", "0.9", "--out", tmp_path / "x.csv", ok=False)
     assert res.exit_code != 0 and "trained without --interval" in res.output
+    # a folder with --tta predicts only the views' mean, which was not calibrated: refused before any work
+    res = run_cli("predict", run, small_shards.parent / "s" / "images", "--interval", "0.9", "--tta", "--out",
+                  tmp_path / "y.csv", ok=False)
+    assert res.exit_code != 0 and "drop --tta" in res.output and not (tmp_path / "y.csv").exists()
