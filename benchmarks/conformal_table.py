@@ -68,6 +68,31 @@ def main(root: Path) -> None:
     for n, seed, lv, v, bt, bp in spread:
         print(f"| {n:,} | {seed} | {lv} | {v} | {pct(bt['min'])}-{pct(bt['max'])} ({pct(bt['spread'])}) | "
               f"{pct(bp['min'])}-{pct(bp['max'])} ({pct(bp['spread'])}) |")
+    print()
+    print("Per-bin coverage on the 6,000 new galaxies (8 quantile bins of true / of predicted Z, ~750 galaxies a bin; "
+          "min-max over the bins, in %):")
+    print()
+    print("| galaxies | seed | level | conformal by true Z | raw ±zσ by true Z | conformal by predicted Z | raw ±zσ by predicted Z |")
+    print("|---|---|---|---|---|---|---|")
+    for run in runs:
+        new = root / f"new_{run.name}.csv"
+        if not new.is_file():
+            continue
+        m = json.loads((run / "metrics.json").read_text())
+        t, (n, seed) = m["target"], run.name[1:].split("-")
+        d = pd.read_csv(new, dtype={"id": str})
+        y, mu, sg = d[f"true_{t}"].to_numpy(), d[f"pred_{t}"].to_numpy(), d[f"sigma_{t}"].to_numpy()
+        for lv in m["conformal"]["held_out"][t]:
+            conf = (y >= d[f"lo_{t}_{lv}"].to_numpy()) & (y <= d[f"hi_{t}_{lv}"].to_numpy())
+            raw = np.abs(y - mu) <= norm.ppf(0.5 + float(lv) / 2) * sg
+            cells = []
+            for x in (y, mu):
+                b = np.searchsorted(np.quantile(x, np.linspace(0, 1, 9)[1:-1]), x, side="right")
+                for inside in (conf, raw):
+                    c = [inside[b == i].mean() for i in range(8)]
+                    cells.append((min(c), max(c)))
+            order = [cells[0], cells[1], cells[2], cells[3]]
+            print(f"| {int(n):,} | {seed} | {lv} | " + " | ".join(f"{pct(a)}-{pct(b)}" for a, b in order) + " |")
 
 
 if __name__ == "__main__":

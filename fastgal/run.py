@@ -196,11 +196,20 @@ def setup(cfg: TrainConfig, claim: contextlib.ExitStack) -> Setup:
     crop = shards.crop(cfg.crop)
     resolve_stretch(shards, cfg.stretch, cfg.softening)  # --stretch/--softening against the shards, before any work
     if cfg.interval is not None:  # --interval's settings, before any work
-        from fastgal.score.conformal import parse_levels
+        from fastgal.score.conformal import calibration_part, parse_levels
 
         parse_levels(cfg.interval)
         if not 0 < cfg.calib_pct < 1 or cfg.interval_bins < 1:
             raise ValueError("--calib-pct must be between 0 and 1 and --interval-bins at least 1")
+        valid = shards.split("valid")
+        n_cal = int(calibration_part(valid.keys, cfg.calib_pct).sum())
+        if min(n_cal, len(valid) - n_cal) < 10:
+            raise ValueError(f"--interval: --calib-pct {cfg.calib_pct:g} of the {len(valid)} validation galaxies leaves "
+                             f"{n_cal} to calibrate and {len(valid) - n_cal} to validate; 10 of each at least "
+                             "(hundreds for useful intervals): more galaxies, a larger --valid-pct, or another --calib-pct")
+        if cfg.interval_by == "mass" and not (cfg.mass_col and np.isfinite(valid.column(cfg.mass_col)).any()):
+            raise ValueError(f"--interval-by mass: the shards' rows have no {cfg.mass_col!r} (--mass-col); "
+                             "use --interval-by pred or none")
     if cfg.compile_mode != "default" and not cfg.compile:
         raise ValueError(f"--compile-mode {cfg.compile_mode} applies to a compiled model: add --compile")
     device = resolve_device(cfg.device)

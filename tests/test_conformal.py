@@ -152,3 +152,18 @@ def test_predict_interval_on_a_jpeg_folder_equals_the_shards(interval_run, small
     # a run trained without --interval has no calibration: one line saying how to get one
     res = run_cli("predict", small_run, small_shards, "--interval", "0.9", "--out", tmp_path / "x.csv", ok=False)
     assert res.exit_code != 0 and "trained without --interval" in res.output
+    # a folder with --tta predicts only the views' mean, which was not calibrated: refused before any work
+    res = run_cli("predict", run, small_shards.parent / "s" / "images", "--interval", "0.9", "--tta", "--out",
+                  tmp_path / "y.csv", ok=False)
+    assert res.exit_code != 0 and "drop --tta" in res.output and not (tmp_path / "y.csv").exists()
+
+
+def test_train_interval_refuses_bad_settings_before_training(small_shards, tmp_path):
+    out = tmp_path / "r"
+    res = run_cli("train", small_shards, "--out", out, "--interval", "0.9", "--calib-pct", "0.01", ok=False)
+    assert res.exit_code != 0 and "10 of each" in res.output and not (out / "config.json").exists()
+    res = run_cli("train", small_shards, "--out", out, "--interval", "0.9,1.5", ok=False)
+    assert res.exit_code != 0 and "between 0 and 1" in res.output
+    res = run_cli("train", small_shards, "--out", out, "--interval", "0.9", "--interval-by", "mass", "--mass-col", "nope",
+                  ok=False)
+    assert res.exit_code != 0 and "'nope'" in res.output and not (out / "config.json").exists()

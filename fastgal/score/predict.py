@@ -263,6 +263,9 @@ def predict(cfg: PredictConfig) -> tuple[pd.DataFrame, Path]:
         from fastgal.score.conformal import load_calibration, parse_levels
 
         parse_levels(cfg.interval), load_calibration(cfg.run)
+        if cfg.tta and not (Path(cfg.input) / "manifest.json").exists():
+            raise ValueError("--interval is calibrated on the centre view's pred_<t>, which a folder with --tta does "
+                             "not predict (only the 8 views' mean): drop --tta to get intervals")
     df = predict_table(cfg, inference(model, ckpt, device), ckpt, device)  # the training precision and memory format on a GPU
     if cfg.interval is not None:
         df = with_intervals(cfg, df)
