@@ -192,18 +192,13 @@ def _coverage(true, lo, hi) -> dict:
 
 
 def _per_bin(true, lo, hi, x, n_bins=8) -> dict:
-    from fastgal.score.diagnostics import bin_edges
+    from fastgal.score.diagnostics import quantile_bins
 
     if not len(x):
         return {"bins": [], "min": None, "max": None, "spread": None, "std": None}
-    edges = bin_edges(x, n_bins)
-    which = np.clip(np.searchsorted(edges, x, side="right") - 1, 0, len(edges) - 2)
-    rows = []
-    for b in range(len(edges) - 1):
-        m = which == b
-        if m.any():
-            rows.append({"lo": float(edges[b]), "hi": float(edges[b + 1]), "n": int(m.sum()),
-                         **{k: v for k, v in _coverage(true[m], lo[m], hi[m]).items() if k != "se"}})
+    rows = [{"lo": a, "hi": b, "n": int(m.sum()),
+             **{k: v for k, v in _coverage(true[m], lo[m], hi[m]).items() if k != "se"}}
+            for a, b, m in quantile_bins(x, n_bins)]
     cov = [r["coverage"] for r in rows]
     return {"bins": rows, "min": min(cov), "max": max(cov), "spread": max(cov) - min(cov),
             "std": float(np.std(cov))}

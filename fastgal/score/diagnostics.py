@@ -50,19 +50,19 @@ def bin_edges(x, n_bins: int = 8, min_count: int = 20) -> np.ndarray:
     return np.unique(np.quantile(x, np.linspace(0, 1, k + 1)))
 
 
+def quantile_bins(x, n_bins: int = 8) -> list[tuple[float, float, np.ndarray]]:
+    """(lo, hi, mask of x in it) for each non-empty quantile bin of x (the last bin holds its upper edge)."""
+    edges = bin_edges(x, n_bins)
+    which = np.clip(np.searchsorted(edges, x, side="right") - 1, 0, len(edges) - 2)
+    return [(float(edges[b]), float(edges[b + 1]), which == b) for b in range(len(edges) - 1) if (which == b).any()]
+
+
 def binned(true, pred, by: str = "true", n_bins: int = 8) -> list[dict]:
     """scatter() of pred - true in quantile bins of the true or the predicted value."""
     true, pred = np.asarray(true, np.float64), np.asarray(pred, np.float64)
     x = true if by == "true" else pred
-    edges = bin_edges(x, n_bins)
-    which = np.clip(np.searchsorted(edges, x, side="right") - 1, 0, len(edges) - 2)
-    out = []
-    for b in range(len(edges) - 1):
-        m = which == b
-        if m.any():
-            out.append({"lo": float(edges[b]), "hi": float(edges[b + 1]), "median": float(np.median(x[m])),
-                        **scatter(pred[m] - true[m])})
-    return out
+    return [{"lo": lo, "hi": hi, "median": float(np.median(x[m])), **scatter(pred[m] - true[m])}
+            for lo, hi, m in quantile_bins(x, n_bins)]
 
 
 def running_band(x, y, n_bins: int = 12) -> dict:

@@ -288,6 +288,27 @@ class Downloader:
         if self.stop.wait(min(c.backoff_max, c.backoff * 2 ** n) + random.random() * c.backoff):
             raise Interrupted()
 
+    def answers(self, get, params: dict):
+        """Each answer to one cutout's request within one budget of tries (urllib3's retries and ours, for what
+        it cannot see: a 200 carrying a page, a body cut short): (got, reason, data, tries so far), the caller
+        deciding whether to ask again (read on) or stop. A host never reached stops the whole run (`unreachable`)."""
+        n = attempt = 0
+        while n < self.cfg.retries + 1:
+            if attempt:
+                self._backoff(attempt)
+            attempt += 1
+            self.limiter.acquire()
+            got, reason, k, data = get(self.sessions.get(), self.url, params, self.cfg)
+            n += k
+            if got == "unreachable" and not self.reached.is_set():
+                self.unreachable = self.unreachable or reason
+                self.stop.set()
+            elif got != "unreachable":
+                self.reached.set()
+            yield got, reason, data, n
+            if got == "unreachable":
+                return
+
     @staticmethod
     def _save(dst: Path, data: bytes) -> None:
         """Write-then-rename: images/ only ever holds complete, checked files."""
@@ -308,20 +329,10 @@ class Downloader:
             # an incomplete or wrong-size file from elsewhere: fetch it again (the rename replaces it)
             replaced = f"replaced an unusable earlier file ({problem})"
         params = {"ra": ra, "dec": dec, "scale": f"{scale:.6g}", "width": cfg.size, "height": cfg.size}
-        n, attempt, status, reason = 0, 0, "failed", ""
-        while n < cfg.retries + 1:  # one budget of tries: urllib3's retries and ours together
-            if attempt:
-                self._backoff(attempt)
-            attempt += 1
-            self.limiter.acquire()
-            got, reason, k, data = get_cutout(self.sessions.get(), self.url, params, cfg)
-            n += k
+        status, reason, n = "failed", "", 0
+        for got, reason, data, n in self.answers(get_cutout, params):
             if got == "unreachable":
-                if not self.reached.is_set():
-                    self.unreachable = self.unreachable or reason
-                    self.stop.set()
                 return Outcome(oid, "failed", f"{reason} after {n} tries" if n > 1 else reason, n)
-            self.reached.set()
             if got == "not-found":
                 return Outcome(oid, got, reason, n)
             if got == "failed":

@@ -273,20 +273,10 @@ def make_downloader(base):
                 replaced = f"replaced an unusable earlier file ({kind}: {detail})"
             params = {"ra": ra, "dec": dec, "layer": cfg.layer, "pixscale": f"{scale:.6g}", "size": cfg.size,
                       "bands": cfg.bands}
-            n, attempt, status, reason = 0, 0, "failed", ""
-            while n < cfg.retries + 1:  # one budget of tries: urllib3's and ours
-                if attempt:
-                    self._backoff(attempt)
-                attempt += 1
-                self.limiter.acquire()
-                got, reason, k, data = get_fits(self.sessions.get(), self.url, params, cfg)
-                n += k
+            status, reason, n = "failed", "", 0
+            for got, reason, data, n in self.answers(get_fits, params):
                 if got == "unreachable":
-                    if not self.reached.is_set():
-                        self.unreachable = self.unreachable or reason
-                        self.stop.set()
                     return Outcome(oid, "failed", f"{reason} after {n} tries" if n > 1 else reason, n)
-                self.reached.set()
                 if got == "failed":
                     return Outcome(oid, "failed", reason + (f" after {n} tries" if n > 1 else ""), n)
                 if got == "cut-short":
