@@ -271,6 +271,7 @@ class PredictConfig:
     report: bool = option(False, "Also write a self-contained HTML page beside the CSV (its name, .html): a gallery "
                           "ranked by the error (shards) or the uncertainty (new cutouts: sigma, else the --tta "
                           "spread), and every unusable file with its reason.")
+    quiet: bool = option(False, QUIET, short="-q")
 
 
 @dataclass

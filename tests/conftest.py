@@ -217,3 +217,32 @@ def tiny_regression(n=80, bs=8, seed=0):
     y = x.mean((1, 2, 3))[:, None] * 3 + 0.1 * torch.randn(n, 1, generator=g)
     items = list(zip(x, y))
     return DataLoaders(DataLoader(items[:n], bs=bs, shuffle=False), DataLoader(items[:16], bs=bs, shuffle=False))
+
+
+def stderr_on_a_terminal(cmd: list[str]) -> tuple[int, str]:
+    """Run cmd with stderr on a pseudo-terminal (stdout a pipe); its exit status and what the terminal got."""
+    import pty
+    import subprocess
+    import threading
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=slave)
+    os.close(slave)
+    got: list[bytes] = []
+
+    def read():
+        while True:
+            try:
+                b = os.read(master, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                return
+            if not b:
+                return
+            got.append(b)
+
+    t = threading.Thread(target=read, daemon=True)
+    t.start()
+    proc.communicate(timeout=900)
+    t.join(timeout=30)
+    os.close(master)
+    return proc.returncode, b"".join(got).decode(errors="replace")

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import run_cli
+from conftest import run_cli, stderr_on_a_terminal
 from PIL import Image
 
 from fastgal.load.geometry import CENTRE
@@ -183,3 +183,20 @@ def test_the_table_groups_columns_per_target():
     assert np.isnan(bad.pred_m[1]) and bad.pred_m[0] == 1.0 and "true_m" not in bad
     other = table(["a", "b"], ["m", "g"], est, true, true_names=["x", "y"])
     assert list(other.columns)[:3] == ["id", "true_x", "true_y"] and "true_m" not in other
+
+
+def test_predict_counts_images_on_a_terminal_only(small_run, small_shards, tmp_path):
+    """Long work shows progress (util.Progress's rule): predict's counter, every view of every image with --tta,
+    is redrawn on a terminal only; off one, and on one with --quiet, stderr stays empty."""
+    import subprocess
+    import sys
+
+    n = len(Shards(small_shards).split("valid"))
+    cmd = [sys.executable, "-m", "fastgal", "predict", str(small_run), str(small_shards), "--tta", "--device", "cpu"]
+    rc, tty = stderr_on_a_terminal([*cmd, "--out", str(tmp_path / "a.csv")])
+    assert rc == 0, tty[-3000:]
+    assert f"\r\x1b[Kpredict {9 * n}/{9 * n} img [" in tty  # the centre view, then the 8 dihedral ones
+    p = subprocess.run([*cmd, "--out", str(tmp_path / "b.csv")], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0 and p.stderr == "", p.stderr[-3000:]
+    rc, tty = stderr_on_a_terminal([*cmd, "--out", str(tmp_path / "c.csv"), "--quiet"])
+    assert rc == 0 and "predict " not in tty, tty[-3000:]

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import SMALL_RUN, run_cli
+from conftest import SMALL_RUN, run_cli, stderr_on_a_terminal
 from PIL import Image
 
 README = Path(__file__).parents[1] / "README.md"
@@ -413,34 +413,6 @@ def test_epochs_count_from_1_everywhere(small_run):
     assert m["best_epoch"] == best and f"best epoch {best} of 2" in format_metrics(m)
 
 
-def _stderr_on_a_terminal(cmd: list[str]) -> tuple[int, str]:
-    """Run cmd with stderr on a pseudo-terminal (stdout a pipe); its exit status and what the terminal got."""
-    import pty
-    import threading
-
-    master, slave = pty.openpty()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=slave)
-    os.close(slave)
-    got: list[bytes] = []
-
-    def read():
-        while True:
-            try:
-                b = os.read(master, 65536)
-            except OSError:  # EIO: the child closed the terminal
-                return
-            if not b:
-                return
-            got.append(b)
-
-    t = threading.Thread(target=read, daemon=True)
-    t.start()
-    proc.communicate(timeout=900)
-    t.join(timeout=30)
-    os.close(master)
-    return proc.returncode, b"".join(got).decode(errors="replace")
-
-
 @pytest.mark.slow
 def test_stderr_is_one_line_per_step_off_a_terminal_and_redraws_only_on_one(small_shards, tmp_path):
     """Issue 22, case 6, one rule for every command (util.Progress): whole lines (the preset, lr_find's start and
@@ -458,7 +430,7 @@ def test_stderr_is_one_line_per_step_off_a_terminal_and_redraws_only_on_one(smal
     assert [ln.split("  ")[0] for ln in lines[3:]] == ["epoch 1/2", "epoch 2/2"]
     assert "RMSE" in p.stdout and "best epoch" in p.stdout and "epoch 1/2" not in p.stdout  # results on stdout
     # on a terminal: the same lines, and between them the redrawn counters; lr_find's counts its iterations
-    rc, tty = _stderr_on_a_terminal([*cmd, "--out", str(tmp_path / "tty")])
+    rc, tty = stderr_on_a_terminal([*cmd, "--out", str(tmp_path / "tty")])
     assert rc == 0, tty[-3000:]
     assert "\r\x1b[K  lr_find: iteration 1/6" in tty and "\r\x1b[K  epoch 1/2  batch 1/" in tty
     finder = tty[:tty.index("lr_find: 6 iterations in")]

@@ -46,17 +46,19 @@ from fastgal.shards.stage import local
 from fastgal.train.checkpoints import inference, load_checkpoint
 from fastgal.train.device import resolve_device
 from fastgal.train.heads import split_outputs, view_stats
-from fastgal.util import check_writable, write_bytes_atomic
+from fastgal.util import Progress, check_writable, write_bytes_atomic
 
 ESTIMATES = ("pred", "sigma", "pred_tta", "sigma_tta")  # the column prefixes, in the order they are written
 
 
-def _run(forward, batches) -> tuple[np.ndarray, np.ndarray]:
+def _run(forward, batches, progress: Progress | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(model outputs, targets) over a loader."""
     preds, ys = [], []
     for x, y in batches:
         preds.append(forward(x).cpu())
         ys.append(y.float().cpu())
+        if progress is not None:
+            progress.update(len(y))
     return torch.cat(preds).numpy(), torch.cat(ys).numpy()
 
 
@@ -82,17 +84,17 @@ def table(ids, targets: list[str], est: dict, true: np.ndarray | None = None, tr
 
 
 def predict_split(forward, split: Split, geometry: Geometry, targets: list[str], *, bs: int, device, backend: str = "auto",
-                  threads: int = 2, tta: bool = False) -> pd.DataFrame:
+                  threads: int = 2, tta: bool = False, progress: Progress | None = None) -> pd.DataFrame:
     """Every sample of a split, in file order: forward (x -> model outputs, see train.checkpoints.inference) on the
-    centre view, and with tta on the 8 dihedral views; the table with the true values."""
+    centre view, and with tta on the 8 dihedral views; the table with the true values. progress: counts images."""
     dl = Loader(split, CENTRE, geometry, bs=bs, device=device, backend=backend, threads=threads)
     k = len(targets)
-    out, true = _run(forward, dl)
+    out, true = _run(forward, dl, progress)
     if len(split.keys) != len(out):
         raise RuntimeError(f"{len(out)} predictions for {len(split.keys)} samples in {split.name}: shards and index disagree")
     est = dict(zip(("pred", "sigma"), split_outputs(out, k)))
     if tta:
-        est["pred_tta"], est["sigma_tta"] = view_stats([split_outputs(_run(forward, v)[0], k)[0] for v in dl.tta()])
+        est["pred_tta"], est["sigma_tta"] = view_stats([split_outputs(_run(forward, v, progress)[0], k)[0] for v in dl.tta()])
     return table(split.keys, targets, est, true, true_names=split.shards.targets)
 
 
@@ -111,14 +113,17 @@ def _predict_shards(cfg: PredictConfig, forward, ckpt, device) -> pd.DataFrame:
     soft = ckpt.get("softening")
     geo = geometry_for(shards, size=ckpt["size"], crop=ckpt["crop"], mean=ckpt["pixel_mean"], std=ckpt["pixel_std"],
                        stretch="asinh" if soft else "auto" if kind == "jpeg" else "none", softening=soft)
-    frames = []
-    for part in (["train", "valid"] if cfg.split == "all" else [cfg.split]):
-        sp = shards.split(part)
-        if len(sp):
-            df = predict_split(forward, sp, geo, list(ckpt["targets"]), bs=cfg.bs, device=device, backend=cfg.loader,
-                               threads=thread_budget(cfg.workers), tta=cfg.tta)
-            df.insert(1, "split", part)
-            frames.append(df)
+    frames, parts = [], (["train", "valid"] if cfg.split == "all" else [cfg.split])
+    views = (1 + len(TTA_VIEWS)) if cfg.tta else 1  # the centre, then with --tta the 8 dihedral views
+    total = views * sum(len(shards.split(p)) for p in parts)
+    with Progress(total, "predict", quiet=cfg.quiet, unit="img") as progress:
+        for part in parts:
+            sp = shards.split(part)
+            if len(sp):
+                df = predict_split(forward, sp, geo, list(ckpt["targets"]), bs=cfg.bs, device=device,
+                                   backend=cfg.loader, threads=thread_budget(cfg.workers), tta=cfg.tta, progress=progress)
+                df.insert(1, "split", part)
+                frames.append(df)
     return pd.concat(frames, ignore_index=True)
 
 
@@ -169,8 +174,10 @@ def _predict_images(cfg: PredictConfig, forward, ckpt, device) -> pd.DataFrame:
     k, status = len(ckpt["targets"]), [""] * len(files)
     width = 2 * k if ckpt.get("head") == "gaussian" else k
     outs = np.zeros((len(views), len(files), width), np.float32)  # unusable files' rows stay 0, then NaN in table()
-    with ThreadPoolExecutor(min(thread_budget(cfg.workers), 4), thread_name_prefix="fastgal-predict") as pool:
+    with ThreadPoolExecutor(min(thread_budget(cfg.workers), 4), thread_name_prefix="fastgal-predict") as pool, \
+            Progress(len(files), "predict", quiet=cfg.quiet, unit="file") as progress:
         for start in range(0, len(files), cfg.bs):
+            progress.update(min(cfg.bs, len(files) - start))
             idx = range(start, min(start + cfg.bs, len(files)))
             checked = list(pool.map(lambda i: _checked(files[i], rules), idx))
             good = [i for i, (data, why) in zip(idx, checked) if data is not None]
@@ -220,7 +227,7 @@ def diagnose(df: pd.DataFrame) -> dict:
 def predict_table(cfg: PredictConfig, forward, meta: dict, device) -> pd.DataFrame:
     """The table for cfg.input (a shard folder's cfg.split, or a folder of JPEGs): forward (x -> outputs) and
     meta (model.pt's metadata: targets, geometry, pixel statistics) say how to feed the model."""
-    cfg = replace(cfg, input=local(cfg.input))  # a shard folder's URL (the API's too): staged first, verified
+    cfg = replace(cfg, input=local(cfg.input, quiet=cfg.quiet))  # a shard folder's URL (the API's too): staged, verified
     inp = Path(cfg.input)
     if not inp.is_dir():
         raise ValueError(f"{inp} is not a folder; give a shard folder (with manifest.json) or a folder of .jpg cutouts")
@@ -256,7 +263,7 @@ def predict(cfg: PredictConfig) -> tuple[pd.DataFrame, Path]:
     """`fastgal predict`: the run's model on a shard folder (cfg.split) or a folder of JPEGs; writes the CSV."""
     device = resolve_device(cfg.device)
     model, ckpt = load_checkpoint(cfg.run, device)
-    cfg = replace(cfg, input=local(cfg.input))  # a shard folder's URL: staged to this machine first, verified
+    cfg = replace(cfg, input=local(cfg.input, quiet=cfg.quiet))  # a shard folder's URL: staged here first, verified
     out = Path(cfg.out) if cfg.out else Path(cfg.run) / f"predictions_{Path(cfg.input).resolve().name}.csv"
     check_writable(out.parent, "choose a writable --out")  # before any work, not after it
     if cfg.interval is not None:  # a run without its calibration refuses before any work
