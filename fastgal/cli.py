@@ -126,8 +126,8 @@ def train(as_json, **kw):
 
         fastgal train shards/synth --out runs/r1 --lr-find --tta --head gaussian
     """
-    from fastgal.run import CHECKPOINT, default_run_dir
     from fastgal.run import train as run_train
+    from fastgal.run_folder import CHECKPOINT, default_run_dir
 
     cfg = config(TrainConfig, kw)
     cfg.out = Path(cfg.out) if cfg.out else default_run_dir(cfg.shards)  # named here: the lines below say it

@@ -52,6 +52,13 @@ from fastgal.load.loader import dataloaders, thread_budget
 from fastgal.load.preprocess import resolve_stretch
 from fastgal.options import TrainConfig, to_jsonable
 from fastgal.recipe import PRESET_FIELDS, RECIPE
+from fastgal.run_folder import (
+    CHECKPOINT,
+    check_out,
+    check_resume,
+    default_run_dir,
+    prepare_out,
+)
 from fastgal.score.diagnostics import target_scores
 from fastgal.score.plots import (
     coverage_plot,
@@ -79,17 +86,10 @@ from fastgal.train.model import make_model
 from fastgal.util import (
     OutLock,
     Progress,
-    check_writable,
     is_url,
     write_bytes_atomic,
     write_json_atomic,
 )
-
-CHECKPOINT = "checkpoint.pth"
-# config.json entries a --resume must not change: the TrainConfig fields but these, and what they resolved to
-# (the preset is only where the values came from: the values it resolved to are compared)
-NOT_SETTINGS = {"shards", "out", "overwrite", "resume", "quiet", "workers", "device", "preset"}
-RESOLVED = ("crop", "targets", "precision", "loader_backend", "world_size", "n_train", "n_valid", "shards_sha256")
 
 RECIPE_TEXT = (f"xresnet(n_out, sa=True, act_cls=Mish) + ranger + RMSE loss, fit_one_cycle; CropPad {RECIPE.crop} -> "
                f"RandomCrop {RECIPE.size} -> dihedral + rotate {RECIPE.max_rotate:g} deg (p={RECIPE.p_rotate:g}) -> Normalize")
@@ -146,12 +146,6 @@ def synth_floor(manifest: dict) -> dict | None:
     return floor
 
 
-def default_run_dir(shards: Path) -> Path:
-    # a URL's last path component, never its query (a signed token)
-    name = str(shards).partition("?")[0].rstrip("/").rsplit("/", 1)[-1] if is_url(shards) else Path(shards).resolve().name
-    return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
 # --------------------------------------------------------------------------- stages
 
 def _check_targets(cfg: TrainConfig, shards: Shards) -> list[str]:
@@ -196,20 +190,9 @@ def setup(cfg: TrainConfig, claim: contextlib.ExitStack) -> Setup:
     crop = shards.crop(cfg.crop)
     resolve_stretch(shards, cfg.stretch, cfg.softening)  # --stretch/--softening against the shards, before any work
     if cfg.interval is not None:  # --interval's settings, before any work
-        from fastgal.score.conformal import calibration_part, parse_levels
+        from fastgal.score.conformal import check_settings
 
-        parse_levels(cfg.interval)
-        if not 0 < cfg.calib_pct < 1 or cfg.interval_bins < 1:
-            raise ValueError("--calib-pct must be between 0 and 1 and --interval-bins at least 1")
-        valid = shards.split("valid")
-        n_cal = int(calibration_part(valid.keys, cfg.calib_pct).sum())
-        if min(n_cal, len(valid) - n_cal) < 10:
-            raise ValueError(f"--interval: --calib-pct {cfg.calib_pct:g} of the {len(valid)} validation galaxies leaves "
-                             f"{n_cal} to calibrate and {len(valid) - n_cal} to validate; 10 of each at least "
-                             "(hundreds for useful intervals): more galaxies, a larger --valid-pct, or another --calib-pct")
-        if cfg.interval_by == "mass" and not (cfg.mass_col and np.isfinite(valid.column(cfg.mass_col)).any()):
-            raise ValueError(f"--interval-by mass: the shards' rows have no {cfg.mass_col!r} (--mass-col); "
-                             "use --interval-by pred or none")
+        check_settings(cfg, shards.split("valid"))
     if cfg.compile_mode != "default" and not cfg.compile:
         raise ValueError(f"--compile-mode {cfg.compile_mode} applies to a compiled model: add --compile")
     device = resolve_device(cfg.device)
@@ -223,14 +206,14 @@ def setup(cfg: TrainConfig, claim: contextlib.ExitStack) -> Setup:
     if rank == 0:  # the writer (Setup.writer): only it writes, so only it claims the folder
         lock = OutLock(out, "fastgal train", log=Progress(quiet=cfg.quiet).line)
         lock.refuse_if_busy()  # another command's run in the making is not "a run" to resume or overwrite
-        _check_out(cfg, out)  # the refusals first, before the folder is made or the shards are hashed
+        check_out(cfg, out)  # the refusals first, before the folder is made or the shards are hashed
     # before the first epoch, once per machine (its local rank 0; the others read the same files): each node of
     # a multi-node run checks the copy it reads; a file's hash is cached until it changes (util.HashCache)
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
         shards.check_sha256(quiet=cfg.quiet or rank > 0)
     if rank == 0:
         claim.enter_context(lock)
-        _prepare_out(cfg, out)  # checked again under the claim: another command may have written there meanwhile
+        prepare_out(cfg, out)  # checked again under the claim: another command may have written there meanwhile
     tmean, tstd = shards.target_stats()
     return Setup(cfg=cfg, shards=shards, targets=targets, target_mean=tmean, target_std=tstd, crop=crop, device=device,
                  precision=precision, rank=rank, world=world, out=out, given=given, source=source)
@@ -252,62 +235,6 @@ def preset_line(s: Setup) -> str:
     if cfg.preset == "cpu" and given.preset == "auto":
         parts.append("; --preset recipe for the seed's")
     return " ".join(parts).replace(" ;", ";")
-
-
-def _check_out(cfg: TrainConfig, out: Path) -> None:
-    """What _prepare_out refuses, before the folder is claimed (so a refused command makes no folder)."""
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"{out} exists and is not a folder; pass a folder path for the run")
-    _prepare_out(cfg, out, check_only=True)
-
-
-def _prepare_out(cfg: TrainConfig, out: Path, check_only: bool = False) -> None:
-    """A fresh run folder, or (--resume) the interrupted run's, left as it is. A folder whose run finished no
-    epoch (a command that failed or was stopped before its first result) holds nothing to keep or resume:
-    the same command, corrected, replaces it without --overwrite. check_only: the refusals, nothing changed."""
-    check_writable(out, "choose another --out")  # before any work: not an OSError at the first epoch's end
-    started = (out / "config.json").is_file()
-    trained = (out / CHECKPOINT).is_file() or (out / "metrics.json").is_file()
-    if cfg.resume:
-        if cfg.overwrite:
-            raise ValueError("--resume continues the run in --out and --overwrite replaces it: pass one of them")
-        if (out / "metrics.json").is_file():
-            raise ValueError(f"{out} holds a finished run, there is nothing to resume; pass --overwrite to train it again")
-        if not started:
-            raise ValueError(f"{out} holds no run to resume; drop --resume to start one")
-        if not trained:
-            raise ValueError(f"{out} holds a run that finished no epoch: there is nothing to resume; "
-                             "run the same command without --resume")
-        return
-    if started and trained and not cfg.overwrite:
-        raise ValueError(f"{out} already holds a run; pass --overwrite, --resume (to continue an interrupted one) "
-                         "or choose another --out")
-    if check_only:
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in ("metrics.json", CHECKPOINT, "best.pth", "calibration.json"):  # a finished marker or an old state must not survive
-        (out / stale).unlink(missing_ok=True)
-
-
-def _check_resume(out: Path, config: dict) -> None:
-    """--resume: the settings must be the interrupted run's, or the result would be neither run."""
-    old = json.loads((out / "config.json").read_text())
-    fields = TrainConfig.__dataclass_fields__
-    for k in [*(k for k in fields if k not in NOT_SETTINGS), *RESOLVED]:
-        if k == "world_size" and old.get(k) is not None and old.get(k) != config.get(k):
-            # another process count (a 2-node job requeued on 1 node) is another run: the global batch (bs x
-            # processes), the permutation's deal to ranks, each rank's augmentation seed (seed + rank) and the steps
-            # per epoch all follow from it, so the rest would be neither the interrupted run nor a fresh one
-            was, now = old.get(k), config.get(k)
-            raise ValueError(f"--resume: {out} was trained by {was} processes and this resume has {now}: the global "
-                             f"batch ({was} x --bs {config.get('bs')}), each process's data and augmentation draws "
-                             f"follow from it; resume with {was} processes (torchrun --nnodes N --nproc-per-node G, "
-                             f"N x G = {was}), or train into a new --out")
-        # a setting newer than the interrupted run's fastgal (e.g. --calib-pct) was its default there
-        was = old.get(k, fields[k].default if k in fields else None)
-        if was != config.get(k):
-            raise ValueError(f"--resume: {out} was trained with {k} = {was!r}, not {config.get(k)!r}; "
-                             "resume with the same settings, or train into a new --out")
 
 
 def build_loaders(s: Setup):
@@ -364,7 +291,7 @@ def write_config(s: Setup, dls) -> dict:
     }
     if c.resume:
         if s.writer:
-            _check_resume(s.out, config)
+            check_resume(s.out, config)
         return config  # the interrupted run's config.json and show_batch.png stay
     if s.writer:
         write_json_atomic(s.out / "config.json", config)
@@ -556,11 +483,8 @@ def conformal_intervals(s: Setup, df: pd.DataFrame) -> dict:
     `part` column: calibration or test), interval_coverage.png; returns metrics.json's "conformal" block."""
     from fastgal.score.conformal import conformal_run, parse_levels
 
-    mass = None
-    if s.cfg.interval_by == "mass":
-        mass = s.shards.split("valid").column(s.cfg.mass_col) if s.cfg.mass_col else None
-        if mass is None or not np.isfinite(mass).any():
-            raise ValueError(f"--interval-by mass: the shards' rows have no {s.cfg.mass_col!r} (--mass-col)")
+    # --interval-by mass: setup's check_settings made sure the rows have it
+    mass = s.shards.split("valid").column(s.cfg.mass_col) if s.cfg.interval_by == "mass" else None
     df, block = conformal_run(df, s.out, s.targets, parse_levels(s.cfg.interval), calib_pct=s.cfg.calib_pct,
                               by=s.cfg.interval_by, n_bins=s.cfg.interval_bins, mass=mass, mass_col=s.cfg.mass_col)
     write_bytes_atomic(s.out / "predictions_valid.csv", df.to_csv(index=False, float_format="%.5f").encode())

@@ -406,7 +406,7 @@ def test_batch_script_resumes_and_requeues_itself(tmp_path):
 
 
 def test_a_url_names_the_default_run_folder_without_its_token():
-    from fastgal.run import default_run_dir
+    from fastgal.run_folder import default_run_dir
     from fastgal.shards.stage import Redactor, redact
 
     d = default_run_dir(f"https://user:pa55word@host.example/shards/sdss/?X-Amz-Signature={TOKEN}&X-Amz-Expires=600")

@@ -83,6 +83,22 @@ def calibration_part(ids, calib_pct: float) -> np.ndarray:
     return np.asarray(u, np.float64) < calib_pct
 
 
+def check_settings(cfg, valid) -> None:
+    """`fastgal train --interval`'s settings against the validation split (read.Split), before any work: the
+    levels, --calib-pct and --interval-bins, both parts large enough, and --interval-by mass's column."""
+    parse_levels(cfg.interval)
+    if not 0 < cfg.calib_pct < 1 or cfg.interval_bins < 1:
+        raise ValueError("--calib-pct must be between 0 and 1 and --interval-bins at least 1")
+    n_cal = int(calibration_part(valid.keys, cfg.calib_pct).sum())
+    if min(n_cal, len(valid) - n_cal) < 10:
+        raise ValueError(f"--interval: --calib-pct {cfg.calib_pct:g} of the {len(valid)} validation galaxies leaves "
+                         f"{n_cal} to calibrate and {len(valid) - n_cal} to validate; 10 of each at least "
+                         "(hundreds for useful intervals): more galaxies, a larger --valid-pct, or another --calib-pct")
+    if cfg.interval_by == "mass" and not (cfg.mass_col and np.isfinite(valid.column(cfg.mass_col)).any()):
+        raise ValueError(f"--interval-by mass: the shards' rows have no {cfg.mass_col!r} (--mass-col); "
+                         "use --interval-by pred or none")
+
+
 # --------------------------------------------------------------------------- the method
 
 def conformal_quantile(sorted_scores, level: float) -> float:

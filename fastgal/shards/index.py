@@ -4,11 +4,13 @@
     read_index("shards/synth/valid-000000.idx")    # [(key, {ext: (offset, size)}), ...]
 
 An index is a header line `v1.2 N` and one line per sample: `ext offset size member-name` for each of its
-components, the bytes `wds2idx` writes (tests/test_manifest.py compares them).
+components, the bytes `wds2idx` writes (tests/test_manifest.py compares them). index_problem checks a fetched index
+against its verified tar (`fastgal stage`: the manifest holds no hash of index files).
 """
 
 from __future__ import annotations
 
+import mmap
 import re
 import tarfile
 from pathlib import Path
@@ -80,3 +82,34 @@ def index_count(idx_path) -> int:
     if len(head) != 2 or head[0] != INDEX_VERSION:
         raise ValueError(f"{idx_path} is not a DALI {INDEX_VERSION} index")
     return int(head[1])
+
+
+def index_problem(raw: bytes, tar: Path, samples: int) -> str | None:
+    """What is wrong with a DALI index of a verified tar (None: nothing): its count, or an entry whose offset does
+    not hold a member of that name and size (the 512-byte USTAR header before it). One pass over the lines,
+    ~50x faster than rebuilding the index with tarfile."""
+    try:
+        lines = raw.decode().splitlines()
+    except UnicodeDecodeError:
+        return "is not text"
+    head = lines[0].split() if lines else []
+    if head != [INDEX_VERSION, str(samples)] or len(lines) - 1 != samples:
+        return f"lists {' '.join(head[1:2]) or 'no'} samples in {len(lines) - 1} lines, the manifest {samples}"
+    with open(tar, "rb") as f:
+        data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        for line in lines[1:]:
+            parts = line.split()
+            if not parts or len(parts) % 4:
+                return f"has a malformed line ({line[:60]!r})"
+            for j in range(0, len(parts), 4):
+                off, size, name = int(parts[j + 1]), int(parts[j + 2]), parts[j + 3]
+                h = data[off - 512:off] if off >= 512 else b""
+                if (len(h) < 512 or off + size > len(data) or not name.endswith("." + parts[j]) or h[:100].rstrip(b"\0").decode(errors="replace") != name
+                        or int(h[124:136].strip(b"\0 ") or b"0", 8) != size):
+                    return f"does not match the tar at {name} (offset {off}, {size} bytes)"
+    except ValueError as e:
+        return f"has a malformed entry ({e})"
+    finally:
+        data.close()
+    return None
